@@ -1,0 +1,56 @@
+"""`edge-llm <command>`: dispatch only. Each command's module owns its flags and its main()."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from edge_llm.errors import EdgeLLMError
+
+COMMANDS = {
+    "generate": ("edge_llm.generate", "one-shot completion, streamed to stdout"),
+    "models": ("edge_llm.registry", "list the model registry and what is downloaded"),
+    "info": ("edge_llm.info", "describe a GGUF file"),
+    "doctor": ("edge_llm.doctor", "llama.cpp build, CPU features, GPU offload"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: edge-llm <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`edge-llm <command> -h` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"edge-llm {version('edge-llm')}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"edge-llm: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if "-v" in rest or "--verbose" in rest else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return module.main(rest) or 0
+    except EdgeLLMError as exc:
+        print(f"edge-llm {command}: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `edge-llm generate ... | head` closed the pipe: not an error
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

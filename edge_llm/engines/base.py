@@ -1,0 +1,155 @@
+"""The Engine protocol every front end talks to, and the registry of engines.
+
+The server, the REPL and the batch runner only see this interface, so swapping llama.cpp for
+transformers or vLLM changes nothing above it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from edge_llm.errors import EdgeLLMError, MissingExtraError
+from edge_llm.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Prompt tokens that came from the prompt cache instead of being evaluated again.
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """A piece of one choice's output. The last Delta of a choice has `finish_reason` set."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    index: int = 0  # which of the n choices
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None  # on the last Delta of a choice
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model; the names follow llama.cpp's flags (-c, -t, -ngl, -fa, -ctk, -ctv, -np)."""
+
+    n_ctx: int | None = None  # None: the registry's default, else 4096 capped by the model's training context
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_batch: int = 512
+    n_gpu_layers: int = 0  # -1 = all
+    flash_attn: Literal["on", "off", "auto"] = "auto"
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    use_mmap: bool = True
+    use_mlock: bool = False
+    seed: int | None = None
+    n_parallel: int = 4
+    embedding: bool = False
+    chat_format: str | None = None
+    in_prefix: str | None = None
+    in_suffix: str | None = None
+    verbose: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    model_name: str
+    n_ctx: int
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]: ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None) -> str: ...
+
+    def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]: ...
+
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]: ...
+
+    def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+    def close(self) -> None: ...
+
+
+def merge_delta(choices: list[Delta], delta: Delta) -> None:
+    """Fold one streamed delta into the per-choice totals."""
+    choice = choices[delta.index]
+    choice.text += delta.text
+    choice.token_ids.extend(delta.token_ids)
+    if delta.logprobs:
+        choice.logprobs = (choice.logprobs or []) + delta.logprobs
+    if delta.finish_reason:
+        choice.finish_reason = delta.finish_reason
+        choice.usage = delta.usage
+
+
+def collect(deltas: Iterator[Delta], n: int = 1) -> list[Delta]:
+    """One Delta per choice, with the whole text, from a stream (for non-streaming callers)."""
+    choices = [Delta(index=i) for i in range(n)]
+    for delta in deltas:
+        merge_delta(choices, delta)
+    return choices
+
+
+async def collect_async(deltas: AsyncIterator[Delta], n: int = 1) -> list[Delta]:
+    choices = [Delta(index=i) for i in range(n)]
+    async for delta in deltas:
+        merge_delta(choices, delta)
+    return choices
+
+
+# name -> "module:Class"; modules are imported only when their engine is asked for, so the heavy
+# optional dependencies of one engine never load for another.
+ENGINES: dict[str, tuple[str, str]] = {
+    "llama.cpp": ("edge_llm.engines.llamacpp:LlamaCppEngine", ""),
+    "transformers": ("edge_llm.engines.transformers:TransformersEngine", "hf"),
+    "vllm": ("edge_llm.engines.vllm:VLLMEngine", "vllm"),
+    "lmdeploy": ("edge_llm.engines.lmdeploy:LMDeployEngine", "lmdeploy"),
+}
+
+
+def engine_class(name: str) -> type:
+    try:
+        target, extra = ENGINES[name]
+    except KeyError:
+        raise EdgeLLMError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}") from None
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("edge_llm"):
+            raise EdgeLLMError(f"engine {name!r} is not available in this version") from None
+        raise MissingExtraError(exc.name or name, extra or name) from None
+    return getattr(module, class_name)
+
+
+def load_engine(model: str | None = None, *, engine: str = "llama.cpp", options: LoadOptions | None = None,
+                config: str | None = None) -> Engine:
+    """Resolve a model reference and load it in the named engine."""
+    from edge_llm.registry import load_registry, resolve
+
+    resolved = resolve(model, load_registry(config))
+    return engine_class(engine)(resolved, options or LoadOptions())

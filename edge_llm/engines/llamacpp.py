@@ -1,0 +1,328 @@
+"""The default engine: llama.cpp through llama-cpp-python's low-level API.
+
+The model, vocabulary and chat template live here; decoding (one context, many sequences,
+continuous batching) lives in `scheduler.py`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+# OpenMP threads that spin while waiting burn the other core of a small box and starve the
+# HTTP server and other processes; llama-server users set this too. A user's own value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import llama_cpp  # noqa: E402
+from gguf import GGMLQuantizationType  # noqa: E402
+from llama_cpp import _internals  # noqa: E402
+from llama_cpp._logger import set_verbose  # noqa: E402
+
+from edge_llm.chat_format import ChatFormatter, select_formatter  # noqa: E402
+from edge_llm.engines.base import Delta, LoadOptions, collect  # noqa: E402
+from edge_llm.errors import EdgeLLMError, InvalidParameterError, ModelLoadError  # noqa: E402
+from edge_llm.registry import ResolvedModel  # noqa: E402
+from edge_llm.sampling import SamplingParams  # noqa: E402
+
+# ggml's type ids, from the official gguf package (llama_cpp does not export all of them).
+KV_CACHE_TYPES = {
+    name: int(getattr(GGMLQuantizationType, name.upper()))
+    for name in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+}
+FLASH_ATTN = {
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+}
+DEFAULT_N_CTX = 4096
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def default_threads() -> int:
+    """llama.cpp's own default: one thread per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_gguf_file(path: Path) -> None:
+    """One clear line for the usual mistakes before llama.cpp sees the file."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (bad magic {magic!r}); "
+                             "convert HF checkpoints with `edge-llm convert`")
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+
+    def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
+        options = options or LoadOptions()
+        if not model.is_gguf:
+            raise EdgeLLMError(f"{model.path} is an HF checkpoint; llama.cpp needs a GGUF: "
+                               f"run `edge-llm convert {model.path}` first")
+        check_gguf_file(model.path)
+        self.model_name = model.name
+        self.path = model.path
+        self.options = options
+        spec = model.spec
+        set_verbose(options.verbose)
+        _init_backend()
+
+        model_params = llama_cpp.llama_model_default_params()
+        ngl = options.n_gpu_layers if options.n_gpu_layers is not None else (spec.n_gpu_layers or 0)
+        model_params.n_gpu_layers = 0x7FFFFFFF if ngl < 0 else ngl
+        model_params.use_mlock = options.use_mlock
+        if hasattr(model_params, "load_mode"):
+            model_params.load_mode = _load_mode(options.use_mmap, options.use_mlock)
+        try:
+            self._model = _internals.LlamaModel(path_model=str(self.path), params=model_params,
+                                                verbose=options.verbose)
+        except ValueError:
+            raise ModelLoadError(f"llama.cpp could not load {self.path}: the file is truncated, corrupt "
+                                 "or of an unsupported architecture (run with -v for llama.cpp's log)") from None
+        self.vocab = self._model.vocab
+        self.n_vocab = self._model.n_vocab()
+        self.metadata = self._model.metadata()
+        self.n_ctx_train = self._model.n_ctx_train()
+
+        self.n_parallel = max(1, options.n_parallel)
+        n_ctx = options.n_ctx or spec.n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train)
+        if n_ctx < 16:
+            raise InvalidParameterError(f"context size {n_ctx} is too small", param="n_ctx")
+        self.n_threads = options.n_threads or default_threads()
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = min(options.n_batch, n_ctx)
+        ctx_params.n_ubatch = min(options.n_batch, n_ctx)
+        ctx_params.n_seq_max = self.n_parallel
+        # Each sequence gets its own n_ctx / n_parallel cells: a request's attention never runs
+        # over other requests' cells, so its output does not depend on what else is running.
+        ctx_params.kv_unified = False
+        ctx_params.n_threads = self.n_threads
+        ctx_params.n_threads_batch = options.n_threads_batch or self.n_threads
+        fa = options.flash_attn if options.flash_attn else (spec.flash_attn or "auto")
+        ctx_params.flash_attn_type = FLASH_ATTN[fa]
+        ctx_params.type_k = _kv_type(options.cache_type_k, "cache_type_k")
+        ctx_params.type_v = _kv_type(options.cache_type_v, "cache_type_v")
+        if options.cache_type_v not in ("f16", "f32", "bf16") and fa == "off":
+            raise InvalidParameterError("a quantized V cache (-ctv) needs flash attention: use -fa on or auto",
+                                        param="cache_type_v")
+        ctx_params.no_perf = True
+        try:
+            self._ctx = _internals.LlamaContext(model=self._model, params=ctx_params, verbose=options.verbose)
+        except ValueError:
+            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path} "
+                                 "(out of memory, or an unsupported cache type / flash-attention setting)") from None
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx.ctx)
+        self.n_ctx_seq = self.n_ctx // self.n_parallel
+        self.n_batch = ctx_params.n_batch
+        self.flash_attn = fa
+        self.n_gpu_layers = ngl
+        self.seed = options.seed
+
+        self.bos_id = self._model.token_bos()
+        self.eos_id = self._model.token_eos()
+        self.add_bos = bool(self._model.add_bos_token()) and self.bos_id >= 0
+        self.eog_ids = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+        self._pieces: dict[int, bytes] = {}
+        self.chat_template = self.metadata.get("tokenizer.chat_template")
+        self.formatter: ChatFormatter = select_formatter(
+            gguf_template=self.chat_template,
+            chat_format=options.chat_format or spec.chat_format,
+            bos_token=self.token_text(self.bos_id),
+            eos_token=self.token_text(self.eos_id),
+            in_prefix=options.in_prefix if options.in_prefix is not None else spec.in_prefix,
+            in_suffix=options.in_suffix if options.in_suffix is not None else spec.in_suffix,
+        )
+        self._embed_ctx: _internals.LlamaContext | None = None
+        self._embed_lock = threading.Lock()
+
+        from edge_llm.engines.scheduler import Scheduler
+
+        self.scheduler = Scheduler(self)
+
+    # -- vocabulary -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool | None = None) -> list[int]:
+        """Text to token ids. BOS is added when the model wants it, unless the text already
+        starts with it (chat templates often write it themselves)."""
+        data = text.encode("utf-8", errors="replace")
+        if add_bos is None:
+            add_bos = self.add_bos and not (special and text.startswith(self.token_text(self.bos_id)))
+        if not data:
+            return [self.bos_id] if add_bos else []
+        return self._model.tokenize(data, add_bos, special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.detokenize_bytes(tokens).decode("utf-8", errors="replace")
+
+    def detokenize_bytes(self, tokens: list[int]) -> bytes:
+        self.check_token_ids(tokens)
+        return b"".join(self.token_piece(t) for t in tokens)
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes of one token; special tokens (e.g. <|im_end|>) render as nothing."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = _token_to_piece(self.vocab, token, special=False)
+            self._pieces[token] = piece
+        return piece
+
+    def token_text(self, token: int) -> str:
+        """The token's own text, special tokens included (for templates and logprobs)."""
+        if token < 0 or token >= self.n_vocab:
+            return ""
+        return _token_to_piece(self.vocab, token, special=True).decode("utf-8", errors="replace")
+
+    def check_token_ids(self, tokens: list[int]) -> None:
+        # llama.cpp aborts the whole process on an out-of-range id inside llama_decode.
+        for t in tokens:
+            if not isinstance(t, int) or t < 0 or t >= self.n_vocab:
+                raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param="prompt")
+
+    # -- prompts --------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        return self.formatter.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        tokens = list(prompt)
+        self.check_token_ids(tokens)
+        return tokens
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
+        """Generate synchronously; closing the iterator cancels the request."""
+        return self.scheduler.stream(self.prompt_tokens(prompt), params)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Generate from asyncio; closing the iterator (client gone) cancels the request."""
+        request = self.scheduler.submit(self.prompt_tokens(prompt), params)
+        try:
+            while True:
+                delta = await request.next_async()
+                if delta is None:
+                    return
+                yield delta
+        finally:
+            request.cancel()
+
+    def complete(self, prompt: str | list[int], params: SamplingParams) -> list[Delta]:
+        """All choices, each as one Delta with the full text (for non-streaming callers)."""
+        return collect(self.stream(prompt, params), params.n)
+
+    # -- embeddings -----------------------------------------------------------------------------
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised embeddings, from a second context that shares the weights."""
+        import numpy as np
+
+        n_embd = self._model.n_embd()
+        out = []
+        with self._embed_lock:
+            ctx = self._embedding_context()
+            limit = llama_cpp.llama_n_ctx(ctx.ctx)
+            batch = _internals.LlamaBatch(n_tokens=limit, embd=0, n_seq_max=1)
+            try:
+                for text in texts:
+                    tokens = self.tokenize(text)
+                    if len(tokens) > limit:
+                        from edge_llm.errors import ContextLengthError
+
+                        raise ContextLengthError(f"input of {len(tokens)} tokens exceeds the embedding context "
+                                                 f"of {limit}", param="input")
+                    ctx.kv_cache_clear()
+                    batch.reset()
+                    batch.add_sequence(tokens, 0, logits_all=True)
+                    ctx.decode(batch)
+                    ptr = llama_cpp.llama_get_embeddings_seq(ctx.ctx, 0)
+                    vec = np.ctypeslib.as_array(ptr, shape=(n_embd,)).copy()
+                    norm = float(np.linalg.norm(vec)) or 1.0
+                    out.append((vec / norm).tolist())
+            finally:
+                batch.close()
+        return out
+
+    def _embedding_context(self) -> _internals.LlamaContext:
+        if self._embed_ctx is None:
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx = min(self.n_ctx_seq, 2048)
+            params.n_batch = params.n_ubatch = params.n_ctx
+            params.n_seq_max = 1
+            params.embeddings = True
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            params.n_threads = params.n_threads_batch = self.n_threads
+            params.no_perf = True
+            self._embed_ctx = _internals.LlamaContext(model=self._model, params=params, verbose=self.options.verbose)
+        return self._embed_ctx
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
+        if getattr(self, "_embed_ctx", None) is not None:
+            self._embed_ctx.close()
+            self._embed_ctx = None
+        if getattr(self, "_ctx", None) is not None:
+            self._ctx.close()
+        if getattr(self, "_model", None) is not None:
+            self._model.close()
+
+    def __enter__(self) -> LlamaCppEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _token_to_piece(vocab: llama_cpp.llama_vocab_p, token: int, special: bool) -> bytes:
+    size = 64
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
+    if n < 0:  # the piece is longer than the buffer: -n is the size it needs
+        size = -n
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
+    return buf.raw[:n]
+
+
+def _kv_type(name: str, param: str) -> int:
+    try:
+        return KV_CACHE_TYPES[name.lower()]
+    except KeyError:
+        raise InvalidParameterError(f"invalid {param}: {name!r}; choose from {', '.join(KV_CACHE_TYPES)}",
+                                    param=param) from None
+
+
+def _load_mode(use_mmap: bool, use_mlock: bool) -> int:
+    if use_mmap and use_mlock:
+        return llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK
+    if use_mlock:
+        return llama_cpp.LLAMA_LOAD_MODE_MLOCK
+    if use_mmap:
+        return llama_cpp.LLAMA_LOAD_MODE_MMAP
+    return llama_cpp.LLAMA_LOAD_MODE_NONE

@@ -1,0 +1,490 @@
+"""Continuous batching on one llama.cpp context.
+
+One engine thread owns the llama_context and every sampler (neither is thread-safe). Each
+step it builds one llama_batch holding
+  - one token for every sequence that is generating, and
+  - prompt chunks of newly admitted requests, within a per-step token budget (n_batch), so a
+    long prompt is spread over several steps and never stalls the running streams,
+then calls llama_decode once (ctypes releases the GIL, so an asyncio server stays responsive)
+and samples every sequence that produced logits.
+
+Slots and the prompt cache: the context has `n_parallel` sequences (slots), each with its own
+n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never covers another
+request's cells and greedy output does not depend on what else runs). A finished request leaves
+its tokens in its slot. A new request takes the idle slot whose cached tokens share the longest
+prefix with its prompt and evaluates only the rest; with no useful match it takes the least
+recently used idle slot. So up to n_parallel conversations stay cached at once, and the one
+evicted is the one idle longest.
+
+`n > 1` choices take n slots: the prompt is evaluated once, then copied (llama_memory_seq_cp)
+into the other slots, each with its own sampler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals
+
+from edge_llm.engines.base import Delta, TokenLogprob, Usage
+from edge_llm.engines.textstream import TextAssembler
+from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, OverloadedError
+from edge_llm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from edge_llm.engines.llamacpp import LlamaCppEngine
+
+log = logging.getLogger(__name__)
+_END = object()
+# A cached prefix shorter than this is not worth evicting a better-matching slot's cache for.
+MIN_USEFUL_PREFIX = 1
+
+
+@dataclass
+class SchedulerStats:
+    """Counters read by /metrics and the tests; written only by the engine thread."""
+
+    requests_total: int = 0
+    prompt_tokens_total: int = 0  # prompt tokens of admitted requests
+    prompt_tokens_evaluated: int = 0  # of those, the ones actually run through the model
+    prompt_tokens_cached: int = 0
+    generated_tokens_total: int = 0
+    prefix_cache_hits: int = 0  # requests that reused at least one cached token
+    decode_calls: int = 0
+
+
+class Request:
+    """One submitted generation; the caller reads its deltas, the engine thread writes them."""
+
+    _ids = itertools.count()
+
+    def __init__(self, tokens: list[int], params: SamplingParams) -> None:
+        self.id = next(Request._ids)
+        self.tokens = tokens
+        self.params = params
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_queue: asyncio.Queue | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._async_queue = asyncio.Queue()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    # engine thread side
+    def put(self, item: object) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is gone: nobody is listening
+                self.cancelled.set()
+        else:
+            self._queue.put(item)
+
+    # caller side
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    async def next_async(self) -> Delta | None:
+        item = await self._async_queue.get()
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+@dataclass
+class Choice:
+    """One of a request's n outputs, running in one slot."""
+
+    request: Request
+    index: int
+    sampler: _internals.LlamaSampler
+    text: TextAssembler
+    n_prompt: int
+    n_cached: int
+    generated: int = 0
+    pending: int | None = None  # sampled token not yet decoded
+    done: bool = False
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in this sequence
+    last_used: float = 0.0
+    choice: Choice | None = None
+    prefill: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
+    copies: list[Slot] = field(default_factory=list)  # slots to receive this prompt's KV (n > 1)
+
+    @property
+    def idle(self) -> bool:
+        return self.choice is None
+
+
+class Scheduler:
+    def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64) -> None:
+        self.engine = engine
+        self.ctx = engine._ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.n_ctx_seq = engine.n_ctx_seq
+        self.n_batch = engine.n_batch
+        self.max_waiting = max_waiting
+        self.slots = [Slot(i) for i in range(engine.n_parallel)]
+        self.stats = SchedulerStats()
+        self._waiting: deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
+        self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return sum(1 for s in self.slots if not s.idle)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def validate(self, tokens: list[int], params: SamplingParams) -> None:
+        if not tokens:
+            raise InvalidParameterError("the prompt is empty", param="prompt")
+        if len(tokens) >= self.n_ctx_seq:
+            raise ContextLengthError(
+                f"the prompt has {len(tokens)} tokens but a sequence holds at most {self.n_ctx_seq} "
+                f"(context {self.engine.n_ctx} / {len(self.slots)} parallel slots); shorten it or raise -c",
+                param="messages")
+        if params.n > len(self.slots):
+            raise InvalidParameterError(f"n={params.n} exceeds the {len(self.slots)} parallel slots (-np)",
+                                        param="n")
+        self.engine.check_token_ids(list(params.stop_token_ids))
+
+    def submit(self, tokens: list[int], params: SamplingParams, *, bind_loop: bool = True) -> Request:
+        self.validate(tokens, params)
+        request = Request(tokens, params)
+        if bind_loop:
+            try:
+                request.bind_loop(asyncio.get_running_loop())
+            except RuntimeError:
+                pass
+        with self._cond:
+            if self._closed:
+                raise EdgeLLMError("the engine is closed")
+            if len(self._waiting) >= self.max_waiting:
+                raise OverloadedError(f"the server is busy: {len(self._waiting)} requests are waiting; retry later")
+            self._waiting.append(request)
+            self._cond.notify()
+        return request
+
+    def stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Delta]:
+        return iter(self.submit(tokens, params, bind_loop=False))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        self._batch.close()
+
+    # -- engine thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and all(s.idle for s in self.slots):
+                    self._cond.wait()
+                if self._closed:
+                    break
+            try:
+                self._step()
+            except Exception as exc:  # keep serving others; fail only what was running
+                log.exception("engine step failed")
+                self._fail_running(EdgeLLMError(f"generation failed: {exc}"))
+        self._fail_running(EdgeLLMError("the engine was closed"))
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            request.put(EdgeLLMError("the engine was closed"))
+            request.put(_END)
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        batch = self._batch
+        batch.reset()
+        outputs: list[tuple[Slot, int]] = []  # slots to sample, and their logits index in the batch
+        for slot in self.slots:
+            choice = slot.choice
+            if choice is not None and choice.pending is not None and not slot.prefill:
+                outputs.append((slot, self._add(slot, [choice.pending], logits=True)))
+        budget = self.n_batch - batch.batch.n_tokens
+        prefilled: list[Slot] = []
+        for slot in sorted((s for s in self.slots if s.prefill), key=lambda s: s.choice.request.id):
+            if budget <= 0:
+                break
+            chunk = slot.prefill[:budget]
+            last = len(chunk) == len(slot.prefill)
+            index = self._add(slot, chunk, logits=last)
+            slot.prefill = slot.prefill[len(chunk):]
+            budget -= len(chunk)
+            if last:
+                prefilled.append(slot)
+                outputs.append((slot, index))
+        if batch.batch.n_tokens == 0:
+            return
+        status = llama_cpp.llama_decode(self.ctx.ctx, batch.batch)
+        self.stats.decode_calls += 1
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        for slot in prefilled:
+            self._copy_prompt(slot)
+        for slot, index in outputs:
+            for target in [slot, *slot.copies]:
+                self._sample(target, index)
+            slot.copies = []
+
+    def _add(self, slot: Slot, tokens: list[int], *, logits: bool) -> int:
+        """Append tokens of one sequence to the batch; return the batch index of the last one."""
+        b = self._batch.batch
+        pos = len(slot.cached)
+        if pos + len(tokens) > self.n_ctx_seq:  # never hand llama.cpp a position past the slot
+            raise RuntimeError(f"position {pos + len(tokens)} past the slot size {self.n_ctx_seq}")
+        for i, token in enumerate(tokens):
+            j = b.n_tokens + i
+            b.token[j] = token
+            b.pos[j] = pos + i
+            b.n_seq_id[j] = 1
+            b.seq_id[j][0] = slot.seq_id
+            b.logits[j] = False
+        b.n_tokens += len(tokens)
+        b.logits[b.n_tokens - 1] = logits
+        slot.cached.extend(tokens)
+        return b.n_tokens - 1
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting:
+                    return
+                request = self._waiting[0]
+                idle = [s for s in self.slots if s.idle]
+                if len(idle) < request.params.n:
+                    return  # first come, first served: later requests wait behind it
+                self._waiting.popleft()
+            if request.cancelled.is_set():
+                request.put(_END)
+                continue
+            try:
+                self._start(request, idle)
+            except Exception as exc:
+                request.put(exc if isinstance(exc, EdgeLLMError) else EdgeLLMError(str(exc)))
+                request.put(_END)
+
+    def _start(self, request: Request, idle: list[Slot]) -> None:
+        tokens, params = request.tokens, request.params
+        main = max(idle, key=lambda s: (_common_prefix(s.cached, tokens), -s.last_used))
+        reuse = _common_prefix(main.cached, tokens)
+        # At least the last prompt token must be evaluated to get logits for the first sample.
+        reuse = min(reuse, len(tokens) - 1)
+        if reuse < MIN_USEFUL_PREFIX:
+            main = min(idle, key=lambda s: s.last_used)
+            reuse = 0
+        self._truncate(main, reuse)
+        main.prefill = tokens[reuse:]
+        others = [s for s in idle if s is not main][: params.n - 1]
+        choices = [self._make_choice(request, i, len(tokens), reuse) for i in range(params.n)]
+        for slot, choice in zip([main, *others], choices, strict=False):
+            slot.choice = choice
+            slot.last_used = time.monotonic()
+        main.copies = others
+        self.stats.requests_total += 1
+        self.stats.prompt_tokens_total += len(tokens)
+        self.stats.prompt_tokens_evaluated += len(tokens) - reuse
+        self.stats.prompt_tokens_cached += reuse
+        self.stats.prefix_cache_hits += reuse > 0
+
+    def _make_choice(self, request: Request, index: int, n_prompt: int, n_cached: int) -> Choice:
+        params = request.params
+        seed = self.engine.seed if params.seed is None else params.seed
+        if seed is not None:
+            seed += index  # n choices from one seed must still differ
+        sampler = self._build_sampler(params, seed)
+        if not params.grammar and params.repetition_penalty != 1.0:
+            # vLLM and llama-server apply the repetition penalty to prompt tokens too.
+            last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
+            for token in request.tokens[-last_n:] if last_n else []:
+                sampler.accept(token)
+        return Choice(request, index, sampler, TextAssembler(params.stop, params.include_stop_str_in_output),
+                      n_prompt, n_cached)
+
+    def _build_sampler(self, params: SamplingParams, seed: int | None) -> _internals.LlamaSampler:
+        engine = self.engine
+        sampler = _internals.LlamaSampler()
+        if params.grammar:
+            grammar = llama_cpp.llama_sampler_init_grammar(engine.vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                raise InvalidParameterError("the grammar does not parse (llama.cpp GBNF)", param="grammar")
+            llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
+        if params.ignore_eos and engine.eog_ids:
+            sampler.add_logit_bias(engine.n_vocab, {t: float("-inf") for t in engine.eog_ids})
+        if (params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty):
+            last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
+            sampler.add_penalties(engine.n_vocab, last_n, params.repetition_penalty,
+                                  params.frequency_penalty, params.presence_penalty)
+        if params.greedy:
+            sampler.add_greedy()
+            return sampler
+        if params.top_k > 0:
+            sampler.add_top_k(params.top_k)
+        if params.top_p < 1.0:
+            sampler.add_top_p(params.top_p, 1)
+        if params.min_p > 0.0:
+            sampler.add_min_p(params.min_p, 1)
+        sampler.add_temp(params.temperature)
+        sampler.add_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF)
+        return sampler
+
+    def _truncate(self, slot: Slot, keep: int) -> None:
+        """Drop the slot's cached tokens past `keep`."""
+        if len(slot.cached) > keep:
+            if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
+                # Some memory types cannot drop a tail; then start the sequence over.
+                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                keep = 0
+            del slot.cached[keep:]
+
+    def _copy_prompt(self, slot: Slot) -> None:
+        for target in slot.copies:
+            llama_cpp.llama_memory_seq_rm(self.memory, target.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self.memory, slot.seq_id, target.seq_id, -1, -1)
+            target.cached = list(slot.cached)
+
+    # -- sampling and output --------------------------------------------------------------------
+
+    def _sample(self, slot: Slot, index: int) -> None:
+        choice = slot.choice
+        if choice is None or choice.done:
+            return
+        params = choice.request.params
+        engine = self.engine
+        logprobs = self._logprobs(index, params.logprobs) if params.logprobs is not None else None
+        token = choice.sampler.sample(self.ctx, index)
+        choice.sampler.accept(token)
+        choice.generated += 1
+        self.stats.generated_tokens_total += 1
+        if logprobs is not None:
+            logprobs = [self._token_logprob(token, *logprobs)]
+
+        finish = None
+        text = ""
+        if token in engine.eog_ids and not params.ignore_eos:
+            finish = "stop"
+        elif token in params.stop_token_ids:
+            finish = "stop"
+        else:
+            text = choice.text.push(engine.token_piece(token))
+            if choice.text.stopped:
+                finish = "stop"
+            elif params.max_tokens is not None and choice.generated >= params.max_tokens:
+                finish = "length"
+            elif len(slot.cached) >= self.n_ctx_seq:
+                finish = "length"  # the slot's context is full
+        if finish is not None:
+            text += choice.text.finish()
+            self._finish(slot, finish, text, [token], logprobs)
+        else:
+            choice.pending = token
+            choice.request.put(Delta(text=text, token_ids=[token], index=choice.index, logprobs=logprobs))
+
+    def _logprobs(self, index: int, top_n: int) -> tuple[np.ndarray, int]:
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, index)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.engine.n_vocab,)).astype(np.float64)
+        shifted = logits - logits.max()
+        return shifted - np.log(np.exp(shifted).sum()), top_n
+
+    def _token_logprob(self, token: int, logprobs: np.ndarray, top_n: int) -> TokenLogprob:
+        top = []
+        if top_n:
+            best = np.argpartition(-logprobs, top_n)[:top_n]
+            best = best[np.argsort(-logprobs[best])]
+            top = [(self.engine.token_text(int(t)), float(logprobs[t])) for t in best]
+        return TokenLogprob(token, self.engine.token_text(token), float(logprobs[token]), top)
+
+    def _finish(self, slot: Slot, reason: str, text: str = "", token_ids: list[int] | None = None,
+                logprobs: list[TokenLogprob] | None = None) -> None:
+        choice = slot.choice
+        choice.done = True
+        usage = Usage(prompt_tokens=choice.n_prompt, completion_tokens=choice.generated,
+                      cached_tokens=choice.n_cached)
+        request = choice.request
+        request.put(Delta(text=text, token_ids=token_ids or [], index=choice.index, logprobs=logprobs,
+                          finish_reason=reason, usage=usage))
+        self._release(slot)
+        if not any(s.choice is not None and s.choice.request is request for s in self.slots):
+            request.put(_END)
+
+    def _release(self, slot: Slot) -> None:
+        if slot.choice is not None:
+            slot.choice.sampler.close()
+        slot.choice = None
+        slot.prefill = []
+        slot.copies = []
+        slot.last_used = time.monotonic()
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.choice is not None and slot.choice.request.cancelled.is_set():
+                # Tokens already evaluated stay cached: a retried request can reuse them.
+                self._finish(slot, "cancelled")
+
+    def _fail_running(self, error: EdgeLLMError) -> None:
+        requests = {s.choice.request for s in self.slots if s.choice is not None}
+        for slot in self.slots:
+            if slot.choice is not None:
+                self._release(slot)
+                # The KV of a failed step is unknown: forget it.
+                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                slot.cached = []
+        for request in requests:
+            request.put(error)
+            request.put(_END)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,58 @@
+"""The one exception family of edge-llm.
+
+The CLI prints an EdgeLLMError as a single line; the server turns it into an OpenAI-style
+error body using `status`, `type` and `code`.
+"""
+
+from __future__ import annotations
+
+
+class EdgeLLMError(Exception):
+    """An error the user can cause and fix; never shown with a traceback."""
+
+    status: int = 400
+    type: str = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidParameterError(EdgeLLMError):
+    code = "invalid_parameter"
+
+
+class ModelNotFoundError(EdgeLLMError):
+    status = 404
+    code = "model_not_found"
+
+
+class ModelLoadError(EdgeLLMError):
+    status = 500
+    type = "server_error"
+    code = "model_load_failed"
+
+
+class ContextLengthError(EdgeLLMError):
+    code = "context_length_exceeded"
+
+
+class OverloadedError(EdgeLLMError):
+    """The engine's queue is full; the server answers 503 with Retry-After."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+
+class MissingExtraError(EdgeLLMError):
+    """An optional dependency is not installed."""
+
+    status = 500
+    type = "server_error"
+    code = "missing_dependency"
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"{package} is not installed; run: pip install 'edge-llm[{extra}]'")

@@ -1,0 +1,96 @@
+"""`edge-llm generate`: one prompt in, the completion streamed to stdout (like llama-cli -p ... -no-cnv).
+
+Also the Python API behind `edge_llm.load`, `edge_llm.generate` and `edge_llm.stream_generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edge_llm.engines.base import Engine, LoadOptions, collect, load_engine
+from edge_llm.errors import EdgeLLMError
+from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
+from edge_llm.sampling import SamplingParams
+
+
+def load(model: str | None = None, *, engine: str = "llama.cpp", config: str | None = None,
+         **options: Any) -> Engine:
+    """Load a model (registry name, .gguf path, hub reference, or None for the demo model)."""
+    return load_engine(model, engine=engine, options=LoadOptions(**options), config=config)
+
+
+def stream_generate(engine: Engine, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
+    """Yield the completion's text piece by piece."""
+    for delta in engine.stream(prompt, SamplingParams.create(**sampling)):
+        if delta.text:
+            yield delta.text
+
+
+def generate(engine: Engine, prompt: str | list[int], **sampling: Any) -> str:
+    """The whole completion as one string."""
+    params = SamplingParams.create(**sampling)
+    return collect(engine.stream(prompt, params), params.n)[0].text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-llm generate", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-p", "--prompt", help="the prompt text")
+    source.add_argument("-f", "--file", help="read the prompt from a file")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as a user message through the model's chat template")
+    parser.add_argument("--system", default=None, help="system message (with --chat)")
+    parser.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    add_model_flags(parser)
+    add_sampling_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompt = args.prompt if args.prompt is not None else _read_prompt(args.file)
+    params = sampling_params(args)
+    engine = load_engine(args.model, engine=args.engine, options=load_options(args), config=args.config)
+    try:
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            prompt = engine.chat_prompt(messages + [{"role": "user", "content": prompt}])
+        start = time.perf_counter()
+        first = None
+        usage = None
+        for delta in engine.stream(prompt, params):
+            if first is None:
+                first = time.perf_counter()
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+            usage = delta.usage or usage
+        sys.stdout.write("\n")
+        if args.stats and usage is not None:
+            _print_stats(usage, start, first)
+    finally:
+        engine.close()
+    return 0
+
+
+def _read_prompt(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise EdgeLLMError(f"cannot read prompt file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise EdgeLLMError(f"prompt file {path} is not UTF-8 text") from None
+
+
+def _print_stats(usage: Any, start: float, first: float | None) -> None:
+    end = time.perf_counter()
+    ttft = (first or end) - start
+    decode = max(end - (first or end), 1e-9)
+    rate = max(usage.completion_tokens - 1, 0) / decode
+    print(f"prompt: {usage.prompt_tokens} tokens ({usage.cached_tokens} cached), first token after "
+          f"{ttft * 1000:.0f} ms; generated {usage.completion_tokens} tokens, {rate:.1f} tokens/s",
+          file=sys.stderr)

@@ -1,0 +1,85 @@
+"""Command-line flags shared by several subcommands, with llama.cpp's names and meanings.
+
+Model loading: -m -c -t -tb -b -ngl -fa -ctk -ctv -np --mlock --no-mmap --seed -v.
+Sampling:      -n --temp --top-k --top-p --min-p --repeat-penalty --repeat-last-n
+               --presence-penalty --frequency-penalty --stop --ignore-eos.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from edge_llm.engines.base import LoadOptions
+from edge_llm.sampling import SamplingParams
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, parallel_default: int = 1) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("-m", "--model", default=None,
+                   help="registry name, path to a .gguf, or hf:ORG/REPO:QUANT (default: the bundled demo model)")
+    g.add_argument("--config", default=None, help="a models.toml that adds to / overrides the built-in registry")
+    g.add_argument("--engine", default="llama.cpp", help="llama.cpp (default), transformers, vllm, lmdeploy")
+    g.add_argument("-c", "--ctx-size", dest="n_ctx", type=int, default=None,
+                   help="context size in tokens, shared by the parallel slots (default: model's, at most 4096)")
+    g.add_argument("-t", "--threads", dest="n_threads", type=int, default=None, help="threads for generation")
+    g.add_argument("-tb", "--threads-batch", dest="n_threads_batch", type=int, default=None,
+                   help="threads for prompt processing (default: same as -t)")
+    g.add_argument("-b", "--batch-size", dest="n_batch", type=int, default=512,
+                   help="tokens evaluated per step (prompt chunk budget)")
+    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=None,
+                   help="layers to offload to the GPU (-1 = all; needs a GPU build of llama-cpp-python)")
+    g.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
+                   nargs="?", const="on", help="flash attention (default auto; bare -fa means on)")
+    g.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", default="f16", help="KV cache type for K: f16, q8_0, q4_0 ...")
+    g.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", default="f16", help="KV cache type for V (quantized needs -fa)")
+    g.add_argument("-np", "--parallel", dest="n_parallel", type=int, default=parallel_default,
+                   help=f"parallel sequences (slots) decoded together (default {parallel_default})")
+    g.add_argument("--mlock", action="store_true", help="keep the weights in RAM (no swapping)")
+    g.add_argument("--no-mmap", dest="use_mmap", action="store_false", help="read the weights instead of mapping them")
+    g.add_argument("--chat-format", default=None, help="chat template: auto (from the GGUF) or a built-in name")
+    g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, *, n_predict: int | None = 256) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("-n", "--n-predict", dest="max_tokens", type=int, default=n_predict,
+                   help=f"tokens to generate at most (default {n_predict}; -1 = until the context is full)")
+    g.add_argument("--temp", dest="temperature", type=float, default=None, help="temperature (0 = greedy; default 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k (-1 = off; default 40)")
+    g.add_argument("--top-p", type=float, default=None, help="top-p (default 0.95)")
+    g.add_argument("--min-p", type=float, default=None, help="min-p (default 0.05)")
+    g.add_argument("--repeat-penalty", dest="repetition_penalty", type=float, default=None, help="default 1.0 (off)")
+    g.add_argument("--repeat-last-n", dest="penalty_last_n", type=int, default=None, help="default 64; -1 = whole context")
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("-s", "--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past end-of-sequence")
+
+
+def load_options(args: argparse.Namespace, **overrides: object) -> LoadOptions:
+    values = {name: getattr(args, name) for name in (
+        "n_ctx", "n_threads", "n_threads_batch", "n_batch", "n_gpu_layers", "flash_attn", "cache_type_k",
+        "cache_type_v", "n_parallel", "use_mmap", "verbose", "chat_format") if hasattr(args, name)}
+    values["use_mlock"] = getattr(args, "mlock", False)
+    values["seed"] = getattr(args, "seed", None)
+    values.update(overrides)
+    if values.get("n_gpu_layers") is None:
+        values.pop("n_gpu_layers", None)
+    return LoadOptions(**values)
+
+
+def sampling_params(args: argparse.Namespace, **overrides: object) -> SamplingParams:
+    max_tokens = getattr(args, "max_tokens", None)
+    values = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, penalty_last_n=args.penalty_last_n,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
+        stop=args.stop, ignore_eos=args.ignore_eos,
+        max_tokens=None if max_tokens is not None and max_tokens < 0 else max_tokens,
+    )
+    values.update(overrides)
+    params = SamplingParams.create(**values)
+    if max_tokens is not None and max_tokens < 0:
+        params = params.model_copy(update={"max_tokens": None})
+    return params

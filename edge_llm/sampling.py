@@ -1,0 +1,97 @@
+"""SamplingParams: the one validated set of generation parameters.
+
+The names and ranges follow vLLM's SamplingParams, so values copied from an OpenAI- or
+vLLM-style request mean the same thing here. Every front end (CLI, server, REPL, batch) builds
+one of these and every engine reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge_llm.errors import InvalidParameterError
+
+# Above this many logprobs per token the response gets large for no use; OpenAI caps at 20.
+MAX_LOGPROBS = 20
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    temperature: Annotated[float, Field(ge=0.0, le=100.0)] = 0.8
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    top_k: int = 40
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    # llama.cpp applies penalties over the last N tokens; -1 means the whole context.
+    penalty_last_n: Annotated[int, Field(ge=-1)] = 64
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: Annotated[int, Field(ge=1)] | None = 256
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # A GBNF grammar (llama.cpp syntax) that constrains the output, e.g. from a JSON schema.
+    grammar: str | None = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_range(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be -1 (disabled) or >= 1")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = (value,)
+        if any(isinstance(s, str) and s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return tuple(value)
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _ids_as_tuple(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if any(isinstance(t, int) and t < 0 for t in value):
+            raise ValueError("token ids must be >= 0")
+        return tuple(value)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def create(cls, **values: Any) -> SamplingParams:
+        """Build from keyword values, dropping None, raising InvalidParameterError on bad input."""
+        values = {k: v for k, v in values.items() if v is not None}
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise _as_parameter_error(exc) from None
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return SamplingParams.create(**{**self.model_dump(), **changes})
+
+
+def _as_parameter_error(exc: ValidationError) -> InvalidParameterError:
+    """Turn pydantic's report into one line naming the parameter, its range and the bad value."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or "sampling"
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if first["type"] == "extra_forbidden":
+        message = "is not a sampling parameter"
+    got = first.get("input")
+    return InvalidParameterError(f"invalid {param}: {message} (got {got!r})", param=param)

@@ -1,0 +1,98 @@
+"""The `edge-llm` command, run as a user runs it."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.model
+
+
+def test_generate_is_deterministic_with_temp_zero():
+    args = ["generate", "-p", "The capital of France is", "-n", "16", "--temp", "0"]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert len(first.stdout.strip()) > 0
+    assert first.stderr == ""  # quiet by default: no llama.cpp log
+
+
+def test_generate_chat_and_stats():
+    out = run_cli("generate", "--chat", "-p", "Name a colour.", "-n", "24", "--temp", "0", "--stats")
+    assert out.returncode == 0, out.stderr
+    assert "tokens/s" in out.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--temp", "-1"], "invalid temperature: Input should be greater than or equal to 0 (got -1.0)"),
+    (["--top-p", "1.5"], "invalid top_p"),
+    (["--top-k", "0"], "invalid top_k: must be -1 (disabled) or >= 1"),
+    (["-m", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
+    (["-m", "hf:Qwen/Qwen2-7B-Instruct-GGUF:q5_k_m"], "run: edge-llm pull hf:Qwen/Qwen2-7B-Instruct-GGUF:q5_k_m"),
+    (["-ctv", "q4_0", "-fa", "off"], "quantized V cache (-ctv) needs flash attention"),
+    (["-ctk", "q3_x"], "invalid cache_type_k"),
+])
+def test_bad_input_is_one_line(args, fragment):
+    out = run_cli("generate", "-p", "hi", "-n", "2", *args)
+    assert out.returncode == 1
+    assert fragment in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_corrupt_and_truncated_model_files(tmp_path, demo_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all" * 100)
+    out = run_cli("generate", "-m", str(junk), "-p", "hi", "-n", "2")
+    assert out.returncode == 1 and "is not a GGUF file" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(demo_path.read_bytes()[: 20_000_000])
+    out = run_cli("generate", "-m", str(truncated), "-p", "hi", "-n", "2")
+    assert out.returncode == 1 and "could not load" in out.stderr and str(truncated) in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_info_reports_the_bundled_model(demo_path):
+    out = run_cli("info", str(demo_path))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "architecture      llama" in text
+    assert "layers            30" in text
+    assert "file type         Q4_1" in text
+    assert "chat template     ChatML" in text
+    data = json.loads(run_cli("info", "--json").stdout)  # no model: the demo model
+    assert data["architecture"] == "llama" and data["n_layers"] == 30 and data["file_type"] == "Q4_1"
+    assert 130e6 < data["n_params"] < 140e6
+    assert data["n_tensors"] == 272
+
+
+def test_info_on_a_non_gguf(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"nope")
+    out = run_cli("info", str(bad))
+    assert out.returncode == 1 and "not a readable GGUF" in out.stderr
+
+
+def test_models_lists_registry_and_demo_presence(demo_path):
+    out = run_cli("models")
+    assert out.returncode == 0, out.stderr
+    assert "smollm2-135m" in out.stdout and "qwen2-7b" in out.stdout
+    assert str(demo_path) in out.stdout
+    assert "edge-llm pull qwen2-7b" in out.stdout
+
+
+def test_doctor():
+    out = run_cli("doctor", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["llama_cpp_python"] == "0.3.36"
+    assert isinstance(report["gpu_offload"], bool)
+    assert report["cpu_threads"] >= 1
+
+
+def test_unknown_command_and_help():
+    assert run_cli("frobnicate").returncode == 2
+    out = run_cli("--help")
+    assert out.returncode == 0 and "generate" in out.stdout
