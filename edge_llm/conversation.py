@@ -99,12 +99,15 @@ class Conversation(ABC):
     # -- turns ----------------------------------------------------------------------------------
 
     def prompt(self, user: str | None, *, reserve: int = 0) -> Prompt:
-        """The tokens for the next turn, dropping the oldest exchanges while the prompt plus
-        `reserve` tokens of answer do not fit. Raises ContextLengthError if even the system
+        """The tokens for the next turn. If the prompt plus `reserve` tokens of answer do not fit,
+        the oldest exchanges are dropped until the prompt takes at most half the context. Raises ContextLengthError if even the system
         prompt and this turn alone do not fit."""
         prompt = self._extend(user)
         dropped = 0
-        while len(prompt.tokens) + reserve > self.limit and self.exchanges:
+        # Once turns must go, drop down to half the context, as llama.cpp's context shift does:
+        # dropping one turn at a time would re-evaluate the whole conversation on every turn.
+        while self.exchanges and (len(prompt.tokens) + reserve > self.limit
+                                  or dropped and len(prompt.tokens) > self.limit // 2):
             self.exchanges.pop(0)
             dropped += 1
             self._forget_tokens()

@@ -244,9 +244,9 @@ class ChatSession:
             self.screen.error(f"error: {exc.message}")
             return None
         if prompt.dropped:
-            self.screen.notice(f"[context full: dropped the {_plural(prompt.dropped, 'oldest turn')}"
-                               f"{' (system prompt kept)' if self.conversation.system else ''}; "
-                               f"re-evaluating {len(prompt.tokens)} tokens]")
+            kept = " (system prompt kept)" if self.conversation.system else ""
+            self.screen.notice(f"[context full: dropped the {_plural(prompt.dropped, 'oldest turn')}{kept}; "
+                               f"the remaining {len(prompt.tokens)} tokens are evaluated again]")
         if self.settings.verbose_prompt:
             self._show_prompt(prompt)
         answer, usage, speed = self._generate(prompt, params)
