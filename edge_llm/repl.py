@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verbose-prompt", action="store_true",
                    help="print the token ids (and their text) sent to the engine for each turn")
     g.add_argument("--history-file", default=None,
-                   help="input history file (default: chat_history in the user's data dir)")
+                   help="input history file (default: chat_history in the user's data dir; '' = none)")
     add_model_flags(parser, parallel_default=1)
     add_sampling_flags(parser, n_predict=-1)
     return parser
@@ -483,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
             mode = "prefix mode" if isinstance(conversation, PrefixConversation) else "chat template"
             screen.notice(f"edge-llm chat: {engine.model_name} ({mode}, context {conversation.limit} tokens). "
                           "/help for commands, Ctrl-D to leave.")
-        history = Path(args.history_file) if args.history_file else default_history_file()
-        reader = LineReader(screen, history if interactive else None)
+        history = default_history_file() if args.history_file is None else Path(args.history_file)
+        reader = LineReader(screen, history if interactive and args.history_file != "" else None)
         return ChatSession(engine, conversation, params, settings, screen).run(reader)
     finally:
         engine.close()
