@@ -120,16 +120,17 @@ class Conversation(ABC):
         prompt.user = user
         return prompt
 
-    def record(self, prompt: Prompt, answer: Answer) -> None:
-        """Add the exchange that `prompt` started and the model answered."""
+    def record(self, prompt: Prompt, answer: Answer) -> str:
+        """Add the exchange that `prompt` started and the model answered. Returns text the
+        conversation added after the answer (llama-cli's injected reverse prompt), to show."""
         self.exchanges.append(Exchange(prompt.user, answer.text, list(answer.token_ids)))
-        self._advance(prompt, answer)
+        return self._advance(prompt, answer)
 
     @abstractmethod
     def _extend(self, user: str | None) -> Prompt: ...
 
     @abstractmethod
-    def _advance(self, prompt: Prompt, answer: Answer) -> None: ...
+    def _advance(self, prompt: Prompt, answer: Answer) -> str: ...
 
     @abstractmethod
     def _forget_tokens(self) -> None: ...
@@ -213,7 +214,7 @@ class TemplateConversation(Conversation):
         tokens = self.engine.tokenize(text)
         return Prompt(tokens, len(tokens), rebuilt=self._tokens is not None or bool(self.exchanges), text=text)
 
-    def _advance(self, prompt: Prompt, answer: Answer) -> None:
+    def _advance(self, prompt: Prompt, answer: Answer) -> str:
         # The sampled end-of-turn token stays out: the template writes its own end-of-turn text
         # after the answer, which tokenizes to that token when the two agree.
         body = self._strip_eog(answer.token_ids)
@@ -222,6 +223,7 @@ class TemplateConversation(Conversation):
             self._text = prompt.text + answer.text
         else:  # a stop string cut the text, or a character was cut off: the ids do not match it
             self._forget_tokens()
+        return ""
 
 
 class PrefixConversation(Conversation):
@@ -278,9 +280,11 @@ class PrefixConversation(Conversation):
         new_tokens = len(self._tokens) + len(added) if fresh else len(added)
         return Prompt(self._tokens + added, new_tokens, rebuilt=fresh and bool(self.exchanges))
 
-    def _advance(self, prompt: Prompt, answer: Answer) -> None:
+    def _advance(self, prompt: Prompt, answer: Answer) -> str:
         injected = self.injection_tokens(answer)
         self.exchanges[-1].answer_ids = list(answer.token_ids) + injected
-        if injected:
-            self.exchanges[-1].answer += self.eog_injection
         self._tokens = prompt.tokens + list(answer.token_ids) + injected
+        if not injected:
+            return ""
+        self.exchanges[-1].answer += self.eog_injection
+        return self.eog_injection

@@ -252,9 +252,7 @@ class ChatSession:
         answer, usage, speed = self._generate(prompt, params)
         if answer is None:
             return None
-        self.conversation.record(prompt, answer)
-        injected = self.conversation.exchanges[-1].answer[len(answer.text):]
-        self.screen.answer_piece(injected)
+        self.screen.answer_piece(self.conversation.record(prompt, answer))
         self.screen.end_answer()
         if answer.finish_reason == "cancelled":
             self.screen.notice("[stopped]")
