@@ -101,6 +101,7 @@ class Screen:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self._at_line_start = True
+        self._answering = False
 
     @property
     def prompt(self) -> str:
@@ -110,6 +111,9 @@ class Screen:
     def after_input(self) -> None:
         if self.color:
             self.out.write(self.RESET)
+
+    def start_answer(self) -> None:
+        self._answering = True
 
     def answer_piece(self, text: str) -> None:
         if not text:
@@ -121,16 +125,22 @@ class Screen:
         self._at_line_start = text.endswith("\n")
 
     def end_answer(self) -> None:
-        if not self._at_line_start:
+        """Close the answer's line; piped, every answer gets its line, an empty one included."""
+        if self._answering and (not self._at_line_start or not self.interactive):
             self.out.write("\n")
         self.out.flush()
+        self._answering = False
         self._at_line_start = True
+
+    def _break_line(self) -> None:
+        if not self._at_line_start:
+            self.out.write("\n")
+            self._at_line_start = True
 
     def notice(self, text: str) -> None:
         """Status lines: stats, dropped turns, stopped answers."""
+        self._break_line()
         stream = self.out if self.interactive else self.err
-        if not self._at_line_start:
-            self.end_answer()
         stream.write((self.DIM + text + self.RESET if self.color else text) + "\n")
         stream.flush()
 
@@ -141,8 +151,7 @@ class Screen:
         stream.flush()
 
     def error(self, text: str) -> None:
-        if not self._at_line_start:
-            self.end_answer()
+        self._break_line()
         self.err.write((self.RED + text + self.RESET if self.color else text) + "\n")
         self.err.flush()
 
@@ -236,6 +245,14 @@ class ChatSession:
 
     def turn(self, user: str | None) -> Answer | None:
         """Send one user turn (None: let the model continue) and stream the answer."""
+        # Piped, a turn that fails still gets its (empty) output line: line N answers line N.
+        self.screen.start_answer()
+        try:
+            return self._turn(user)
+        finally:
+            self.screen.end_answer()
+
+    def _turn(self, user: str | None) -> Answer | None:
         params = self.turn_params()
         reserve = min(params.max_tokens or self.conversation.limit // 4, self.conversation.limit // 2)
         try:
@@ -358,7 +375,6 @@ class ChatSession:
                 try:
                     line = reader.read()
                 except KeyboardInterrupt:  # at the prompt: leave
-                    self.screen.end_answer()
                     self.screen.out.write("\n")
                     return 0
                 if line is None:

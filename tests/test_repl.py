@@ -37,7 +37,9 @@ class Stats:
 
 
 def spawn_chat(*args: str, data_dir, timeout: float = 120) -> pexpect.spawn:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_DATA_HOME": str(data_dir), "TERM": "xterm"}
+    # readline's defaults (bracketed paste on), whatever the person running the tests configured.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_DATA_HOME": str(data_dir), "TERM": "xterm",
+           "INPUTRC": os.devnull}
     child = pexpect.spawn(sys.executable, ["-m", "edge_llm", "chat", *args], env=env, cwd=str(ROOT),
                           encoding="utf-8", timeout=timeout, dimensions=(50, 250))
     child.expect("Ctrl-D to leave")
@@ -116,11 +118,18 @@ def test_system_reset_save_load_params_and_history(engine, tmp_path):
     assert "first line \\nsecond line<|im_end|>" in child.match.group(1)
     child.expect(STATS)
     answer2 = child.before.replace("\r\n", "\n").strip()
+    # Pasted text (a terminal's bracketed paste) is one turn, newlines and all.
+    child.expect_exact("> ")
+    child.send("\x1b[200~pasted one\npasted two\x1b[201~\r")
+    child.expect(PROMPT_TEXT)
+    assert "pasted one\\npasted two<|im_end|>" in child.match.group(1)
+    child.expect(STATS)
+    answer3 = child.before.replace("\r\n", "\n").strip()
 
     saved, resaved = tmp_path / "conversation.json", tmp_path / "again.json"
     child.expect_exact("> ")
     child.send(f"/save {saved}\r")
-    child.expect_exact("[saved 2 turns")
+    child.expect_exact("[saved 3 turns")
     child.expect_exact("> ")
     child.send("/reset\r")
     child.expect_exact("[conversation cleared]")
@@ -130,13 +139,13 @@ def test_system_reset_save_load_params_and_history(engine, tmp_path):
 
     child.expect_exact("> ")
     child.send(f"/load {saved}\r")
-    child.expect_exact("[loaded 2 turns")
+    child.expect_exact("[loaded 3 turns")
     child.expect_exact("> ")
     child.send(f"/save {resaved}\r")
-    child.expect_exact("[saved 2 turns")
+    child.expect_exact("[saved 3 turns")
     ids4, _, stats4 = ask(child, "Thanks")
     assert stats4.rebuilt  # a loaded conversation is tokenized whole
-    assert engine.detokenize(ids4).endswith(f"\n{answer2}\nuser\nThanks\nassistant\n")
+    assert engine.detokenize(ids4).endswith(f"\n{answer3}\nuser\nThanks\nassistant\n")
 
     child.expect_exact("> ")
     child.send("/params temp=0.3 top-k=20 n=64\r")
@@ -155,6 +164,7 @@ def test_system_reset_save_load_params_and_history(engine, tmp_path):
         {"role": "system", "content": "You are a pirate."},
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer1},
         {"role": "user", "content": "first line \nsecond line"}, {"role": "assistant", "content": answer2},
+        {"role": "user", "content": "pasted one\npasted two"}, {"role": "assistant", "content": answer3},
     ]
     assert json.loads(resaved.read_text()) == data  # save -> load -> save is lossless
     history = (tmp_path / "edge-llm" / "chat_history").read_text()
@@ -206,6 +216,7 @@ def test_prefix_mode_sends_exactly_the_prefixed_prompt(engine, tmp_path):
 
     expected_text = prompt_file.read_text() + CHATML_PREFIX + "Hello" + CHATML_SUFFIX
     assert ids1 == engine.tokenize(expected_text)
+    assert stats1.prompt == len(ids1) and stats2.prompt == len(ids2)  # as the engine counted them
     # As in llama-cli: the prefix and suffix are parsed for special tokens, the user's text is not,
     # and the tokens the model generated (its end-of-turn token included) stay in the context.
     turn2 = (engine.tokenize(CHATML_PREFIX, add_bos=False)
@@ -250,10 +261,13 @@ def test_piped_prefix_mode_with_a_reverse_prompt():
 @pytest.mark.model
 def test_full_context_drops_the_oldest_turns_keeping_the_system_prompt():
     lines = [f"Question {i}: please name one colour of the rainbow." for i in range(10)]
+    lines.insert(2, "word " * 300)  # can never fit: an error, an empty answer line, the session goes on
     out = run_cli("chat", "-c", "256", "-n", "24", "--temp", "0", "--stats", "--system", "Be brief.",
                   input="\n".join(lines) + "\n")
     assert out.returncode == 0, out.stderr
-    assert len(out.stdout.splitlines()) == len(lines)
+    answers = out.stdout.splitlines()
+    assert len(answers) == len(lines) and answers[2] == "" and all(answers[:2] + answers[3:])
+    assert "error: this turn needs 3" in out.stderr and "but the context holds 256" in out.stderr
     notices = out.stderr.splitlines()
     drop = next(i for i, line in enumerate(notices) if line.startswith("[context full: dropped the "))
     assert "(system prompt kept)" in notices[drop]
