@@ -100,8 +100,8 @@ class Conversation(ABC):
 
     def prompt(self, user: str | None, *, reserve: int = 0) -> Prompt:
         """The tokens for the next turn. If the prompt plus `reserve` tokens of answer do not fit,
-        the oldest exchanges are dropped until the prompt takes at most half the context. Raises ContextLengthError if even the system
-        prompt and this turn alone do not fit."""
+        the oldest exchanges are dropped until the prompt takes at most half the context.
+        Raises ContextLengthError if even the system prompt and this turn alone do not fit."""
         before = list(self.exchanges)
         prompt = self._extend(user)
         dropped = 0
@@ -114,9 +114,9 @@ class Conversation(ABC):
             self._forget_tokens()
             prompt = self._extend(user)
         if len(prompt.tokens) >= self.limit:
-            # This turn cannot fit at all: keep the conversation as it was rather than lose it.
-            self.exchanges = before
-            self._forget_tokens()
+            if dropped:  # this turn cannot fit at all: keep the conversation rather than lose it
+                self.exchanges = before
+                self._forget_tokens()
             raise ContextLengthError(
                 f"this turn needs {len(prompt.tokens)} tokens but the context holds {self.limit}; "
                 "shorten it, shorten the system prompt, or raise -c")
