@@ -327,3 +327,46 @@ def test_saved_messages_must_alternate():
         parse_messages([{"role": "user", "content": "u"}, {"role": "user", "content": "v"}])
     with pytest.raises(EdgeLLMError, match="has no answer"):
         parse_messages([{"role": "user", "content": "u"}])
+
+
+class TemplateEngine:
+    """The demo model's tokenizer behind another chat template."""
+
+    def __init__(self, engine, template: str) -> None:
+        from edge_llm.chat_format import JinjaChatFormatter
+
+        self._engine = engine
+        self.formatter = JinjaChatFormatter(template)
+        self.n_ctx = engine.n_ctx_seq
+        self.eog_ids = engine.eog_ids
+
+    def tokenize(self, text, *, special=True, add_bos=None):
+        return self._engine.tokenize(text, special=special, add_bos=add_bos)
+
+    def detokenize(self, tokens):
+        return self._engine.detokenize(tokens)
+
+    def chat_prompt(self, messages):
+        return self.formatter.render(messages)
+
+
+@pytest.mark.model
+def test_template_that_rewrites_the_answer_falls_back_to_a_full_tokenization(engine):
+    from edge_llm.conversation import Answer, TemplateConversation
+
+    # Like Llama-3's template, this one trims each message, so an answer ending in a space is not
+    # rendered as generated: the conversation is tokenized whole instead of extended.
+    trimming = TemplateEngine(engine, "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}"
+                                      "<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\n' }}")
+    im_end = engine.tokenize("<|im_end|>", add_bos=False)
+    for answer_text, rebuilt in (("Hello there.", False), ("Hello there. ", True)):
+        conversation = TemplateConversation(trimming)
+        first = conversation.prompt("Hi")
+        conversation.record(first, Answer(answer_text, engine.tokenize(answer_text, add_bos=False) + im_end, "stop"))
+        second = conversation.prompt("Bye")
+        assert second.rebuilt is rebuilt
+        expected_text = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello there.<|im_end|>\n"
+                         "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
+        assert engine.detokenize(second.tokens) == engine.detokenize(engine.tokenize(expected_text))
+        assert second.new_tokens == (len(second.tokens) if rebuilt else len(second.tokens) - len(first.tokens)
+                                     - len(engine.tokenize("Hello there.", add_bos=False)))
