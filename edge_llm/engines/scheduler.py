@@ -425,8 +425,9 @@ class Scheduler:
         params = choice.request.params
         engine = self.engine
         logprobs = self._logprobs(index, params.logprobs) if params.logprobs is not None else None
+        # llama_sampler_sample also accepts the token into the chain (penalty history, grammar
+        # state): accepting it again would count it twice and break grammars.
         token = choice.sampler.sample(self.ctx, index)
-        choice.sampler.accept(token)
         choice.generated += 1
         self.stats.generated_tokens_total += 1
         if logprobs is not None:
