@@ -348,7 +348,8 @@ class Scheduler:
             reuse = 0
         self._truncate(main, reuse)
         main.prefill = tokens[reuse:]
-        others = [s for s in idle if s is not main][: params.n - 1]
+        # Extra choices overwrite the least recently used caches.
+        others = sorted((s for s in idle if s is not main), key=lambda s: s.last_used)[: params.n - 1]
         choices = [self._make_choice(request, i, len(tokens), reuse) for i in range(params.n)]
         for slot, choice in zip([main, *others], choices, strict=False):
             slot.choice = choice
