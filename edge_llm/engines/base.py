@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from edge_llm.errors import EdgeLLMError, MissingExtraError
 from edge_llm.sampling import SamplingParams
@@ -65,12 +65,11 @@ class LoadOptions:
     use_mlock: bool = False
     seed: int | None = None
     n_parallel: int = 4
-    embedding: bool = False
+    max_queue: int = 64  # waiting requests beyond this are refused (HTTP 503)
     chat_format: str | None = None
     in_prefix: str | None = None
     in_suffix: str | None = None
     verbose: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable

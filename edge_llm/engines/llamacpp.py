@@ -23,7 +23,7 @@ from llama_cpp._logger import set_verbose  # noqa: E402
 
 from edge_llm.chat_format import ChatFormatter, select_formatter  # noqa: E402
 from edge_llm.engines.base import Delta, LoadOptions, collect  # noqa: E402
-from edge_llm.errors import EdgeLLMError, InvalidParameterError, ModelLoadError  # noqa: E402
+from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, ModelLoadError  # noqa: E402
 from edge_llm.registry import ResolvedModel  # noqa: E402
 from edge_llm.sampling import SamplingParams  # noqa: E402
 
@@ -157,7 +157,7 @@ class LlamaCppEngine:
 
         from edge_llm.engines.scheduler import Scheduler
 
-        self.scheduler = Scheduler(self)
+        self.scheduler = Scheduler(self, max_waiting=options.max_queue)
 
     # -- vocabulary -----------------------------------------------------------------------------
 
@@ -249,8 +249,6 @@ class LlamaCppEngine:
                 for text in texts:
                     tokens = self.tokenize(text)
                     if len(tokens) > limit:
-                        from edge_llm.errors import ContextLengthError
-
                         raise ContextLengthError(f"input of {len(tokens)} tokens exceeds the embedding context "
                                                  f"of {limit}", param="input")
                     ctx.kv_cache_clear()
