@@ -131,7 +131,7 @@ class ChatSession:
         if answer.finish_reason == "cancelled":
             self.screen.notice("[stopped]")
         elif answer.finish_reason == "length" and len(prompt.tokens) + len(answer.token_ids) >= self.conversation.limit:
-            self.screen.notice("[the context is full: answer cut; the oldest turns go next turn]")
+            self.screen.notice("[the context is full: answer cut; the oldest turns will be dropped next turn]")
         if self.settings.stats:
             self.screen.notice(_stats_line(prompt, answer, usage, speed))
         return answer
@@ -319,8 +319,6 @@ def make_conversation(engine: Engine, args: argparse.Namespace) -> Conversation:
         initial = _read_text(args.file)
     elif args.prompt is not None:
         initial = unescape(args.prompt)
-    if initial is not None and args.system is not None:
-        raise InvalidParameterError("--system and -f/-p both give the initial prompt; use one")
     formatter = getattr(engine, "formatter", None)
     if isinstance(formatter, PrefixChatFormatter):
         injection = unescape(args.reverse_prompt[0]) if args.reverse_prompt else ""
@@ -332,6 +330,8 @@ def make_conversation(engine: Engine, args: argparse.Namespace) -> Conversation:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.system is not None and (args.file is not None or args.prompt is not None):
+        raise InvalidParameterError("--system and -f/-p both give the initial prompt; use one")
     params = sampling_params(args)
     prefix_mode = any(v is not None for v in (args.file, args.prompt, args.in_prefix, args.in_suffix))
     overrides: dict[str, object] = {}

@@ -370,3 +370,9 @@ def test_template_that_rewrites_the_answer_falls_back_to_a_full_tokenization(eng
         assert engine.detokenize(second.tokens) == engine.detokenize(engine.tokenize(expected_text))
         assert second.new_tokens == (len(second.tokens) if rebuilt else len(second.tokens) - len(first.tokens)
                                      - len(engine.tokenize("Hello there.", add_bos=False)))
+
+
+def test_system_and_initial_prompt_conflict_is_one_line():
+    out = run_cli("chat", "--system", "x", "-p", "y", input="")
+    assert out.returncode == 1
+    assert out.stderr.strip() == "edge-llm chat: error: --system and -f/-p both give the initial prompt; use one"
