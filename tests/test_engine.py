@@ -155,3 +155,8 @@ def test_repetition_penalty_changes_greedy_output(engine):
     penalized = complete(engine, "Count: 1, 2, 3,", max_tokens=20, ignore_eos=True, repetition_penalty=1.5,
                          **GREEDY)[0].text
     assert plain != penalized
+
+
+def test_embedding_an_empty_input_is_refused(engine):
+    with pytest.raises(InvalidParameterError, match="empty"):
+        engine.embed([""])

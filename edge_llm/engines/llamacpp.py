@@ -248,6 +248,8 @@ class LlamaCppEngine:
             try:
                 for text in texts:
                     tokens = self.tokenize(text)
+                    if not tokens:  # llama_decode aborts the process on an empty batch
+                        raise InvalidParameterError("cannot embed an empty input", param="input")
                     if len(tokens) > limit:
                         raise ContextLengthError(f"input of {len(tokens)} tokens exceeds the embedding context "
                                                  f"of {limit}", param="input")
