@@ -65,6 +65,7 @@ class LoadOptions:
     use_mlock: bool = False
     seed: int | None = None
     n_parallel: int = 4
+    max_queue: int = 64  # waiting requests beyond this are refused (HTTP 503)
     embedding: bool = False
     chat_format: str | None = None
     in_prefix: str | None = None

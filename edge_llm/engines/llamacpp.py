@@ -157,7 +157,7 @@ class LlamaCppEngine:
 
         from edge_llm.engines.scheduler import Scheduler
 
-        self.scheduler = Scheduler(self)
+        self.scheduler = Scheduler(self, max_waiting=options.max_queue)
 
     # -- vocabulary -----------------------------------------------------------------------------
 

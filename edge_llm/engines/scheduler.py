@@ -42,8 +42,6 @@ from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterEr
 from edge_llm.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from edge_llm.engines.llamacpp import LlamaCppEngine
 
 log = logging.getLogger(__name__)
@@ -98,17 +96,14 @@ class Request:
             self._queue.put(item)
 
     # caller side
-    def __iter__(self) -> Iterator[Delta]:
-        try:
-            while True:
-                item = self._queue.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.cancel()
+    def next_sync(self) -> Delta | None:
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # stay exhausted
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     async def next_async(self) -> Delta | None:
         item = await self._async_queue.get()
@@ -117,6 +112,33 @@ class Request:
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+class RequestStream:
+    """The caller's handle on a request: iterate for deltas; closing or dropping it cancels the
+    request (the scheduler holds the Request itself, so that alone would never be collected)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+    def __iter__(self) -> RequestStream:
+        return self
+
+    def __next__(self) -> Delta:
+        try:
+            delta = self.request.next_sync()
+        except BaseException:
+            self.close()
+            raise
+        if delta is None:
+            raise StopIteration
+        return delta
+
+    def close(self) -> None:
+        self.request.cancel()
+
+    def __del__(self) -> None:
+        self.request.cancel()
 
 
 @dataclass
@@ -199,14 +221,17 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise EdgeLLMError("the engine is closed")
-            if len(self._waiting) >= self.max_waiting:
+            # Requests that idle slots will take at the next step do not count as waiting.
+            idle = sum(1 for s in self.slots if s.idle)
+            waiting = sum(1 for r in self._waiting if not r.cancelled.is_set())
+            if waiting - idle >= self.max_waiting:
                 raise OverloadedError(f"the server is busy: {len(self._waiting)} requests are waiting; retry later")
             self._waiting.append(request)
             self._cond.notify()
         return request
 
-    def stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Delta]:
-        return iter(self.submit(tokens, params, bind_loop=False))
+    def stream(self, tokens: list[int], params: SamplingParams) -> RequestStream:
+        return RequestStream(self.submit(tokens, params, bind_loop=False))
 
     def close(self) -> None:
         with self._cond:
@@ -464,6 +489,12 @@ class Scheduler:
         slot.last_used = time.monotonic()
 
     def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [r for r in self._waiting if r.cancelled.is_set()]
+            for request in gone:
+                self._waiting.remove(request)
+        for request in gone:
+            request.put(_END)
         for slot in self.slots:
             if slot.choice is not None and slot.choice.request.cancelled.is_set():
                 # Tokens already evaluated stay cached: a retried request can reuse them.
