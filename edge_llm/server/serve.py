@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preload", action="store_true", help="load every model at start, not on first request")
     g.add_argument("--peer", action="append", default=[], metavar="MODEL=URL",
                    help="a model served by another edge-llm server, forwarded there (repeatable)")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot, per model, beyond which the server answers 503")
     g.add_argument("--max-body-size", default="8M", help="largest request body (default 8M)")
     add_model_flags(parser, parallel_default=4)
     return parser
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keys = api_keys(args)
     manager = ModelManager.from_refs(
-        model_refs(args), config=args.config, engine=args.engine, options=load_options(args),
+        model_refs(args), config=args.config, engine=args.engine, options=load_options(args, max_queue=args.max_queue),
         keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
         memory_budget=parse_size(args.memory_budget) if args.memory_budget else None)
     app = create_app(manager, api_keys=keys, max_body_bytes=parse_size(args.max_body_size), preload=args.preload)
