@@ -537,10 +537,22 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
             tokens = await asyncio.to_thread(engine.tokenize, text, special=True)
         items: list = tokens
         if body.with_pieces:
-            items = [{"id": t, "piece": engine.detokenize([t])} for t in tokens]
+            items = [{"id": t, "piece": token_piece(engine, t)} for t in tokens]
         return {"tokens": items, "count": len(tokens), "max_model_len": context_size(engine)}
     finally:
         held.release()
+
+
+def token_piece(engine: Engine, token: int) -> str | list[int]:
+    """The token's text, or its bytes when they are not whole UTF-8 (llama-server's convention)."""
+    piece = getattr(engine, "token_piece", None)
+    if piece is None:
+        return engine.detokenize([token])
+    data = piece(token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(data)
 
 
 @router.post("/detokenize", tags=["tokenizer"], response_model=DetokenizeResponse, responses=ERRORS)

@@ -197,8 +197,13 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int] = Field(description="the token's text, or its bytes when not whole UTF-8")
+
+
 class TokenizeResponse(BaseModel):
-    tokens: list[int] | list[dict[str, Any]]
+    tokens: list[int] | list[TokenPiece]
     count: int
     max_model_len: int
 
