@@ -486,7 +486,13 @@ def embedding_inputs(value: str | list[str] | list[int] | list[list[int]]) -> li
 
 def embed_all(engine: Engine, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
     texts = [i if isinstance(i, str) else engine.detokenize(i) for i in inputs]
-    n_tokens = sum(len(engine.tokenize(t)) for t in texts)
+    n_tokens = 0
+    for i, text in enumerate(texts):
+        count = len(engine.tokenize(text))
+        if count == 0:
+            # llama.cpp's embedding decode of zero tokens corrupts memory and aborts the process.
+            raise InvalidParameterError(f"input {i} has no tokens to embed", param="input")
+        n_tokens += count
     embed = getattr(engine, "embed", None)
     try:
         return embed(texts), n_tokens
