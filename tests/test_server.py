@@ -263,6 +263,10 @@ def test_vllm_generate_shape(http):
         raw = response.read()
     parts = [json.loads(p) for p in raw.split(b"\0") if p]
     assert len(parts) > 1 and parts[-1] == {"text": [body["text"][0]]}
+    # vLLM's documented `curl -d '{...}'` sends a form content type; the body is JSON all the same
+    form = http.post("/generate", content=json.dumps({"prompt": prompt, "max_tokens": 2}),
+                     headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 200 and form.json()["text"][0].startswith(prompt)
     refused = http.post("/generate", json={"prompt": prompt, "use_beam_search": True})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "use_beam_search"
 
