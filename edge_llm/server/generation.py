@@ -67,6 +67,7 @@ class Generation:
         self._observer = observer
         self._first: Delta | None = None
         self._exhausted = False
+        self._started = False  # admitted: only admitted requests count in /metrics
         self._closed = False
 
     async def start(self) -> None:
@@ -78,6 +79,7 @@ class Generation:
         except BaseException:
             await self.aclose()
             raise
+        self._started = True
 
     async def deltas(self) -> AsyncIterator[Delta]:
         try:
@@ -102,7 +104,8 @@ class Generation:
         if not self._closed:
             self._closed = True
             await self._source.aclose()
-            self._observer.finish()
+            if self._started:
+                self._observer.finish()
 
 
 async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
