@@ -24,6 +24,7 @@ from edge_llm.server.metrics import RequestObserver
 T = TypeVar("T")
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
+SEND_TIMEOUT_SECONDS = 120.0
 
 
 def context_size(engine: Engine) -> int:
@@ -171,7 +172,13 @@ class _CleansUp:
 
 
 class SSEResponse(_CleansUp, EventSourceResponse):
-    pass
+    """Server-sent events as OpenAI sends them ("data: ...\n\n"). A client that stops reading
+    without disconnecting is dropped after SEND_TIMEOUT_SECONDS, so it cannot hold a connection."""
+
+    def __init__(self, content, **kwargs) -> None:  # noqa: ANN001
+        kwargs.setdefault("sep", "\n")
+        kwargs.setdefault("send_timeout", SEND_TIMEOUT_SECONDS)
+        super().__init__(content, **kwargs)
 
 
 class StreamResponse(_CleansUp, StreamingResponse):

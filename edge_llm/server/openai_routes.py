@@ -22,7 +22,7 @@ from edge_llm.engines.base import Delta, Engine, TokenLogprob
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.sampling import SamplingParams
 from edge_llm.server import grammars
-from edge_llm.server.errors import edge_error_response, error_body
+from edge_llm.server.errors import error_body
 from edge_llm.server.forward import forward
 from edge_llm.server.generation import (
     Generation,
@@ -293,8 +293,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            response = SSEResponse(chat_events(generation, meta, params.n, plan.tools is not None, include_usage),
-                                   sep="\n")
+            response = SSEResponse(chat_events(generation, meta, params.n, plan.tools is not None, include_usage))
 
             async def cleanup() -> None:
                 await generation.aclose()
@@ -407,7 +406,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         top = body.logprobs or 0
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            response = SSEResponse(completion_events(generations, meta, body.n, echoes, top, include_usage), sep="\n")
+            response = SSEResponse(completion_events(generations, meta, body.n, echoes, top, include_usage))
 
             async def cleanup() -> None:
                 await close_all()
@@ -571,6 +570,3 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
         return {"content": text, "prompt": text}
     finally:
         held.release()
-
-
-__all__ = ["edge_error_response", "router"]
