@@ -1,0 +1,89 @@
+"""create_app(): the FastAPI application around a ModelManager.
+
+Middleware order (outermost first): API key, then the body size limit, so a client without the
+key is refused before its body is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI
+
+from edge_llm.server.auth import APIKeyMiddleware
+from edge_llm.server.errors import install_error_handlers
+from edge_llm.server.forward import peer_client
+from edge_llm.server.jsonio import AssumeJSONMiddleware, JSONResponse
+from edge_llm.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
+from edge_llm.server.metrics import ServerMetrics
+from edge_llm.server.models import ModelManager
+
+
+@dataclass
+class ServerState:
+    manager: ModelManager
+    metrics: ServerMetrics
+    peer_client: httpx.AsyncClient | None = None
+
+
+def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False) -> FastAPI:
+    from edge_llm.server import openai_routes, simple_routes
+
+    state = ServerState(manager, ServerMetrics(manager))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.peer_client = peer_client()
+        await manager.start(preload=preload)
+        try:
+            yield
+        finally:
+            await state.peer_client.aclose()
+            await manager.close()
+
+    app = FastAPI(title="edge-llm", version=_version(), lifespan=lifespan, default_response_class=JSONResponse,
+                  description="OpenAI-compatible API for local models, plus the simple JSON APIs of vLLM's "
+                              "api_server (/generate), mosec-style services (/inference) and the FastAPI "
+                              "chat demo (/).")
+    app.state.edge = state
+    install_error_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(simple_routes.router)
+    app.add_middleware(AssumeJSONMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    if api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=api_keys)
+    _document_400_not_422(app)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edge-llm")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """FastAPI documents validation errors as 422; this server answers them with 400 (as OpenAI
+    does), so the schema says so and schema-driven clients expect the right code."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+            schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

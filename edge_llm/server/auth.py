@@ -1,0 +1,61 @@
+"""API keys: `Authorization: Bearer KEY` on every route but /health (llama-server's rule).
+
+Keys are compared as SHA-256 digests with hmac.compare_digest, so neither the content nor the
+length of a guess changes the time a refusal takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edge_llm.errors import EdgeLLMError
+from edge_llm.server.errors import error_response
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+def read_api_keys(path: str) -> list[str]:
+    """One key per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise EdgeLLMError(f"cannot read API key file {path}: {exc.strerror}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise EdgeLLMError(f"API key file {path} has no key")
+    return keys
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self._digests = [_digest(k.encode("utf-8")) for k in keys]
+
+    def allowed(self, authorization: bytes) -> bool:
+        scheme, _, token = authorization.partition(b" ")
+        given = _digest(token.strip())
+        # Compare with every key (no early exit), so which key matched does not show in the timing.
+        matches = [hmac.compare_digest(given, d) for d in self._digests]
+        return scheme.lower() == b"bearer" and any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if self.allowed(authorization):
+            await self.app(scope, receive, send)
+            return
+        message = ("Incorrect API key provided" if authorization else
+                   "You didn't provide an API key: send the header 'Authorization: Bearer YOUR_KEY'")
+        response = error_response(401, message, type="invalid_request_error", code="invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)

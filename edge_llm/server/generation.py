@@ -1,0 +1,185 @@
+"""One engine request as the HTTP routes use it: prompt checks against the context, the first
+delta awaited before any byte is sent (so engine errors become proper status codes), metrics fed
+on the way, and cancellation when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from edge_llm.engines.base import Delta, Engine, merge_delta
+from edge_llm.errors import ContextLengthError, InvalidParameterError
+from edge_llm.sampling import SamplingParams
+from edge_llm.server.errors import ClientDisconnected
+from edge_llm.server.metrics import RequestObserver
+
+T = TypeVar("T")
+# How often a non-streaming request checks that its client is still there.
+DISCONNECT_POLL_SECONDS = 0.25
+SEND_TIMEOUT_SECONDS = 120.0
+
+
+def context_size(engine: Engine) -> int:
+    """Tokens one request may hold (prompt + output): one slot's share of the context."""
+    return int(getattr(engine, "n_ctx_seq", engine.n_ctx))
+
+
+def capped_max_tokens(engine: Engine, n_prompt: int, requested: int | None, *, param: str) -> int:
+    """The output budget: the request's max_tokens, never more than what the context has left.
+    A prompt that leaves no room is refused here, with OpenAI's error code."""
+    limit = context_size(engine)
+    if n_prompt >= limit:
+        raise ContextLengthError(f"This model's maximum context length is {limit} tokens. However, your "
+                                 f"{'messages' if param == 'messages' else 'prompt'} resulted in {n_prompt} "
+                                 "tokens. Please reduce the length.", param=param)
+    room = limit - n_prompt
+    if requested is None:
+        return room
+    if requested < 1:
+        raise InvalidParameterError(f"max_tokens must be at least 1 (got {requested})", param="max_tokens")
+    return min(requested, room)
+
+
+def tokenize_prompt(engine: Engine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return engine.tokenize(prompt)
+    check = getattr(engine, "check_token_ids", None)
+    if check is not None:
+        check(prompt)
+    return list(prompt)
+
+
+class Generation:
+    """Deltas of one engine request; closing it (or the client leaving) cancels the request."""
+
+    def __init__(self, engine: Engine, tokens: list[int], params: SamplingParams,
+                 observer: RequestObserver) -> None:
+        self.params = params
+        self.n_prompt = len(tokens)
+        self._source = engine.generate(tokens, params)
+        self._observer = observer
+        self._first: Delta | None = None
+        self._exhausted = False
+        self._started = False  # admitted: only admitted requests count in /metrics
+        self._closed = False
+
+    async def start(self) -> None:
+        """Submit and wait for the first delta; queueing and prompt errors are raised here."""
+        try:
+            self._first = await self._source.__anext__()
+        except StopAsyncIteration:
+            self._exhausted = True
+        except BaseException:
+            await self.aclose()
+            raise
+        self._started = True
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                self._observer.see(first)
+                yield first
+            if not self._exhausted:
+                async for delta in self._source:
+                    self._observer.see(delta)
+                    yield delta
+        finally:
+            await self.aclose()
+
+    async def collect(self) -> list[Delta]:
+        choices = [Delta(index=i) for i in range(self.params.n)]
+        async for delta in self.deltas():
+            merge_delta(choices, delta)
+        return choices
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._source.aclose()
+            if self._started:
+                self._observer.finish()
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await, but give up (cancelling the work) as soon as the client disconnects."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def merged(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of several generations as they come, tagged with the generation's position."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[Delta]) -> None:
+        try:
+            async for delta in stream:
+                await queue.put((i, delta))
+        except Exception as exc:
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _CleansUp:
+    """Runs `cleanup` once the streamed response is over, however it ends (done, client gone,
+    server shutting down), even if its body generator never started."""
+
+    cleanup: Callable[[], Awaitable[None]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)  # type: ignore[misc]
+        finally:
+            if self.cleanup is not None:
+                await self.cleanup()
+
+
+class SSEResponse(_CleansUp, EventSourceResponse):
+    """Server-sent events as OpenAI sends them ("data: ...\n\n"). A client that stops reading
+    without disconnecting is dropped after SEND_TIMEOUT_SECONDS, so it cannot hold a connection."""
+
+    def __init__(self, content, **kwargs) -> None:  # noqa: ANN001
+        kwargs.setdefault("sep", "\n")
+        kwargs.setdefault("send_timeout", SEND_TIMEOUT_SECONDS)
+        super().__init__(content, **kwargs)
+
+
+class StreamResponse(_CleansUp, StreamingResponse):
+    pass

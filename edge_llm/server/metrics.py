@@ -1,0 +1,128 @@
+"""/metrics in Prometheus' text format, named like vLLM's (`vllm:` becomes `edge_llm:`), one
+series per served model (label `model_name`), so a vLLM dashboard works with a prefix change.
+
+Counters live in the server, not in the engines, so they keep counting across a model's unload
+and reload; the running/waiting gauges are read from the loaded engines' schedulers at scrape time.
+Each app has its own CollectorRegistry, so two servers in one process (tests) do not mix counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from edge_llm.engines.base import Delta
+    from edge_llm.server.models import ModelManager
+
+PREFIX = "edge_llm:"
+# vLLM's buckets, trimmed: a laptop CPU is slower than a GPU, so the long tail matters more.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+LABEL = ["model_name"]
+
+
+class ServerMetrics:
+    def __init__(self, manager: ModelManager) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests", LABEL,
+                                     registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens", LABEL, registry=r)
+        self.prefix_cache_queries = Counter(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the "
+                                            "prefix cache", LABEL, registry=r)
+        self.prefix_cache_hits = Counter(PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                         LABEL, registry=r)
+        self.prefix_cache_hit_requests = Counter(PREFIX + "prefix_cache_hit_requests", "Requests that reused "
+                                                 "a cached prompt prefix", LABEL, registry=r)
+        self.request_success = Counter(PREFIX + "request_success", "Finished requests by finish reason",
+                                       [*LABEL, "finished_reason"], registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from request to first token",
+                              LABEL, buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Time between two generated tokens",
+                              LABEL, buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from request to last token",
+                             LABEL, buckets=E2E_BUCKETS, registry=r)
+        r.register(_EngineStateCollector(manager))
+
+    def observer(self, model: str) -> RequestObserver:
+        return RequestObserver(self, model)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestObserver:
+    """Timing and token counts of one request, fed delta by delta."""
+
+    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+        self.metrics = metrics
+        self.model = model
+        self.start = time.perf_counter()
+        self._last_token: dict[int, float] = {}
+        self._reasons: list[str] = []
+        self._first = True
+        self._done = False
+
+    def see(self, delta: Delta) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        if delta.token_ids:
+            if self._first:
+                self._first = False
+                m.ttft.labels(self.model).observe(now - self.start)
+            elif delta.index in self._last_token:
+                m.tpot.labels(self.model).observe(now - self._last_token[delta.index])
+            self._last_token[delta.index] = now
+        if delta.finish_reason is not None:
+            self._reasons.append(delta.finish_reason)
+            usage = delta.usage
+            if usage is not None:
+                m.generation_tokens.labels(self.model).inc(usage.completion_tokens)
+                if len(self._reasons) == 1:  # the n choices share one prompt
+                    m.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
+                    m.prefix_cache_queries.labels(self.model).inc(usage.prompt_tokens)
+                    m.prefix_cache_hits.labels(self.model).inc(usage.cached_tokens)
+                    if usage.cached_tokens:
+                        m.prefix_cache_hit_requests.labels(self.model).inc()
+
+    def finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        reason = self._reasons[0] if self._reasons else "cancelled"
+        if "cancelled" in self._reasons:
+            reason = "cancelled"
+        self.metrics.request_success.labels(self.model, reason).inc()
+        self.metrics.e2e.labels(self.model).observe(time.perf_counter() - self.start)
+
+
+class _EngineStateCollector:
+    """Gauges read at scrape time from whatever is loaded now."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests decoding in a slot", labels=LABEL)
+        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests queued for a slot", labels=LABEL)
+        loaded = GaugeMetricFamily(PREFIX + "model_loaded", "1 if the model is in memory", labels=LABEL)
+        slots = GaugeMetricFamily(PREFIX + "num_slots", "Parallel sequences (-np) of a loaded model", labels=LABEL)
+        engines = self.manager.loaded()
+        for name in self.manager.models:
+            engine = engines.get(name)
+            scheduler = getattr(engine, "scheduler", None)
+            loaded.add_metric([name], 1.0 if engine is not None else 0.0)
+            running.add_metric([name], float(scheduler.running) if scheduler is not None else 0.0)
+            waiting.add_metric([name], float(scheduler.waiting) if scheduler is not None else 0.0)
+            if engine is not None:
+                slots.add_metric([name], float(getattr(engine, "n_parallel", 1)))
+        yield from (running, waiting, loaded, slots)

@@ -1,0 +1,201 @@
+"""Which models a server answers for, and which of them are in memory.
+
+- Only the models the server was started with can be named by a request (by served name, never
+  by path): an unknown name is a 404, whatever it looks like.
+- Models load on their first request (`--preload` loads them at start), and unload after
+  `keep_alive` seconds without requests (negative: never).
+- A memory budget bounds the models kept at once. A model's cost is the size of its weights
+  file(s), which dominates at laptop context sizes; before a load that would exceed the budget,
+  the least recently used idle models are unloaded. If busy models hold the memory, the request
+  gets a 503 with Retry-After.
+- Peers: models served by other edge-llm servers. Requests for them are forwarded (forward.py),
+  so one front address reaches every model of a multi-server deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_llm.engines.base import Engine, LoadOptions, load_engine
+from edge_llm.errors import EdgeLLMError, ModelLoadError, ModelNotFoundError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    name: str
+    ref: str  # what the loader resolves: a registry name, a path or a hub reference (operator-given)
+    size_bytes: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+    engine: Engine | None = None
+    active: int = 0  # requests holding a lease on the engine
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class Lease:
+    """A request's hold on a loaded engine: the engine is not unloaded while a lease is open."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+        self.engine: Engine = model.engine  # type: ignore[assignment]
+        self._open = True
+        model.active += 1
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            self.model.active -= 1
+            self.model.last_used = time.monotonic()
+
+
+class ModelManager:
+    def __init__(self, models: dict[str, str], *, loader: Callable[[str], Engine] | None = None,
+                 engine: str = "llama.cpp", options: LoadOptions | None = None, config: str | None = None,
+                 keep_alive: float = 300.0, memory_budget: int | None = None, max_loaded: int | None = None,
+                 peers: dict[str, str] | None = None, sizes: dict[str, int] | None = None) -> None:
+        self.peers = dict(peers or {})
+        clash = set(models) & set(self.peers)
+        if clash:
+            raise EdgeLLMError(f"served both here and by a peer: {', '.join(sorted(clash))}")
+        if not models and not self.peers:
+            raise EdgeLLMError("no models to serve")
+        sizes = sizes or {}
+        self.models = {name: ServedModel(name, ref, sizes.get(name, 0)) for name, ref in models.items()}
+        self.keep_alive = keep_alive
+        self.memory_budget = memory_budget
+        self.max_loaded = max_loaded
+        options = options or LoadOptions()
+        self._loader = loader or (lambda ref: load_engine(ref, engine=engine, options=options, config=config))
+        self._load_lock: asyncio.Lock | None = None
+        self._reaper: asyncio.Task | None = None
+
+    @classmethod
+    def from_refs(cls, refs: list[str], *, config: str | None = None, **kwargs: object) -> ModelManager:
+        """Serve model references as given on the command line: each is resolved now, so a model
+        that is not on disk fails at start, and is served under its registry name or file stem."""
+        from edge_llm.registry import load_registry, resolve
+
+        registry = load_registry(config)
+        models, sizes = {}, {}
+        for ref in refs:
+            resolved = resolve(ref, registry)
+            if resolved.name in models:
+                raise EdgeLLMError(f"two models would be served as {resolved.name!r}")
+            models[resolved.name] = ref
+            sizes[resolved.name] = _weights_size(resolved.path)
+        return cls(models, config=config, sizes=sizes, **kwargs)  # type: ignore[arg-type]
+
+    # -- names ----------------------------------------------------------------------------------
+
+    @property
+    def default_name(self) -> str:
+        return next(iter(self.models)) if self.models else next(iter(self.peers))
+
+    def resolve_name(self, name: str | None) -> str:
+        """The served name a request means: its `model`, or the first model when it names none."""
+        if name is None or name == "":
+            return self.default_name
+        if name in self.models or name in self.peers:
+            return name
+        raise ModelNotFoundError(f"the model {name!r} does not exist on this server; "
+                                 f"served: {', '.join([*self.models, *self.peers])}", param="model")
+
+    def peer_url(self, name: str) -> str | None:
+        return self.peers.get(name)
+
+    def loaded(self) -> dict[str, Engine]:
+        return {m.name: m.engine for m in self.models.values() if m.engine is not None}
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def acquire(self, name: str) -> Lease:
+        """The named local model's engine, loading it first if needed; release the lease when done."""
+        model = self.models[name]
+        if model.engine is None:
+            if self._load_lock is None:
+                self._load_lock = asyncio.Lock()
+            async with self._load_lock:
+                if model.engine is None:
+                    await self._make_room(model)
+                    model.engine = await asyncio.to_thread(self._load, model)
+        model.last_used = time.monotonic()
+        return Lease(model)
+
+    def _load(self, model: ServedModel) -> Engine:
+        log.info("loading model %s (%s)", model.name, model.ref)
+        from edge_llm.server.engine_fixes import accept_each_token_once
+
+        try:
+            return accept_each_token_once(self._loader(model.ref))
+        except EdgeLLMError:
+            raise
+        except Exception as exc:  # a loader bug must not look like a bad request
+            raise ModelLoadError(f"could not load {model.name!r}: {exc}") from None
+
+    async def _make_room(self, model: ServedModel) -> None:
+        def over() -> bool:
+            loaded = [m for m in self.models.values() if m.engine is not None]
+            if self.max_loaded is not None and len(loaded) + 1 > self.max_loaded:
+                return True
+            if self.memory_budget is not None:
+                return sum(m.size_bytes for m in loaded) + model.size_bytes > self.memory_budget
+            return False
+
+        if self.memory_budget is not None and model.size_bytes > self.memory_budget:
+            raise ModelLoadError(f"the model {model.name!r} needs {model.size_bytes / 2**20:.0f} MiB, more than "
+                                 f"the whole memory budget of {self.memory_budget / 2**20:.0f} MiB")
+        while over():
+            idle = [m for m in self.models.values() if m.engine is not None and m.active == 0]
+            if not idle:
+                raise OverloadedError(f"cannot load {model.name!r} now: the models in memory are busy; retry later")
+            await self._unload(min(idle, key=lambda m: m.last_used))
+
+    async def _unload(self, model: ServedModel) -> None:
+        engine, model.engine = model.engine, None
+        if engine is not None:
+            log.info("unloading model %s", model.name)
+            await asyncio.to_thread(engine.close)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, *, preload: bool = False) -> None:
+        if preload:
+            for name in self.models:
+                (await self.acquire(name)).release()
+        if self.keep_alive >= 0 and self.models:
+            self._reaper = asyncio.create_task(self._unload_idle_forever())
+
+    async def _unload_idle_forever(self) -> None:
+        tick = max(0.25, min(5.0, self.keep_alive / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for model in self.models.values():
+                if model.engine is not None and model.active == 0 and now - model.last_used >= self.keep_alive:
+                    await self._unload(model)
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except asyncio.CancelledError:
+                pass
+        for model in self.models.values():
+            await self._unload(model)
+
+
+def _weights_size(path: Path) -> int:
+    if path.is_file():
+        # A sharded GGUF names its first shard; its siblings are part of the same model.
+        if "-00001-of-" in path.name:
+            stem = path.name.split("-00001-of-")[0]
+            return sum(p.stat().st_size for p in path.parent.glob(f"{stem}-*-of-*.gguf"))
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

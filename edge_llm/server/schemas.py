@@ -1,0 +1,302 @@
+"""Request and response bodies. They are the OpenAPI schema (/openapi.json) and the first line of
+validation: a body that does not fit gets a 400 naming the field before any model is touched.
+
+Field names and meanings follow OpenAI's API, with vLLM's extra sampling fields (top_k, min_p,
+repetition_penalty, ignore_eos, stop_token_ids, include_stop_str_in_output). Fields a client may
+send that edge-llm does not act on are ignored, as OpenAI and vLLM do for unknown fields, except
+where ignoring would change the answer silently (logit_bias, suffix, dimensions, beam search):
+those are refused with a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Ranges checked here are the ones OpenAI documents; the finer ones (temperature, top_p ...) are
+# checked once, by SamplingParams, so the HTTP and Python APIs refuse the same values.
+MAX_BATCH = 32  # prompts in one /v1/completions request, or inputs in one /v1/embeddings request
+MAX_EMBEDDING_INPUTS = 256
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+Stop = str | list[str] | None
+# The ranges SamplingParams enforces, stated in the schema too, so clients (and schema-driven
+# fuzzers) know them; SamplingParams still checks the combinations.
+Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+MaxTokens = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingFields(_Body):
+    """Sampling fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str | None = Field(None, description="a served model's name; default: the first one")
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = Field(None, description="-1 disables; vLLM extension")
+    min_p: MinP | None = Field(None, description="vLLM extension")
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = Field(None, description="vLLM extension; 1.0 is off")
+    stop: Stop = None
+    stop_token_ids: list[TokenId] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: MaxTokens | None = Field(None, description="capped by the model's context")
+    seed: Seed | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: a non-empty map is refused")
+    user: str | None = None
+
+
+# -- chat -----------------------------------------------------------------------------------------
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: MaxTokens | None = Field(None, description="OpenAI's newer name for max_tokens")
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    best_of: int | None = Field(None, description="only best_of == n is supported")
+    suffix: str | None = Field(None, description="not supported (no fill-in-the-middle)")
+    response_format: ResponseFormat | None = None
+
+
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="not supported: the model's own size is returned")
+    user: str | None = None
+
+
+class TokenizeRequest(_Body):
+    """llama-server's body ({"content"}) and vLLM's ({"prompt"}) both work."""
+
+    model: str | None = None
+    content: str | None = None
+    prompt: str | None = None
+    add_special: bool = Field(False, description="add the model's BOS token if it uses one")
+    add_special_tokens: bool | None = Field(None, description="vLLM's name for add_special")
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "edge-llm"
+    loaded: bool = False
+    peer: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int] = Field(description="the token's text, or its bytes when not whole UTF-8")
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    content: str
+    prompt: str = Field(description="the same text, under vLLM's name")
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: UsageInfo
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+# -- the simple APIs of existing deployments ---------------------------------------------------------
+
+
+class VLLMGenerateRequest(_Body):
+    """vLLM's legacy api_server body; its defaults are vLLM's SamplingParams defaults."""
+
+    prompt: str
+    model: str | None = None
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    max_tokens: MaxTokens | None = 16
+    stop: Stop = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    seed: Seed | None = None
+    use_beam_search: bool = Field(False, description="beam search is not supported: true is refused")
+    stream: bool = False
+
+
+class VLLMGenerateResponse(BaseModel):
+    text: list[str] = Field(description="prompt + completion, one per choice")
+
+
+class InferenceRequest(_Body):
+    """A mosec-style model service: the prompt is continued as plain text (no chat template)."""
+
+    prompt: str
+    model: str | None = None
+    max_tokens: MaxTokens | None = 256
+    temperature: Temperature | None = None
+
+
+class InferenceResponse(BaseModel):
+    generated: str = Field(description="the completion, without the prompt")
+
+
+class DemoChatRequest(_Body):
+    """The common FastAPI chat demo (ChatGLM's api.py): one user turn plus [[query, response], ...]."""
+
+    prompt: str
+    history: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []
+    model: str | None = None
+    max_length: MaxTokens | None = Field(None, description="prompt + response tokens at most")
+    top_p: TopP | None = None
+    temperature: Temperature | None = None
+
+
+class DemoChatResponse(BaseModel):
+    response: str
+    history: list[list[str]]
+    status: int = 200
+    time: str = Field(description="local time, %Y-%m-%d %H:%M:%S")
+

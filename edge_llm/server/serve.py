@@ -1,0 +1,121 @@
+"""`edge-llm serve`: the OpenAI-compatible server (llama-server's flags where they exist).
+
+    edge-llm serve                                   # the demo model on http://127.0.0.1:8080
+    edge-llm serve qwen2-7b llama3-8b --keep-alive 600 --memory-budget 12G
+    edge-llm serve --config models.toml -np 8 --api-key-file keys.txt --host 0.0.0.0
+    edge-llm serve qwen2-7b --peer llama3-8b=http://10.0.0.2:8080   # forwards llama3-8b requests
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+
+from edge_llm.errors import EdgeLLMError
+from edge_llm.options import add_model_flags, load_options
+
+API_KEY_ENV = "EDGE_LLM_API_KEY"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'8G', '512MiB', '1.5g', '1000000' -> bytes (K/M/G/T are powers of 1024, as in llama.cpp)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise EdgeLLMError(f"not a size: {text!r} (examples: 8G, 512M, 1048576)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def parse_peers(values: list[str]) -> dict[str, str]:
+    peers = {}
+    for value in values:
+        name, sep, url = value.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise EdgeLLMError(f"--peer {value!r}: expected MODEL=http://HOST:PORT")
+        peers[name] = url.rstrip("/")
+    return peers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-llm serve", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help="models to serve (registry names, .gguf paths, hub references); default: every "
+                             "model of --config, or the demo model")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8080)
+    keys = g.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
+    keys.add_argument("--api-key-file", default=None, help="file with one accepted key per line")
+    g.add_argument("--keep-alive", type=float, default=300.0,
+                   help="seconds an idle model stays loaded (default 300; negative: forever)")
+    g.add_argument("--memory-budget", default=None,
+                   help="most weights to keep loaded at once, e.g. 8G; least recently used idle models unload")
+    g.add_argument("--max-models", type=int, default=None, help="most models loaded at once")
+    g.add_argument("--preload", action="store_true", help="load every model at start, not on first request")
+    g.add_argument("--peer", action="append", default=[], metavar="MODEL=URL",
+                   help="a model served by another edge-llm server, forwarded there (repeatable)")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot, per model, beyond which the server answers 503")
+    g.add_argument("--max-body-size", default="8M", help="largest request body (default 8M)")
+    add_model_flags(parser, parallel_default=4)
+    return parser
+
+
+def model_refs(args: argparse.Namespace) -> list[str]:
+    refs = list(args.models) + ([args.model] if args.model else [])
+    if refs:
+        return refs
+    if args.config:
+        from pathlib import Path
+
+        from edge_llm.registry import _read_registry_file
+
+        return list(_read_registry_file(Path(args.config)))
+    return [] if args.peer else ["smollm2-135m"]
+
+
+def api_keys(args: argparse.Namespace) -> list[str] | None:
+    if args.api_key_file:
+        from edge_llm.server.auth import read_api_keys
+
+        return read_api_keys(args.api_key_file)
+    key = args.api_key or os.environ.get(API_KEY_ENV)
+    return [key] if key else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    from edge_llm.server.app import create_app
+    from edge_llm.server.models import ModelManager
+
+    keys = api_keys(args)
+    manager = ModelManager.from_refs(
+        model_refs(args), config=args.config, engine=args.engine, options=load_options(args, max_queue=args.max_queue),
+        keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
+        memory_budget=parse_size(args.memory_budget) if args.memory_budget else None)
+    app = create_app(manager, api_keys=keys, max_body_bytes=parse_size(args.max_body_size), preload=args.preload)
+    if not keys and not _is_loopback(args.host):
+        print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
+    served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])
+    print(f"edge-llm serve: http://{args.host}:{args.port}  models: {served}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
