@@ -81,7 +81,18 @@ async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: 
 
 
 async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
-    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="none", timeout=600)
+    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="none", timeout=600) as client:
+        return await _load(client, concurrency, requests, max_tokens)
+
+
+async def warm_up(base_url: str) -> None:
+    """One short request, so lazy model loading and first-call costs stay out of the figures."""
+    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="none", timeout=600) as client:
+        model = (await client.models.list()).data[0].id
+        await one_request(client, model, "Hello", 4)
+
+
+async def _load(client: AsyncOpenAI, concurrency: int, requests: int, max_tokens: int) -> dict:
     model = (await client.models.list()).data[0].id
 
     async def user(u: int) -> list[Result]:
@@ -103,10 +114,14 @@ async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) 
 
 async def conversations(base_url: str, n: int = 5) -> dict:
     """Second-turn time to first token vs first turn, n conversations interleaved."""
-    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="none", timeout=600)
+    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="none", timeout=600) as client:
+        return await _conversations(client, n)
+
+
+async def _conversations(client: AsyncOpenAI, n: int) -> dict:
     model = (await client.models.list()).data[0].id
     document = " ".join(f"Paragraph {i}: the committee met again and discussed {TOPICS[i % len(TOPICS)]}, "
-                        "its history, its costs and the many opinions of its members." for i in range(30))
+                        "its history, its costs and the many opinions of its members." for i in range(20))
 
     async def turn(messages: list[dict]) -> tuple[float, str]:
         start = time.perf_counter()
@@ -154,6 +169,8 @@ def main() -> None:
                    "--interrupt_requests", "False", "--verbose", "False"], llama_port, "/v1/models")
     rows = []
     try:
+        for port in (edge_port, llama_port):
+            asyncio.run(warm_up(f"http://127.0.0.1:{port}"))
         for c in levels:
             for name, port in (("edge-llm", edge_port), ("llama-cpp-python server", llama_port)):
                 row = asyncio.run(load(f"http://127.0.0.1:{port}", c, args.requests, args.max_tokens))
