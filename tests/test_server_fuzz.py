@@ -28,7 +28,7 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(demo_path, tmp_path):
             schema["components"]["schemas"]["ChatCompletionRequest"]["properties"])
         run = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
-             "--max-examples", "8", "--workers", "1", "--max-time", "150", "--request-timeout", "60",
+             "--max-examples", "8", "--workers", "1", "--max-time", "100", "--request-timeout", "60",
              "--seed", "1", "--no-color", "--generation-database", "none"],
             capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
