@@ -88,9 +88,6 @@ class TransformersEngine(HFVocabulary):
             torch.set_num_threads(options.n_threads)
 
         ngl = options.n_gpu_layers if options.n_gpu_layers is not None else (model.spec.n_gpu_layers or 0)
-        self.device = _pick_device(torch, ngl)
-        dtype = _pick_dtype(torch, options.dtype, self.device)
-        attn = {"on": "flash_attention_2", "off": "eager"}.get(options.flash_attn or "auto", "sdpa")
         try:
             config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         except (ValueError, OSError, KeyError) as exc:
@@ -99,6 +96,10 @@ class TransformersEngine(HFVocabulary):
         if 0 < ngl < n_layers:
             raise InvalidParameterError(f"-ngl {ngl}: the transformers engine puts all {n_layers} layers on one "
                                         "device; use -ngl -1 (GPU) or -ngl 0 (CPU)", param="n_gpu_layers")
+        self.device = _pick_device(torch, ngl)
+        dtype = _pick_dtype(torch, options.dtype, self.device)
+        # -fa on asks for real flash attention (the flash-attn package, CUDA); auto is PyTorch's SDPA.
+        attn = {"on": "flash_attention_2", "off": "eager"}.get(options.flash_attn or "auto", "sdpa")
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False,
                                                                         local_files_only=True)
