@@ -141,3 +141,24 @@ def test_gpu_engine_logprobs_and_cancel(gpu_engine):
 
     got, again = asyncio.run(run())
     assert len(got) == 2 and again[0].finish_reason is not None
+
+
+def test_gpu_engine_grammar_or_clear_refusal(gpu_engine):
+    from edge_llm.errors import InvalidParameterError
+
+    grammar = 'root ::= "The answer is " ("yes" | "no") "."'
+    if gpu_engine.name == "lmdeploy":
+        with pytest.raises(InvalidParameterError, match="grammar"):
+            complete(gpu_engine, "Is the sky blue?", max_tokens=16, grammar=grammar)
+        return
+    for seed in (1, 2):
+        out = complete(gpu_engine, "Is the sky blue?", max_tokens=16, temperature=1.0, seed=seed, grammar=grammar)[0]
+        assert out.text in ("The answer is yes.", "The answer is no."), out.text
+        assert out.finish_reason == "stop"
+
+
+def test_gpu_engine_refuses_embeddings(gpu_engine):
+    from edge_llm.errors import EdgeLLMError
+
+    with pytest.raises(EdgeLLMError, match="embeddings"):
+        gpu_engine.embed(["hello"])

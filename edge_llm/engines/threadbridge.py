@@ -134,7 +134,20 @@ class LoopThread:
                 self.run(shutdown(), timeout=60)
             except Exception:  # best effort: the process may be exiting anyway
                 pass
+        try:
+            self.run(_cancel_pending(), timeout=30)
+        except Exception:
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_pending() -> None:
+    """Cancel the engine's background tasks (output handlers) so the loop stops cleanly."""
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
