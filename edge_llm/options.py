@@ -2,7 +2,7 @@
 
 Model loading: -m -c -t -tb -b -ngl -sm -ts -mg -fa -ctk -ctv -np --mlock --no-mmap --seed -v,
                and for the GPU engines --tp --pp --gpu-memory-utilization --max-model-len
-               --quantization --dtype --distributed-executor-backend.
+               --quantization --dtype --distributed-executor-backend --engine-arg.
 Sampling:      -n --temp --top-k --top-p --min-p --repeat-penalty --repeat-last-n
                --presence-penalty --frequency-penalty --stop --ignore-eos.
 """
@@ -57,7 +57,23 @@ def add_model_flags(parser: argparse.ArgumentParser, *, parallel_default: int = 
     h.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32")
     h.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
                    help="vLLM: ray to run --tp/--pp over several nodes")
+    h.add_argument("--engine-arg", dest="engine_args", action="append", type=_engine_arg, default=None,
+                   metavar="KEY=VALUE", help="passed to the engine as is, e.g. enforce_eager=true (vLLM), "
+                   "backend=pytorch (LMDeploy); repeatable")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log")
+
+
+def _engine_arg(text: str) -> tuple[str, object]:
+    """KEY=VALUE; the value is read as JSON where it is JSON (true, 0.9, 4), else kept as text."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (got {text!r})")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except ValueError:
+        return key.replace("-", "_"), value
 
 
 def _shares(text: str) -> tuple[float, ...]:
@@ -90,6 +106,7 @@ def load_options(args: argparse.Namespace, **overrides: object) -> LoadOptions:
         "cache_type_v", "n_parallel", "use_mmap", "verbose", "chat_format", "split_mode", "tensor_split",
         "main_gpu", "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "quantization",
         "dtype", "distributed_executor_backend") if hasattr(args, name)}
+    values["extra"] = dict(getattr(args, "engine_args", None) or [])
     values["use_mlock"] = getattr(args, "mlock", False)
     values["seed"] = getattr(args, "seed", None)
     values.update(overrides)

@@ -25,7 +25,10 @@ def test_cli_flags_reach_load_options():
     assert (options.main_gpu, options.tensor_parallel_size, options.pipeline_parallel_size) == (1, 2, 2)
     assert (options.gpu_memory_utilization, options.n_ctx, options.quantization, options.dtype) == (0.8, 8192, "awq",
                                                                                                     "float16")
-    assert options.distributed_executor_backend == "ray"
+    assert options.distributed_executor_backend == "ray" and options.extra == {}
+    extra = load_options(parser.parse_args(["--engine-arg", "enforce_eager=true", "--engine-arg", "backend=pytorch",
+                                            "--engine-arg", "max-num-seqs=8"])).extra
+    assert extra == {"enforce_eager": True, "backend": "pytorch", "max_num_seqs": 8}
     with pytest.raises(SystemExit):
         parser.parse_args(["-ts", "3,x"])
 

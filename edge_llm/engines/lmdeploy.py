@@ -3,7 +3,7 @@
 TurboMind brings W4A16 (AWQ 4-bit weights, `--quantization awq` on a checkpoint made with
 `lmdeploy lite auto_awq`), an int8 / int4 KV cache (`-ctk q8_0 -ctv q8_0` -> quant_policy 8,
 `q4_0` -> 4) and tensor parallelism (`--tp`). Pick the PyTorch engine with
-`LoadOptions.extra = {"backend": "pytorch"}`.
+`--engine-arg backend=pytorch`.
 
 LMDeploy has no `n > 1` and matches stop words only when they are single tokens, so edge-llm
 runs n sessions (seeds seed, seed+1, ...) and finds stop strings itself with the shared
