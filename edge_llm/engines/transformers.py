@@ -195,13 +195,11 @@ class TransformersEngine(HFVocabulary):
         sampler = TokenSampler(params, tokens, eog_ids=self.eog_ids, seed=seed, n_ctx=self.n_ctx)
         text = TextAssembler(params.stop, params.include_stop_str_in_output)
         while not cancel.is_set():
-            logprobs = None
-            if params.logprobs is not None:
-                logprobs = [self._token_logprob(log_softmax(logits), params.logprobs)]
             token = sampler.sample(logits)
             sampler.accept(token)
-            if logprobs is not None:
-                logprobs[0] = self._fill_token(logprobs[0], token)
+            logprobs = None
+            if params.logprobs is not None:  # of the model's own distribution, as llama.cpp reports
+                logprobs = [self._token_logprob(log_softmax(logits), token, params.logprobs)]
             finish = None
             piece = ""
             if token in self.eog_ids and not params.ignore_eos:
@@ -227,15 +225,11 @@ class TransformersEngine(HFVocabulary):
                              use_cache=True)
             cache, logits = out.past_key_values, out.logits[0, -1]
 
-    def _token_logprob(self, logprobs: Any, top_n: int) -> tuple[Any, list[tuple[str, float]]]:
+    def _token_logprob(self, logprobs: Any, token: int, top_n: int) -> TokenLogprob:
         top = []
         if top_n:
             values, ids = self._torch.topk(logprobs, top_n)
             top = [(self.token_text(int(t)), float(v)) for v, t in zip(values, ids, strict=True)]
-        return logprobs, top
-
-    def _fill_token(self, pending: tuple[Any, list[tuple[str, float]]], token: int) -> TokenLogprob:
-        logprobs, top = pending
         return TokenLogprob(token, self.token_text(token), float(logprobs[token]), top)
 
     # -- embeddings -----------------------------------------------------------------------------
