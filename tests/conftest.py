@@ -51,3 +51,34 @@ def smollm2_hf_dir(demo_path, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_engine(smollm2_hf_dir):
+    """The transformers engine on the rebuilt SmolLM2 checkpoint (float32, CPU), with a context of
+    1024 tokens: the size of one llama.cpp slot in the `engine` fixture, so limits match."""
+    pytest.importorskip("transformers", reason="the transformers engine needs the `hf` extra")
+    from edge_llm.generate import load
+
+    eng = load(str(smollm2_hf_dir), engine="transformers", n_ctx=1024)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(smollm2_hf_dir, tmp_path_factory) -> Path:
+    """A tiny random-weight Llama (2 layers, hidden 64) with the SmolLM2 tokenizer: fast engine tests."""
+    import torch
+    import transformers
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from edge_llm.errors import EdgeLLMError, MissingExtraError
 from edge_llm.sampling import SamplingParams
@@ -70,6 +70,21 @@ class LoadOptions:
     in_prefix: str | None = None
     in_suffix: str | None = None
     verbose: bool = False
+    # Several GPUs with llama.cpp: how layers are spread (none | layer | row), the share of each
+    # GPU (e.g. (3, 1)), and the GPU that holds the small tensors (and everything with "none").
+    split_mode: Literal["none", "layer", "row"] = "layer"
+    tensor_split: tuple[float, ...] | None = None
+    main_gpu: int = 0
+    # The heavier engines (transformers, vLLM, LMDeploy), with vLLM's names.
+    dtype: str | None = None  # auto | float16 | bfloat16 | float32
+    tensor_parallel_size: int = 1  # --tp
+    pipeline_parallel_size: int = 1  # --pp (vLLM, across nodes with Ray)
+    gpu_memory_utilization: float | None = None
+    quantization: str | None = None  # vLLM: awq, gptq, fp8 ...; LMDeploy: awq (W4A16)
+    distributed_executor_backend: str | None = None  # vLLM: mp | ray
+    # Engine-specific keywords passed through as they are: vLLM's AsyncEngineArgs (e.g.
+    # enforce_eager), LMDeploy's engine config (backend = turbomind | pytorch, ...).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -37,6 +37,11 @@ FLASH_ATTN = {
     "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
     "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
 }
+SPLIT_MODES = {
+    "none": llama_cpp.LLAMA_SPLIT_MODE_NONE,
+    "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+    "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
+}
 DEFAULT_N_CTX = 4096
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -89,6 +94,12 @@ class LlamaCppEngine:
         model_params = llama_cpp.llama_model_default_params()
         ngl = options.n_gpu_layers if options.n_gpu_layers is not None else (spec.n_gpu_layers or 0)
         model_params.n_gpu_layers = 0x7FFFFFFF if ngl < 0 else ngl
+        model_params.split_mode = SPLIT_MODES[options.split_mode]
+        model_params.main_gpu = options.main_gpu
+        if options.tensor_split:
+            # llama.cpp reads the array during the load: keep it alive as long as the engine.
+            self._tensor_split = _tensor_split_array(options.tensor_split)
+            model_params.tensor_split = self._tensor_split
         model_params.use_mlock = options.use_mlock
         if hasattr(model_params, "load_mode"):
             model_params.load_mode = _load_mode(options.use_mmap, options.use_mlock)
@@ -316,6 +327,15 @@ def _kv_type(name: str, param: str) -> int:
     except KeyError:
         raise InvalidParameterError(f"invalid {param}: {name!r}; choose from {', '.join(KV_CACHE_TYPES)}",
                                     param=param) from None
+
+
+def _tensor_split_array(shares: tuple[float, ...]) -> ctypes.Array:
+    """--tensor-split 3,1 -> the float[LLAMA_MAX_DEVICES] llama_model_params points to."""
+    limit = llama_cpp.llama_max_devices()
+    if len(shares) > limit or any(s < 0 for s in shares) or not any(shares):
+        raise InvalidParameterError(f"--tensor-split takes at most {limit} non-negative shares, not all zero "
+                                    f"(got {','.join(map(str, shares))})", param="tensor_split")
+    return (ctypes.c_float * limit)(*shares)
 
 
 def _load_mode(use_mmap: bool, use_mlock: bool) -> int:

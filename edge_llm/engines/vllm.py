@@ -1,0 +1,244 @@
+"""The vLLM engine (extra `vllm`): vLLM's AsyncLLMEngine behind edge-llm's Engine interface.
+
+vLLM brings paged attention, continuous batching, tensor parallelism (`--tp`), pipeline
+parallelism across nodes (`--pp`, with Ray: `--distributed-executor-backend ray`) and its
+quantized kernels (`--quantization awq|gptq|fp8 ...`). edge-llm adds nothing of its own to
+that: scale comes from vLLM.
+
+The AsyncLLMEngine lives on an event loop of its own (a `LoopThread`): vLLM ties its output
+handler to the loop it starts on, while edge-llm's callers are the server's loop, or blocking
+code. Prompts are tokenized here, with the checkpoint's tokenizer, so usage counts and chat
+rendering are the same as on every other engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage, collect
+from edge_llm.engines.hf_tokens import HFVocabulary, load_hf_tokenizer
+from edge_llm.engines.threadbridge import LoopThread
+from edge_llm.engines.transformers import needs_remote_code
+from edge_llm.errors import (
+    ContextLengthError,
+    EdgeLLMError,
+    InvalidParameterError,
+    MissingExtraError,
+    ModelLoadError,
+)
+from edge_llm.registry import ResolvedModel
+from edge_llm.sampling import SamplingParams
+
+# -ctk/-ctv values vLLM's KV cache can take (fp8 variants); f16 means "the model's dtype".
+KV_CACHE_DTYPES = {"f16": "auto", "bf16": "auto", "auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8_e4m3",
+                   "fp8_e5m2": "fp8_e5m2"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+_request_ids = itertools.count()
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ModuleNotFoundError as exc:
+        raise MissingExtraError(exc.name or "vllm", "vllm") from None
+    return vllm
+
+
+def engine_args(path: Path, options: LoadOptions, n_ctx: int | None) -> dict[str, Any]:
+    """LoadOptions -> vLLM's AsyncEngineArgs keywords; llama.cpp-only options are refused."""
+    if options.cache_type_k != options.cache_type_v:
+        raise InvalidParameterError("vLLM uses one KV cache dtype: give -ctk and -ctv the same value",
+                                    param="cache_type_v")
+    kv = KV_CACHE_DTYPES.get(options.cache_type_k.lower())
+    if kv is None:
+        raise InvalidParameterError(f"vLLM's KV cache takes {', '.join(KV_CACHE_DTYPES)}; "
+                                    f"got {options.cache_type_k!r}", param="cache_type_k")
+    if options.n_gpu_layers not in (None, 0, -1):
+        raise InvalidParameterError("vLLM puts the whole model on the GPU(s): -ngl takes no layer count here "
+                                    "(use --tp to spread it over GPUs)", param="n_gpu_layers")
+    if options.tensor_split is not None or options.split_mode != "layer":
+        raise InvalidParameterError("--split-mode/--tensor-split are llama.cpp options; vLLM splits by --tp/--pp",
+                                    param="split_mode")
+    args: dict[str, Any] = dict(
+        model=str(path), tokenizer=str(path), trust_remote_code=False,
+        tensor_parallel_size=options.tensor_parallel_size, pipeline_parallel_size=options.pipeline_parallel_size,
+        kv_cache_dtype=kv, seed=options.seed if options.seed is not None else 0,
+    )
+    if n_ctx:
+        args["max_model_len"] = n_ctx
+    if options.dtype:
+        args["dtype"] = options.dtype
+    if options.gpu_memory_utilization is not None:
+        args["gpu_memory_utilization"] = options.gpu_memory_utilization
+    if options.quantization:
+        args["quantization"] = options.quantization
+    if options.distributed_executor_backend:
+        args["distributed_executor_backend"] = options.distributed_executor_backend
+    args.update(options.extra)  # anything else AsyncEngineArgs takes, e.g. enforce_eager
+    return args
+
+
+def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """edge-llm SamplingParams -> vLLM SamplingParams keywords (the names are vLLM's already)."""
+    if (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty) and \
+            "penalty_last_n" in params.model_fields_set and params.penalty_last_n != -1:
+        raise InvalidParameterError("vLLM applies penalties over the whole sequence; it cannot honour "
+                                    f"penalty_last_n={params.penalty_last_n} (use -1)", param="penalty_last_n")
+    kwargs: dict[str, Any] = dict(
+        n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        min_p=params.min_p, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+        stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
+        include_stop_str_in_output=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
+        max_tokens=params.max_tokens, seed=params.seed, logprobs=params.logprobs,
+    )
+    if params.greedy:  # vLLM's greedy: temperature 0; truncation settings do not matter then
+        kwargs.update(top_p=1.0, top_k=-1, min_p=0.0)
+    return kwargs
+
+
+class VLLMEngine(HFVocabulary):
+    name = "vllm"
+
+    def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
+        options = options or LoadOptions()
+        if model.is_gguf:
+            raise EdgeLLMError(f"{model.path} is a GGUF file; the vLLM engine in edge-llm reads HF checkpoint "
+                               "folders (pull the original repo, or a GPTQ/AWQ one)")
+        path = Path(model.path)
+        if (remote := needs_remote_code(path)) is not None:
+            raise ModelLoadError(f"{path}: {remote} asks for custom Python code; edge-llm never runs "
+                                 "trust_remote_code")
+        n_ctx = options.n_ctx or model.spec.n_ctx
+        args = engine_args(path, options, n_ctx)
+        vllm = _import_vllm()
+        self._vllm = vllm
+        self.model_name = model.name
+        self.path = path
+        self.options = options
+        self.tokenizer = load_hf_tokenizer(path, "vllm")
+        self._loop = LoopThread("edge-llm-vllm")
+
+        async def start() -> Any:
+            return vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(**args))
+
+        try:
+            self._engine = self._loop.run(start())
+        except Exception as exc:
+            self._loop.close()
+            text = str(exc).strip()
+            raise ModelLoadError(f"vLLM could not load {path}: "
+                                 f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+        model_config = self._engine.model_config
+        self.n_ctx = int(model_config.max_model_len)
+        self.init_vocabulary(self.tokenizer, int(model_config.get_vocab_size()), model, options)
+        self.n_gpu_layers = -1
+        self.tensor_parallel_size = options.tensor_parallel_size
+
+    def validate(self, tokens: list[int], params: SamplingParams) -> None:
+        if not tokens:
+            raise InvalidParameterError("the prompt is empty", param="prompt")
+        if len(tokens) >= self.n_ctx:
+            raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the context holds at most "
+                                     f"{self.n_ctx}; shorten it or raise --max-model-len", param="messages")
+        self.check_token_ids(list(params.stop_token_ids))
+
+    def _sampling_params(self, params: SamplingParams) -> Any:
+        kwargs = vllm_sampling_kwargs(params)
+        if params.grammar:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            # xgrammar, vLLM's default backend, reads llama.cpp's GBNF.
+            kwargs["structured_outputs"] = StructuredOutputsParams(grammar=params.grammar)
+        try:
+            return self._vllm.SamplingParams(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise InvalidParameterError(f"vLLM refused the sampling parameters: {exc}") from None
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def _deltas(self, tokens: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """vLLM's cumulative outputs turned into per-choice deltas; runs on the engine's loop."""
+        request_id = f"edge-llm-{next(_request_ids)}"
+        sent_tokens = [0] * params.n
+        sent_text = [0] * params.n
+        done = [False] * params.n
+        stream = self._engine.generate({"prompt_token_ids": tokens}, self._sampling_params(params), request_id)
+        try:
+            async for output in stream:
+                for completion in output.outputs:
+                    i = completion.index
+                    if done[i]:
+                        continue
+                    new_ids = list(completion.token_ids[sent_tokens[i]:])
+                    logprobs = self._logprobs(completion, sent_tokens[i], params.logprobs) if params.logprobs is not None else None
+                    text = completion.text[sent_text[i]:]
+                    sent_tokens[i] += len(new_ids)
+                    sent_text[i] = len(completion.text)
+                    finish = FINISH_REASONS.get(completion.finish_reason or "", None)
+                    if completion.finish_reason and finish is None:
+                        finish = "stop"
+                    usage = None
+                    if finish is not None:
+                        done[i] = True
+                        usage = Usage(prompt_tokens=len(output.prompt_token_ids or tokens),
+                                      completion_tokens=len(completion.token_ids),
+                                      cached_tokens=int(output.num_cached_tokens or 0))
+                    if new_ids or text or finish:
+                        yield Delta(text=text, token_ids=new_ids, index=i, logprobs=logprobs,
+                                    finish_reason=finish, usage=usage)
+        finally:
+            if not all(done):
+                await self._engine.abort(request_id)
+
+    def _logprobs(self, completion: Any, start: int, top_n: int) -> list[TokenLogprob] | None:
+        """vLLM gives, per position, the top-n tokens by rank plus the sampled one if it is not
+        among them."""
+        if completion.logprobs is None:
+            return None
+        out = []
+        for position in range(start, len(completion.token_ids)):
+            token = completion.token_ids[position]
+            entries = completion.logprobs[position]
+            ranked = sorted(entries.items(), key=lambda item: item[1].rank or 0)
+            top = [(self.token_text(t), float(lp.logprob)) for t, lp in ranked if (lp.rank or 0) <= top_n][:top_n]
+            chosen = entries.get(token)
+            out.append(TokenLogprob(token, self.token_text(token),
+                                    float(chosen.logprob) if chosen is not None else float("nan"), top))
+        return out
+
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
+        tokens = self.prompt_tokens(prompt)
+        self.validate(tokens, params)
+        return self._loop.stream(lambda: self._deltas(tokens, params))
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        tokens = self.prompt_tokens(prompt)
+        self.validate(tokens, params)
+        async for delta in self._loop.stream_async(lambda: self._deltas(tokens, params)):
+            yield delta
+
+    def complete(self, prompt: str | list[int], params: SamplingParams) -> list[Delta]:
+        return collect(self.stream(prompt, params), params.n)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        raise EdgeLLMError("the vLLM engine serves generation only; for embeddings use the llama.cpp or "
+                           "transformers engine", param="input")
+
+    def close(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            self._engine = None
+            engine.shutdown()
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.close()
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
