@@ -219,3 +219,32 @@ def test_batch_against_edge_llm_serve(demo_path, tmp_path):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_with_only_whole_lines(demo_path, tmp_path):
+    """SIGTERM (like Ctrl-C) cancels the records in flight and exits 130; what is on disk is whole lines."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"Story {i}:", "max_tokens": 48, "ignore_eos": True}) + "\n"
+                           for i in range(12)), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_llm", "batch", str(inp), "-o", str(out), "-m",
+                             str(demo_path), "-np", "2", "-c", "1024", "--no-progress"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr.decode()
+    data = out.read_text(encoding="utf-8")
+    assert data.endswith("\n") and 2 <= data.count("\n") < 12
+    rows = read_jsonl(out)
+    assert len({r["id"] for r in rows}) == len(rows) and all(r["finish_reason"] == "length" for r in rows)
