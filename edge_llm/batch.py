@@ -91,7 +91,7 @@ def read_records(path: Path, *, template: str | None = None, chat: bool = False,
     """Parse the input lazily; a bad line becomes a record with `error` set, never an exception."""
     seen: set[str] = set()
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8-sig")  # a BOM from Windows editors is not part of line 1
     except OSError as exc:
         raise EdgeLLMError(f"cannot read {path}: {exc.strerror}") from None
     with f:
