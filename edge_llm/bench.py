@@ -416,7 +416,7 @@ def write_chart(variants: list[VariantResult], scenarios: list[Scenario], path: 
             values.append(match[0].gen_tokens_per_s if match else 0.0)
         right.bar([i + k * width for i in range(len(ok))], values, width, label=f"generation, {s.label}")
     right.set_xticks([i + width * (len(scenarios) - 1) / 2 for i in range(len(ok))])
-    right.set_xticklabels([f"{v.quant}\nKV {v.kv}" for v in ok], fontsize=7)
+    right.set_xticklabels([f"{v.quant} / KV {v.kv}" for v in ok], fontsize=7, rotation=40, ha="right")
     right.set_ylabel("tokens/s (all streams)")
     right.set_title("generation speed per variant")
     right.legend(fontsize=8)
@@ -466,13 +466,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-gen", type=int, default=64, help="tokens generated per stream (default 64)")
     parser.add_argument("-o", "--out", default="bench-results", help="folder for bench.md, bench.json, bench.png")
     parser.add_argument("--chart", default=None, help="where to write the PNG (default OUT/bench.png)")
+    parser.add_argument("--from-json", default=None, metavar="BENCH.json",
+                        help="do not measure: redraw the table and chart from an earlier bench.json")
     parser.add_argument("--work-dir", default=None,
                         help="where quantized variants are kept between runs (default OUT/variants)")
     return parser
 
 
+def load_results(path: str | Path) -> tuple[dict[str, Any], list[VariantResult], list[Scenario]]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        variants = [VariantResult(**{**v, "scenarios": [ScenarioResult(**s) for s in v["scenarios"]]})
+                    for v in data["variants"]]
+        scenarios = [Scenario(**s) for s in data["meta"]["scenarios"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EdgeLLMError(f"cannot read bench results {path}: {exc}") from None
+    return data["meta"], variants, scenarios
+
+
+def replot(args: argparse.Namespace) -> int:
+    meta, variants, scenarios = load_results(args.from_json)
+    chart = Path(args.chart) if args.chart else Path(args.out) / "bench.png"
+    write_chart(variants, scenarios, chart, f"{Path(meta['model']).name}: weight and KV-cache quantization")
+    print(markdown_table(variants, scenarios))
+    print(f"\nbench: wrote {chart}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        return replot(args)
     ctx = args.ctx or ([512, 2048] if args.parallel == [1, 8] else [512 * n for n in args.parallel])
     if len(ctx) == 1:
         ctx = ctx * len(args.parallel)
