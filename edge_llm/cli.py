@@ -15,6 +15,9 @@ COMMANDS = {
     "models": ("edge_llm.registry", "list the model registry and what is downloaded"),
     "info": ("edge_llm.info", "describe a GGUF file"),
     "doctor": ("edge_llm.doctor", "llama.cpp build, CPU features, GPU offload"),
+    "batch": ("edge_llm.batch", "offline generation over a JSONL file (resumable)"),
+    "perplexity": ("edge_llm.perplexity", "perplexity over a text file, as llama-perplexity computes it"),
+    "bench": ("edge_llm.bench", "compare weight quants and KV-cache types: memory, speed, quality"),
 }
 
 

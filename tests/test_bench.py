@@ -1,0 +1,83 @@
+"""`edge-llm bench`: KV-cache sizes against llama.cpp's own accounting, and one small end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from edge_llm.bench import Scenario, kv_bytes_per_element, kv_cache_bytes, markdown_table, parse_llama_log
+from edge_llm.errors import EdgeLLMError
+from tests.conftest import run_cli
+
+SMOLLM2 = {"general.architecture": "llama", "llama.block_count": "30", "llama.attention.head_count": "9",
+           "llama.attention.head_count_kv": "3", "llama.embedding_length": "576"}
+
+
+def test_kv_cache_bytes_from_the_model_shape():
+    assert kv_bytes_per_element("f16") == 2 and kv_bytes_per_element("q8_0") == 34 / 32
+    assert kv_bytes_per_element("q4_0") == 18 / 32
+    # 30 layers x 3 KV heads x 64 dims x (K + V) x 2 bytes x 512 cells
+    assert kv_cache_bytes(SMOLLM2, 512, "f16", "f16") == 30 * 3 * 64 * 2 * 2 * 512
+    assert kv_cache_bytes(SMOLLM2, 2048, "q8_0", "q4_0") == round(30 * 2048 * 192 * (34 / 32 + 18 / 32))
+    with pytest.raises(EdgeLLMError):
+        kv_bytes_per_element("q3_nonsense")
+
+
+def test_parse_llama_log_takes_the_first_context():
+    log = ("llama_kv_cache: size =   18.28 MiB (   256 cells,  30 layers,  8/8 seqs), K (q8_0): 11.95 MiB\n"
+           "sched_reserve:        CPU compute buffer size =    98.25 MiB\n"
+           "llama_kv_cache: size =    3.00 MiB (   64 cells ...\n")
+    assert parse_llama_log(log) == {"kv_mib_llama": 18.28, "compute_buffer_mib": 98.25}
+
+
+def test_hf_checkpoint_needs_convert_or_is_converted(tmp_path, request):
+    from edge_llm.bench import source_gguf
+
+    if importlib.util.find_spec("edge_llm.convert") is None:
+        with pytest.raises(EdgeLLMError, match="needs `edge-llm convert`"):
+            source_gguf(str(tmp_path), tmp_path / "work")
+    else:  # after the converter is merged: an HF folder becomes an f16 GGUF to quantize from
+        from edge_llm.info import read_gguf_info
+
+        hf_dir = request.getfixturevalue("smollm2_hf_dir")
+        path = source_gguf(str(hf_dir), tmp_path / "work")
+        assert read_gguf_info(path).file_type == "F16"
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_bench_command_end_to_end(demo_path, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("bench", "-m", str(demo_path), "--quants", "q8_0,q4_0", "--kv", "f16,q8_0", "-np", "2", "-c", "512",
+                "--ppl-ctx", "64", "--chunks", "3", "--n-prompt", "32", "--n-gen", "12", "-o", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((out / "bench.json").read_text())
+    variants = {(v["quant"], v["kv"]): v for v in data["variants"]}
+    assert list(variants) == [("q8_0", "f16"), ("q8_0", "q8_0"), ("q4_0", "f16"), ("q4_0", "q8_0")]
+    ref = variants[("q8_0", "f16")]
+    assert ref["reference"] and ref["ppl_delta"] == 0 and ref["top1_agreement"] == 1.0
+    assert variants[("q4_0", "f16")]["file_mib"] < ref["file_mib"]
+    q4 = variants[("q4_0", "f16")]
+    assert q4["mean_kl"] > 0 and q4["top1_agreement"] < 1.0 and q4["ppl_delta"] != 0
+    for v in variants.values():
+        assert v["error"] is None
+        (s,) = v["scenarios"]
+        assert s["n_parallel"] == 2 and s["n_ctx"] == 512
+        assert s["kv_mib"] == pytest.approx(s["kv_mib_llama"], abs=0.01)  # our arithmetic = llama.cpp's
+        assert s["peak_rss_mib"] > s["rss_base_mib"] > 0
+        assert s["prompt_tokens_per_s"] > 0 and s["gen_tokens_per_s"] > 0
+    assert variants[("q8_0", "q8_0")]["scenarios"][0]["kv_mib"] < ref["scenarios"][0]["kv_mib"]
+    table = (out / "bench.md").read_text()
+    assert "| q8_0 (ref) | f16 |" in table and table.count("\n| q") == 4
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table.split("\n", 2)[2].strip() in r.stdout  # the table is printed too
+
+
+def test_markdown_table_marks_failed_variants():
+    from edge_llm.bench import VariantResult
+
+    table = markdown_table([VariantResult("q2_k", "f16", "x.gguf", 50.0, error="worker failed (1): boom")],
+                           [Scenario(1, 512)])
+    assert "failed: worker failed" in table and "| q2_k | f16 | 50.0 |" in table
