@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from edge_llm import cli
 from edge_llm.batch import BatchRunner, EngineBackend, load_done, parse_record, record_key
 from edge_llm.sampling import SamplingParams
 from tests.conftest import ROOT, run_cli
@@ -176,7 +175,6 @@ def _free_port() -> int:
 
 @pytest.mark.model
 @pytest.mark.slow
-@pytest.mark.skipif("serve" not in cli.COMMANDS, reason="edge-llm serve is not in this build")
 def test_batch_against_edge_llm_serve(demo_path, tmp_path):
     import httpx
 
