@@ -58,7 +58,8 @@ class ServerProcess:
         raise RuntimeError(f"edge-llm serve did not become healthy in {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def rss_bytes(self) -> int:
