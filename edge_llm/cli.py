@@ -10,6 +10,7 @@ from edge_llm.errors import EdgeLLMError
 
 COMMANDS = {
     "generate": ("edge_llm.generate", "one-shot completion, streamed to stdout"),
+    "chat": ("edge_llm.repl", "interactive chat (REPL), chat templates or llama.cpp-style prefixes"),
     "serve": ("edge_llm.server.serve", "OpenAI-compatible HTTP server (and vLLM /generate, /inference, /)"),
     "models": ("edge_llm.registry", "list the model registry and what is downloaded"),
     "info": ("edge_llm.info", "describe a GGUF file"),

@@ -70,16 +70,13 @@ def load_options(args: argparse.Namespace, **overrides: object) -> LoadOptions:
 
 
 def sampling_params(args: argparse.Namespace, **overrides: object) -> SamplingParams:
-    max_tokens = getattr(args, "max_tokens", None)
     values = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, penalty_last_n=args.penalty_last_n,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
-        stop=args.stop, ignore_eos=args.ignore_eos,
-        max_tokens=None if max_tokens is not None and max_tokens < 0 else max_tokens,
+        stop=args.stop, ignore_eos=args.ignore_eos, max_tokens=getattr(args, "max_tokens", None),
     )
     values.update(overrides)
-    params = SamplingParams.create(**values)
-    if max_tokens is not None and max_tokens < 0:
-        params = params.model_copy(update={"max_tokens": None})
-    return params
+    params = SamplingParams.create(**{k: v for k, v in values.items() if k != "max_tokens" or v != -1})
+    # llama.cpp's -n -1: no limit but the context.
+    return params.model_copy(update={"max_tokens": None}) if values["max_tokens"] == -1 else params

@@ -63,10 +63,6 @@ class ModelSpec(BaseModel):
             raise ValueError("source = 'local' needs `path`")
         return self
 
-    @property
-    def pull_ref(self) -> str:
-        return self.name
-
 
 @dataclass(frozen=True)
 class ResolvedModel:

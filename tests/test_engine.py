@@ -140,3 +140,23 @@ def test_embeddings_are_normalized_and_meaningful(engine):
     assert abs(sum(x * x for x in a) - 1.0) < 1e-3
     dot = lambda u, v: sum(x * y for x, y in zip(u, v, strict=False))  # noqa: E731
     assert dot(a, b) > dot(a, c)
+
+
+def test_grammar_constrains_the_output(engine):
+    grammar = 'root ::= "The answer is " ("yes" | "no") "."'
+    for seed in (1, 2):
+        out = complete(engine, "Is the sky blue?", max_tokens=16, temperature=1.0, seed=seed, grammar=grammar)[0]
+        assert out.text in ("The answer is yes.", "The answer is no."), out.text
+        assert out.finish_reason == "stop"
+
+
+def test_repetition_penalty_changes_greedy_output(engine):
+    plain = complete(engine, "Count: 1, 2, 3,", max_tokens=20, ignore_eos=True, **GREEDY)[0].text
+    penalized = complete(engine, "Count: 1, 2, 3,", max_tokens=20, ignore_eos=True, repetition_penalty=1.5,
+                         **GREEDY)[0].text
+    assert plain != penalized
+
+
+def test_embedding_an_empty_input_is_refused(engine):
+    with pytest.raises(InvalidParameterError, match="empty"):
+        engine.embed([""])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from edge_llm.errors import EdgeLLMError, MissingExtraError
 from edge_llm.sampling import SamplingParams
@@ -66,12 +66,10 @@ class LoadOptions:
     seed: int | None = None
     n_parallel: int = 4
     max_queue: int = 64  # waiting requests beyond this are refused (HTTP 503)
-    embedding: bool = False
     chat_format: str | None = None
     in_prefix: str | None = None
     in_suffix: str | None = None
     verbose: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ from llama_cpp._logger import set_verbose  # noqa: E402
 
 from edge_llm.chat_format import ChatFormatter, select_formatter  # noqa: E402
 from edge_llm.engines.base import Delta, LoadOptions, collect  # noqa: E402
-from edge_llm.errors import EdgeLLMError, InvalidParameterError, ModelLoadError  # noqa: E402
+from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, ModelLoadError  # noqa: E402
 from edge_llm.registry import ResolvedModel  # noqa: E402
 from edge_llm.sampling import SamplingParams  # noqa: E402
 
@@ -248,9 +248,9 @@ class LlamaCppEngine:
             try:
                 for text in texts:
                     tokens = self.tokenize(text)
+                    if not tokens:  # llama_decode aborts the process on an empty batch
+                        raise InvalidParameterError("cannot embed an empty input", param="input")
                     if len(tokens) > limit:
-                        from edge_llm.errors import ContextLengthError
-
                         raise ContextLengthError(f"input of {len(tokens)} tokens exceeds the embedding context "
                                                  f"of {limit}", param="input")
                     ctx.kv_cache_clear()

@@ -348,7 +348,8 @@ class Scheduler:
             reuse = 0
         self._truncate(main, reuse)
         main.prefill = tokens[reuse:]
-        others = [s for s in idle if s is not main][: params.n - 1]
+        # Extra choices overwrite the least recently used caches.
+        others = sorted((s for s in idle if s is not main), key=lambda s: s.last_used)[: params.n - 1]
         choices = [self._make_choice(request, i, len(tokens), reuse) for i in range(params.n)]
         for slot, choice in zip([main, *others], choices, strict=False):
             slot.choice = choice
@@ -425,8 +426,9 @@ class Scheduler:
         params = choice.request.params
         engine = self.engine
         logprobs = self._logprobs(index, params.logprobs) if params.logprobs is not None else None
+        # llama_sampler_sample also accepts the token into the chain (penalty history, grammar
+        # state): accepting it again would count it twice and break grammars.
         token = choice.sampler.sample(self.ctx, index)
-        choice.sampler.accept(token)
         choice.generated += 1
         self.stats.generated_tokens_total += 1
         if logprobs is not None:

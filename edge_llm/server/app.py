@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from edge_llm.server.auth import APIKeyMiddleware
 from edge_llm.server.errors import install_error_handlers
 from edge_llm.server.forward import peer_client
-from edge_llm.server.jsonio import JSONResponse
+from edge_llm.server.jsonio import AssumeJSONMiddleware, JSONResponse
 from edge_llm.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from edge_llm.server.metrics import ServerMetrics
 from edge_llm.server.models import ModelManager
@@ -54,6 +54,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(simple_routes.router)
+    app.add_middleware(AssumeJSONMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, keys=api_keys)

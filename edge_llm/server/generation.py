@@ -24,6 +24,7 @@ from edge_llm.server.metrics import RequestObserver
 T = TypeVar("T")
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
+SEND_TIMEOUT_SECONDS = 120.0
 
 
 def context_size(engine: Engine) -> int:
@@ -67,6 +68,7 @@ class Generation:
         self._observer = observer
         self._first: Delta | None = None
         self._exhausted = False
+        self._started = False  # admitted: only admitted requests count in /metrics
         self._closed = False
 
     async def start(self) -> None:
@@ -78,6 +80,7 @@ class Generation:
         except BaseException:
             await self.aclose()
             raise
+        self._started = True
 
     async def deltas(self) -> AsyncIterator[Delta]:
         try:
@@ -102,7 +105,8 @@ class Generation:
         if not self._closed:
             self._closed = True
             await self._source.aclose()
-            self._observer.finish()
+            if self._started:
+                self._observer.finish()
 
 
 async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
@@ -168,7 +172,13 @@ class _CleansUp:
 
 
 class SSEResponse(_CleansUp, EventSourceResponse):
-    pass
+    """Server-sent events as OpenAI sends them ("data: ...\n\n"). A client that stops reading
+    without disconnecting is dropped after SEND_TIMEOUT_SECONDS, so it cannot hold a connection."""
+
+    def __init__(self, content, **kwargs) -> None:  # noqa: ANN001
+        kwargs.setdefault("sep", "\n")
+        kwargs.setdefault("send_timeout", SEND_TIMEOUT_SECONDS)
+        super().__init__(content, **kwargs)
 
 
 class StreamResponse(_CleansUp, StreamingResponse):

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from starlette.responses import JSONResponse as _StarletteJSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 def dumps(value: Any) -> str:
@@ -21,3 +22,20 @@ def dumps(value: Any) -> str:
 class JSONResponse(_StarletteJSONResponse):
     def render(self, content: Any) -> bytes:
         return dumps(content).encode("utf-8")
+
+
+class AssumeJSONMiddleware:
+    """Every POST body here is JSON. vLLM and the FastAPI demos read it whatever the Content-Type
+    says, and their documented `curl -d '{...}'` sends application/x-www-form-urlencoded: treat
+    such bodies (and bodies without a type) as JSON so those commands work unchanged."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+            if not content_type or content_type.startswith(b"application/x-www-form-urlencoded"):
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

@@ -129,10 +129,8 @@ class ModelManager:
 
     def _load(self, model: ServedModel) -> Engine:
         log.info("loading model %s (%s)", model.name, model.ref)
-        from edge_llm.server.engine_fixes import accept_each_token_once
-
         try:
-            return accept_each_token_once(self._loader(model.ref))
+            return self._loader(model.ref)
         except EdgeLLMError:
             raise
         except Exception as exc:  # a loader bug must not look like a bad request

@@ -22,7 +22,7 @@ from edge_llm.engines.base import Delta, Engine, TokenLogprob
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.sampling import SamplingParams
 from edge_llm.server import grammars
-from edge_llm.server.errors import edge_error_response, error_body
+from edge_llm.server.errors import error_body
 from edge_llm.server.forward import forward
 from edge_llm.server.generation import (
     Generation,
@@ -293,8 +293,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            response = SSEResponse(chat_events(generation, meta, params.n, plan.tools is not None, include_usage),
-                                   sep="\n")
+            response = SSEResponse(chat_events(generation, meta, params.n, plan.tools is not None, include_usage))
 
             async def cleanup() -> None:
                 await generation.aclose()
@@ -407,7 +406,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         top = body.logprobs or 0
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            response = SSEResponse(completion_events(generations, meta, body.n, echoes, top, include_usage), sep="\n")
+            response = SSEResponse(completion_events(generations, meta, body.n, echoes, top, include_usage))
 
             async def cleanup() -> None:
                 await close_all()
@@ -486,7 +485,13 @@ def embedding_inputs(value: str | list[str] | list[int] | list[list[int]]) -> li
 
 def embed_all(engine: Engine, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
     texts = [i if isinstance(i, str) else engine.detokenize(i) for i in inputs]
-    n_tokens = sum(len(engine.tokenize(t)) for t in texts)
+    n_tokens = 0
+    for i, text in enumerate(texts):
+        count = len(engine.tokenize(text))
+        if count == 0:
+            # llama.cpp's embedding decode of zero tokens corrupts memory and aborts the process.
+            raise InvalidParameterError(f"input {i} has no tokens to embed", param="input")
+        n_tokens += count
     embed = getattr(engine, "embed", None)
     try:
         return embed(texts), n_tokens
@@ -537,10 +542,22 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
             tokens = await asyncio.to_thread(engine.tokenize, text, special=True)
         items: list = tokens
         if body.with_pieces:
-            items = [{"id": t, "piece": engine.detokenize([t])} for t in tokens]
+            items = [{"id": t, "piece": token_piece(engine, t)} for t in tokens]
         return {"tokens": items, "count": len(tokens), "max_model_len": context_size(engine)}
     finally:
         held.release()
+
+
+def token_piece(engine: Engine, token: int) -> str | list[int]:
+    """The token's text, or its bytes when they are not whole UTF-8 (llama-server's convention)."""
+    piece = getattr(engine, "token_piece", None)
+    if piece is None:
+        return engine.detokenize([token])
+    data = piece(token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(data)
 
 
 @router.post("/detokenize", tags=["tokenizer"], response_model=DetokenizeResponse, responses=ERRORS)
@@ -553,6 +570,3 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
         return {"content": text, "prompt": text}
     finally:
         held.release()
-
-
-__all__ = ["edge_error_response", "router"]

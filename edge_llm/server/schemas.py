@@ -25,6 +25,17 @@ class _Body(BaseModel):
 
 
 Stop = str | list[str] | None
+# The ranges SamplingParams enforces, stated in the schema too, so clients (and schema-driven
+# fuzzers) know them; SamplingParams still checks the combinations.
+Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+MaxTokens = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class StreamOptions(_Body):
@@ -36,19 +47,19 @@ class SamplingFields(_Body):
 
     model: str | None = Field(None, description="a served model's name; default: the first one")
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = Field(None, description="-1 disables; vLLM extension")
-    min_p: float | None = Field(None, description="vLLM extension")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = Field(None, description="vLLM extension; 1.0 is off")
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = Field(None, description="-1 disables; vLLM extension")
+    min_p: MinP | None = Field(None, description="vLLM extension")
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = Field(None, description="vLLM extension; 1.0 is off")
     stop: Stop = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    max_tokens: int | None = Field(None, description="capped by the model's context")
-    seed: int | None = None
+    max_tokens: MaxTokens | None = Field(None, description="capped by the model's context")
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: a non-empty map is refused")
@@ -116,7 +127,7 @@ class ResponseFormat(_Body):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
+    max_completion_tokens: MaxTokens | None = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
@@ -197,8 +208,13 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int] = Field(description="the token's text, or its bytes when not whole UTF-8")
+
+
 class TokenizeResponse(BaseModel):
-    tokens: list[int] | list[dict[str, Any]]
+    tokens: list[int] | list[TokenPiece]
     count: int
     max_model_len: int
 
@@ -234,18 +250,18 @@ class VLLMGenerateRequest(_Body):
     prompt: str
     model: str | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    max_tokens: int | None = 16
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    max_tokens: MaxTokens | None = 16
     stop: Stop = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: Seed | None = None
     use_beam_search: bool = Field(False, description="beam search is not supported: true is refused")
     stream: bool = False
 
@@ -259,8 +275,8 @@ class InferenceRequest(_Body):
 
     prompt: str
     model: str | None = None
-    max_tokens: int | None = 256
-    temperature: float | None = None
+    max_tokens: MaxTokens | None = 256
+    temperature: Temperature | None = None
 
 
 class InferenceResponse(BaseModel):
@@ -273,9 +289,9 @@ class DemoChatRequest(_Body):
     prompt: str
     history: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []
     model: str | None = None
-    max_length: int | None = Field(None, description="prompt + response tokens at most")
-    top_p: float | None = None
-    temperature: float | None = None
+    max_length: MaxTokens | None = Field(None, description="prompt + response tokens at most")
+    top_p: TopP | None = None
+    temperature: Temperature | None = None
 
 
 class DemoChatResponse(BaseModel):

@@ -1,0 +1,69 @@
+"""Server parts that need no model: tool-call parsing, grammar bounds, flags, API-key checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.server import grammars
+from edge_llm.server.auth import APIKeyMiddleware, read_api_keys
+from edge_llm.server.serve import parse_peers, parse_size
+from edge_llm.server.tool_calls import parse_tool_calls
+
+
+def test_tool_calls_are_parsed_from_hermes_tags():
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    parsed = parse_tool_calls(text)
+    assert parsed.content == "Let me check."
+    assert [c["function"]["name"] for c in parsed.tool_calls] == ["get_weather", "get_time"]
+    assert json.loads(parsed.tool_calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert parsed.tool_calls[0]["id"] != parsed.tool_calls[1]["id"]
+
+
+def test_text_without_a_well_formed_call_stays_content():
+    assert parse_tool_calls("just text").tool_calls == []
+    broken = "<tool_call>{not json</tool_call>"
+    parsed = parse_tool_calls(broken)
+    assert parsed.tool_calls == [] and parsed.content == broken
+    # an unterminated call cut off by max_tokens still counts if its JSON is whole
+    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": "{}"}').tool_calls[0]["function"]["arguments"] == "{}"
+
+
+def test_grammars_for_schemas_and_tools():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    assert "root ::=" in grammars.json_schema_grammar(schema)
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    gbnf = grammars.tool_call_grammar([tool])
+    assert 'root ::= "<tool_call>"' in gbnf and '"\\"f\\""' in gbnf
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "maxLength": 10**9},
+    {"type": "array", "minItems": 100000},
+    {"type": "string", "pattern": "^a{1000000}$"},
+    "not an object",
+])
+def test_schemas_whose_grammar_would_explode_are_refused(schema):
+    with pytest.raises(InvalidParameterError):
+        grammars.json_schema_grammar(schema)
+
+
+def test_sizes_and_peers():
+    assert parse_size("8G") == 8 * 2**30 and parse_size("512MiB") == 512 * 2**20 and parse_size("100") == 100
+    with pytest.raises(EdgeLLMError):
+        parse_size("lots")
+    assert parse_peers(["qwen=http://10.0.0.2:8080/"]) == {"qwen": "http://10.0.0.2:8080"}
+    with pytest.raises(EdgeLLMError):
+        parse_peers(["qwen:10.0.0.2"])
+
+
+def test_api_key_check(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\none\n\ntwo\n")
+    middleware = APIKeyMiddleware(app=None, keys=read_api_keys(str(keys)))
+    assert middleware.allowed(b"Bearer one") and middleware.allowed(b"bearer two")
+    assert not middleware.allowed(b"Bearer three") and not middleware.allowed(b"one") and not middleware.allowed(b"")
+    assert not middleware.allowed(b"Basic one")
