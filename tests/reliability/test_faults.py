@@ -116,7 +116,7 @@ def test_disk_full_during_quantize_leaves_no_file(tmp_path, demo_path):
     assert list(out.parent.iterdir()) == []  # neither the output nor a partial file
 
 
-def test_sigterm_during_generation_drains_and_exits(tmp_path, demo_path):
+def test_sigterm_during_generation_ends_within_a_timeout(tmp_path, demo_path):
     config = write_models_toml(tmp_path / "models.toml", {"demo": demo_path}, n_ctx=2048)
     server = ServerProcess(["--config", str(config), "-np", "2", "-t", "1", "--keep-alive", "-1", "--preload"],
                            tmp_path / "serve.log")
@@ -152,10 +152,47 @@ def test_sigterm_during_generation_drains_and_exits(tmp_path, demo_path):
         thread.join(timeout=30)
         assert not thread.is_alive(), "the client still hangs after the server exited"
         assert outcome["status"] == 200 and outcome["ended"]  # cut, or finished: either way it ended
-        assert status in (0, -signal.SIGTERM), status  # uvicorn re-raises SIGTERM after a clean shutdown
+        assert status in (0, -signal.SIGTERM), status  # uvicorn re-raises SIGTERM after its shutdown
         log = server.log()
         assert "Traceback" not in log, log[-3000:]
         if outcome.get("last") and outcome["last"] != "data: [DONE]":
             json.loads(outcome["last"][6:])  # a cut stream still ends on a whole event
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "no graceful drain yet: on SIGTERM, sse-starlette ends every open SSE stream at once (it watches "
+    "uvicorn's exit flag), so an in-flight stream is cut within ~0.5 s without its closing chunk or [DONE] "
+    "(client: RemoteProtocolError; log: 'ASGI callable returned without completing response') instead of "
+    "running on for timeout_graceful_shutdown; and uvicorn re-raises SIGTERM after shutdown, so the "
+    "process dies by signal (status -15) instead of exiting 0"))
+def test_sigterm_lets_a_short_in_flight_stream_finish_and_exits_0(tmp_path, demo_path):
+    config = write_models_toml(tmp_path / "models.toml", {"demo": demo_path}, n_ctx=2048)
+    server = ServerProcess(["--config", str(config), "-np", "2", "-t", "1", "--keep-alive", "-1", "--preload"],
+                           tmp_path / "serve.log")
+    try:
+        server.wait_healthy()
+        events: list[str] = []
+
+        def short_stream():
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=TIMEOUT, json={
+                    "model": "demo", "prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True,
+                    "stream": True}) as response:
+                events.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+        thread = threading.Thread(target=short_stream)
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not events and thread.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.proc.send_signal(signal.SIGTERM)
+        status = server.proc.wait(timeout=60)
+        thread.join(timeout=30)
+        # 24 tokens fit well inside the 5 s grace period: the stream must complete.
+        assert events and events[-1] == "data: [DONE]", events[-2:]
+        assert status == 0
+        assert "ERROR" not in server.log()
     finally:
         server.stop(signal.SIGKILL)
