@@ -86,11 +86,14 @@ def test_every_route_never_answers_5xx(server, mode):
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10, [op.label for op in operations]
+    calls = 0
     for operation in operations:
         @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         def fuzz(case):
+            nonlocal calls
+            calls += 1
             response = case.call(timeout=NO_HANG_SECONDS)  # a hang fails as a timeout
             case.validate_response(response, checks=[not_a_server_error])
 
@@ -100,6 +103,7 @@ def test_every_route_never_answers_5xx(server, mode):
             assert mode == "negative", operation.label
         except Exception as exc:
             raise AssertionError(f"{operation.label} ({mode}): {exc}") from exc
+    assert calls >= len(operations) * (EXAMPLES_PER_OPERATION // 2 if mode == "positive" else 1), calls
 
 
 # -- hand-written hostile inputs ------------------------------------------------------------------------
