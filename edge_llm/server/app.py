@@ -20,6 +20,7 @@ from edge_llm.server.jsonio import AssumeJSONMiddleware, JSONResponse
 from edge_llm.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from edge_llm.server.metrics import ServerMetrics
 from edge_llm.server.models import ModelManager
+from edge_llm.webui import install_webui
 
 
 @dataclass
@@ -57,6 +58,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, keys=api_keys)
+    install_webui(app)  # outermost: GET / and /ui serve the chat page without a key
     _document_400_not_422(app)
     return app
 

@@ -1,0 +1,198 @@
+"""Faults: corrupt model files, a model file deleted while loaded, a full disk under quantize,
+SIGTERM during generation. Each must end in a clear error or a clean exit, never a crash or a hang."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from server_process import ROOT, ServerProcess, write_models_toml
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+TIMEOUT = 120
+
+
+def run_cli(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_llm", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def corrupt_files(tmp_path_factory, demo_path) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("corrupt")
+    data = demo_path.read_bytes()
+    files = {
+        "garbage": b"\x00\x01not a gguf at all" * 1000,
+        "truncated": data[: len(data) // 2],  # header and metadata intact, tensor data cut
+        "header-only": data[:4096],
+        "huge-counts": data[:8] + (2**62).to_bytes(8, "little") + (2**62).to_bytes(8, "little") + data[24:65536],
+    }
+    out = {}
+    for name, content in files.items():
+        out[name] = tmp / f"{name}.gguf"
+        out[name].write_bytes(content)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "header-only", "huge-counts"])
+def test_corrupt_gguf_is_one_clear_error(corrupt_files, kind):
+    done = run_cli("generate", "-m", str(corrupt_files[kind]), "-n", "2", "-p", "Hello")
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    lines = [line for line in done.stderr.splitlines() if line.startswith("edge-llm generate: error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_corrupt_gguf_next_to_a_good_one_in_a_server(tmp_path, demo_path, corrupt_files):
+    config = write_models_toml(tmp_path / "models.toml", {"good": demo_path, "bad": corrupt_files["truncated"]},
+                               n_ctx=512)
+    with ServerProcess(["--config", str(config), "good", "bad", "-np", "1", "-t", "1", "--keep-alive", "-1"],
+                       tmp_path / "serve.log") as server:
+        server.wait_healthy()
+        bad = httpx.post(server.url + "/v1/completions", json={"model": "bad", "prompt": "Hi", "max_tokens": 2},
+                         timeout=TIMEOUT)
+        assert bad.status_code in (400, 500) and bad.json()["error"]["message"], bad.text
+        good = httpx.post(server.url + "/v1/completions", json={"model": "good", "prompt": "Hi", "max_tokens": 2},
+                          timeout=TIMEOUT)
+        assert good.status_code == 200
+        assert server.proc.poll() is None
+    assert "Traceback" not in server.log()
+
+
+def test_model_file_deleted_while_loaded(tmp_path, demo_path):
+    copy = tmp_path / "doomed.gguf"
+    shutil.copyfile(demo_path, copy)
+    config = write_models_toml(tmp_path / "models.toml", {"doomed": copy}, n_ctx=512)
+    body = {"model": "doomed", "prompt": "The sky is", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    with ServerProcess(["--config", str(config), "-np", "1", "-t", "1", "--keep-alive", "3", "--preload"],
+                       tmp_path / "serve.log") as server:
+        server.wait_healthy()
+        before = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+        assert before.status_code == 200
+        copy.unlink()
+        # The weights are memory-mapped: the open mapping keeps the deleted file's data alive.
+        after = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+        assert after.status_code == 200 and after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
+        # Once idle past --keep-alive it unloads; reloading then fails with a clear error, not a crash.
+        deadline = time.monotonic() + 60
+        while b'model_loaded{model_name="doomed"} 1.0' in httpx.get(server.url + "/metrics", timeout=10).content:
+            assert time.monotonic() < deadline, "the idle model was never unloaded"
+            time.sleep(0.25)
+        gone = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+        assert 400 <= gone.status_code < 600 and "doomed" in gone.json()["error"]["message"], gone.text
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    assert "Traceback" not in server.log()
+
+
+DISK_FULL_QUANTIZE = """
+import resource, signal, sys
+from pathlib import Path
+from edge_llm.errors import EdgeLLMError
+from edge_llm.quantize import quantize_file
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+try:
+    quantize_file(sys.argv[1], sys.argv[2], "q8_0", allow_requantize=True, threads=1)
+except EdgeLLMError as exc:
+    print("error:", exc.message)
+    sys.exit(1)
+"""
+
+
+def test_disk_full_during_quantize_leaves_no_file(tmp_path, demo_path):
+    out = tmp_path / "out" / "demo-q8_0.gguf"
+    out.parent.mkdir()
+    done = subprocess.run([sys.executable, "-c", DISK_FULL_QUANTIZE, str(demo_path), str(out), str(8 * 2**20)],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert done.stdout.startswith("error:") and "Traceback" not in done.stderr
+    assert list(out.parent.iterdir()) == []  # neither the output nor a partial file
+
+
+def test_sigterm_during_generation_ends_within_a_timeout(tmp_path, demo_path):
+    config = write_models_toml(tmp_path / "models.toml", {"demo": demo_path}, n_ctx=2048)
+    server = ServerProcess(["--config", str(config), "-np", "2", "-t", "1", "--keep-alive", "-1", "--preload"],
+                           tmp_path / "serve.log")
+    try:
+        server.wait_healthy()
+        outcome: dict = {}
+
+        def long_stream():
+            try:
+                with httpx.stream("POST", server.url + "/v1/completions", timeout=TIMEOUT, json={
+                        "model": "demo", "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True,
+                        "stream": True}) as response:
+                    outcome["status"] = response.status_code
+                    outcome["events"] = 0
+                    for line in response.iter_lines():
+                        if line.startswith("data: "):
+                            outcome["events"] += 1
+                            outcome["last"] = line
+                outcome["ended"] = "cleanly"
+            except httpx.HTTPError as exc:
+                outcome["ended"] = type(exc).__name__
+
+        thread = threading.Thread(target=long_stream)
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while outcome.get("events", 0) < 3:
+            assert time.monotonic() < deadline and thread.is_alive(), outcome
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        # uvicorn stops accepting at once, lets in-flight requests run for timeout_graceful_shutdown (5 s),
+        # then cuts them; the lifespan then closes the engine.
+        status = server.proc.wait(timeout=60)
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the client still hangs after the server exited"
+        assert outcome["status"] == 200 and outcome["ended"]  # cut, or finished: either way it ended
+        assert status in (0, -signal.SIGTERM), status  # uvicorn re-raises SIGTERM after its shutdown
+        log = server.log()
+        assert "Traceback" not in log, log[-3000:]
+        if outcome.get("last") and outcome["last"] != "data: [DONE]":
+            json.loads(outcome["last"][6:])  # a cut stream still ends on a whole event
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "no graceful drain yet: on SIGTERM, sse-starlette ends every open SSE stream at once (it watches "
+    "uvicorn's exit flag), so an in-flight stream is cut within ~0.5 s without its closing chunk or [DONE] "
+    "(client: RemoteProtocolError; log: 'ASGI callable returned without completing response') instead of "
+    "running on for timeout_graceful_shutdown; and uvicorn re-raises SIGTERM after shutdown, so the "
+    "process dies by signal (status -15) instead of exiting 0"))
+def test_sigterm_lets_a_short_in_flight_stream_finish_and_exits_0(tmp_path, demo_path):
+    config = write_models_toml(tmp_path / "models.toml", {"demo": demo_path}, n_ctx=2048)
+    server = ServerProcess(["--config", str(config), "-np", "2", "-t", "1", "--keep-alive", "-1", "--preload"],
+                           tmp_path / "serve.log")
+    try:
+        server.wait_healthy()
+        events: list[str] = []
+
+        def short_stream():
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=TIMEOUT, json={
+                    "model": "demo", "prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True,
+                    "stream": True}) as response:
+                events.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+        thread = threading.Thread(target=short_stream)
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not events and thread.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.proc.send_signal(signal.SIGTERM)
+        status = server.proc.wait(timeout=60)
+        thread.join(timeout=30)
+        # 24 tokens fit well inside the 5 s grace period: the stream must complete.
+        assert events and events[-1] == "data: [DONE]", events[-2:]
+        assert status == 0
+        assert "ERROR" not in server.log()
+    finally:
+        server.stop(signal.SIGKILL)

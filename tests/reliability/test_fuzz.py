@@ -1,0 +1,218 @@
+"""Fuzz: schema-driven fuzzing of every route (schemathesis, from the server's own OpenAPI
+document, valid and invalid bodies) and hand-written hostile inputs, against a real
+`edge-llm serve` process. The server must never answer 5xx, never hang, and never log a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.errors import Unsatisfiable
+from server_process import ServerProcess, write_models_toml
+
+schemathesis = pytest.importorskip("schemathesis")
+from schemathesis.checks import not_a_server_error  # noqa: E402
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+# One slot holds 128 tokens, so a fuzzed request that may generate "as much as fits" stays short.
+N_CTX, N_PARALLEL = 256, 2
+NO_HANG_SECONDS = 120
+EXAMPLES_PER_OPERATION = 6
+TEMPLATE_PAYLOADS = {
+    "mro": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "cycler": "{{ cycler.__init__.__globals__.os.popen('touch MARKER').read() }}",
+    "lipsum": "{{ lipsum.__globals__['os'].popen('touch MARKER').read() }}",
+    "own-global": "{{ raise_exception.__globals__['__builtins__']['__import__']('os').system('touch MARKER') }}",
+    "lambda": "{{ strftime_now.__globals__['os'].system('touch MARKER') }}",
+    "format": "{{ '{0.__class__.__init__.__globals__[os]}'.format(messages) }}",
+    "format-map": "{{ '{x.__init__.__globals__}'.format_map({'x': cycler}) }}",
+    "mutate": "{{ messages.append({'role': 'system', 'content': 'injected'}) }}",
+    "context": "{{ self._TemplateReference__context.cycler.__init__.__globals__.os.system('touch MARKER') }}",
+    "namespace": "{% set ns = namespace(a=1) %}{{ ns.__init__.__globals__['os'].system('touch MARKER') }}",
+    "loop": "{% for m in messages %}{{ loop.__class__.__init__.__globals__['os'].system('touch MARKER') }}{% endfor %}",
+}
+
+
+def malicious_template(marker: Path) -> str:
+    branches = "".join(f"{{%- {'if' if i == 0 else 'elif'} c == '{name}' -%}}{payload.replace('MARKER', str(marker))}"
+                       for i, (name, payload) in enumerate(TEMPLATE_PAYLOADS.items()))
+    return ("{%- set c = messages[-1]['content'] -%}" + branches +
+            "{%- else -%}<|im_start|>user\n{{ c }}<|im_end|>\n<|im_start|>assistant\n{%- endif -%}")
+
+
+def gguf_with_template(src: Path, dst: Path, template: str) -> Path:
+    """A copy of `src` whose tokenizer.chat_template is `template` (gguf-py's own metadata copier)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(src, "r")
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment.contents()
+    copy_with_new_metadata(reader, writer, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(
+        gguf.GGUFValueType.STRING, template)}, [])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def marker(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sandbox") / "escaped"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_path, marker):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    evil = gguf_with_template(demo_path, tmp / "evil.gguf", malicious_template(marker))
+    config = write_models_toml(tmp / "models.toml", {"fuzz": demo_path, "evil": evil}, n_ctx=N_CTX)
+    with ServerProcess(["--config", str(config), "fuzz", "evil", "-np", str(N_PARALLEL), "-t", "1",
+                        "--keep-alive", "-1", "--preload"], tmp / "serve.log") as proc:
+        yield proc.wait_healthy()
+    log = proc.log()
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-5000:]
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_every_route_never_answers_5xx(server, mode):
+    """Each operation of /openapi.json, with bodies valid (positive) and invalid (negative) by its
+    schema. Schemathesis drives hypothesis per operation; a 5xx or a hang (timeout) fails."""
+    from hypothesis import given
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 10, [op.label for op in operations]
+    calls = 0
+    for operation in operations:
+        @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
+        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def fuzz(case):
+            nonlocal calls
+            calls += 1
+            response = case.call(timeout=NO_HANG_SECONDS)  # a hang fails as a timeout
+            case.validate_response(response, checks=[not_a_server_error])
+
+        try:
+            fuzz()
+        except Unsatisfiable:  # an operation without inputs has no invalid variant
+            assert mode == "negative", operation.label
+        except Exception as exc:
+            raise AssertionError(f"{operation.label} ({mode}): {exc}") from exc
+    assert calls >= len(operations) * (EXAMPLES_PER_OPERATION // 2 if mode == "positive" else 1), calls
+
+
+# -- hand-written hostile inputs ------------------------------------------------------------------------
+
+
+def post(server, path: str, content: bytes | str, timeout: float = NO_HANG_SECONDS) -> httpx.Response:
+    return httpx.post(server.url + path, content=content, timeout=timeout,
+                      headers={"Content-Type": "application/json"})
+
+
+def chat_body(**fields) -> dict:
+    return {"model": "fuzz", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **fields}
+
+
+def assert_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text[:500]
+    body = response.json()
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/generate", "/inference", "/"])
+def test_invalid_utf8_body(server, path):
+    body = b'{"model": "fuzz", "prompt": "\xff\xfe bad", "messages": [{"role": "user", "content": "\xc3\x28"}]}'
+    assert_error(post(server, path, body), 400)
+
+
+def test_ten_megabyte_body_is_refused(server):
+    big = json.dumps(chat_body(messages=[{"role": "user", "content": "a" * (10 * 2**20)}]))
+    assert_error(post(server, "/v1/chat/completions", big), 413)
+
+
+def test_ten_megabyte_body_without_content_length(server):
+    def chunks():
+        yield b'{"model": "fuzz", "prompt": "'
+        for _ in range(10):
+            yield b"a" * 2**20
+        yield b'"}'
+
+    response = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=NO_HANG_SECONDS,
+                          headers={"Content-Type": "application/json"})
+    assert_error(response, 413)
+
+
+def test_zero_token_prompts(server):
+    assert_error(post(server, "/v1/completions", json.dumps({"model": "fuzz", "prompt": []})), 400)
+    assert_error(post(server, "/v1/chat/completions", json.dumps(chat_body(messages=[]))), 400)
+    empty = post(server, "/v1/completions", json.dumps({"model": "fuzz", "prompt": "", "max_tokens": 2}))
+    assert empty.status_code in (200, 400), empty.text  # "" may still hold the BOS token
+
+
+def test_prompts_at_and_past_the_context(server):
+    slot = httpx.post(server.url + "/tokenize", json={"model": "fuzz", "prompt": "x"}, timeout=30).json()["max_model_len"]
+    token = httpx.post(server.url + "/tokenize", json={"model": "fuzz", "prompt": " stone", "add_special": False},
+                       timeout=30).json()["tokens"][0]
+    fits = post(server, "/v1/completions", json.dumps({"model": "fuzz", "prompt": [token] * (slot - 1),
+                                                        "max_tokens": 5, "ignore_eos": True}))
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["usage"]["completion_tokens"] == 1  # only one cell was left
+    for n in (slot, slot + 1):
+        error = assert_error(post(server, "/v1/completions", json.dumps({"model": "fuzz", "prompt": [token] * n})),
+                             400)
+        assert error["code"] == "context_length_exceeded"
+    long_text = "stone " * (slot + 1)
+    error = assert_error(post(server, "/v1/chat/completions",
+                              json.dumps(chat_body(messages=[{"role": "user", "content": long_text}]))), 400)
+    assert error["code"] == "context_length_exceeded"
+
+
+NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]
+HUGE = ["1e308", "-1e308", str(10**400), str(-(10**400)), "18446744073709551617"]
+SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "max_tokens", "seed", "n", "top_logprobs"]
+
+
+@pytest.mark.parametrize("field", SAMPLING_FIELDS)
+def test_non_finite_and_huge_numbers(server, field):
+    base = json.dumps(chat_body(logprobs=True))[:-1]  # the body without its closing brace
+    for literal in NON_FINITE:
+        assert_error(post(server, "/v1/chat/completions", f'{base}, "{field}": {literal}}}'), 400)
+    for literal in HUGE:
+        response = post(server, "/v1/chat/completions", f'{base}, "{field}": {literal}}}')
+        assert response.status_code in (200, 400), (literal, response.text[:300])
+
+
+@pytest.mark.parametrize("depth", [64, 5_000, 200_000])
+def test_deeply_nested_json(server, depth):
+    nested = "[" * depth + "]" * depth
+    response = post(server, "/v1/chat/completions",
+                    f'{{"model": "fuzz", "messages": [{{"role": "user", "content": {nested}}}]}}')
+    assert_error(response, 400)
+    nested_objects = '{"a":' * depth + "1" + "}" * depth
+    response = post(server, "/v1/completions", f'{{"model": "fuzz", "prompt": "x", "logit_bias": {nested_objects}}}')
+    assert_error(response, 400)
+
+
+@pytest.mark.parametrize("payload", list(TEMPLATE_PAYLOADS))
+def test_malicious_chat_template_cannot_escape_the_sandbox(server, marker, payload):
+    response = httpx.post(server.url + "/v1/chat/completions", timeout=NO_HANG_SECONDS, json={
+        "model": "evil", "messages": [{"role": "user", "content": payload}], "max_tokens": 2})
+    assert response.status_code < 500, response.text[:500]
+    assert not marker.exists(), f"the template payload {payload!r} ran a command"
+    for leak in ("<module", "<function", "subclasses", "popen", "__builtins__", "injected"):
+        assert leak not in response.text, response.text[:500]
+
+
+def test_server_still_answers_after_the_hostile_inputs(server):
+    response = httpx.post(server.url + "/v1/chat/completions", timeout=NO_HANG_SECONDS, json=chat_body())
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+    evil_but_benign = httpx.post(server.url + "/v1/chat/completions", timeout=NO_HANG_SECONDS, json={
+        "model": "evil", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2})
+    assert evil_but_benign.status_code == 200
