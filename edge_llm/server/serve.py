@@ -90,10 +90,12 @@ def api_keys(args: argparse.Namespace) -> list[str] | None:
     return [key] if key else None
 
 
+# How long in-flight requests may run on after SIGTERM before they are cut.
+DRAIN_SECONDS = 10
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import uvicorn
-
     from edge_llm.server.app import create_app
     from edge_llm.server.models import ModelManager
 
@@ -107,9 +109,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])
     print(f"edge-llm serve: http://{args.host}:{args.port}  models: {served}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
-                timeout_graceful_shutdown=5)
+    _serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
     return 0
+
+
+def _serve(app: object, host: str, port: int, log_level: str) -> None:
+    """Run uvicorn with a graceful drain: on SIGTERM (or Ctrl-C) it stops accepting at once and
+    in-flight requests run on for up to DRAIN_SECONDS; then open streams are ended cleanly (a
+    whole last event) and the process exits 0.
+
+    sse-starlette would otherwise cut every open stream at the signal, without its final chunk or
+    [DONE]; and uvicorn re-raises the signal after its shutdown, into the handler it found:
+    exiting 0 there marks the stop as clean for systemd and supervisors.
+    """
+    import signal
+    import threading
+
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    def end_open_streams() -> None:
+        AppStatus.should_exit = True
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            super().handle_exit(sig, frame)
+            timer = threading.Timer(DRAIN_SECONDS, end_open_streams)
+            timer.daemon = True
+            timer.start()
+
+    AppStatus.disable_automatic_graceful_drain()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # uvicorn's own timeout is only the backstop for non-streaming requests still running.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=DRAIN_SECONDS + 5)
+    DrainingServer(config).run()
 
 
 def _is_loopback(host: str) -> bool:
