@@ -10,6 +10,9 @@ from edge_llm.errors import EdgeLLMError
 
 COMMANDS = {
     "generate": ("edge_llm.generate", "one-shot completion, streamed to stdout"),
+    "pull": ("edge_llm.pull", "download a GGUF file or an HF checkpoint (Hugging Face, ModelScope)"),
+    "convert": ("edge_llm.convert", "HF checkpoint folder -> GGUF (no torch)"),
+    "quantize": ("edge_llm.quantize", "GGUF -> quantized GGUF (q4_k_m, q5_k_m, q8_0...)"),
     "models": ("edge_llm.registry", "list the model registry and what is downloaded"),
     "info": ("edge_llm.info", "describe a GGUF file"),
     "doctor": ("edge_llm.doctor", "llama.cpp build, CPU features, GPU offload"),
