@@ -173,12 +173,13 @@ def _write_original(folder: Path, tensors: dict[str, np.ndarray], config: dict, 
 def build_baichuan(folder: Path, tokenizer_dir: Path, version: int = 2) -> TinyModel:
     """Baichuan (version 1) or Baichuan2 (NormHead) in their original layout; MHA, like the 7B models.
     32 layers: llama.cpp picks RoPE (7B) or ALiBi (13B, 40 layers) by layer count, so a tiny
-    Baichuan must have the 7B's 32 layers to be run as one."""
+    Baichuan must have the 7B's 32 layers to be run as one (with smaller random weights, so that 32
+    random layers do not amplify quantization error chaotically)."""
     import torch
 
     tok = _hf_tokenizer(tokenizer_dir)
     ref = _reference_llama(tok, seed=4 + version, num_key_value_heads=SMALL["num_attention_heads"],
-                           num_hidden_layers=32)
+                           num_hidden_layers=32, initializer_range=0.1)
     state = {k: v.detach().float().numpy() for k, v in ref.state_dict().items()}
     raw_head = state["lm_head.weight"] * np.linspace(0.5, 3.0, state["lm_head.weight"].shape[0])[:, None]
     tensors = {}
