@@ -21,8 +21,10 @@ import numpy as np
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 
-# llama.cpp refuses these without an importance matrix (llama-quantize says so too).
-NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"}
+# llama.cpp refuses these without an importance matrix ("this quantization requires an imatrix").
+NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s"}
+# llama_ftype names the binding exposes that llama.cpp's quantizer rejects as a target.
+_NOT_TARGETS = {"nvfp4"}
 _PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 
 
@@ -32,7 +34,7 @@ def quant_types() -> dict[str, int]:
 
     prefix = "LLAMA_FTYPE_MOSTLY_"
     types = {name[len(prefix):].lower(): getattr(llama_cpp, name) for name in dir(llama_cpp)
-             if name.startswith(prefix)}
+             if name.startswith(prefix) and name[len(prefix):].lower() not in _NOT_TARGETS}
     types["f32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
     return types
 
