@@ -85,16 +85,9 @@ def test_pull_registry_name(tmp_path):
 
 def test_pull_checkpoint_snapshot_with_include_then_convert(tmp_path):
     """A checkpoint snapshot (only the files asked for), resolved offline, converted to GGUF."""
-    import shutil
-
-    import transformers
-
-    tokenizer_dir = tmp_path / "tok"
     from tiny_models import build_llama, train_sentencepiece
 
-    train_sentencepiece(tokenizer_dir)
-    tiny = build_llama(tmp_path / "src", tokenizer_dir)
-    del transformers, shutil
+    tiny = build_llama(tmp_path / "src", train_sentencepiece(tmp_path / "tok"))
     repo = {p.name: p.read_bytes() for p in tiny.path.iterdir()}
     repo["pytorch_model.bin"] = b"should not be downloaded"
     with FakeHub({"acme/TinyLlama-HF": repo}) as server:

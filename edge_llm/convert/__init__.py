@@ -21,8 +21,8 @@ from pathlib import Path
 
 import gguf
 
-from edge_llm.convert.base import OUTTYPES, Model, write_gguf
 from edge_llm.convert.baichuan import BaichuanModel
+from edge_llm.convert.base import OUTTYPES, Model, write_gguf
 from edge_llm.convert.checkpoint import CheckpointError, load_config, load_tensors
 from edge_llm.convert.internlm2 import InternLM2Model
 from edge_llm.convert.llama import LlamaModel
