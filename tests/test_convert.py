@@ -293,3 +293,29 @@ def test_existing_output_survives_a_failed_conversion(tiny_llama, tmp_path):
     assert out.returncode == 1
     assert target.read_bytes() == b"the previous good file"
     assert [p.name for p in tmp_path.iterdir() if p.name != "llama"] == ["m.gguf"]
+
+
+def test_unknown_architecture_falls_back_to_a_llama_cpp_checkout(tiny_llama, tmp_path):
+    """--llama-cpp DIR runs that checkout's convert_hf_to_gguf.py (here a stand-in that records its
+    arguments and writes a GGUF) for architectures this converter does not know."""
+    checkout = tmp_path / "llama.cpp"
+    checkout.mkdir()
+    good = convert(tiny_llama.path, tmp_path / "good.gguf", outtype="f32")
+    (checkout / "convert_hf_to_gguf.py").write_text(
+        "import shutil, sys\n"
+        f"open({str(tmp_path / 'argv.txt')!r}, 'w').write(' '.join(sys.argv[1:]))\n"
+        f"shutil.copy({str(good)!r}, sys.argv[sys.argv.index('--outfile') + 1])\n")
+    config = json.loads((tiny_llama.path / "config.json").read_text())
+    (tiny_llama.path / "config.json").write_text(json.dumps({**config, "architectures": ["FancyForCausalLM"]}))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = run_cli("convert", str(tiny_llama.path), "-o", str(out_dir / "m.gguf"), "--outtype", "f32",
+                  "--llama-cpp", str(checkout))
+    assert out.returncode == 0, out.stderr
+    assert (out_dir / "m.gguf").read_bytes() == good.read_bytes()
+    assert [p.name for p in out_dir.iterdir()] == ["m.gguf"]
+    args = (tmp_path / "argv.txt").read_text().split()
+    assert args[0] == str(tiny_llama.path) and args[-2:] == ["--outtype", "f32"]
+    failing = run_cli("convert", str(tiny_llama.path), "-o", str(out_dir / "n.gguf"), "--llama-cpp",
+                      str(tmp_path / "nowhere"))
+    assert failing.returncode == 1 and "no convert_hf_to_gguf.py" in failing.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -54,7 +55,7 @@ def model_class(config: dict, hf_dir: Path) -> type[Model]:
             return ARCHITECTURES[name]
     found = ", ".join(names) or f"none (model_type {config.get('model_type')!r})"
     raise CheckpointError(f"{hf_dir}: unsupported architecture {found}; supported: "
-                          f"{', '.join(sorted(ARCHITECTURES))}")
+                          f"{', '.join(sorted(ARCHITECTURES))} (others: --llama-cpp DIR, a llama.cpp checkout)")
 
 
 def source_repo(hf_dir: Path) -> str | None:
@@ -89,12 +90,29 @@ def _partial(path: Path, tag: str = "") -> Path:
     return path.with_name(f".{path.name}{tag}.partial")
 
 
+def convert_with_llama_cpp(llama_cpp_dir: Path, hf_dir: Path, out: Path, outtype: str) -> None:
+    """The fallback for architectures this converter does not know: llama.cpp's own
+    convert_hf_to_gguf.py from a checkout the user points at, run as a subprocess in this Python
+    (it needs torch and transformers there)."""
+    script = Path(llama_cpp_dir).expanduser() / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise EdgeLLMError(f"{llama_cpp_dir}: no convert_hf_to_gguf.py (expected a llama.cpp checkout)")
+    cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0 or not out.is_file():
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgeLLMError(f"llama.cpp's converter failed (exit {result.returncode}): {last}")
+
+
 def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f16", quant: str | None = None,
-            *, threads: int | None = None, progress: Callable[[int, int, str], None] | None = None) -> Path:
+            *, threads: int | None = None, progress: Callable[[int, int, str], None] | None = None,
+            llama_cpp_dir: str | Path | None = None) -> Path:
     """Convert an HF checkpoint folder to GGUF at `out` (default: ./NAME-TYPE.gguf) and return its path.
 
     `outtype` is the float type of the written tensors (f32, f16, bf16, q8_0); `quant` (any
     `edge-llm quantize` type, e.g. q5_k_m) then quantizes that file with llama.cpp and removes it.
+    `llama_cpp_dir` (or $EDGE_LLM_LLAMA_CPP): a llama.cpp checkout whose converter handles the
+    architectures this one does not.
     """
     hf_dir = Path(hf_dir).expanduser()
     outtype = outtype.lower()
@@ -108,17 +126,26 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
         if quant not in quant_types():
             raise InvalidParameterError(f"unknown quant type {quant!r}; see `edge-llm quantize -h`", param="quant")
     config = load_config(hf_dir)
-    cls = model_class(config, hf_dir)
+    llama_cpp_dir = llama_cpp_dir or os.environ.get("EDGE_LLM_LLAMA_CPP") or None
+    try:
+        cls = model_class(config, hf_dir)
+    except CheckpointError:
+        if not llama_cpp_dir:
+            raise
+        cls = None
     out = Path(out).expanduser() if out else Path.cwd() / f"{_default_name(hf_dir)}-{quant or outtype}.gguf"
     if out.is_dir():
         out = out / f"{_default_name(hf_dir)}-{quant or outtype}.gguf"
     if not out.parent.is_dir():
         raise EdgeLLMError(f"output folder does not exist: {out.parent}")
-    model = cls(hf_dir, config, load_tensors(hf_dir))
 
     tmp = _partial(out, f".{outtype}" if quant else "")
     try:
-        write_gguf(model, tmp, outtype, _metadata_writer(hf_dir, outtype, quant), progress)
+        if cls is None:
+            convert_with_llama_cpp(Path(llama_cpp_dir), hf_dir, tmp, outtype)
+        else:
+            model = cls(hf_dir, config, load_tensors(hf_dir))
+            write_gguf(model, tmp, outtype, _metadata_writer(hf_dir, outtype, quant), progress)
         if quant:
             from edge_llm.quantize import quantize_file
 
@@ -144,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outtype", default="f16", choices=list(OUTTYPES), help="tensor type (default: f16)")
     parser.add_argument("--quant", default=None, help="then quantize with llama.cpp, e.g. q5_k_m, q4_k_m")
     parser.add_argument("-t", "--threads", type=int, default=None, help="quantization threads (default: all)")
+    parser.add_argument("--llama-cpp", default=None, metavar="DIR",
+                        help="llama.cpp checkout whose convert_hf_to_gguf.py converts other architectures "
+                             "(needs torch + transformers; default: $EDGE_LLM_LLAMA_CPP)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     args = parser.parse_args(argv)
     show = not args.quiet and sys.stderr.isatty()
     out = convert(args.hf_dir, args.outfile, args.outtype, args.quant, threads=args.threads,
-                  progress=_print_progress if show else None)
+                  progress=_print_progress if show else None, llama_cpp_dir=args.llama_cpp)
     print(out)
     return 0

@@ -207,6 +207,7 @@ def write_gguf(model: Model, path: Path, outtype: str, metadata: Callable[[gguf.
     try:
         w.write_header_to_file(path=path)
         w.write_kv_data_to_file()
+        w.kv_data = [{}]  # the vocabulary's Python strings are on disk now: free them before the tensors
         w.write_ti_data_to_file()
         for i, p in enumerate(planned):
             data = p.tensor.load()
