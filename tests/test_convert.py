@@ -248,8 +248,6 @@ def test_disk_full_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     """Both ways a disk fills: known before writing (free space check) and mid-write (ENOSPC)."""
     import errno
 
-    import gguf
-
     from edge_llm.convert import base
     from edge_llm.errors import EdgeLLMError
 
@@ -262,7 +260,7 @@ def test_disk_full_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.undo()
 
     calls = []
-    real_write = gguf.GGUFWriter.write_tensor_data
+    real_write = base.StreamingWriter.write_tensor_blocks
 
     def write_then_fill(self, tensor, *args, **kwargs):
         calls.append(1)
@@ -270,7 +268,7 @@ def test_disk_full_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, tensor, *args, **kwargs)
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_then_fill)
+    monkeypatch.setattr(base.StreamingWriter, "write_tensor_blocks", write_then_fill)
     with pytest.raises(EdgeLLMError, match="disk full while writing"):
         convert(tiny_llama.path, out_dir / "m.gguf", quant="q4_k_m")
     assert not list(out_dir.iterdir())
@@ -278,7 +276,7 @@ def test_disk_full_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     def interrupted(self, tensor, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", interrupted)
+    monkeypatch.setattr(base.StreamingWriter, "write_tensor_blocks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_llama.path, out_dir / "m.gguf")
     assert not list(out_dir.iterdir())

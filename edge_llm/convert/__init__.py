@@ -149,7 +149,8 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
         if quant:
             from edge_llm.quantize import quantize_file
 
-            quantize_file(tmp, out, quant, threads=threads)
+            quantize_file(tmp, out, quant, threads=threads,
+                          progress=(lambda i, n, name: progress(i, n, f"{quant}: {name}")) if progress else None)
         else:
             os.replace(tmp, out)
     finally:

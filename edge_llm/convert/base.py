@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gguf.gguf_writer import WriterState
 
 from edge_llm.convert.checkpoint import CheckpointError, Lazy, disk_free
 from edge_llm.convert.vocab import add_vocab
@@ -31,6 +32,8 @@ OUTTYPES = {
 _QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 # Tensors every Llama-like block needs; a checkpoint without one of them is incomplete.
+# Large tensors read from disk are converted in row blocks of about this many float32 bytes.
+_BLOCK_BYTES = 16 * 2**20
 _REQUIRED = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -170,6 +173,42 @@ class Model:
         return planned
 
 
+class StreamingWriter(gguf.GGUFWriter):
+    """GGUFWriter that takes each tensor's data as a sequence of row blocks, in the order of the
+    tensor infos, so a tensor is never whole in memory (GGUFWriter.write_tensor_data wants it whole)."""
+
+    def write_tensor_blocks(self, blocks: Iterable[np.ndarray], nbytes: int) -> None:
+        if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS):
+            raise ValueError(f"expected the tensor infos to be written, got {self.state}")
+        fout = self.fout[0]
+        name = next(iter(self.tensors[0]))
+        if self.tensors[0].pop(name).nbytes != nbytes:
+            raise CheckpointError(f"internal error: {name} size does not match its tensor info")
+        self.write_padding(fout, fout.tell())
+        written = 0
+        for block in blocks:
+            block = np.ascontiguousarray(block)
+            fout.write(block.data.cast("B"))
+            written += block.nbytes
+        if written != nbytes:
+            raise CheckpointError(f"internal error: {name} wrote {written} bytes, expected {nbytes}")
+        self.write_padding(fout, nbytes)
+        self.state = WriterState.WEIGHTS
+
+
+def _blocks(p: PlannedTensor) -> Iterator[np.ndarray]:
+    """The converted tensor in row blocks (one block when it must be read whole)."""
+    shape = p.tensor.shape
+    row_bytes = 4 * int(np.prod(shape[1:])) if len(shape) > 1 else 4 * int(np.prod(shape))
+    step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    if p.tensor.rows is None or len(shape) < 2 or shape[0] <= step:
+        yield gguf.quants.quantize(p.tensor.load().astype(np.float32, copy=False), p.qtype)
+        return
+    for start in range(0, shape[0], step):
+        rows = p.tensor.rows(start, min(start + step, shape[0]))
+        yield gguf.quants.quantize(rows.astype(np.float32, copy=False), p.qtype)
+
+
 def tensor_qtype(name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
     """llama.cpp's converter rules: norms and other 1-D tensors stay F32; Q8_0 needs rows that are a
     multiple of its block (32) and falls back to F16 otherwise."""
@@ -191,7 +230,7 @@ def write_gguf(model: Model, path: Path, outtype: str, metadata: Callable[[gguf.
     if total > free:
         raise CheckpointError(f"not enough disk space in {path.parent}: the GGUF needs about "
                               f"{total / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
-    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[model.arch])
+    w = StreamingWriter(None, gguf.MODEL_ARCH_NAMES[model.arch])
     metadata(w, sum(int(np.prod(p.tensor.shape)) for p in planned))
     model.set_params(w)
     w.add_file_type(OUTTYPES[outtype])
@@ -210,11 +249,7 @@ def write_gguf(model: Model, path: Path, outtype: str, metadata: Callable[[gguf.
         w.kv_data = [{}]  # the vocabulary's Python strings are on disk now: free them before the tensors
         w.write_ti_data_to_file()
         for i, p in enumerate(planned):
-            data = p.tensor.load()
-            if data.dtype != np.float32:
-                data = data.astype(np.float32)
-            w.write_tensor_data(gguf.quants.quantize(data, p.qtype))
-            del data
+            w.write_tensor_blocks(_blocks(p), p.nbytes)
             if progress:
                 progress(i + 1, len(planned), p.name)
         w.flush()

@@ -34,10 +34,15 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Lazy:
-    """A tensor not read yet: its shape, and how to produce it as float32 (or its own dtype)."""
+    """A tensor not read yet: its shape, and how to produce it as float32 (or its own dtype).
+
+    `rows(start, stop)`, when set, reads only rows [start, stop): the writer then converts a large
+    tensor block by block and never holds it whole (a transform needs the whole tensor: `then` drops it).
+    """
 
     shape: tuple[int, ...]
     produce: Callable[[], np.ndarray]
+    rows: Callable[[int, int], np.ndarray] | None = None
 
     def load(self) -> np.ndarray:
         data = self.produce()
@@ -87,13 +92,16 @@ def _safetensors_tensors(path: Path) -> dict[str, Lazy]:
             raise CheckpointError(f"{path.name} is truncated ({size} bytes; tensor {name} ends at byte "
                                   f"{info.data_range.offset + info.data_range.size}); download it again")
 
-        def produce(info=info, dtype=dtype, shape=shape, bf16=info.dtype == "BF16") -> np.ndarray:
+        def rows(start: int, stop: int, info=info, dtype=dtype, shape=shape, width=width,
+                 bf16=info.dtype == "BF16") -> np.ndarray:
+            row_bytes = int(np.prod(shape[1:])) * width if len(shape) > 1 else width
             raw = np.memmap(info.data_range.filename, mode="r", dtype=np.uint8,
-                            offset=info.data_range.offset, shape=(info.data_range.size,))
-            data = raw.view(dtype).reshape(shape)
+                            offset=info.data_range.offset + start * row_bytes, shape=((stop - start) * row_bytes,))
+            data = raw.view(dtype).reshape((stop - start, *shape[1:]))
             return bf16_to_f32(data) if bf16 else data
 
-        out[name] = Lazy(shape, produce)
+        n_rows = shape[0] if shape else 1
+        out[name] = Lazy(shape, lambda rows=rows, n=n_rows, shape=shape: rows(0, n).reshape(shape), rows)
     return out
 
 

@@ -15,7 +15,7 @@ from edge_llm.convert.checkpoint import Lazy
 
 class LlamaModel(Model):
     arch = gguf.MODEL_ARCH.LLAMA
-    hf_architectures = ("LlamaForCausalLM", "MistralForCausalLM")
+    hf_architectures = ("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM")
 
     def set_params(self, w: gguf.GGUFWriter) -> None:
         super().set_params(w)
