@@ -164,6 +164,39 @@ def test_real_weights_smollm2_round_trip(smollm2_hf_dir, tmp_path):
     assert _field(tmp_path / "smol-q5_k_m.gguf", "tokenizer.chat_template")
 
 
+@pytest.mark.model
+def test_same_file_as_llama_cpp_converter(smollm2_hf_dir, demo_path, tmp_path):
+    """The bundled GGUF was made by llama.cpp's converter and quantizer. Its weights rebuilt as an HF
+    checkpoint, converted by us and quantized to its Q4_1 by llama.cpp, give back every tensor byte
+    for byte, and the same vocabulary, merges, special tokens, template and hyperparameters."""
+    from gguf import GGUFReader
+
+    from edge_llm.quantize import quantize_file
+
+    f32 = convert(smollm2_hf_dir, tmp_path / "f32.gguf", outtype="f32")
+    upstream, mine = GGUFReader(demo_path), GGUFReader(quantize_file(f32, tmp_path / "q4_1.gguf", "q4_1"))
+    theirs = {t.name: t for t in upstream.tensors}
+    # Same tensor order as llama.cpp's converter (today's llama-quantize regroups them by layer).
+    assert [t.name for t in GGUFReader(f32).tensors] == list(theirs)
+    assert sorted(t.name for t in mine.tensors) == sorted(theirs)
+    for t in mine.tensors:
+        assert t.tensor_type == theirs[t.name].tensor_type, t.name
+        assert np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)), t.name
+
+    def fields(reader):
+        return {f.name: f.contents() for f in reader.fields.values()
+                if not f.name.startswith(("GGUF.", "general.", "edge_llm."))}
+
+    # Not in the rebuilt checkpoint's files (transformers writes head_dim into config.json and drops
+    # add_bos_token / add_prefix_space from the tokenizer config), so not expected to match.
+    expected_differences = {"llama.attention.key_length", "llama.attention.value_length",
+                            "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"}
+    a, b = fields(upstream), fields(mine)
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= expected_differences
+    assert a["tokenizer.ggml.pre"] == b["tokenizer.ggml.pre"] == "smollm"
+    assert len(b["tokenizer.ggml.merges"]) > 40000
+
+
 def test_conversion_never_imports_torch(tokenizers_dir, tmp_path):
     tiny = build_qwen2(tmp_path / "qwen2", tokenizers_dir / "qwen2-bpe")
     code = ("import sys; from edge_llm.convert import convert; "

@@ -76,6 +76,9 @@ def _metadata_writer(hf_dir: Path, outtype: str, quant: str | None) -> Callable[
     def add(w: gguf.GGUFWriter, total_params: int) -> None:
         meta = gguf.Metadata.load(None, hf_dir, None, total_params)
         meta.name = meta.name if meta.name and meta.name != hf_dir.name else _default_name(hf_dir)
+        if meta.size_label is None and total_params > 0:
+            meta.size_label = gguf.size_label(total_params, 0, 0, 0)
+        w.add_type(gguf.GGUFType.MODEL)
         repo = source_repo(hf_dir)
         if repo and not meta.source_repo_url:
             meta.source_repo_url = f"https://huggingface.co/{repo}"
