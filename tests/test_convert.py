@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = QWEN2_REGEX.replace(r"\p{N}|", r"\p{N}{1,3}|")
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 
@@ -46,12 +47,15 @@ def tokenizers_dir(tmp_path_factory, demo_path):
     smol = transformers.AutoTokenizer.from_pretrained(demo_path.parent, gguf_file=demo_path.name)
     smol.save_pretrained(root / "bpe")
     copy_bpe_tokenizer(root / "bpe", root / "qwen2-bpe", QWEN2_REGEX)
+    copy_bpe_tokenizer(root / "bpe", root / "llama3-bpe", LLAMA3_REGEX)
     return root
 
 
 BUILDERS = {
     "llama-spm": lambda d, t: build_llama(d, t / "spm"),
-    "llama3-bpe-rope-scaling": lambda d, t: build_llama(d, t / "bpe", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "llama3-bpe-rope-scaling": lambda d, t: build_llama(d, t / "llama3-bpe", rope_scaling=LLAMA3_ROPE,
+                                                        rope_theta=500000.0),
+    "smollm-bpe": lambda d, t: build_llama(d, t / "bpe"),
     "mistral": lambda d, t: build_mistral(d, t / "spm"),
     "qwen2": lambda d, t: build_qwen2(d, t / "qwen2-bpe"),
     "qwen3": lambda d, t: build_qwen3(d, t / "qwen2-bpe"),
@@ -59,7 +63,8 @@ BUILDERS = {
     "baichuan2": lambda d, t: build_baichuan(d, t / "spm", version=2),
     "internlm2": lambda d, t: build_internlm2(d, t / "spm"),
 }
-EXPECTED_PRE = {"llama-spm": "default", "llama3-bpe-rope-scaling": "smollm", "mistral": "default",
+EXPECTED_PRE = {"llama-spm": "default", "llama3-bpe-rope-scaling": "llama-bpe", "smollm-bpe": "smollm",
+                "mistral": "default",
                 "qwen2": "qwen2", "qwen3": "qwen2", "baichuan": "default", "baichuan2": "default",
                 "internlm2": "default"}
 
@@ -195,6 +200,21 @@ def test_same_file_as_llama_cpp_converter(smollm2_hf_dir, demo_path, tmp_path):
     assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= expected_differences
     assert a["tokenizer.ggml.pre"] == b["tokenizer.ggml.pre"] == "smollm"
     assert len(b["tokenizer.ggml.merges"]) > 40000
+
+
+def test_pytorch_bin_checkpoint(tokenizers_dir, tmp_path):
+    """A pickle checkpoint (pytorch_model.bin): read with torch, weights_only=True."""
+    import torch
+
+    tiny = build_llama(tmp_path / "llama", tokenizers_dir / "spm")
+    state = {k: v.to(torch.bfloat16) for k, v in tiny.reference.state_dict().items()}
+    torch.save(state, tiny.path / "pytorch_model.bin")
+    (tiny.path / "model.safetensors").unlink()
+    ids = tiny.tokenizer(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    ref = reference_logits(tiny.reference, ids)
+    got = llama_cpp_logits(convert(tiny.path, tmp_path / "bin.gguf", outtype="f32"), ids)
+    cos = np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() > 0.999  # bf16-rounded weights, else the same model
 
 
 def test_conversion_never_imports_torch(tokenizers_dir, tmp_path):
