@@ -1,12 +1,31 @@
-"""GGUF -> quantized GGUF through llama.cpp's own quantizer (`llama_model_quantize`, the code
-behind `llama-quantize`), so the output is byte-for-byte what llama-quantize writes."""
+"""`edge-llm quantize`: GGUF -> quantized GGUF through llama.cpp's own quantizer
+(`llama_model_quantize`, the code behind `llama-quantize`), so the output is byte-for-byte what
+llama-quantize writes.
+
+    edge-llm quantize model-f16.gguf q5_k_m                 # -> model-q5_k_m.gguf
+    edge-llm quantize model-f16.gguf iq2_xs --imatrix imatrix.gguf -o small.gguf
+"""
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import os
+import re
+import struct
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+
+# llama.cpp refuses these without an importance matrix ("this quantization requires an imatrix").
+NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s"}
+# llama_ftype names the binding exposes that llama.cpp's quantizer rejects as a target.
+_NOT_TARGETS = {"nvfp4"}
+_PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 
 
 def quant_types() -> dict[str, int]:
@@ -15,15 +34,19 @@ def quant_types() -> dict[str, int]:
 
     prefix = "LLAMA_FTYPE_MOSTLY_"
     types = {name[len(prefix):].lower(): getattr(llama_cpp, name) for name in dir(llama_cpp)
-             if name.startswith(prefix)}
+             if name.startswith(prefix) and name[len(prefix):].lower() not in _NOT_TARGETS}
     types["f32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
     return types
 
 
 def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int | None = None,
-                  allow_requantize: bool = False, verbose: bool = False) -> Path:
+                  allow_requantize: bool = False, verbose: bool = False, imatrix: str | Path | None = None,
+                  progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Quantize `src` into `dst`. The output is written to a temporary name in the target folder
-    and renamed when complete, so a failure never leaves a half file under `dst`."""
+    and renamed when complete, so a failure never leaves a half file under `dst`.
+
+    `imatrix`: an importance matrix from llama-imatrix (GGUF or legacy .dat); `progress(done, total,
+    tensor)` is called as llama.cpp reports each tensor."""
     import llama_cpp
     from llama_cpp._logger import set_verbose
 
@@ -37,16 +60,27 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
                                     param="type")
     if not src.is_file():
         raise EdgeLLMError(f"input file not found: {src}")
+    if qtype.lower() in NEEDS_IMATRIX and imatrix is None:
+        raise InvalidParameterError(f"{qtype} needs an importance matrix: pass --imatrix FILE "
+                                    "(made by llama-imatrix)", param="imatrix")
     check_gguf_file(src)
+    if not dst.parent.is_dir():
+        raise EdgeLLMError(f"output folder does not exist: {dst.parent}")
     set_verbose(verbose)  # llama.cpp logs every tensor otherwise
     _init_backend()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or 0  # 0: llama.cpp uses every core
     params.allow_requantize = allow_requantize
+    keep_alive = []
+    if imatrix is not None:
+        entries = load_imatrix(Path(imatrix))
+        keep_alive = _imatrix_array(entries)
+        params.imatrix = keep_alive[0]
     tmp = dst.with_name(f".{dst.name}.partial")
     try:
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        with _log_progress(progress, verbose):
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if status != 0:
             raise EdgeLLMError(f"llama.cpp could not quantize {src} to {qtype} (status {status}; "
                                "run with -v for llama.cpp's log)")
@@ -54,3 +88,133 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
     finally:
         tmp.unlink(missing_ok=True)
     return dst
+
+
+class _log_progress:
+    """Route llama.cpp's log through our own callback while quantizing: it reports each
+    "[ 12/272] blk.1.attn_q.weight" line as progress (llama_model_quantize has no progress callback)
+    and prints the log only when verbose (llama-cpp-python's own callback lets continuation lines
+    of warnings through even when quiet)."""
+
+    def __init__(self, progress: Callable[[int, int, str], None] | None, verbose: bool):
+        self.progress, self.verbose = progress, verbose
+
+    def __enter__(self):
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def callback(level, text, user_data):
+            match = _PROGRESS.search(text or b"")
+            if match and self.progress is not None:
+                self.progress(int(match[1]), int(match[2]), match[3].decode(errors="replace"))
+            if self.verbose:
+                print((text or b"").decode(errors="replace"), end="", file=sys.stderr, flush=True)
+
+        self._callback = callback  # ctypes needs the callback object alive while llama.cpp holds it
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc):
+        import llama_cpp
+        from llama_cpp._logger import llama_log_callback
+
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+        return False
+
+
+def load_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """tensor name -> mean squared activations, as llama-quantize computes them from an imatrix file:
+    the GGUF format (`NAME.in_sum2` / `NAME.counts`) or the legacy binary .dat."""
+    if not path.is_file():
+        raise EdgeLLMError(f"imatrix file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    try:
+        return _load_gguf_imatrix(path) if magic == b"GGUF" else _load_legacy_imatrix(path)
+    except (ValueError, struct.error, UnicodeDecodeError, IndexError) as exc:
+        raise EdgeLLMError(f"{path}: not a valid imatrix file ({exc})") from None
+
+
+def _load_gguf_imatrix(path: Path) -> dict[str, np.ndarray]:
+    from gguf import GGUFReader
+
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(path).tensors}
+    out = {}
+    for name, sums in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[: -len(".in_sum2")]
+        counts = tensors[base + ".counts"].reshape(-1)
+        sums = sums.reshape(len(counts), -1)
+        out[base] = np.where(counts[:, None] > 0, sums / np.maximum(counts[:, None], 1), 1.0).reshape(-1)
+    if not out:
+        raise ValueError("no *.in_sum2 tensors")
+    return out
+
+
+def _load_legacy_imatrix(path: Path) -> dict[str, np.ndarray]:
+    data = path.read_bytes()
+    (n_entries,), pos, out = struct.unpack_from("<i", data, 0), 4, {}
+    for _ in range(n_entries):
+        (length,) = struct.unpack_from("<i", data, pos)
+        name = data[pos + 4: pos + 4 + length].decode()
+        ncall, nval = struct.unpack_from("<ii", data, pos + 4 + length)
+        pos += 12 + length
+        values = np.frombuffer(data, dtype=np.float32, count=nval, offset=pos).copy()
+        pos += 4 * nval
+        out[name] = values / ncall if ncall > 0 else values
+    if not out:
+        raise ValueError("no entries")
+    return out
+
+
+def _imatrix_array(entries: dict[str, np.ndarray]) -> list:
+    """A NULL-terminated C array of llama_model_imatrix_data, and everything it points into."""
+    import llama_cpp
+
+    names = [name.encode() for name in entries]
+    arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in entries.values()]
+    table = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for i, (name, values) in enumerate(zip(names, arrays, strict=True)):
+        table[i].name = name
+        table[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        table[i].size = values.size
+    return [table, names, arrays]
+
+
+def default_output(src: Path, qtype: str) -> Path:
+    """model-f16.gguf -> model-q5_k_m.gguf; other names get the type appended."""
+    stem = re.sub(r"[-_.](f32|f16|bf16|q8_0)$", "", src.stem, flags=re.IGNORECASE)
+    return src.with_name(f"{stem}-{qtype.lower()}.gguf")
+
+
+def _print_progress(done: int, total: int, name: str) -> None:
+    print(f"\rquantizing [{done}/{total}] {name:<40.40}", end="" if done < total else "\n",
+          file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    types = quant_types()
+    parser = argparse.ArgumentParser(
+        prog="edge-llm quantize", description="Quantize a GGUF file with llama.cpp's own quantizer.",
+        epilog="types: " + ", ".join(sorted(types)) + f". Types needing --imatrix: {', '.join(sorted(NEEDS_IMATRIX))}.")
+    parser.add_argument("input", help="the GGUF to quantize (usually f16, bf16 or f32)")
+    parser.add_argument("type", help="quant type, e.g. q4_k_m, q5_k_m, q8_0, iq4_xs")
+    parser.add_argument("-o", "--outfile", default=None, help="output .gguf (default: INPUT-TYPE.gguf beside it)")
+    parser.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core)")
+    parser.add_argument("--imatrix", default=None, help="importance matrix from llama-imatrix (GGUF or .dat)")
+    parser.add_argument("--allow-requantize", action="store_true", help="allow an already-quantized input")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise InvalidParameterError(f"invalid threads: {args.threads} (must be >= 1)", param="threads")
+    src = Path(args.input).expanduser()
+    dst = Path(args.outfile).expanduser() if args.outfile else default_output(src, args.type)
+    if dst.resolve() == src.resolve():
+        raise InvalidParameterError("the output would overwrite the input; pass -o", param="outfile")
+    show = not args.quiet and not args.verbose and sys.stderr.isatty()
+    quantize_file(src, dst, args.type, threads=args.threads, allow_requantize=args.allow_requantize,
+                  verbose=args.verbose, imatrix=args.imatrix, progress=_print_progress if show else None)
+    print(dst)
+    return 0

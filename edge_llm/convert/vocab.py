@@ -1,0 +1,198 @@
+"""Tokenizers into GGUF metadata: SentencePiece (`tokenizer.model`) and HF byte-level BPE
+(`tokenizer.json`), with added/special tokens, merges and the chat template (gguf.SpecialVocab).
+
+This follows llama.cpp's convert_hf_to_gguf.py (`_create_vocab_sentencepiece`, `get_vocab_base`,
+`get_vocab_base_pre`) but reads tokenizer.json with the `tokenizers` library instead of
+transformers, so no transformers (and no torch) is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from hashlib import sha256
+from pathlib import Path
+
+import gguf
+
+from edge_llm.convert.checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+# llama.cpp tells BPE pre-tokenizers apart by the sha256 of the token ids of this text
+# (get_vocab_base_pre in convert_hf_to_gguf.py); it must stay byte-for-byte the same.
+CHKTXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f "
+          "(multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 "
+          "33333333 3.3 3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2"
+          "\u17b6\u1785\U0001f601 ?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
+          "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+          "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure "
+          "I'll make it, 'D you like some tea? We'Ve a'lL")
+
+# The hashes of llama.cpp's table for the families this converter supports (same values upstream).
+KNOWN_PRE_HASHES = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # Smaug-Llama-3-70B
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM-135M
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5-7B
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-Embedding-0.6B
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
+}
+
+# When the hash is not in the table (a fine-tune with edited special tokens changes the ids), the
+# split regex itself still says which pre-tokenizer llama.cpp must run.
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+KNOWN_PRE_REGEXES = {
+    _LLAMA3_REGEX: "llama-bpe",
+    _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2",
+}
+
+
+def does_token_look_special(token: str) -> bool:
+    """Added tokens some models forget to mark special (same rule as llama.cpp's converter)."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, prefer: str = "auto") -> str:
+    """Write the checkpoint's tokenizer; returns its kind ("spm" or "bpe")."""
+    has_spm = (hf_dir / "tokenizer.model").is_file()
+    has_json = (hf_dir / "tokenizer.json").is_file()
+    if prefer == "bpe" and has_json or not has_spm and has_json:
+        add_bpe_vocab(writer, hf_dir, vocab_size)
+        return "bpe"
+    if has_spm:
+        add_sentencepiece_vocab(writer, hf_dir, vocab_size)
+        return "spm"
+    raise CheckpointError(f"{hf_dir}: no tokenizer (tokenizer.model or tokenizer.json)")
+
+
+def _tokenizer_config(hf_dir: Path) -> dict:
+    path = hf_dir / "tokenizer_config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def add_sentencepiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None,
+                            fix_piece=None) -> None:
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise CheckpointError("this checkpoint has a SentencePiece tokenizer: pip install sentencepiece") from None
+
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(hf_dir / "tokenizer.model"))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{hf_dir / 'tokenizer.model'}: not a SentencePiece model ({exc})") from None
+    n = vocab_size or sp.vocab_size()
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    scores = [-10000.0] * n
+    types = [gguf.TokenType.UNUSED] * n
+    for i in range(min(n, sp.vocab_size())):
+        piece = sp.IdToPiece(i)
+        tokens[i] = fix_piece(piece).encode() if fix_piece else piece.encode()
+        scores[i] = sp.GetScore(i)
+        types[i] = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+                    else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
+                    else gguf.TokenType.NORMAL)
+
+    added_file = hf_dir / "added_tokens.json"
+    if added_file.is_file():
+        for text, tid in json.loads(added_file.read_text(encoding="utf-8")).items():
+            if tid < n:
+                tokens[tid], scores[tid], types[tid] = text.encode(), -1000.0, gguf.TokenType.USER_DEFINED
+    for tid, data in _tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items():
+        tid, text = int(tid), data["content"]
+        if tid >= n:
+            continue
+        if data.get("special") or does_token_look_special(text):
+            types[tid] = gguf.TokenType.CONTROL
+        else:
+            text = text.replace("\u2581", " ")  # llama.cpp expects user-defined tokens pre-normalized
+            types[tid] = gguf.TokenType.USER_DEFINED
+        tokens[tid], scores[tid] = text.encode(), -1000.0
+
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(hf_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
+    """llama.cpp's name for this tokenizer's pre-tokenizer (`tokenizer.ggml.pre`)."""
+    digest = sha256(str(tokenizer.encode(CHKTXT).ids).encode()).hexdigest()
+    if digest in KNOWN_PRE_HASHES:
+        return KNOWN_PRE_HASHES[digest]
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        regex = (step.get("pattern") or {}).get("Regex")
+        if step.get("type") == "Split" and regex in KNOWN_PRE_REGEXES:
+            return KNOWN_PRE_REGEXES[regex]
+    kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex")) for s in steps]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt-2"
+    if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
+        return "smollm"
+    raise CheckpointError(f"unrecognized BPE pre-tokenizer (llama.cpp hash {digest}): llama.cpp could not "
+                          "tokenize this model's text correctly, so it is not converted")
+
+
+def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None) -> None:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise CheckpointError("this checkpoint has a tokenizer.json: pip install tokenizers") from None
+
+    path = hf_dir / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises bare Exception subclasses
+        raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from None
+    model = data.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise CheckpointError(f"{path}: only byte-level BPE tokenizers (GPT-2 style) are supported from "
+                              f"tokenizer.json; this one is {model.get('type')} with byte_fallback="
+                              f"{model.get('byte_fallback')}")
+    pre = bpe_pre_tokenizer(tokenizer, data)
+
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    n = vocab_size or (max(vocab.values()) + 1)
+    if max(vocab.values()) >= n:
+        raise CheckpointError(f"{path}: token id {max(vocab.values())} does not fit vocab_size {n} of config.json")
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    for tid, info in _tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items():
+        added.setdefault(int(tid), {"content": info["content"], "special": info.get("special", False)})
+    reverse = {tid: text for text, tid in vocab.items()}
+    tokens, types = [], []
+    for i in range(n):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            text = added[i]["content"]
+            if added[i].get("special") or does_token_look_special(text):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                text = text.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+            tokens.append(text)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)

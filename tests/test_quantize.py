@@ -1,0 +1,142 @@
+"""`edge-llm quantize`: every llama.cpp type that needs no importance matrix, imatrix files in both
+formats, and bad inputs."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from tiny_models import build_llama, llama_cpp_logits, train_sentencepiece
+
+from edge_llm.quantize import NEEDS_IMATRIX, default_output, load_imatrix, quant_types, quantize_file
+
+pytestmark = pytest.mark.slow
+
+TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
+         "q5_k_s", "q5_k_m", "q6_k", "iq3_s", "iq3_m", "iq4_nl", "iq4_xs", "bf16", "f16"]
+
+
+def min_cosine(qtype: str) -> float:
+    """Closeness to the f32 logits, by bits per weight (measured on this model: q2_k 0.89, q3_k_s 0.94,
+    iq3_s 0.92, q4_0 0.98, q5_0 0.995, q6_k 0.999, q8_0 1.000)."""
+    for prefixes, bound in ((("f16", "bf16", "q8"), 0.999), (("q5", "q6"), 0.99), (("q4", "iq4"), 0.97),
+                            (("q3_k_m", "q3_k_l", "iq3_m"), 0.95), (("q3", "iq3"), 0.9), (("q2",), 0.85)):
+        if qtype.startswith(prefixes):
+            return bound
+    raise AssertionError(qtype)
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tmp_path_factory):
+    """A tiny Llama as f32 GGUF, with 256-wide rows so the K-quants apply without fallbacks."""
+    from edge_llm.convert import convert
+
+    root = tmp_path_factory.mktemp("quant")
+    tiny = build_llama(root / "llama", train_sentencepiece(root / "spm"), hidden_size=256, intermediate_size=512,
+                       initializer_range=0.02)
+    ids = tiny.tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"]
+    return convert(tiny.path, root / "tiny-f32.gguf", outtype="f32"), ids
+
+
+def _file_type(path) -> int:
+    from gguf import GGUFReader
+
+    return int(GGUFReader(path).get_field("general.file_type").contents())
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_every_type(qtype, f32_gguf, tmp_path):
+    src, ids = f32_gguf
+    out = run_cli("quantize", str(src), qtype, "-o", str(tmp_path / f"m-{qtype}.gguf"), "-t", "2")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    assert out.stdout.strip() == str(tmp_path / f"m-{qtype}.gguf")
+    assert _file_type(tmp_path / f"m-{qtype}.gguf") == quant_types()[qtype]
+    ref, got = llama_cpp_logits(src, ids), llama_cpp_logits(tmp_path / f"m-{qtype}.gguf", ids)
+    cos = np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.mean() > min_cosine(qtype), cos.mean()
+    assert [p.name for p in tmp_path.iterdir()] == [f"m-{qtype}.gguf"]
+
+
+def test_cli_writes_what_the_library_writes(f32_gguf, tmp_path):
+    """The CLI is llama.cpp's quantizer: same bytes as calling it directly; default name beside the input."""
+    src, _ = f32_gguf
+    direct = quantize_file(src, tmp_path / "direct.gguf", "q4_k_m")
+    out = run_cli("quantize", str(src), "Q4_K_M")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(src.with_name("tiny-q4_k_m.gguf"))
+    assert src.with_name("tiny-q4_k_m.gguf").read_bytes() == direct.read_bytes()
+    assert default_output(src.with_name("x.gguf"), "q8_0").name == "x-q8_0.gguf"
+
+
+def _write_gguf_imatrix(path, src, counts: float = 4.0):
+    import gguf
+
+    w = gguf.GGUFWriter(path, "imatrix")
+    w.add_array("imatrix.datasets", ["test"])
+    w.add_uint32("imatrix.chunk_count", 1)
+    w.add_uint32("imatrix.chunk_size", 16)
+    rng = np.random.default_rng(0)
+    sums = {}
+    for t in gguf.GGUFReader(src).tensors:
+        if len(t.shape) == 2:
+            ncols = int(t.shape[0])
+            sums[t.name] = rng.uniform(0.1, 10.0, size=(1, ncols)).astype(np.float32) * counts
+            w.add_tensor(f"{t.name}.in_sum2", sums[t.name])
+            w.add_tensor(f"{t.name}.counts", np.full((1, 1), counts, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {name: (s / counts).reshape(-1) for name, s in sums.items()}
+
+
+def test_imatrix_gguf_and_legacy(f32_gguf, tmp_path):
+    src, ids = f32_gguf
+    expected = _write_gguf_imatrix(tmp_path / "imatrix.gguf", src)
+    loaded = load_imatrix(tmp_path / "imatrix.gguf")
+    assert sorted(loaded) == sorted(expected)
+    assert all(np.allclose(loaded[k], expected[k]) for k in expected)
+
+    legacy = bytearray(struct.pack("<i", len(expected)))
+    for name, values in expected.items():  # legacy .dat stores mean * ncall
+        legacy += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", 3, values.size)
+        legacy += (values * 3).astype(np.float32).tobytes()
+    (tmp_path / "imatrix.dat").write_bytes(bytes(legacy))
+    from_dat = load_imatrix(tmp_path / "imatrix.dat")
+    assert all(np.allclose(from_dat[k], expected[k], rtol=1e-6) for k in expected)
+
+    # IQ2_XS refuses to run without one; with it, llama.cpp quantizes and the model still works.
+    out = run_cli("quantize", str(src), "iq2_xs", "-o", str(tmp_path / "iq2.gguf"), "--imatrix",
+                  str(tmp_path / "imatrix.gguf"))
+    assert out.returncode == 0, out.stderr
+    assert _file_type(tmp_path / "iq2.gguf") == quant_types()["iq2_xs"]
+    assert np.isfinite(llama_cpp_logits(tmp_path / "iq2.gguf", ids)).all()
+    # The importance weights change the rounding: not the same file as without them.
+    plain = quantize_file(src, tmp_path / "plain.gguf", "q4_k_m")
+    weighted = quantize_file(src, tmp_path / "weighted.gguf", "q4_k_m", imatrix=tmp_path / "imatrix.dat")
+    assert plain.read_bytes() != weighted.read_bytes()
+
+
+def test_bad_inputs(f32_gguf, tmp_path):
+    src, _ = f32_gguf
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf" * 10)
+    cases = [
+        ((str(tmp_path / "missing.gguf"), "q4_0"), "input file not found"),
+        ((str(junk), "q4_0"), "is not a GGUF file"),
+        ((str(src), "q9_k"), "unknown quant type 'q9_k'"),
+        ((str(src), "iq2_xxs"), "iq2_xxs needs an importance matrix: pass --imatrix FILE"),
+        ((str(src), "q4_0", "-o", str(src)), "would overwrite the input"),
+        ((str(src), "q4_0", "--imatrix", str(junk)), "not a valid imatrix file"),
+        ((str(src), "q4_0", "-o", str(tmp_path / "no" / "x.gguf")), "output folder does not exist"),
+    ]
+    for args, fragment in cases:
+        out = run_cli("quantize", *args)
+        assert out.returncode == 1, (args, out.stderr)
+        assert fragment in out.stderr, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.gguf"]
+    assert set(NEEDS_IMATRIX) <= set(quant_types())

@@ -1,0 +1,278 @@
+"""Tiny random-weight HF checkpoints for the converter tests, built on the fly (no download).
+
+Each builder writes a checkpoint folder the way its family ships it (config.json, safetensors with
+the family's own tensor names, a real tokenizer) and returns it with a transformers model that
+computes the reference logits.
+
+Baichuan and InternLM2 ship their modelling code with the checkpoint (trust_remote_code), which this
+project never runs. Their architectures are Llama's with the attention projections packed in one
+tensor (Baichuan's W_pack = [q; k; v], InternLM2's wqkv interleaved per key/value group) and, for
+Baichuan2, an lm_head whose rows are L2-normalized at run time (NormHead). So the reference is a
+transformers LlamaForCausalLM with random weights; the checkpoint is written from the same weights
+packed the original way, and the reference's lm_head is the normalized one Baichuan2 would compute.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Mixed English / Chinese / emoji / code, with characters the tiny SentencePiece model never saw
+# (byte fallback) and digits.
+MIXED_TEXT = ("The quick brown fox jumps over the lazy dog, 12345 times. 我想在apple工作，北京欢迎你！ "
+              "Emoji: 🚀😀✅🦙 naïve café ü\ndef square(x):\n    return x ** 2  # code\n\tend")
+
+_SP_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "我想在apple工作 北京 上海 你好世界 欢迎",
+    "def f(x):\n    return x ** 2  # code", "Hello, world! 🚀 emojis 😀 and numbers 0123456789",
+    "A small model, a short text, and a tokenizer trained in a test fixture.",
+]
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.2)
+
+
+@dataclass
+class TinyModel:
+    path: Path
+    reference: object  # a transformers model computing the logits the GGUF must reproduce
+    tokenizer: object  # the HF tokenizer
+
+
+def train_sentencepiece(folder: Path) -> Path:
+    """A real (tiny) Llama-style SentencePiece model: BPE with byte fallback, ids 0/1/2 = unk/bos/eos."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_SP_CORPUS * 40), model_writer=buf, vocab_size=600, model_type="bpe",
+        byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        split_digits=True, hard_vocab_limit=False, minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
+    return folder
+
+
+def copy_bpe_tokenizer(src: Path, folder: Path, regex: str | None = None) -> Path:
+    """SmolLM2's real byte-level BPE tokenizer; `regex` swaps in another family's split regex
+    (e.g. Qwen2's) so the pre-tokenizer detection and llama.cpp's matching regex get exercised."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy(src / name, folder / name)
+    if regex is not None:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+        (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def _hf_tokenizer(folder: Path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _save(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def build_llama(folder: Path, tokenizer_dir: Path, **overrides) -> TinyModel:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    tok = _hf_tokenizer(tokenizer_dir)
+    config = transformers.LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, **{**SMALL, **overrides})
+    model = transformers.LlamaForCausalLM(config).eval()
+    _save(model, tok, folder)
+    for name in ("tokenizer.model",):  # keep the SentencePiece model beside the tokenizer.json
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return TinyModel(folder, model, tok)
+
+
+def build_mistral(folder: Path, tokenizer_dir: Path) -> TinyModel:
+    import torch
+    import transformers
+
+    torch.manual_seed(1)
+    tok = _hf_tokenizer(tokenizer_dir)
+    config = transformers.MistralConfig(vocab_size=len(tok), sliding_window=None, **SMALL)
+    model = transformers.MistralForCausalLM(config).eval()
+    _save(model, tok, folder)
+    shutil.copy(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
+    return TinyModel(folder, model, tok)
+
+
+def build_qwen2(folder: Path, tokenizer_dir: Path, tied: bool = True) -> TinyModel:
+    import torch
+    import transformers
+
+    torch.manual_seed(2)
+    tok = _hf_tokenizer(tokenizer_dir)
+    config = transformers.Qwen2Config(vocab_size=len(tok), tie_word_embeddings=tied, rope_theta=1_000_000.0,
+                                      **SMALL)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # q/k/v biases are zero at init: make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    _save(model, tok, folder)
+    return TinyModel(folder, model, tok)
+
+
+def build_qwen3(folder: Path, tokenizer_dir: Path) -> TinyModel:
+    import torch
+    import transformers
+
+    torch.manual_seed(3)
+    tok = _hf_tokenizer(tokenizer_dir)
+    config = transformers.Qwen3Config(vocab_size=len(tok), tie_word_embeddings=False, head_dim=32, **SMALL)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # q/k norms are ones at init: make them matter
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    _save(model, tok, folder)
+    return TinyModel(folder, model, tok)
+
+
+def _reference_llama(tok, seed: int, **overrides):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False,
+                                      **{**SMALL, "rope_theta": 10000.0, **overrides})
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _write_original(folder: Path, tensors: dict[str, np.ndarray], config: dict, tokenizer_dir: Path) -> None:
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+
+
+def build_baichuan(folder: Path, tokenizer_dir: Path, version: int = 2) -> TinyModel:
+    """Baichuan (version 1) or Baichuan2 (NormHead) in their original layout; MHA, like the 7B models.
+    32 layers: llama.cpp picks RoPE (7B) or ALiBi (13B, 40 layers) by layer count, so a tiny
+    Baichuan must have the 7B's 32 layers to be run as one (with smaller random weights, so that 32
+    random layers do not amplify quantization error chaotically)."""
+    import torch
+
+    tok = _hf_tokenizer(tokenizer_dir)
+    ref = _reference_llama(tok, seed=4 + version, num_key_value_heads=SMALL["num_attention_heads"],
+                           num_hidden_layers=32, initializer_range=0.1)
+    state = {k: v.detach().float().numpy() for k, v in ref.state_dict().items()}
+    raw_head = state["lm_head.weight"] * np.linspace(0.5, 3.0, state["lm_head.weight"].shape[0])[:, None]
+    tensors = {}
+    for name, value in state.items():
+        if ".self_attn.q_proj." in name:
+            prefix = name.split(".self_attn.")[0]
+            tensors[f"{prefix}.self_attn.W_pack.weight"] = np.concatenate(
+                [value, state[f"{prefix}.self_attn.k_proj.weight"], state[f"{prefix}.self_attn.v_proj.weight"]])
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        elif name == "lm_head.weight":
+            tensors[name] = raw_head.astype(np.float32)
+        else:
+            tensors[name] = value
+    head = torch.from_numpy(raw_head.astype(np.float32))
+    with torch.no_grad():  # the reference computes what the original model computes
+        ref.lm_head.weight.copy_(torch.nn.functional.normalize(head) if version == 2 else head)
+    config = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_act": "silu",
+              "hidden_size": SMALL["hidden_size"], "intermediate_size": SMALL["intermediate_size"],
+              "num_attention_heads": SMALL["num_attention_heads"], "num_hidden_layers": 32,
+              "model_max_length": SMALL["max_position_embeddings"], "rms_norm_eps": SMALL["rms_norm_eps"],
+              "vocab_size": len(tok), "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    if version == 2:
+        config["z_loss_weight"] = 0
+    _write_original(folder, tensors, config, tokenizer_dir)
+    return TinyModel(folder, ref, tok)
+
+
+def build_internlm2(folder: Path, tokenizer_dir: Path) -> TinyModel:
+    """InternLM2 in its original layout: wqkv rows grouped as [kv group][q heads of the group, k, v]."""
+    tok = _hf_tokenizer(tokenizer_dir)
+    ref = _reference_llama(tok, seed=7, rope_theta=1_000_000.0)
+    state = {k: v.detach().float().numpy() for k, v in ref.state_dict().items()}
+    n_head, n_kv, hidden = SMALL["num_attention_heads"], SMALL["num_key_value_heads"], SMALL["hidden_size"]
+    d, q_per_kv = hidden // n_head, n_head // n_kv
+    rename = {"model.embed_tokens.weight": "model.tok_embeddings.weight", "lm_head.weight": "output.weight",
+              "model.norm.weight": "model.norm.weight"}
+    per_layer = {"self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
+                 "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+                 "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    tensors = {}
+    for name, value in state.items():
+        if name in rename:
+            tensors[rename[name]] = value
+            continue
+        prefix, rest = name.split(".", 3)[:3], name.split(".", 3)[3]
+        layer = ".".join(prefix)
+        module = rest.rsplit(".", 1)[0]
+        if module == "self_attn.q_proj":
+            q = value.reshape(n_kv, q_per_kv, d, hidden)
+            k = state[f"{layer}.self_attn.k_proj.weight"].reshape(n_kv, 1, d, hidden)
+            v = state[f"{layer}.self_attn.v_proj.weight"].reshape(n_kv, 1, d, hidden)
+            tensors[f"{layer}.attention.wqkv.weight"] = np.concatenate([q, k, v], axis=1).reshape(-1, hidden)
+        elif module in ("self_attn.k_proj", "self_attn.v_proj"):
+            continue
+        else:
+            tensors[f"{layer}.{per_layer[module]}.weight"] = value
+    config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_act": "silu",
+              "bias": False, "rope_theta": 1_000_000.0, "rope_scaling": None, "vocab_size": len(tok),
+              **{k: SMALL[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                       "rms_norm_eps")},
+              "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    _write_original(folder, tensors, config, tokenizer_dir)
+    return TinyModel(folder, ref, tok)
+
+
+def reference_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def llama_cpp_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
+    """Logits of every position from llama.cpp, with an f32 KV cache so f32 weights stay f32."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(64, len(ids) + 8), n_batch=512, logits_all=True,
+                          verbose=False, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def llama_cpp_tokenize(gguf_path: Path, text: str) -> list[int]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode(), add_bos=False, special=False)
+    finally:
+        llm.close()
