@@ -188,9 +188,14 @@ def default_output(src: Path, qtype: str) -> Path:
     return src.with_name(f"{stem}-{qtype.lower()}.gguf")
 
 
-def _print_progress(done: int, total: int, name: str) -> None:
-    print(f"\rquantizing [{done}/{total}] {name:<40.40}", end="" if done < total else "\n",
-          file=sys.stderr, flush=True)
+def progress_printer(verb: str) -> Callable[[int, int, str], None]:
+    """A one-line progress display on stderr ("quantizing [12/272] blk.1.attn_q.weight")."""
+
+    def show(done: int, total: int, name: str) -> None:
+        print(f"\r{verb} [{done}/{total}] {name:<40.40}", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         raise InvalidParameterError("the output would overwrite the input; pass -o", param="outfile")
     show = not args.quiet and not args.verbose and sys.stderr.isatty()
     quantize_file(src, dst, args.type, threads=args.threads, allow_requantize=args.allow_requantize,
-                  verbose=args.verbose, imatrix=args.imatrix, progress=_print_progress if show else None)
+                  verbose=args.verbose, imatrix=args.imatrix, progress=progress_printer("quantizing") if show else None)
     print(dst)
     return 0

@@ -31,6 +31,10 @@ print(json.dumps({"rc": r.returncode, "seconds": time.perf_counter() - t,
                   "stderr_tail": r.stderr.strip().splitlines()[-1:] }))
 """
 
+# The imports at the top of llama.cpp's convert_hf_to_gguf.py, nothing else: a lower bound on its
+# time and memory when no checkout is at hand to run it.
+_LLAMA_CPP_IMPORTS = "import numpy, torch; from transformers import AutoConfig"
+
 # edge-llm's converter, reporting whether torch / transformers were imported along the way.
 _EDGE = """
 import json, sys
@@ -114,6 +118,14 @@ def main() -> int:
             result["speedup"] = ref["seconds"] / edge["seconds"]
         else:
             result["llama_cpp"] = None
+            try:
+                floor = measure([sys.executable, "-c", _LLAMA_CPP_IMPORTS])
+            except SystemExit:
+                floor = None
+            if floor and floor["rc"] == 0:
+                floor.pop("stderr_tail")
+                rows["llama.cpp converter's imports only"] = floor
+                result["llama_cpp_imports_only"] = floor
 
     print(f"checkpoint: {result['checkpoint']} ({result['checkpoint_mib']:.0f} MiB), outtype {args.outtype}")
     print(f"{'converter':<34} {'seconds':>8} {'peak RSS MiB':>13}")
@@ -121,7 +133,8 @@ def main() -> int:
         print(f"{name:<34} {row['seconds']:>8.2f} {row['peak_rss_mib']:>13.0f}")
     print(f"edge-llm imported torch: {edge['imports']['torch']}, transformers: {edge['imports']['transformers']}")
     if result["llama_cpp"] is None:
-        print("llama.cpp's converter: not measured (pass --llama-cpp DIR or set LLAMA_CPP_DIR)")
+        print("llama.cpp's converter: not run (pass --llama-cpp DIR or set LLAMA_CPP_DIR); its first line, "
+              "`import torch` + transformers, is measured alone as a lower bound")
     else:
         same = result["same_output"]
         print(f"speedup {result['speedup']:.2f}x, peak RSS {result['rss_ratio']:.2f}x of llama.cpp's; "

@@ -38,12 +38,13 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 @pytest.fixture(scope="session")
 def tokenizers_dir(tmp_path_factory, demo_path):
-    """A SentencePiece tokenizer trained here, SmolLM2's real byte-level BPE (from the bundled GGUF),
-    and that BPE with Qwen2's split regex."""
+    """SentencePiece tokenizers trained here (with and without the dummy prefix), SmolLM2's real
+    byte-level BPE (from the bundled GGUF), and that BPE with Qwen2's and Llama 3's split regexes."""
     import transformers
 
     root = tmp_path_factory.mktemp("tokenizers")
     train_sentencepiece(root / "spm")
+    train_sentencepiece(root / "spm-raw", add_dummy_prefix=False)  # Baichuan2 / InternLM2 style
     smol = transformers.AutoTokenizer.from_pretrained(demo_path.parent, gguf_file=demo_path.name)
     smol.save_pretrained(root / "bpe")
     copy_bpe_tokenizer(root / "bpe", root / "qwen2-bpe", QWEN2_REGEX)
@@ -60,8 +61,8 @@ BUILDERS = {
     "qwen2": lambda d, t: build_qwen2(d, t / "qwen2-bpe"),
     "qwen3": lambda d, t: build_qwen3(d, t / "qwen2-bpe"),
     "baichuan": lambda d, t: build_baichuan(d, t / "spm", version=1),
-    "baichuan2": lambda d, t: build_baichuan(d, t / "spm", version=2),
-    "internlm2": lambda d, t: build_internlm2(d, t / "spm"),
+    "baichuan2": lambda d, t: build_baichuan(d, t / "spm-raw", version=2),
+    "internlm2": lambda d, t: build_internlm2(d, t / "spm-raw"),
 }
 EXPECTED_PRE = {"llama-spm": "default", "llama3-bpe-rope-scaling": "llama-bpe", "smollm-bpe": "smollm",
                 "mistral": "default",
@@ -99,6 +100,20 @@ def test_architecture_matches_transformers(arch, tokenizers_dir, tmp_path):
         assert cos.mean() > min_cos, (quant or outtype, cos.mean())
     assert sorted(p.name for p in tmp_path.glob("*.gguf")) == ["f16.gguf", "f32.gguf", "q4_k_m.gguf", "q8_0.gguf"]
     assert not list(tmp_path.glob(".*"))  # no temporary or intermediate file left
+
+
+def test_sentencepiece_without_dummy_prefix(tmp_path):
+    """Baichuan2 and InternLM2 train SentencePiece without the dummy "▁" prefix; their own tokenizers
+    are SentencePiece itself, so llama.cpp must tokenize exactly as SentencePiece does."""
+    import sentencepiece
+
+    spm_dir = train_sentencepiece(tmp_path / "spm", add_dummy_prefix=False)
+    tiny = build_llama(tmp_path / "llama", spm_dir)
+    out = convert(tiny.path, tmp_path / "m.gguf", outtype="f32")
+    assert _field(out, "tokenizer.ggml.add_space_prefix") is False
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_dir / "tokenizer.model"))
+    for text in (MIXED_TEXT, "x", " leading space", "\n\nnewlines"):
+        assert llama_cpp_tokenize(out, text) == sp.encode(text), text
 
 
 def test_baichuan2_head_is_normalized_and_baichuan1_is_not(tokenizers_dir, tmp_path):

@@ -44,15 +44,18 @@ class TinyModel:
     tokenizer: object  # the HF tokenizer
 
 
-def train_sentencepiece(folder: Path) -> Path:
-    """A real (tiny) Llama-style SentencePiece model: BPE with byte fallback, ids 0/1/2 = unk/bos/eos."""
+def train_sentencepiece(folder: Path, add_dummy_prefix: bool = True) -> Path:
+    """A real (tiny) Llama-style SentencePiece model: BPE with byte fallback, ids 0/1/2 = unk/bos/eos,
+    no normalization (like Llama's; llama.cpp applies none). `add_dummy_prefix=False` is how
+    Baichuan2's and InternLM2's tokenizers are trained."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_SP_CORPUS * 40), model_writer=buf, vocab_size=600, model_type="bpe",
         byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        split_digits=True, hard_vocab_limit=False, minloglevel=2)
+        split_digits=True, hard_vocab_limit=False, minloglevel=2, add_dummy_prefix=add_dummy_prefix,
+        normalization_rule_name="identity", remove_extra_whitespaces=False)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -75,6 +78,21 @@ def copy_bpe_tokenizer(src: Path, folder: Path, regex: str | None = None) -> Pat
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
         (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return folder
+
+
+class SentencePieceTokenizer:
+    """The tokenizer Baichuan's and InternLM2's remote code implement: SentencePiece itself."""
+
+    def __init__(self, folder: Path):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+
+    def __len__(self) -> int:
+        return self.sp.vocab_size()
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": ([1] if add_special_tokens else []) + self.sp.encode(text)}
 
 
 def _hf_tokenizer(folder: Path):
@@ -177,7 +195,7 @@ def build_baichuan(folder: Path, tokenizer_dir: Path, version: int = 2) -> TinyM
     random layers do not amplify quantization error chaotically)."""
     import torch
 
-    tok = _hf_tokenizer(tokenizer_dir)
+    tok = SentencePieceTokenizer(tokenizer_dir)
     ref = _reference_llama(tok, seed=4 + version, num_key_value_heads=SMALL["num_attention_heads"],
                            num_hidden_layers=32, initializer_range=0.1)
     state = {k: v.detach().float().numpy() for k, v in ref.state_dict().items()}
@@ -210,7 +228,7 @@ def build_baichuan(folder: Path, tokenizer_dir: Path, version: int = 2) -> TinyM
 
 def build_internlm2(folder: Path, tokenizer_dir: Path) -> TinyModel:
     """InternLM2 in its original layout: wqkv rows grouped as [kv group][q heads of the group, k, v]."""
-    tok = _hf_tokenizer(tokenizer_dir)
+    tok = SentencePieceTokenizer(tokenizer_dir)
     ref = _reference_llama(tok, seed=7, rope_theta=1_000_000.0)
     state = {k: v.detach().float().numpy() for k, v in ref.state_dict().items()}
     n_head, n_kv, hidden = SMALL["num_attention_heads"], SMALL["num_key_value_heads"], SMALL["hidden_size"]

@@ -29,6 +29,7 @@ from edge_llm.convert.internlm2 import InternLM2Model
 from edge_llm.convert.llama import LlamaModel
 from edge_llm.convert.qwen import Qwen2Model, Qwen3Model
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.quantize import progress_printer, quant_types, quantize_file
 
 __all__ = ["convert", "main", "ARCHITECTURES", "CheckpointError"]
 
@@ -123,8 +124,6 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
         raise InvalidParameterError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}",
                                     param="outtype")
     if quant is not None:
-        from edge_llm.quantize import quant_types
-
         quant = quant.lower()
         if quant not in quant_types():
             raise InvalidParameterError(f"unknown quant type {quant!r}; see `edge-llm quantize -h`", param="quant")
@@ -150,8 +149,6 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
             model = cls(hf_dir, config, load_tensors(hf_dir))
             write_gguf(model, tmp, outtype, _metadata_writer(hf_dir, outtype, quant), progress)
         if quant:
-            from edge_llm.quantize import quantize_file
-
             quantize_file(tmp, out, quant, threads=threads,
                           progress=(lambda i, n, name: progress(i, n, f"{quant}: {name}")) if progress else None)
         else:
@@ -159,11 +156,6 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
     finally:
         tmp.unlink(missing_ok=True)
     return out
-
-
-def _print_progress(done: int, total: int, name: str) -> None:
-    print(f"\rconverting [{done}/{total}] {name:<40.40}", end="" if done < total else "\n",
-          file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     show = not args.quiet and sys.stderr.isatty()
     out = convert(args.hf_dir, args.outfile, args.outtype, args.quant, threads=args.threads,
-                  progress=_print_progress if show else None, llama_cpp_dir=args.llama_cpp)
+                  progress=progress_printer("converting") if show else None, llama_cpp_dir=args.llama_cpp)
     print(out)
     return 0

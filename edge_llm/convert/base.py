@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
 
-from edge_llm.convert.checkpoint import CheckpointError, Lazy, disk_free
+from edge_llm.convert.checkpoint import CheckpointError, Lazy
 from edge_llm.convert.vocab import add_vocab
 
 logger = logging.getLogger(__name__)
@@ -207,6 +207,11 @@ def _blocks(p: PlannedTensor) -> Iterator[np.ndarray]:
     for start in range(0, shape[0], step):
         rows = p.tensor.rows(start, min(start + step, shape[0]))
         yield gguf.quants.quantize(rows.astype(np.float32, copy=False), p.qtype)
+
+
+def disk_free(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
 
 
 def tensor_qtype(name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:

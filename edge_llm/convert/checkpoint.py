@@ -8,7 +8,6 @@ need torch (the `convert` extra) and are loaded with `weights_only=True`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +153,3 @@ def load_tensors(hf_dir: Path) -> dict[str, Lazy]:
         tensors.update(reader(part))
     return tensors
 
-
-def disk_free(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize

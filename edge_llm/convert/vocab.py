@@ -121,6 +121,10 @@ def add_sentencepiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: i
 
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
+    if not sp.EncodeAsPieces("x")[0].startswith("\u2581"):
+        # Trained with add_dummy_prefix=false (Baichuan2, InternLM2): llama.cpp must not add the
+        # leading space it adds by default for SentencePiece vocabularies.
+        writer.add_add_space_prefix(False)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
