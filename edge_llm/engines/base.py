@@ -9,10 +9,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from edge_llm.errors import EdgeLLMError, MissingExtraError
+from edge_llm.errors import EdgeLLMError, InvalidParameterError, MissingExtraError
 from edge_llm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from edge_llm.chat_format import ChatFormatter
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -133,6 +136,31 @@ async def collect_async(deltas: AsyncIterator[Delta], n: int = 1) -> list[Delta]
     async for delta in deltas:
         merge_delta(choices, delta)
     return choices
+
+
+class PromptTokens:
+    """Prompt handling shared by engines that have `n_vocab`, `formatter` and `tokenize`."""
+
+    n_vocab: int
+    formatter: ChatFormatter
+
+    def check_token_ids(self, tokens: list[int]) -> None:
+        # Checked before any engine sees them: llama.cpp aborts the whole process on an
+        # out-of-range id inside llama_decode.
+        for t in tokens:
+            if not isinstance(t, int) or t < 0 or t >= self.n_vocab:
+                raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param="prompt")
+
+    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        return self.formatter.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        tokens = list(prompt)
+        self.check_token_ids(tokens)
+        return tokens
 
 
 # name -> "module:Class"; modules are imported only when their engine is asked for, so the heavy

@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from edge_llm.errors import InvalidParameterError
+from edge_llm.engines.base import PromptTokens
 
 
 @lru_cache(maxsize=1)
@@ -84,7 +84,7 @@ class TokenBytes:
         return self._tokenizer.decode([token], skip_special_tokens=True).encode("utf-8")
 
 
-class HFVocabulary:
+class HFVocabulary(PromptTokens):
     """Tokenizer-side methods shared by the engines that run HF checkpoints (transformers,
     vLLM, LMDeploy): the same token ids, streaming bytes and chat rendering for all of them."""
 
@@ -135,25 +135,6 @@ class HFVocabulary:
         if self._pieces.is_special(token):
             return self.tokenizer.convert_ids_to_tokens(token) or ""
         return self._pieces.piece(token).decode("utf-8", errors="replace")
-
-    def check_token_ids(self, tokens: list[int]) -> None:
-        for t in tokens:
-            if not isinstance(t, int) or t < 0 or t >= self.n_vocab:
-                raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param="prompt")
-
-    # -- prompts --------------------------------------------------------------------------------
-
-    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        """The tokenizer's own chat template, rendered in edge-llm's sandbox (as for GGUF files)."""
-        return self.formatter.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-
-    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenize(prompt)
-        tokens = list(prompt)
-        self.check_token_ids(tokens)
-        return tokens
 
 
 def load_hf_tokenizer(path: Any, extra: str) -> Any:

@@ -22,7 +22,7 @@ from llama_cpp import _internals  # noqa: E402
 from llama_cpp._logger import set_verbose  # noqa: E402
 
 from edge_llm.chat_format import ChatFormatter, select_formatter  # noqa: E402
-from edge_llm.engines.base import Delta, LoadOptions, collect  # noqa: E402
+from edge_llm.engines.base import Delta, LoadOptions, PromptTokens, collect  # noqa: E402
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, ModelLoadError  # noqa: E402
 from edge_llm.registry import ResolvedModel  # noqa: E402
 from edge_llm.sampling import SamplingParams  # noqa: E402
@@ -75,7 +75,7 @@ def check_gguf_file(path: Path) -> None:
                              "convert HF checkpoints with `edge-llm convert`")
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(PromptTokens):
     name = "llama.cpp"
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
@@ -202,25 +202,6 @@ class LlamaCppEngine:
         if token < 0 or token >= self.n_vocab:
             return ""
         return _token_to_piece(self.vocab, token, special=True).decode("utf-8", errors="replace")
-
-    def check_token_ids(self, tokens: list[int]) -> None:
-        # llama.cpp aborts the whole process on an out-of-range id inside llama_decode.
-        for t in tokens:
-            if not isinstance(t, int) or t < 0 or t >= self.n_vocab:
-                raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param="prompt")
-
-    # -- prompts --------------------------------------------------------------------------------
-
-    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        return self.formatter.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-
-    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenize(prompt)
-        tokens = list(prompt)
-        self.check_token_ids(tokens)
-        return tokens
 
     # -- generation -----------------------------------------------------------------------------
 
