@@ -245,11 +245,9 @@ def source_gguf(model: str, work_dir: Path, config: str | None = None) -> Path:
     """The GGUF to quantize from: the model itself, or an f16 GGUF converted from an HF checkpoint."""
     path = Path(model)
     if path.is_dir():
-        try:
-            from edge_llm.convert import convert
-        except ImportError:
-            raise EdgeLLMError("benchmarking an HF checkpoint needs `edge-llm convert`, which is not in this "
-                               "build; convert it to GGUF first and pass the .gguf") from None
+        from edge_llm.convert import convert
+
+        work_dir.mkdir(parents=True, exist_ok=True)
         target = work_dir / f"{path.name}.f16.gguf"
         if not target.exists():
             print(f"bench: converting {path} to {target}", file=sys.stderr)

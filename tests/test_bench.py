@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -32,18 +31,12 @@ def test_parse_llama_log_takes_the_first_context():
     assert parse_llama_log(log) == {"kv_mib_llama": 18.28, "compute_buffer_mib": 98.25}
 
 
-def test_hf_checkpoint_needs_convert_or_is_converted(tmp_path, request):
+def test_an_hf_checkpoint_is_converted_to_f16_first(tmp_path, smollm2_hf_dir):
     from edge_llm.bench import source_gguf
+    from edge_llm.info import read_gguf_info
 
-    if importlib.util.find_spec("edge_llm.convert") is None:
-        with pytest.raises(EdgeLLMError, match="needs `edge-llm convert`"):
-            source_gguf(str(tmp_path), tmp_path / "work")
-    else:  # after the converter is merged: an HF folder becomes an f16 GGUF to quantize from
-        from edge_llm.info import read_gguf_info
-
-        hf_dir = request.getfixturevalue("smollm2_hf_dir")
-        path = source_gguf(str(hf_dir), tmp_path / "work")
-        assert read_gguf_info(path).file_type == "F16"
+    path = source_gguf(str(smollm2_hf_dir), tmp_path / "work")  # the work folder does not exist yet
+    assert read_gguf_info(path).file_type == "F16"
 
 
 @pytest.mark.model
