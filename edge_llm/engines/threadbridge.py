@@ -56,13 +56,18 @@ async def iterate_in_thread(produce: Callable[[threading.Event], Iterator[T]]) -
     try:
         while True:
             item = await items.get()
-            if item is _END:
+            if _ended(item):
                 return
-            if isinstance(item, BaseException):
-                raise item
             yield item
     finally:
         cancel.set()
+
+
+def _ended(item: object) -> bool:
+    """True at the end marker; an exception from the producer is raised in the consumer."""
+    if isinstance(item, BaseException):
+        raise item
+    return item is _END
 
 
 class LoopThread:
@@ -84,10 +89,8 @@ class LoopThread:
         try:
             while True:
                 item = items.get()
-                if item is _END:
+                if _ended(item):
                     return
-                if isinstance(item, BaseException):
-                    raise item
                 yield item
         finally:
             future.cancel()  # CancelledError inside the generator: the engine aborts the request
@@ -107,10 +110,8 @@ class LoopThread:
         try:
             while True:
                 item = await items.get()
-                if item is _END:
+                if _ended(item):
                     return
-                if isinstance(item, BaseException):
-                    raise item
                 yield item
         finally:
             future.cancel()
