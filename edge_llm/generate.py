@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prompt = args.prompt if args.prompt is not None else _read_prompt(args.file)
+    prompt = args.prompt if args.prompt is not None else read_prompt_file(args.file)
     params = sampling_params(args)
     engine = load_engine(args.model, engine=args.engine, options=load_options(args), config=args.config)
     try:
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _read_prompt(path: str) -> str:
+def read_prompt_file(path: str) -> str:
+    """A prompt file's text, or one clear error line (shared by `generate -f` and `chat -f`)."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:

@@ -25,6 +25,7 @@ from edge_llm.console import LineReader, Screen, default_history_file
 from edge_llm.conversation import Answer, Conversation, PrefixConversation, Prompt, TemplateConversation
 from edge_llm.engines.base import Engine, Usage, load_engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.generate import read_prompt_file
 from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
 from edge_llm.sampling import SamplingParams
 
@@ -301,22 +302,13 @@ def _plural(n: int, word: str) -> str:
     return f"{word}" if n == 1 else f"{n} {word}s"
 
 
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise EdgeLLMError(f"cannot read prompt file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise EdgeLLMError(f"prompt file {path} is not UTF-8 text") from None
-
-
 def make_conversation(engine: Engine, args: argparse.Namespace) -> Conversation:
     """Prefix mode when the flags or the registry give prefixes, or an initial prompt is given;
     the chat template otherwise."""
     initial = None
     if args.file is not None:
         # Verbatim, trailing newline included: the files in prompts/ end where the next turn starts.
-        initial = _read_text(args.file)
+        initial = read_prompt_file(args.file)
     elif args.prompt is not None:
         initial = unescape(args.prompt)
     formatter = getattr(engine, "formatter", None)
