@@ -238,7 +238,6 @@ class OutputWriter:
             self._file.close()
 
 
-
 def result_record(record: BatchRecord, completion: Completion) -> dict[str, Any]:
     out = dict(record.data)
     choices = completion.choices
@@ -595,21 +594,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.template is not None:
         _check_template(args.template)
 
-    # The output is checked and opened before the model loads: a bad -o fails at once.
-    check_output_path(out_path)
+    check_output_path(out_path)  # before the model loads: a bad -o fails at once
     done = load_done(out_path)
-    writer = OutputWriter(out_path)
-    try:
-        if args.url:
-            backend: Backend = HTTPBackend(args.url, model=args.model, api_key=args.api_key,
-                                           timeout=args.timeout, concurrency=args.n_parallel)
-        else:
-            backend = EngineBackend(load_engine(args.model, engine=args.engine, options=load_options(args),
-                                                config=args.config))
-    except BaseException:
-        writer.close()
-        raise
+    if args.url:
+        backend: Backend = HTTPBackend(args.url, model=args.model, api_key=args.api_key, timeout=args.timeout,
+                                       concurrency=args.n_parallel)
+    else:
+        backend = EngineBackend(load_engine(args.model, engine=args.engine, options=load_options(args),
+                                            config=args.config))
     runner = BatchRunner(backend, base, explicit, concurrency=args.n_parallel)
+    writer = OutputWriter(out_path)
     # SIGTERM ends the run like Ctrl-C: finished records are on disk, the rest run on resume.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     summary = None

@@ -200,17 +200,19 @@ def test_batch_against_edge_llm_serve(demo_path, tmp_path):
             {"id": 2, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 7},
             {"id": 3, "prompt": "Count: 1, 2,", "max_tokens": 4, "ignore_eos": True},
             {"id": 4, "prompt": "x", "temperature": -1},
+            {"id": 5, "prompt": "A lone \ud800 surrogate", "max_tokens": 2},  # JSON can carry it; UTF-8 cannot
         ]) + "\nnot json\n", encoding="utf-8")
         result = run_cli("batch", str(inp), "-o", str(out), "--url", f"http://127.0.0.1:{port}", "-np", "2",
                          "--no-progress", "--sort")
         assert result.returncode == 0, result.stderr
         rows = read_jsonl(out)
-        assert [r.get("id") for r in rows] == [1, 2, 3, 4, None]
+        assert [r.get("id") for r in rows] == [1, 2, 3, 4, 5, None]
         assert rows[0]["output"].strip() and rows[0]["usage"]["completion_tokens"] <= 5
         assert rows[1]["output"].strip() and rows[1]["usage"]["completion_tokens"] <= 7
         assert rows[2]["usage"]["completion_tokens"] == 4
         assert "invalid temperature" in rows[3]["error"]
-        assert "not valid JSON" in rows[4]["error"]
+        assert rows[4].get("error_type") != "internal_error", rows[4]  # it reached the server
+        assert "not valid JSON" in rows[5]["error"]
     finally:
         server.terminate()
         try:
