@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from edge_llm.engines.base import Delta, Engine, Usage, load_engine, merge_delta
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.files import check_output_path, json_bytes, os_errors
 from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
 from edge_llm.sampling import SamplingParams
 
@@ -88,15 +89,22 @@ def record_key(record: dict[str, Any]) -> str:
 
 def read_records(path: Path, *, template: str | None = None, chat: bool = False,
                  system: str | None = None) -> Iterator[BatchRecord]:
-    """Parse the input lazily; a bad line becomes a record with `error` set, never an exception."""
+    """Parse the input lazily; a bad line (not UTF-8, not JSON, ...) becomes a record with `error`
+    set, never an exception."""
     seen: set[str] = set()
-    try:
-        f = open(path, encoding="utf-8-sig")  # a BOM from Windows editors is not part of line 1
-    except OSError as exc:
-        raise EdgeLLMError(f"cannot read {path}: {exc.strerror}") from None
-    with f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
+    with os_errors(path, "read"):
+        f = open(path, "rb")
+    with f, os_errors(path, "read"):
+        for n, data in enumerate(f, start=1):
+            if n == 1 and data.startswith(b"\xef\xbb\xbf"):  # a BOM from Windows editors is not part of line 1
+                data = data[3:]
+            if not data.strip():
+                continue
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield BatchRecord(n, error=f"line {n}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column "
+                                           f"{exc.start + 1})")
                 continue
             record = parse_record(raw, n, template=template, chat=chat, system=system)
             if "id" in record.data and record.error is None:
@@ -113,8 +121,6 @@ def parse_record(raw: str, line: int, *, template: str | None = None, chat: bool
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         return BatchRecord(line, error=f"line {line}: not valid JSON: {exc.msg} (column {exc.colno})")
-    except UnicodeDecodeError:  # pragma: no cover - open() decodes; kept for clarity
-        return BatchRecord(line, error=f"line {line}: not UTF-8")
     if not isinstance(data, dict):
         return BatchRecord(line, error=f"line {line}: a record must be a JSON object, got {type(data).__name__}")
     record = BatchRecord(line, data=data)
@@ -168,14 +174,14 @@ def load_done(path: Path) -> set[str]:
     if not path.exists():
         return set()
     done: set[str] = set()
-    keep: list[str] = []
+    keep: list[bytes] = []
     changed = False
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with os_errors(path, "read"), open(path, "rb") as f:
         for raw in f:
             try:
-                record = json.loads(raw)
-                complete = raw.endswith("\n") and isinstance(record, dict)
-            except json.JSONDecodeError:
+                record = json.loads(raw.decode("utf-8"))
+                complete = raw.endswith(b"\n") and isinstance(record, dict)
+            except ValueError:  # not UTF-8 (UnicodeDecodeError) or not JSON: run the record again
                 complete = False
             if not complete or "error" in record:
                 changed = True
@@ -191,19 +197,23 @@ def load_done(path: Path) -> set[str]:
     return done
 
 
-def _write_atomic(path: Path, lines: list[str]) -> None:
+def _write_atomic(path: Path, lines: list[bytes]) -> None:
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os_errors(path, "write"):
+            with open(tmp, "wb") as f:
+                f.writelines(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def sort_output(path: Path) -> None:
     """Rewrite the output in input order (by line number)."""
-    with open(path, encoding="utf-8") as f:
-        lines = [raw if raw.endswith("\n") else raw + "\n" for raw in f if raw.strip()]
+    with os_errors(path, "read"), open(path, "rb") as f:
+        lines = [raw if raw.endswith(b"\n") else raw + b"\n" for raw in f if raw.strip()]
     lines.sort(key=lambda raw: json.loads(raw).get("line", 0))
     _write_atomic(path, lines)
 
@@ -214,16 +224,18 @@ class OutputWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+        with os_errors(path, "write"):
+            self._file = open(path, "ab")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with os_errors(self.path, "write"):
+            self._file.write(json_bytes(record) + b"\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        with os_errors(self.path, "write"):
+            self._file.close()
 
 
 def result_record(record: BatchRecord, completion: Completion) -> dict[str, Any]:
@@ -333,7 +345,9 @@ class HTTPBackend:
             route, body["prompt"] = "completions", record.prompt
         start = time.perf_counter()
         try:
-            response = self.client.post(f"{self.base}/{route}", json=body)
+            # ASCII JSON: httpx's own encoder fails on a lone surrogate that the input may carry.
+            response = self.client.post(f"{self.base}/{route}", content=json.dumps(body, allow_nan=False),
+                                        headers={"Content-Type": "application/json"})
         except httpx.HTTPError as exc:
             raise _RecordFailed(f"request failed: {exc}", "http_error") from None
         latency = time.perf_counter() - start
@@ -529,7 +543,7 @@ class Progress:
 
 
 def count_records(path: Path) -> int:
-    with open(path, "rb") as f:
+    with os_errors(path, "read"), open(path, "rb") as f:
         return sum(1 for raw in f if raw.strip())
 
 
@@ -580,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.template is not None:
         _check_template(args.template)
 
+    check_output_path(out_path)  # before the model loads: a bad -o fails at once
     done = load_done(out_path)
     if args.url:
         backend: Backend = HTTPBackend(args.url, model=args.model, api_key=args.api_key, timeout=args.timeout,

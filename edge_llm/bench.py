@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.files import check_output_path, os_errors
 
 DEFAULT_QUANTS = "f16,q8_0,q5_k_m,q4_k_m"
 DEFAULT_KV = "f16,q8_0,q4_0"
@@ -508,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.kv:
         kv_bytes_per_element(kv)
     out = Path(args.out)
+    # The results folder is made and checked before the long run, not after it.
+    with os_errors(out, "create folder"):
+        out.mkdir(parents=True, exist_ok=True)
+    check_output_path(out / "bench.json")
     work_dir = Path(args.work_dir) if args.work_dir else out / "variants"
     model = args.model
     if model is None:
@@ -519,7 +524,6 @@ def main(argv: list[str] | None = None) -> int:
                          ppl_chunks=args.chunks or None, corpus=args.file, threads=args.threads,
                          n_prompt=args.n_prompt, n_gen=args.n_gen)
     table = markdown_table(variants, scenarios)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"model": str(src), "scenarios": [asdict(s) for s in scenarios], "ppl_ctx": args.ppl_ctx,
             "ppl_chunks": args.chunks or None, "corpus": args.file or "edge_llm/data/genesis-kjv.txt",
             "threads": args.threads, "cpu_count": os.cpu_count(), "n_prompt": args.n_prompt, "n_gen": args.n_gen,

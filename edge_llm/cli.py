@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `edge-llm generate ... | head` closed the pipe: not an error
         return 0
+    except OSError as exc:  # a file error no command turned into its own line (disk full, ...)
+        from edge_llm.files import os_error_line
+
+        print(f"edge-llm {command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Any
 
 from edge_llm.engines.base import Engine
 from edge_llm.errors import ContextLengthError, EdgeLLMError
+from edge_llm.files import json_bytes, os_errors, read_text
 
 SAVE_FORMAT = "edge-llm-chat/1"
 
@@ -149,18 +150,17 @@ class Conversation(ABC):
         target = Path(path).expanduser()
         tmp = target.with_name(target.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-            tmp.replace(target)
-        except OSError as exc:
-            raise EdgeLLMError(f"cannot write {path}: {exc.strerror}") from None
+            with os_errors(path, "write"):
+                tmp.write_bytes(json_bytes(data, indent=2) + b"\n")
+                tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load(self, path: str | Path) -> None:
         """Replace the conversation with one saved by `save` (or a bare list of messages)."""
         try:
-            data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise EdgeLLMError(f"cannot read {path}: {exc.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(read_text(Path(path).expanduser(), "conversation file"))
+        except json.JSONDecodeError as exc:
             raise EdgeLLMError(f"{path} is not a JSON conversation: {exc}") from None
         messages = data.get("messages") if isinstance(data, dict) else data
         system, exchanges = parse_messages(messages, source=str(path))

@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--model", default=None,
                         help="also load this model with -ngl and report what was really offloaded")
     parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
-    parser.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=-1,
-                        help="layers to offload for the -m check (default -1: all)")
-    parser.add_argument("-sm", "--split-mode", dest="split_mode", choices=["none", "layer", "row"], default="layer")
+    parser.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=None,
+                        help="layers to offload for the -m check (default: the registry entry's, else -1: all)")
+    parser.add_argument("-sm", "--split-mode", dest="split_mode", choices=["none", "layer", "row"], default=None)
     parser.add_argument("-ts", "--tensor-split", dest="tensor_split", type=_shares, default=None)
-    parser.add_argument("-mg", "--main-gpu", dest="main_gpu", type=int, default=0)
+    parser.add_argument("-mg", "--main-gpu", dest="main_gpu", type=int, default=None)
     args = parser.parse_args(argv)
     report = system_report()
     if args.model is not None:
@@ -83,6 +83,8 @@ def model_offload(args: argparse.Namespace) -> dict:
     resolved = resolve(args.model, load_registry(args.config))
     options = LoadOptions(n_gpu_layers=args.n_gpu_layers, split_mode=args.split_mode,
                           tensor_split=args.tensor_split, main_gpu=args.main_gpu)
+    # doctor's own default is every layer: it is there to show whether offload works.
+    options = options.resolve(resolved.spec, defaults={"n_gpu_layers": -1})
     return {"model": str(resolved.path), **offload_report(resolved.path, options).as_dict()}
 
 

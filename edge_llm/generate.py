@@ -9,11 +9,10 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from edge_llm.engines.base import Engine, LoadOptions, collect, load_engine
-from edge_llm.errors import EdgeLLMError
+from edge_llm.files import read_text
 from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
 from edge_llm.sampling import SamplingParams
 
@@ -79,12 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def read_prompt_file(path: str) -> str:
     """A prompt file's text, or one clear error line (shared by `generate -f` and `chat -f`)."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise EdgeLLMError(f"cannot read prompt file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise EdgeLLMError(f"prompt file {path} is not UTF-8 text") from None
+    return read_text(path, "prompt file")
 
 
 def _print_stats(usage: Any, start: float, first: float | None) -> None:

@@ -141,7 +141,7 @@ def offload_report(model_path: Path, options: Any) -> OffloadReport:
         offloaded, total, buffers = parse_load_log("".join(lines))
         n_layer = int(llama_cpp.llama_model_n_layer(engine._model.model))
         return OffloadReport(
-            n_gpu_layers=options.n_gpu_layers, layers_offloaded=offloaded, layers_total=total or n_layer + 1,
+            n_gpu_layers=engine.n_gpu_layers, layers_offloaded=offloaded, layers_total=total or n_layer + 1,
             model_buffers_mib=buffers,
             vram_used_mib={name: max(0, before[name] - after.get(name, before[name])) for name in before},
         )

@@ -22,33 +22,40 @@ def add_model_flags(parser: argparse.ArgumentParser, *, parallel_default: int = 
     g.add_argument("--config", default=None, help="a models.toml that adds to / overrides the built-in registry")
     g.add_argument("--engine", default="llama.cpp", help="llama.cpp (default), transformers, vllm, lmdeploy")
     g.add_argument("-c", "--ctx-size", dest="n_ctx", type=int, default=None,
-                   help="context size in tokens, shared by the parallel slots (default: model's, at most 4096)")
+                   help="context size in tokens, shared by the parallel slots "
+                        "(default: the registry entry's, else the model's, at most 4096)")
     g.add_argument("-t", "--threads", dest="n_threads", type=int, default=None, help="threads for generation")
     g.add_argument("-tb", "--threads-batch", dest="n_threads_batch", type=int, default=None,
                    help="threads for prompt processing (default: same as -t)")
-    g.add_argument("-b", "--batch-size", dest="n_batch", type=int, default=512,
-                   help="tokens evaluated per step (prompt chunk budget)")
+    g.add_argument("-b", "--batch-size", dest="n_batch", type=int, default=None,
+                   help="tokens evaluated per step (prompt chunk budget; default 512)")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=None,
-                   help="layers to offload to the GPU (-1 = all; needs a GPU build of llama-cpp-python)")
-    g.add_argument("-sm", "--split-mode", dest="split_mode", choices=["none", "layer", "row"], default="layer",
+                   help="layers to offload to the GPU (-1 = all; needs a GPU build of llama-cpp-python; "
+                        "default: the registry entry's, else 0)")
+    g.add_argument("-sm", "--split-mode", dest="split_mode", choices=["none", "layer", "row"], default=None,
                    help="several GPUs: none (one GPU), layer (default: layers spread), row (rows of each matrix)")
     g.add_argument("-ts", "--tensor-split", dest="tensor_split", type=_shares, default=None,
                    help="share of the model per GPU, e.g. 3,1")
-    g.add_argument("-mg", "--main-gpu", dest="main_gpu", type=int, default=0,
+    g.add_argument("-mg", "--main-gpu", dest="main_gpu", type=int, default=None,
                    help="the GPU for the whole model with --split-mode none (default 0)")
-    g.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
-                   nargs="?", const="on", help="flash attention (default auto; bare -fa means on)")
-    g.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", default="f16", help="KV cache type for K: f16, q8_0, q4_0 ...")
-    g.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", default="f16", help="KV cache type for V (quantized needs -fa)")
+    g.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default=None,
+                   nargs="?", const="on",
+                   help="flash attention (default: the registry entry's, else auto; bare -fa means on)")
+    g.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", default=None,
+                   help="KV cache type for K: f16 (default), q8_0, q4_0 ...")
+    g.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", default=None,
+                   help="KV cache type for V (default f16; quantized needs -fa)")
     g.add_argument("-np", "--parallel", dest="n_parallel", type=int, default=parallel_default,
                    help=f"parallel sequences (slots) decoded together (default {parallel_default})")
-    g.add_argument("--mlock", action="store_true", help="keep the weights in RAM (no swapping)")
-    g.add_argument("--no-mmap", dest="use_mmap", action="store_false", help="read the weights instead of mapping them")
-    g.add_argument("--chat-format", default=None, help="chat template: auto (from the GGUF) or a built-in name")
+    g.add_argument("--mlock", action="store_true", default=None, help="keep the weights in RAM (no swapping)")
+    g.add_argument("--no-mmap", dest="use_mmap", action="store_false", default=None,
+                   help="read the weights instead of mapping them")
+    g.add_argument("--chat-format", default=None,
+                   help="chat template: auto (from the GGUF) or a built-in name (default: the registry entry's)")
     h = parser.add_argument_group("GPU engines (vllm, lmdeploy, transformers)")
-    h.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
+    h.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=None,
                    help="GPUs to shard each layer over (vLLM, LMDeploy)")
-    h.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1,
+    h.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=None,
                    help="pipeline stages, e.g. one per node (vLLM, with Ray)")
     h.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="share of GPU memory the engine may take (vLLM; LMDeploy: share for the KV cache)")
@@ -101,17 +108,18 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, n_predict: int | None
 
 
 def load_options(args: argparse.Namespace, **overrides: object) -> LoadOptions:
+    """The load flags as given: a flag left out stays None, so the model's registry entry and then
+    the built-in default apply (LoadOptions.resolve, when the engine loads the model)."""
     values = {name: getattr(args, name) for name in (
         "n_ctx", "n_threads", "n_threads_batch", "n_batch", "n_gpu_layers", "flash_attn", "cache_type_k",
         "cache_type_v", "n_parallel", "use_mmap", "verbose", "chat_format", "split_mode", "tensor_split",
         "main_gpu", "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "quantization",
         "dtype", "distributed_executor_backend") if hasattr(args, name)}
-    values["extra"] = dict(getattr(args, "engine_args", None) or [])
-    values["use_mlock"] = getattr(args, "mlock", False)
+    engine_args = getattr(args, "engine_args", None)
+    values["extra"] = dict(engine_args) if engine_args else None
+    values["use_mlock"] = getattr(args, "mlock", None)
     values["seed"] = getattr(args, "seed", None)
     values.update(overrides)
-    if values.get("n_gpu_layers") is None:
-        values.pop("n_gpu_layers", None)
     return LoadOptions(**values)
 
 

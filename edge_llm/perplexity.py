@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge_llm import files
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.options import add_model_flags, load_options
 
@@ -90,9 +91,13 @@ class TopKReference:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.partial.npz")
-        np.savez_compressed(tmp, n_ctx=self.n_ctx, n_chunks=self.n_chunks, tokens_sha256=self.tokens_sha256,
-                            ids=self.ids, logprobs=self.logprobs)
-        tmp.replace(path)
+        try:
+            with files.os_errors(path, "write"):
+                np.savez_compressed(tmp, n_ctx=self.n_ctx, n_chunks=self.n_chunks,
+                                    tokens_sha256=self.tokens_sha256, ids=self.ids, logprobs=self.logprobs)
+                tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> TopKReference:
@@ -284,13 +289,7 @@ def compute_perplexity(engine: LlamaCppEngine, text: str, *, n_ctx: int = DEFAUL
 
 
 def read_text(path: str | Path | None) -> str:
-    path = Path(path) if path else DEFAULT_CORPUS
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise EdgeLLMError(f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise EdgeLLMError(f"{path} is not UTF-8 text") from None
+    return files.read_text(path or DEFAULT_CORPUS, "text file")
 
 
 class ChunkPrinter:
@@ -327,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     n_ctx = args.n_ctx or DEFAULT_N_CTX
     text = read_text(args.file)
+    if args.save_reference:
+        files.check_output_path(args.save_reference)
     reference = TopKReference.load(args.reference) if args.reference else None
     # The engine's own (scheduler) context is not used for scoring: keep it minimal.
     engine = load_engine(args.model, engine=args.engine, options=load_options(args, n_ctx=64, n_parallel=1),

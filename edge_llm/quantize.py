@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.files import check_output_path, os_errors
 
 # llama.cpp refuses these without an importance matrix ("this quantization requires an imatrix").
 NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s"}
@@ -42,8 +43,9 @@ def quant_types() -> dict[str, int]:
 def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int | None = None,
                   allow_requantize: bool = False, verbose: bool = False, imatrix: str | Path | None = None,
                   progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Quantize `src` into `dst`. The output is written to a temporary name in the target folder
-    and renamed when complete, so a failure never leaves a half file under `dst`.
+    """Quantize `src` into `dst` (a folder: the default name in it). The output is written to a
+    temporary name in the target folder and renamed when complete, so a failure never leaves a
+    half file under `dst`.
 
     `imatrix`: an importance matrix from llama-imatrix (GGUF or legacy .dat); `progress(done, total,
     tensor)` is called as llama.cpp reports each tensor."""
@@ -64,8 +66,11 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
         raise InvalidParameterError(f"{qtype} needs an importance matrix: pass --imatrix FILE "
                                     "(made by llama-imatrix)", param="imatrix")
     check_gguf_file(src)
-    if not dst.parent.is_dir():
-        raise EdgeLLMError(f"output folder does not exist: {dst.parent}")
+    if dst.is_dir():
+        dst = dst / default_output(src, qtype).name
+    if dst.resolve() == src.resolve():
+        raise InvalidParameterError("the output would overwrite the input; name another (-o)", param="outfile")
+    check_output_path(dst)
     set_verbose(verbose)  # llama.cpp logs every tensor otherwise
     _init_backend()
     params = llama_cpp.llama_model_quantize_default_params()
@@ -84,7 +89,8 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
         if status != 0:
             raise EdgeLLMError(f"llama.cpp could not quantize {src} to {qtype} (status {status}; "
                                "run with -v for llama.cpp's log)")
-        os.replace(tmp, dst)
+        with os_errors(dst, "write"):
+            os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
     return dst
@@ -127,10 +133,11 @@ def load_imatrix(path: Path) -> dict[str, np.ndarray]:
     the GGUF format (`NAME.in_sum2` / `NAME.counts`) or the legacy binary .dat."""
     if not path.is_file():
         raise EdgeLLMError(f"imatrix file not found: {path}")
-    with open(path, "rb") as f:
-        magic = f.read(4)
     try:
-        return _load_gguf_imatrix(path) if magic == b"GGUF" else _load_legacy_imatrix(path)
+        with os_errors(path, "read"):
+            with open(path, "rb") as f:
+                magic = f.read(4)
+            return _load_gguf_imatrix(path) if magic == b"GGUF" else _load_legacy_imatrix(path)
     except (ValueError, struct.error, UnicodeDecodeError, IndexError) as exc:
         raise EdgeLLMError(f"{path}: not a valid imatrix file ({exc})") from None
 
@@ -205,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="types: " + ", ".join(sorted(types)) + f". Types needing --imatrix: {', '.join(sorted(NEEDS_IMATRIX))}.")
     parser.add_argument("input", help="the GGUF to quantize (usually f16, bf16 or f32)")
     parser.add_argument("type", help="quant type, e.g. q4_k_m, q5_k_m, q8_0, iq4_xs")
-    parser.add_argument("-o", "--outfile", default=None, help="output .gguf (default: INPUT-TYPE.gguf beside it)")
+    parser.add_argument("-o", "--outfile", default=None,
+                        help="output .gguf, or a folder for the default name (default: INPUT-TYPE.gguf beside it)")
     parser.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core)")
     parser.add_argument("--imatrix", default=None, help="importance matrix from llama-imatrix (GGUF or .dat)")
     parser.add_argument("--allow-requantize", action="store_true", help="allow an already-quantized input")
@@ -216,10 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         raise InvalidParameterError(f"invalid threads: {args.threads} (must be >= 1)", param="threads")
     src = Path(args.input).expanduser()
     dst = Path(args.outfile).expanduser() if args.outfile else default_output(src, args.type)
-    if dst.resolve() == src.resolve():
-        raise InvalidParameterError("the output would overwrite the input; pass -o", param="outfile")
     show = not args.quiet and not args.verbose and sys.stderr.isatty()
-    quantize_file(src, dst, args.type, threads=args.threads, allow_requantize=args.allow_requantize,
-                  verbose=args.verbose, imatrix=args.imatrix, progress=progress_printer("quantizing") if show else None)
+    dst = quantize_file(src, dst, args.type, threads=args.threads, allow_requantize=args.allow_requantize,
+                        verbose=args.verbose, imatrix=args.imatrix,
+                        progress=progress_printer("quantizing") if show else None)
     print(dst)
     return 0

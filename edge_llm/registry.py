@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edge_llm import hub
 from edge_llm.errors import EdgeLLMError, ModelNotFoundError
+from edge_llm.files import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,11 +87,11 @@ def load_registry(config: str | Path | None = None) -> dict[str, ModelSpec]:
 
 
 def _read_registry_file(path: Path) -> dict[str, ModelSpec]:
+    if not path.exists():
+        raise EdgeLLMError(f"model registry not found: {path}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EdgeLLMError(f"model registry not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        data = tomllib.loads(read_text(path, "model registry"))
+    except tomllib.TOMLDecodeError as exc:
         raise EdgeLLMError(f"{path}: not valid TOML: {exc}") from None
     specs = {}
     for name, entry in data.get("models", {}).items():

@@ -312,10 +312,14 @@ def make_conversation(engine: Engine, args: argparse.Namespace) -> Conversation:
     elif args.prompt is not None:
         initial = unescape(args.prompt)
     formatter = getattr(engine, "formatter", None)
-    if isinstance(formatter, PrefixChatFormatter):
+    # The engine has a prefix formatter when --in-prefix/--in-suffix or the registry entry give
+    # prefixes; -f / -p alone mean prefix mode with empty ones.
+    prefixes = isinstance(formatter, PrefixChatFormatter)
+    if prefixes or initial is not None:
         injection = unescape(args.reverse_prompt[0]) if args.reverse_prompt else ""
         return PrefixConversation(engine, system=initial if initial is not None else args.system,
-                                  in_prefix=formatter.in_prefix, in_suffix=formatter.in_suffix,
+                                  in_prefix=formatter.in_prefix if prefixes else "",
+                                  in_suffix=formatter.in_suffix if prefixes else "",
                                   eog_injection=injection)
     return TemplateConversation(engine, system=args.system)
 
@@ -325,12 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.system is not None and (args.file is not None or args.prompt is not None):
         raise InvalidParameterError("--system and -f/-p both give the initial prompt; use one")
     params = sampling_params(args)
-    prefix_mode = any(v is not None for v in (args.file, args.prompt, args.in_prefix, args.in_suffix))
-    overrides: dict[str, object] = {}
-    if prefix_mode:
-        # The prefixes select the engine's prefix formatter; -f / -p alone mean empty ones.
-        overrides["in_prefix"] = unescape(args.in_prefix) if args.in_prefix is not None else ""
-        overrides["in_suffix"] = unescape(args.in_suffix) if args.in_suffix is not None else ""
+    # Only the prefixes given here: the registry entry's fill in the others (LoadOptions.resolve).
+    overrides = {name: unescape(value) for name, value in (("in_prefix", args.in_prefix),
+                                                           ("in_suffix", args.in_suffix)) if value is not None}
     interactive = sys.stdin.isatty()
     settings = ReplSettings(interactive=interactive, color=args.color and sys.stdout.isatty(), stats=args.stats,
                             verbose_prompt=args.verbose_prompt,

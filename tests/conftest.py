@@ -27,11 +27,41 @@ def engine(demo_path):
     eng.close()
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300, input: str | None = None):
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, input: str | None = None,
+            preexec_fn=None):
     """Run `edge-llm ARGS` in a subprocess, as a user would."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "edge_llm", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, input=input, cwd=ROOT)
+                          timeout=timeout, env=full_env, input=input, cwd=ROOT, preexec_fn=preexec_fn)
+
+
+def _without_root_file_access() -> None:
+    """In a child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set,
+    so root's command is bound by file modes like anyone's (capabilities(7))."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+@pytest.fixture()
+def read_only_folder(tmp_path):
+    """(folder, run): a folder that `run(*args)` (run_cli's signature) cannot create files in; files
+    the test puts there first stay readable. Mode 555 during `run`; when the tests run as root, the
+    command runs without root's right to ignore file modes."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+
+    def run(*args: str, **kwargs):
+        folder.chmod(0o555)
+        try:
+            return run_cli(*args, preexec_fn=_without_root_file_access if os.geteuid() == 0 else None, **kwargs)
+        finally:
+            folder.chmod(0o755)
+
+    return folder, run
 
 
 @pytest.fixture(scope="session")

@@ -200,17 +200,19 @@ def test_batch_against_edge_llm_serve(demo_path, tmp_path):
             {"id": 2, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 7},
             {"id": 3, "prompt": "Count: 1, 2,", "max_tokens": 4, "ignore_eos": True},
             {"id": 4, "prompt": "x", "temperature": -1},
+            {"id": 5, "prompt": "A lone \ud800 surrogate", "max_tokens": 2},  # JSON can carry it; UTF-8 cannot
         ]) + "\nnot json\n", encoding="utf-8")
         result = run_cli("batch", str(inp), "-o", str(out), "--url", f"http://127.0.0.1:{port}", "-np", "2",
                          "--no-progress", "--sort")
         assert result.returncode == 0, result.stderr
         rows = read_jsonl(out)
-        assert [r.get("id") for r in rows] == [1, 2, 3, 4, None]
+        assert [r.get("id") for r in rows] == [1, 2, 3, 4, 5, None]
         assert rows[0]["output"].strip() and rows[0]["usage"]["completion_tokens"] <= 5
         assert rows[1]["output"].strip() and rows[1]["usage"]["completion_tokens"] <= 7
         assert rows[2]["usage"]["completion_tokens"] == 4
         assert "invalid temperature" in rows[3]["error"]
-        assert "not valid JSON" in rows[4]["error"]
+        assert rows[4].get("error_type") != "internal_error", rows[4]  # it reached the server
+        assert "not valid JSON" in rows[5]["error"]
     finally:
         server.terminate()
         try:
@@ -246,3 +248,101 @@ def test_sigterm_stops_cleanly_with_only_whole_lines(demo_path, tmp_path):
     assert data.endswith("\n") and 2 <= data.count("\n") < 12
     rows = read_jsonl(out)
     assert len({r["id"] for r in rows}) == len(rows) and all(r["finish_reason"] == "length" for r in rows)
+
+
+# -- hostile files: invalid bytes in, unwritable or full outputs ----------------------------------------
+
+
+@pytest.mark.model
+def test_invalid_utf8_lines_become_error_records_and_the_rest_runs(demo_path, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "One,", "max_tokens": 2}\n'  # a BOM: not an error
+                    b'{"id": 2, "prompt": "bad \xff\xfe bytes"}\n'
+                    b'\xc3(\n'
+                    b'{"id": 4, "prompt": "Four,", "max_tokens": 2}\n')
+    result = run_cli("batch", str(inp), "-o", str(out), "-m", str(demo_path), "-c", "512", "--no-progress",
+                     "--sort")
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out)
+    assert [(r["line"], r.get("id")) for r in rows] == [(1, 1), (2, None), (3, None), (4, 4)]
+    assert rows[1]["error"] == "line 2: not UTF-8 text (byte 0xff at column 26)"
+    assert rows[2]["error"] == "line 3: not UTF-8 text (byte 0xc3 at column 1)"
+    assert rows[0]["usage"]["completion_tokens"] == rows[3]["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.model
+def test_lone_surrogates_are_written_escaped_and_resumes_pass_them(demo_path, tmp_path):
+    """JSON can carry a lone surrogate ("\\ud800"), which UTF-8 cannot: the record must still be
+    written, read back as itself, and count as done when the batch is resumed."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "\\ud800", "prompt": "A \\udfff", "max_tokens": 2, "tag": "\\ud83d"}\n'
+                   '{"id": 2, "prompt": "Two,", "max_tokens": 2, "tag": "\\u4e16"}\n', encoding="utf-8")
+    args = ("batch", str(inp), "-o", str(out), "-m", str(demo_path), "-c", "512", "--no-progress")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    data.decode("utf-8")  # the output is valid UTF-8
+    rows = {r["id"]: r for r in read_jsonl(out)}
+    assert rows["\ud800"]["tag"] == "\ud83d" and rows["\ud800"]["prompt"] == "A \udfff"
+    assert rows["\ud800"]["usage"]["completion_tokens"] == 2 and "error" not in rows["\ud800"]
+    assert "世" in data.decode("utf-8")  # other records keep their text unescaped
+    for _ in range(2):
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert "0 done, 0 errors, 2 already" in again.stderr
+        assert out.read_bytes() == data
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("folder", "{out}: it is a folder"),
+    ("missing/out.jsonl", "{out}: folder {tmp}/missing does not exist"),
+    ("a-file/out.jsonl", "{out}: folder {tmp}/a-file is a file, not a folder"),
+])
+def test_unwritable_output_is_one_line_before_the_model_loads(target, reason, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "x"}\n', encoding="utf-8")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    before = sorted(tmp_path.rglob("*"))
+    out = tmp_path / target
+    # A model that is not there: the output is refused first, so no load is attempted.
+    result = run_cli("batch", str(inp), "-o", str(out), "-m", str(tmp_path / "absent.gguf"), "--no-progress")
+    assert result.returncode == 1
+    assert result.stderr == f"edge-llm batch: error: cannot write {reason.format(out=out, tmp=tmp_path)}\n"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_read_only_output_folder_is_one_line(read_only_folder):
+    folder, run = read_only_folder
+    inp = folder / "in.jsonl"
+    inp.write_text('{"prompt": "x"}\n', encoding="utf-8")
+    result = run("batch", str(inp), "-o", str(folder / "out.jsonl"), "--no-progress")
+    assert result.returncode == 1
+    assert result.stderr == f"edge-llm batch: error: cannot write {folder / 'out.jsonl'}: Permission denied\n"
+    assert [p.name for p in folder.iterdir()] == ["in.jsonl"]
+
+
+FULL_DISK = """
+import resource, signal, sys
+from edge_llm.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.model
+def test_full_disk_mid_run_is_one_line_and_a_resume_finishes(demo_path, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"Item {i},", "max_tokens": 2, "ignore_eos": True}) + "\n"
+                           for i in range(8)), encoding="utf-8")
+    args = ["batch", str(inp), "-o", str(out), "-m", str(demo_path), "-c", "512", "-np", "2", "--no-progress"]
+    full = subprocess.run([sys.executable, "-c", FULL_DISK, "700", *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert full.returncode == 1, full.stderr
+    assert full.stderr == f"edge-llm batch: error: cannot write {out}: File too large\n"
+    assert 0 < out.stat().st_size <= 700
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out)
+    assert sorted(r["id"] for r in rows) == list(range(8)) and not any("error" in r for r in rows)

@@ -1,9 +1,12 @@
 """The `edge-llm` command, run as a user runs it."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.model
 
@@ -96,3 +99,80 @@ def test_unknown_command_and_help():
     assert run_cli("frobnicate").returncode == 2
     out = run_cli("--help")
     assert out.returncode == 0 and "generate" in out.stdout
+
+
+# -- files: every input is bytes that may be invalid; every OS error is one line naming the file ----
+
+
+@pytest.mark.parametrize("command, what", [
+    (["generate", "-n", "1", "-f"], "prompt file"),
+    (["chat", "-n", "1", "-f"], "prompt file"),
+    (["perplexity", "-f"], "text file"),
+    (["models", "--config"], "model registry"),
+    (["serve", "--port", "9", "--api-key-file"], "API key file"),
+])
+def test_input_files_with_invalid_bytes_or_not_files_are_one_line(command, what, tmp_path):
+    bad = tmp_path / "input.txt"
+    bad.write_bytes(b"# first line\nk\xffey\n")
+    out = run_cli(*command, str(bad), input="")
+    assert out.returncode == 1
+    assert out.stderr == (f"edge-llm {command[0]}: error: {what} {bad} is not UTF-8 text: "
+                          f"invalid byte 0xff at line 2, column 2\n")
+    out = run_cli(*command, str(tmp_path), input="")  # a folder where a file belongs
+    assert out.returncode == 1
+    assert out.stderr == f"edge-llm {command[0]}: error: cannot read {what} {tmp_path}: Is a directory\n"
+
+
+def test_os_errors_no_command_handled_are_one_line_naming_the_file(monkeypatch, capsys):
+    import errno
+
+    from edge_llm import cli, info
+
+    for code, reason in [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")]:
+        def fail(argv, code=code):
+            raise OSError(code, os.strerror(code), "/data/out.gguf")
+
+        monkeypatch.setattr(info, "main", fail)
+        assert cli.main(["info"]) == 1
+        assert capsys.readouterr().err == f"edge-llm info: error: /data/out.gguf: {reason}\n"
+
+
+def test_output_check_and_writes_name_the_file_for_each_os_error(tmp_path, monkeypatch):
+    """The one place that turns OS errors into a line (edge_llm/files.py), on each error a write can
+    meet; the errors are injected where a real disk would raise them."""
+    import errno
+
+    from edge_llm import files
+    from edge_llm.errors import EdgeLLMError
+
+    target = tmp_path / "out.gguf"
+    assert files.check_output_path(target) == target and list(tmp_path.iterdir()) == []  # the probe is gone
+    real_open = os.open
+    for code in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        def refuse(path, flags, mode=0o777, code=code):
+            if str(path).startswith(str(tmp_path)):
+                raise OSError(code, os.strerror(code), str(path))
+            return real_open(path, flags, mode)
+
+        monkeypatch.setattr(files.os, "open", refuse)
+        with pytest.raises(EdgeLLMError) as info:
+            files.check_output_path(target)
+        assert info.value.message == f"cannot write {target}: {os.strerror(code)}"
+        monkeypatch.undo()
+    with pytest.raises(EdgeLLMError, match=f"^cannot write {target}: No space left on device$"):
+        with files.os_errors(target, "write"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a write() error names no file
+    assert files.json_bytes({"a": "\ud800 世"}) == b'{"a": "\\ud800 \\u4e16"}'
+    assert files.json_bytes({"a": "世"}) == '{"a": "世"}'.encode()
+
+
+def test_chat_saves_a_conversation_typed_with_invalid_bytes(tmp_path):
+    saved = tmp_path / "conv.json"
+    done = subprocess.run([sys.executable, "-m", "edge_llm", "chat", "-n", "2", "--temp", "0"],
+                          input=f"hi \xff there\n/save {saved}\n".encode("latin-1"), capture_output=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"Traceback" not in done.stderr
+    messages = json.loads(saved.read_bytes().decode("utf-8"))["messages"]
+    assert messages[0]["role"] == "user" and messages[0]["content"].startswith("hi ")
+    assert len(messages) == 2

@@ -2,6 +2,7 @@
 engine refuses, the torch sampling chain, token bytes, and llama.cpp's load-log parsing."""
 
 import argparse
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from edge_llm.engines.base import LoadOptions, engine_class
 from edge_llm.errors import InvalidParameterError, MissingExtraError
 from edge_llm.sampling import SamplingParams
+from tests.conftest import run_cli
 
 
 def test_cli_flags_reach_load_options():
@@ -25,7 +27,7 @@ def test_cli_flags_reach_load_options():
     assert (options.main_gpu, options.tensor_parallel_size, options.pipeline_parallel_size) == (1, 2, 2)
     assert (options.gpu_memory_utilization, options.n_ctx, options.quantization, options.dtype) == (0.8, 8192, "awq",
                                                                                                     "float16")
-    assert options.distributed_executor_backend == "ray" and options.extra == {}
+    assert options.distributed_executor_backend == "ray" and options.extra is None
     extra = load_options(parser.parse_args(["--engine-arg", "enforce_eager=true", "--engine-arg", "backend=pytorch",
                                             "--engine-arg", "max-num-seqs=8"])).extra
     assert extra == {"enforce_eager": True, "backend": "pytorch", "max_num_seqs": 8}
@@ -64,17 +66,17 @@ def test_vllm_engine_args_and_refusals(tmp_path):
     args = engine_args(tmp_path, LoadOptions(tensor_parallel_size=4, gpu_memory_utilization=0.85,
                                              quantization="awq", dtype="float16", cache_type_k="fp8",
                                              cache_type_v="fp8", distributed_executor_backend="ray",
-                                             pipeline_parallel_size=2), 8192)
+                                             pipeline_parallel_size=2).resolve(), 8192)
     assert args["tensor_parallel_size"] == 4 and args["pipeline_parallel_size"] == 2
     assert args["max_model_len"] == 8192 and args["gpu_memory_utilization"] == 0.85
     assert args["quantization"] == "awq" and args["kv_cache_dtype"] == "fp8"
     assert args["distributed_executor_backend"] == "ray" and args["trust_remote_code"] is False
     with pytest.raises(InvalidParameterError, match="KV cache"):
-        engine_args(tmp_path, LoadOptions(cache_type_k="q4_0", cache_type_v="q4_0"), None)
+        engine_args(tmp_path, LoadOptions(cache_type_k="q4_0", cache_type_v="q4_0").resolve(), None)
     with pytest.raises(InvalidParameterError, match="ngl"):
-        engine_args(tmp_path, LoadOptions(n_gpu_layers=10), None)
+        engine_args(tmp_path, LoadOptions(n_gpu_layers=10).resolve(), None)
     with pytest.raises(InvalidParameterError, match="split"):
-        engine_args(tmp_path, LoadOptions(tensor_split=(1.0, 1.0)), None)
+        engine_args(tmp_path, LoadOptions(tensor_split=(1.0, 1.0)).resolve(), None)
 
     kwargs = vllm_sampling_kwargs(SamplingParams.create(n=3, temperature=0.7, top_k=20, stop=["\n"], seed=5,
                                                         logprobs=2, repetition_penalty=1.1))
@@ -88,15 +90,15 @@ def test_lmdeploy_config_and_refusals():
     from edge_llm.engines.lmdeploy import backend_config, gen_config_kwargs
 
     backend, config = backend_config(LoadOptions(tensor_parallel_size=2, cache_type_k="q8_0", cache_type_v="q8_0",
-                                                 quantization="awq", gpu_memory_utilization=0.5), 4096)
+                                                 quantization="awq", gpu_memory_utilization=0.5).resolve(), 4096)
     assert backend == "turbomind"
     assert config == {"tp": 2, "quant_policy": 8, "session_len": 4096, "cache_max_entry_count": 0.5,
                       "model_format": "awq"}
-    assert backend_config(LoadOptions(extra={"backend": "pytorch"}), None)[0] == "pytorch"
+    assert backend_config(LoadOptions(extra={"backend": "pytorch"}).resolve(), None)[0] == "pytorch"
     with pytest.raises(InvalidParameterError, match="same value"):
-        backend_config(LoadOptions(cache_type_k="q8_0"), None)
+        backend_config(LoadOptions(cache_type_k="q8_0").resolve(), None)
     with pytest.raises(InvalidParameterError, match="vLLM options"):
-        backend_config(LoadOptions(pipeline_parallel_size=2), None)
+        backend_config(LoadOptions(pipeline_parallel_size=2).resolve(), None)
 
     kwargs = gen_config_kwargs(SamplingParams.create(temperature=0, max_tokens=9, stop_token_ids=[7]), [2], 3)
     assert kwargs["do_sample"] is False and kwargs["max_new_tokens"] == 9 and kwargs["stop_token_ids"] == [7, 2]
@@ -140,6 +142,99 @@ def test_backend_devices_include_the_cpu():
     devices = backend_devices()
     assert any(d.type == "cpu" for d in devices)
     assert all(d.total_mib >= d.free_mib >= 0 for d in devices)
+
+
+# -- option resolution: flag / API argument > registry entry > built-in default -------------------
+
+
+def _registry_entry(tmp_path, demo_path, **settings):
+    """A models.toml with one entry, `mine`, on the bundled model, carrying these load settings."""
+    lines = ["[models.mine]", 'source = "local"', f"path = {json.dumps(str(demo_path))}"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    cfg = tmp_path / "models.toml"
+    cfg.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return cfg
+
+
+def test_every_registry_setting_fills_only_unset_options(tmp_path):
+    from edge_llm.engines.base import DEFAULTS, REGISTRY_FIELDS
+    from edge_llm.options import add_model_flags, load_options
+    from edge_llm.registry import ModelSpec
+
+    spec = ModelSpec(name="m", source="local", path="m.gguf", n_ctx=1024, n_gpu_layers=-1, flash_attn="off",
+                     chat_format="chatml", in_prefix="U: ", in_suffix="A: ")
+    # Every load setting a registry entry can carry is resolved, none is forgotten.
+    load_settings = set(ModelSpec.model_fields) - {"name", "description", "source", "repo", "file", "path",
+                                                    "format", "quant", "engines"}
+    assert load_settings == set(REGISTRY_FIELDS)
+    parser = argparse.ArgumentParser()
+    add_model_flags(parser)
+    unset = load_options(parser.parse_args([])).resolve(spec)
+    assert {name: getattr(unset, name) for name in REGISTRY_FIELDS} == {
+        "n_ctx": 1024, "n_gpu_layers": -1, "flash_attn": "off", "chat_format": "chatml", "in_prefix": "U: ",
+        "in_suffix": "A: "}
+    flags = ["-c", "512", "-ngl", "0", "-fa", "auto", "--chat-format", "auto"]
+    given = load_options(parser.parse_args(flags)).resolve(spec)
+    assert (given.n_ctx, given.n_gpu_layers, given.flash_attn, given.chat_format) == (512, 0, "auto", "auto")
+    # With no registry entry: the built-in defaults, and resolving again changes nothing.
+    plain = LoadOptions(n_parallel=2).resolve()
+    assert plain.n_parallel == 2 and all(getattr(plain, k) == v for k, v in DEFAULTS.items() if k != "n_parallel")
+    assert plain.resolve() == plain and unset.resolve(spec) == unset
+    assert LoadOptions().resolve(spec, defaults={"n_gpu_layers": 5}).n_gpu_layers == -1  # the entry first
+    assert LoadOptions().resolve(defaults={"n_gpu_layers": 5}).n_gpu_layers == 5
+
+
+@pytest.mark.model
+def test_registry_gpu_layers_and_flash_attn_apply_through_the_api(tmp_path, demo_path):
+    import edge_llm
+
+    cfg = _registry_entry(tmp_path, demo_path, n_gpu_layers=-1, flash_attn="off", n_ctx=512)
+    engine = edge_llm.load("mine", config=str(cfg), n_parallel=1)
+    try:
+        assert (engine.n_gpu_layers, engine.flash_attn, engine.n_ctx) == (-1, "off", 512)
+    finally:
+        engine.close()
+    engine = edge_llm.load("mine", config=str(cfg), n_parallel=1, n_gpu_layers=0, flash_attn="auto")
+    try:
+        assert (engine.n_gpu_layers, engine.flash_attn, engine.n_ctx) == (0, "auto", 512)
+    finally:
+        engine.close()
+
+
+@pytest.mark.model
+def test_registry_settings_apply_through_the_cli(tmp_path, demo_path, monkeypatch):
+    from edge_llm import generate
+    from edge_llm.engines.base import load_engine
+
+    cfg = _registry_entry(tmp_path, demo_path, n_gpu_layers=-1, flash_attn="off", n_ctx=512)
+    loaded = []
+
+    def keep(*args, **kwargs):
+        loaded.append(load_engine(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(generate, "load_engine", keep)
+    assert generate.main(["-m", "mine", "--config", str(cfg), "-p", "Hi", "-n", "1"]) == 0
+    assert (loaded[-1].n_gpu_layers, loaded[-1].flash_attn, loaded[-1].n_ctx) == (-1, "off", 512)
+    assert generate.main(["-m", "mine", "--config", str(cfg), "-p", "Hi", "-n", "1", "-ngl", "0", "-fa"]) == 0
+    assert (loaded[-1].n_gpu_layers, loaded[-1].flash_attn) == (0, "on")
+    # As a user sees it: the entry's flash_attn = "off" refuses a quantized V cache unless -fa says otherwise.
+    out = run_cli("generate", "-m", "mine", "--config", str(cfg), "-p", "Hi", "-n", "1", "-ctv", "q8_0")
+    assert out.returncode == 1 and "quantized V cache (-ctv) needs flash attention" in out.stderr, out.stderr
+    out = run_cli("generate", "-m", "mine", "--config", str(cfg), "-p", "Hi", "-n", "1", "-ctv", "q8_0", "-fa", "on")
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.model
+def test_registry_prefixes_apply_to_chat_with_a_prompt_file(tmp_path, demo_path):
+    """`chat -f` is prefix mode; the entry's in_prefix / in_suffix must frame each user turn."""
+    cfg = _registry_entry(tmp_path, demo_path, in_prefix="\nUser-Turn: ", in_suffix="\nBot-Turn:")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("A conversation.\n", encoding="utf-8")
+    out = run_cli("chat", "-m", "mine", "--config", str(cfg), "-f", str(prompt), "-n", "4", "--temp", "0",
+                  "--verbose-prompt", input="hello\n")
+    assert out.returncode == 0, out.stderr
+    assert "User-Turn: hello" in out.stderr and "Bot-Turn:" in out.stderr, out.stderr
 
 
 # -- the transformers engine's sampling chain and token bytes ---------------------------------------

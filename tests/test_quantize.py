@@ -131,7 +131,10 @@ def test_bad_inputs(f32_gguf, tmp_path):
         ((str(src), "iq2_xxs"), "iq2_xxs needs an importance matrix: pass --imatrix FILE"),
         ((str(src), "q4_0", "-o", str(src)), "would overwrite the input"),
         ((str(src), "q4_0", "--imatrix", str(junk)), "not a valid imatrix file"),
-        ((str(src), "q4_0", "-o", str(tmp_path / "no" / "x.gguf")), "output folder does not exist"),
+        ((str(src), "q4_0", "-o", str(tmp_path / "no" / "x.gguf")),
+         f"cannot write {tmp_path / 'no' / 'x.gguf'}: folder {tmp_path / 'no'} does not exist"),
+        ((str(src), "q4_0", "-o", str(junk / "x.gguf")),
+         f"cannot write {junk / 'x.gguf'}: folder {junk} is a file, not a folder"),
     ]
     for args, fragment in cases:
         out = run_cli("quantize", *args)
@@ -140,3 +143,21 @@ def test_bad_inputs(f32_gguf, tmp_path):
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.gguf"]
     assert set(NEEDS_IMATRIX) <= set(quant_types())
+
+
+def test_output_into_a_folder_or_a_read_only_one(f32_gguf, tmp_path, read_only_folder):
+    """-o FOLDER writes the default name there (as convert does); a folder that cannot be written
+    is one line before any work, and leaves nothing."""
+    src, _ = f32_gguf
+    folder = tmp_path / "models"
+    folder.mkdir()
+    out = run_cli("quantize", str(src), "q8_0", "-o", str(folder))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(folder / default_output(src, "q8_0").name)
+    assert [p.name for p in folder.iterdir()] == [default_output(src, "q8_0").name]
+
+    locked, run = read_only_folder
+    out = run("quantize", str(src), "q8_0", "-o", str(locked / "m.gguf"))
+    assert out.returncode == 1
+    assert out.stderr == f"edge-llm quantize: error: cannot write {locked / 'm.gguf'}: Permission denied\n"
+    assert list(locked.iterdir()) == []

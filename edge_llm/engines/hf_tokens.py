@@ -101,13 +101,10 @@ class HFVocabulary(PromptTokens):
         self._pieces = TokenBytes(tokenizer)
         template = getattr(tokenizer, "chat_template", None)
         self.chat_template = template if isinstance(template, str) else None
-        spec = model.spec
         self.formatter = select_formatter(
-            gguf_template=self.chat_template,
-            chat_format=options.chat_format or spec.chat_format,
+            gguf_template=self.chat_template, chat_format=options.chat_format,
             bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
-            in_prefix=options.in_prefix if options.in_prefix is not None else spec.in_prefix,
-            in_suffix=options.in_suffix if options.in_suffix is not None else spec.in_suffix,
+            in_prefix=options.in_prefix, in_suffix=options.in_suffix,
         )
 
     # -- vocabulary -----------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class LlamaCppEngine(PromptTokens):
     name = "llama.cpp"
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
-        options = options or LoadOptions()
+        options = (options or LoadOptions()).resolve(model.spec)
         if not model.is_gguf:
             raise EdgeLLMError(f"{model.path} is an HF checkpoint; llama.cpp needs a GGUF: "
                                f"run `edge-llm convert {model.path}` first")
@@ -87,12 +87,11 @@ class LlamaCppEngine(PromptTokens):
         self.model_name = model.name
         self.path = model.path
         self.options = options
-        spec = model.spec
         set_verbose(options.verbose)
         _init_backend()
 
         model_params = llama_cpp.llama_model_default_params()
-        ngl = options.n_gpu_layers if options.n_gpu_layers is not None else (spec.n_gpu_layers or 0)
+        ngl = options.n_gpu_layers
         model_params.n_gpu_layers = 0x7FFFFFFF if ngl < 0 else ngl
         model_params.split_mode = SPLIT_MODES[options.split_mode]
         model_params.main_gpu = options.main_gpu
@@ -115,7 +114,7 @@ class LlamaCppEngine(PromptTokens):
         self.n_ctx_train = self._model.n_ctx_train()
 
         self.n_parallel = max(1, options.n_parallel)
-        n_ctx = options.n_ctx or spec.n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train)
+        n_ctx = options.n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train)
         if n_ctx < 16:
             raise InvalidParameterError(f"context size {n_ctx} is too small", param="n_ctx")
         self.n_threads = options.n_threads or default_threads()
@@ -129,7 +128,7 @@ class LlamaCppEngine(PromptTokens):
         ctx_params.kv_unified = False
         ctx_params.n_threads = self.n_threads
         ctx_params.n_threads_batch = options.n_threads_batch or self.n_threads
-        fa = options.flash_attn if options.flash_attn else (spec.flash_attn or "auto")
+        fa = options.flash_attn
         ctx_params.flash_attn_type = FLASH_ATTN[fa]
         ctx_params.type_k = _kv_type(options.cache_type_k, "cache_type_k")
         ctx_params.type_v = _kv_type(options.cache_type_v, "cache_type_v")
@@ -157,11 +156,11 @@ class LlamaCppEngine(PromptTokens):
         self.chat_template = self.metadata.get("tokenizer.chat_template")
         self.formatter: ChatFormatter = select_formatter(
             gguf_template=self.chat_template,
-            chat_format=options.chat_format or spec.chat_format,
+            chat_format=options.chat_format,
             bos_token=self.token_text(self.bos_id),
             eos_token=self.token_text(self.eos_id),
-            in_prefix=options.in_prefix if options.in_prefix is not None else spec.in_prefix,
-            in_suffix=options.in_suffix if options.in_suffix is not None else spec.in_suffix,
+            in_prefix=options.in_prefix,
+            in_suffix=options.in_suffix,
         )
         self._embed_ctx: _internals.LlamaContext | None = None
         self._embed_lock = threading.Lock()

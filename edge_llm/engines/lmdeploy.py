@@ -117,14 +117,14 @@ class LMDeployEngine(HFVocabulary):
     name = "lmdeploy"
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
-        options = options or LoadOptions()
+        options = (options or LoadOptions()).resolve(model.spec)
         if model.is_gguf:
             raise EdgeLLMError(f"{model.path} is a GGUF file; LMDeploy reads HF checkpoint folders")
         path = Path(model.path)
         if (remote := needs_remote_code(path)) is not None:
             raise ModelLoadError(f"{path}: {remote} asks for custom Python code; edge-llm never runs "
                                  "trust_remote_code")
-        backend, config = backend_config(options, options.n_ctx or model.spec.n_ctx)
+        backend, config = backend_config(options, options.n_ctx)
         lmdeploy, async_engine_class = _import_lmdeploy()
         self._lmdeploy = lmdeploy
         self.model_name = model.name

@@ -67,7 +67,7 @@ class TransformersEngine(HFVocabulary):
     name = "transformers"
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
-        options = options or LoadOptions()
+        options = (options or LoadOptions()).resolve(model.spec)
         if model.is_gguf:
             raise EdgeLLMError(f"{model.path} is a GGUF file; the transformers engine reads HF checkpoint "
                                "folders (config.json + safetensors): use the llama.cpp engine for GGUF")
@@ -87,7 +87,7 @@ class TransformersEngine(HFVocabulary):
         if options.n_threads:
             torch.set_num_threads(options.n_threads)
 
-        ngl = options.n_gpu_layers if options.n_gpu_layers is not None else (model.spec.n_gpu_layers or 0)
+        ngl = options.n_gpu_layers
         try:
             config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         except (ValueError, OSError, KeyError) as exc:
@@ -99,7 +99,7 @@ class TransformersEngine(HFVocabulary):
         self.device = _pick_device(torch, ngl)
         dtype = _pick_dtype(torch, options.dtype, self.device)
         # -fa on asks for real flash attention (the flash-attn package, CUDA); auto is PyTorch's SDPA.
-        attn = {"on": "flash_attention_2", "off": "eager"}.get(options.flash_attn or "auto", "sdpa")
+        attn = {"on": "flash_attention_2", "off": "eager"}.get(options.flash_attn, "sdpa")
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False,
                                                                         local_files_only=True)
@@ -113,7 +113,7 @@ class TransformersEngine(HFVocabulary):
         self.n_vocab = int(self.model.get_input_embeddings().num_embeddings)
         n_ctx_train = int(getattr(config, "max_position_embeddings", 0) or DEFAULT_N_CTX)
         self.n_ctx_train = n_ctx_train
-        self.n_ctx = options.n_ctx or model.spec.n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
+        self.n_ctx = options.n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
         if self.n_ctx < 16:
             raise InvalidParameterError(f"context size {self.n_ctx} is too small", param="n_ctx")
         self.n_gpu_layers = -1 if self.device != "cpu" else 0

@@ -104,7 +104,7 @@ class VLLMEngine(HFVocabulary):
     name = "vllm"
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
-        options = options or LoadOptions()
+        options = (options or LoadOptions()).resolve(model.spec)
         if model.is_gguf:
             raise EdgeLLMError(f"{model.path} is a GGUF file; the vLLM engine in edge-llm reads HF checkpoint "
                                "folders (pull the original repo, or a GPTQ/AWQ one)")
@@ -112,8 +112,7 @@ class VLLMEngine(HFVocabulary):
         if (remote := needs_remote_code(path)) is not None:
             raise ModelLoadError(f"{path}: {remote} asks for custom Python code; edge-llm never runs "
                                  "trust_remote_code")
-        n_ctx = options.n_ctx or model.spec.n_ctx
-        args = engine_args(path, options, n_ctx)
+        args = engine_args(path, options, options.n_ctx)
         vllm = _import_vllm()
         self._vllm = vllm
         self.model_name = model.name

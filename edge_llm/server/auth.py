@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge_llm.errors import EdgeLLMError
+from edge_llm.files import read_text
 from edge_llm.server.errors import error_response
 
 OPEN_PATHS = frozenset({"/health"})
@@ -20,10 +20,7 @@ OPEN_PATHS = frozenset({"/health"})
 
 def read_api_keys(path: str) -> list[str]:
     """One key per line; blank lines and lines starting with # are skipped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise EdgeLLMError(f"cannot read API key file {path}: {exc.strerror}") from None
+    lines = read_text(path, "API key file").splitlines()
     keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not keys:
         raise EdgeLLMError(f"API key file {path} has no key")
