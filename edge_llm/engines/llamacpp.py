@@ -276,6 +276,8 @@ class LlamaCppEngine(PromptTokens):
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.close()
+        if getattr(self, "formatter", None) is not None:
+            self.formatter.close()  # the chat template's sandbox process
         if getattr(self, "_embed_ctx", None) is not None:
             self._embed_ctx.close()
             self._embed_ctx = None

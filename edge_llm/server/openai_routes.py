@@ -21,7 +21,7 @@ from starlette.responses import Response
 from edge_llm.engines.base import Delta, Engine, TokenLogprob
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.sampling import SamplingParams
-from edge_llm.server import grammars
+from edge_llm.server import grammars, templates
 from edge_llm.server.errors import error_body
 from edge_llm.server.forward import forward
 from edge_llm.server.generation import (
@@ -237,7 +237,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 class ChatPlan:
-    """What a chat request turns into: the prompt, the grammar, whether tool calls are parsed."""
+    """What a chat request turns into besides its prompt: the grammar, whether tool calls are parsed."""
 
     def __init__(self, engine: Engine, body: ChatCompletionRequest) -> None:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
@@ -263,7 +263,6 @@ class ChatPlan:
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidParameterError("top_logprobs needs logprobs: true", param="top_logprobs")
         self.logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        self.prompt = engine.chat_prompt(template_messages(body.messages), tools=self.tools)
 
 
 def chat_message(text: str, parse_tools: bool) -> tuple[dict, bool]:
@@ -284,7 +283,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     try:
         engine = lease.engine
         plan = await asyncio.to_thread(ChatPlan, engine, body)
-        tokens = await asyncio.to_thread(tokenize_prompt, engine, plan.prompt)
+        prompt = await templates.chat_prompt(engine, template_messages(body.messages), tools=plan.tools)
+        tokens = await asyncio.to_thread(tokenize_prompt, engine, prompt)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = build_params(body, max_tokens=capped_max_tokens(engine, len(tokens), requested, param="messages"),
                               logprobs=plan.logprobs, grammar=plan.grammar)
@@ -390,7 +390,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
     try:
         engine = lease.engine
-        grammar = format_grammar(body.response_format)
+        grammar = await asyncio.to_thread(format_grammar, body.response_format)
         state = server_state(request)
         echoes = []
         for prompt in prompts:

@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.sampling import SamplingParams
+from edge_llm.server import templates
 from edge_llm.server.generation import (
     Generation,
     StreamResponse,
@@ -103,7 +104,7 @@ async def _complete(request: Request, model: str | None, prompt: str | list[dict
     try:
         engine = held.engine
         if isinstance(prompt, list):
-            prompt = await asyncio.to_thread(engine.chat_prompt, prompt)
+            prompt = await templates.chat_prompt(engine, prompt)
         tokens = await asyncio.to_thread(tokenize_prompt, engine, prompt)
         params = SamplingParams.create(max_tokens=capped_max_tokens(engine, len(tokens), max_tokens, param=param),
                                        **sampling)
@@ -159,7 +160,7 @@ async def _prompt_length(request: Request, model: str | None, messages: list[dic
         return 0  # the peer applies max_length itself
     lease = await manager.acquire(name)
     try:
-        prompt = await asyncio.to_thread(lease.engine.chat_prompt, messages)
+        prompt = await templates.chat_prompt(lease.engine, messages)
         return len(await asyncio.to_thread(tokenize_prompt, lease.engine, prompt))
     finally:
         lease.release()
