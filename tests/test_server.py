@@ -3,6 +3,7 @@ and plain httpx, two copies of the bundled model served at once as `demo-a` and 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -201,6 +202,63 @@ def test_tokenize_round_trip(http):
     assert joined.decode() == text
 
 
+def test_cpu_heavy_work_never_runs_on_the_event_loop(server, http, monkeypatch):
+    """Tokenizing, token pieces, detokenizing, templates, grammars, embeddings and encoding large
+    bodies run in worker threads: on the event loop they would stall every other request (a 7 MB
+    /tokenize with pieces once froze /health for 7.5 s)."""
+    from edge_llm.server import grammars, jsonio
+
+    on_loop: list[str] = []
+
+    def in_event_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    def watched(name, function):
+        def call(*args, **kwargs):
+            if in_event_loop():
+                on_loop.append(name)
+            return function(*args, **kwargs)
+        return call
+
+    ids = http.post("/tokenize", json={"model": "demo-a", "content": "Once upon a time"}).json()["tokens"]
+    engine = engine_of(server[1], "demo-a")
+    for name in ("tokenize", "detokenize", "token_piece", "chat_prompt", "embed"):
+        monkeypatch.setattr(engine, name, watched(name, getattr(engine, name)))
+    for name in ("json_schema_grammar", "json_object_grammar", "tool_call_grammar"):
+        monkeypatch.setattr(grammars, name, watched(name, getattr(grammars, name)))
+    render = jsonio.JSONResponse.render
+
+    def watched_render(self, content):
+        body = render(self, content)
+        if len(body) > 16_384 and in_event_loop():
+            on_loop.append(f"a {len(body)}-byte body")
+        return body
+
+    monkeypatch.setattr(jsonio.JSONResponse, "render", watched_render)
+    text = "Hello world, héllo 世界! " * 4000
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for path, body in [
+        ("/tokenize", {"model": "demo-a", "content": text, "with_pieces": True}),
+        ("/detokenize", {"model": "demo-a", "tokens": ids * 2000}),
+        ("/v1/completions", {"model": "demo-a", "prompt": ids, "echo": True, "max_tokens": 4, "logprobs": 5,
+                             "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}),
+        ("/v1/completions", {"model": "demo-a", "prompt": "Hi", "max_tokens": 2,
+                             "response_format": {"type": "json_object"}}),
+        ("/v1/chat/completions", {"model": "demo-a", "messages": [{"role": "user", "content": "Hi"}],
+                                  "max_tokens": 200, "logprobs": True, "top_logprobs": 20,
+                                  "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}),
+        ("/v1/embeddings", {"model": "demo-a", "input": ["a cat"] * 64}),
+        ("/", {"model": "demo-a", "prompt": "Hi", "history": [], "max_length": 200}),
+    ]:
+        response = http.post(path, json=body)
+        assert response.status_code == 200, (path, response.text[:300])
+    assert on_loop == []
+
+
 # -- tools ---------------------------------------------------------------------------------------------
 
 # Qwen2.5's way of offering tools, cut down: enough for a template that "supports tools".
@@ -324,6 +382,9 @@ def long_prompt(words: int) -> str:
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string", "maxLength": 10**9}}}}, 400, "response_format.json_schema.schema",
      "invalid_parameter"),
+    # Once the JSON is complete only end-of-generation fits: masked, llama.cpp aborted the process.
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "ignore_eos": True},
+     400, "ignore_eos", "invalid_parameter"),
 ])
 def test_malformed_chat_requests_get_openai_errors(http, body, status, param, code):
     if isinstance(body, bytes):

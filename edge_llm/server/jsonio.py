@@ -7,7 +7,9 @@ NaN and infinities are refused by the JSON spec; they never reach here (logprobs
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import JSONResponse as _StarletteJSONResponse
@@ -22,6 +24,13 @@ def dumps(value: Any) -> str:
 class JSONResponse(_StarletteJSONResponse):
     def render(self, content: Any) -> bytes:
         return dumps(content).encode("utf-8")
+
+
+async def json_response(build: Callable[[], Any]) -> JSONResponse:
+    """`build()` and its JSON encoding in a worker thread. A body can be large (logprobs of every
+    token, embeddings, token pieces of a long text): built and encoded on the event loop, it would
+    stall every other request for as long. Returned as a Response, FastAPI passes it on as is."""
+    return await asyncio.to_thread(lambda: JSONResponse(build()))
 
 
 class AssumeJSONMiddleware:

@@ -33,7 +33,7 @@ from edge_llm.server.generation import (
     tokenize_prompt,
     until_disconnect,
 )
-from edge_llm.server.jsonio import dumps
+from edge_llm.server.jsonio import dumps, json_response
 from edge_llm.server.schemas import (
     MAX_BATCH,
     MAX_EMBEDDING_INPUTS,
@@ -303,12 +303,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             handed_over = True
             return response
         choices = await until_disconnect(request, generation.collect())
-        out = []
-        for choice in choices:
-            message, calls = chat_message(choice.text, plan.tools is not None)
-            out.append({"index": choice.index, "message": message, "logprobs": chat_logprobs(choice.logprobs),
-                        "finish_reason": "tool_calls" if calls else finish_reason(choice)})
-        return {**meta, "object": "chat.completion", "choices": out, "usage": usage_of(choices, 1, params.n)}
+
+        def build() -> dict:
+            out = []
+            for choice in choices:
+                message, calls = chat_message(choice.text, plan.tools is not None)
+                out.append({"index": choice.index, "message": message, "logprobs": chat_logprobs(choice.logprobs),
+                            "finish_reason": "tool_calls" if calls else finish_reason(choice)})
+            return {**meta, "object": "chat.completion", "choices": out, "usage": usage_of(choices, 1, params.n)}
+
+        return await json_response(build)
     finally:
         if not handed_over:
             lease.release()
@@ -399,7 +403,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                                                                      param="prompt"),
                                   logprobs=body.logprobs, grammar=grammar)
             generations.append(Generation(engine, tokens, params, state.metrics.observer(name)))
-            echoes.append((prompt if isinstance(prompt, str) else engine.detokenize(prompt)) if body.echo else "")
+            echoes.append((prompt if isinstance(prompt, str) else await asyncio.to_thread(engine.detokenize, prompt))
+                          if body.echo else "")
         for g in generations:
             await until_disconnect(request, g.start())
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
@@ -416,15 +421,19 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             handed_over = True
             return response
         results = await until_disconnect(request, asyncio.gather(*(g.collect() for g in generations)))
-        choices, out = [], []
-        for p, per_prompt in enumerate(results):
-            for choice in per_prompt:
-                choices.append(choice)
-                out.append({"index": p * body.n + choice.index, "text": echoes[p] + choice.text,
-                            "logprobs": completion_logprobs(choice.logprobs, len(echoes[p]), top),
-                            "finish_reason": finish_reason(choice)})
-        return {**meta, "object": "text_completion", "choices": out,
-                "usage": usage_of(choices, len(prompts), body.n)}
+
+        def build() -> dict:
+            choices, out = [], []
+            for p, per_prompt in enumerate(results):
+                for choice in per_prompt:
+                    choices.append(choice)
+                    out.append({"index": p * body.n + choice.index, "text": echoes[p] + choice.text,
+                                "logprobs": completion_logprobs(choice.logprobs, len(echoes[p]), top),
+                                "finish_reason": finish_reason(choice)})
+            return {**meta, "object": "text_completion", "choices": out,
+                    "usage": usage_of(choices, len(prompts), body.n)}
+
+        return await json_response(build)
     finally:
         if not handed_over:
             await close_all()
@@ -512,17 +521,21 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
         vectors, n_tokens = await asyncio.to_thread(embed_all, held.engine, inputs)
     finally:
         held.release()
-    data = []
-    for i, vector in enumerate(vectors):
-        if body.encoding_format == "base64":
-            import numpy as np
 
-            data.append({"object": "embedding", "index": i,
-                         "embedding": base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()})
-        else:
-            data.append({"object": "embedding", "index": i, "embedding": vector})
-    return {"object": "list", "data": data, "model": name,
-            "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}}
+    def build() -> dict:
+        data = []
+        for i, vector in enumerate(vectors):
+            if body.encoding_format == "base64":
+                import numpy as np
+
+                data.append({"object": "embedding", "index": i,
+                             "embedding": base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()})
+            else:
+                data.append({"object": "embedding", "index": i, "embedding": vector})
+        return {"object": "list", "data": data, "model": name,
+                "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}}
+
+    return await json_response(build)
 
 
 @router.post("/tokenize", tags=["tokenizer"], response_model=TokenizeResponse, responses=ERRORS)
@@ -534,16 +547,20 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     name, held = await local_or_forward(request, body.model)
     if isinstance(held, Response):
         return held
-    try:
-        engine = held.engine
+    engine = held.engine
+
+    def build() -> dict:
         try:
-            tokens = await asyncio.to_thread(engine.tokenize, text, special=True, add_bos=add_special)
+            tokens = engine.tokenize(text, special=True, add_bos=add_special)
         except TypeError:  # an engine without the add_bos option
-            tokens = await asyncio.to_thread(engine.tokenize, text, special=True)
+            tokens = engine.tokenize(text, special=True)
         items: list = tokens
         if body.with_pieces:
             items = [{"id": t, "piece": token_piece(engine, t)} for t in tokens]
         return {"tokens": items, "count": len(tokens), "max_model_len": context_size(engine)}
+
+    try:
+        return await json_response(build)
     finally:
         held.release()
 
@@ -565,8 +582,13 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
     name, held = await local_or_forward(request, body.model)
     if isinstance(held, Response):
         return held
-    try:
-        text = await asyncio.to_thread(held.engine.detokenize, body.tokens)
+    engine = held.engine
+
+    def build() -> dict:
+        text = engine.detokenize(body.tokens)
         return {"content": text, "prompt": text}
+
+    try:
+        return await json_response(build)
     finally:
         held.release()
