@@ -53,3 +53,11 @@ def test_greedy_and_replace():
     assert p.replace(temperature=0.7).temperature == 0.7
     with pytest.raises(InvalidParameterError):
         p.replace(top_p=2)
+
+
+def test_ignore_eos_cannot_be_combined_with_a_grammar():
+    # A complete grammar allows only end-of-generation; masking it made llama.cpp abort the process.
+    with pytest.raises(InvalidParameterError) as caught:
+        SamplingParams.create(grammar='root ::= "a"', ignore_eos=True)
+    assert caught.value.param == "ignore_eos"
+    assert SamplingParams.create(grammar='root ::= "a"').grammar
