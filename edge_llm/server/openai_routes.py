@@ -33,7 +33,7 @@ from edge_llm.server.generation import (
     tokenize_prompt,
     until_disconnect,
 )
-from edge_llm.server.jsonio import dumps, json_response
+from edge_llm.server.jsonio import SLICE, RawJSON, dumps, json_response
 from edge_llm.server.schemas import (
     MAX_BATCH,
     MAX_EMBEDDING_INPUTS,
@@ -554,15 +554,31 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
             tokens = engine.tokenize(text, special=True, add_bos=add_special)
         except TypeError:  # an engine without the add_bos option
             tokens = engine.tokenize(text, special=True)
-        items: list = tokens
-        if body.with_pieces:
-            items = [{"id": t, "piece": token_piece(engine, t)} for t in tokens]
+        items = token_pieces_json(engine, tokens) if body.with_pieces else tokens
         return {"tokens": items, "count": len(tokens), "max_model_len": context_size(engine)}
 
     try:
         return await json_response(build)
     finally:
         held.release()
+
+
+def token_pieces_json(engine: Engine, tokens: list[int]) -> RawJSON:
+    """[{"id", "piece"}, ...] written as JSON text directly: the millions of small dicts of a long
+    text would cost seconds of garbage collection, each pass holding the GIL."""
+    encoded: dict[int, str] = {}
+
+    def entry(token: int) -> str:
+        piece = encoded.get(token)
+        if piece is None:
+            piece = encoded[token] = dumps(token_piece(engine, token))
+        return f'{{"id":{token},"piece":{piece}}}'
+
+    pieces = RawJSON(["["])
+    for start in range(0, len(tokens), SLICE):
+        pieces.append(("," if start else "") + ",".join(map(entry, tokens[start:start + SLICE])))
+    pieces.append("]")
+    return pieces
 
 
 def token_piece(engine: Engine, token: int) -> str | list[int]:
