@@ -41,6 +41,15 @@ class SamplingParams(BaseModel):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
+    @field_validator("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "penalty_last_n", "max_tokens", "seed", "logprobs", mode="before")
+    @classmethod
+    def _a_number_not_a_bool(cls, value: Any) -> Any:
+        # pydantic takes True as 1 here; a JSONL record's `"max_tokens": true` is a mistake, not 1.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true/false")
+        return value
+
     @field_validator("top_k")
     @classmethod
     def _top_k_range(cls, value: int) -> int:
@@ -74,7 +83,9 @@ class SamplingParams(BaseModel):
     def _ids_as_tuple(cls, value: Any) -> Any:
         if value is None:
             return ()
-        if any(isinstance(t, int) and t < 0 for t in value):
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in value):
+            raise ValueError("token ids must be integers")
+        if any(t < 0 for t in value):
             raise ValueError("token ids must be >= 0")
         return tuple(value)
 

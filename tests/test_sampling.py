@@ -61,3 +61,12 @@ def test_ignore_eos_cannot_be_combined_with_a_grammar():
         SamplingParams.create(grammar='root ::= "a"', ignore_eos=True)
     assert caught.value.param == "ignore_eos"
     assert SamplingParams.create(grammar='root ::= "a"').grammar
+
+
+@pytest.mark.parametrize("field", ["n", "max_tokens", "seed", "top_k", "temperature", "logprobs"])
+def test_booleans_are_not_numbers(field):
+    with pytest.raises(InvalidParameterError) as caught:
+        SamplingParams.create(**{field: True})
+    assert caught.value.param == field
+    with pytest.raises(InvalidParameterError):
+        SamplingParams.create(stop_token_ids=[True])

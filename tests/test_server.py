@@ -303,7 +303,16 @@ def test_forced_tool_call_with_a_tools_template(client, server):
         calls = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
         assert calls and calls[0].function.name == "get_weather"
         assert [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+        # Parameters with $defs work in a forced call as they do in response_format (they were refused).
+        defs = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
+            "$defs": {"City": {"type": "string", "enum": ["Paris", "Rome"]}}}}}
+        out = client.chat.completions.create(
+            model="demo-b", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=[defs],
+            tool_choice="required", max_tokens=60, temperature=0)
+        assert json.loads(out.choices[0].message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
     finally:
+        engine.formatter.close()
         engine.formatter = original
 
 
@@ -382,6 +391,20 @@ def long_prompt(words: int) -> str:
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string", "maxLength": 10**9}}}}, 400, "response_format.json_schema.schema",
      "invalid_parameter"),
+    # JSON booleans are not numbers (pydantic's lax mode took `true` as 1).
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": True}, 400, "max_tokens", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": True}, 400, "max_completion_tokens",
+     "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": True}, 400, "n", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": False}, 400, "seed", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": True}, 400, "top_k", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": True}, 400, "temperature", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": True}, 400, "top_logprobs",
+     "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [True]}, 400, "stop_token_ids.0",
+     "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [10**9]}, 400, "stop_token_ids",
+     "invalid_parameter"),
     # Once the JSON is complete only end-of-generation fits: masked, llama.cpp aborted the process.
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "ignore_eos": True},
      400, "ignore_eos", "invalid_parameter"),
@@ -402,6 +425,11 @@ def test_other_malformed_requests(http):
         (http.post("/v1/completions", json={"prompt": long_prompt(600)}), 400, "context_length_exceeded"),
         (http.post("/v1/completions", json={"prompt": [[10**9]]}), 400, "invalid_parameter"),
         (http.post("/detokenize", json={"tokens": [-1]}), 400, "invalid_parameter"),
+        (http.post("/detokenize", json={"tokens": [True]}), 400, "invalid_request"),
+        (http.post("/v1/completions", json={"prompt": [True, False]}), 400, "invalid_request"),
+        (http.post("/v1/completions", json={"prompt": "x", "stop_token_ids": [10**9]}), 400, "invalid_parameter"),
+        (http.post("/generate", json={"prompt": "x", "max_tokens": True}), 400, "invalid_request"),
+        (http.post("/v1/embeddings", json={"input": [True]}), 400, "invalid_request"),
         (http.post("/v1/embeddings", json={"input": ""}), 400, "invalid_parameter"),
         (http.post("/generate", json={"prompt": 5}), 400, "invalid_request"),
         (http.post("/inference", json={}), 400, "invalid_request"),

@@ -64,6 +64,9 @@ class Generation:
                  observer: RequestObserver) -> None:
         self.params = params
         self.n_prompt = len(tokens)
+        check = getattr(engine, "check_token_ids", None)
+        if check is not None and params.stop_token_ids:  # the engine would name them "prompt"
+            check(list(params.stop_token_ids), param="stop_token_ids")
         self._source = engine.generate(tokens, params)
         self._observer = observer
         self._first: Delta | None = None
