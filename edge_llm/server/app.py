@@ -6,9 +6,10 @@ key is refused before its body is read.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI
@@ -28,6 +29,8 @@ class ServerState:
     manager: ModelManager
     metrics: ServerMetrics
     peer_client: httpx.AsyncClient | None = None
+    # Set when a shutdown's drain period is over: running generations end now (generation.py).
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,

@@ -288,7 +288,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = build_params(body, max_tokens=capped_max_tokens(engine, len(tokens), requested, param="messages"),
                               logprobs=plan.logprobs, grammar=plan.grammar)
-        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name))
+        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name),
+                                closing=server_state(request).closing)
         await until_disconnect(request, generation.start())
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
@@ -402,7 +403,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             params = build_params(body, max_tokens=capped_max_tokens(engine, len(tokens), body.max_tokens,
                                                                      param="prompt"),
                                   logprobs=body.logprobs, grammar=grammar)
-            generations.append(Generation(engine, tokens, params, state.metrics.observer(name)))
+            generations.append(Generation(engine, tokens, params, state.metrics.observer(name),
+                                          closing=state.closing))
             echoes.append((prompt if isinstance(prompt, str) else await asyncio.to_thread(engine.detokenize, prompt))
                           if body.echo else "")
         for g in generations:

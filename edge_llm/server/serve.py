@@ -90,8 +90,10 @@ def api_keys(args: argparse.Namespace) -> list[str] | None:
     return [key] if key else None
 
 
-# How long in-flight requests may run on after SIGTERM before they are cut.
+# How long in-flight requests may run on after SIGTERM before they are ended.
 DRAIN_SECONDS = 10
+# After the drain, how long open streams have to send their last events before they are cut.
+FINISH_SECONDS = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,34 +117,51 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(app: object, host: str, port: int, log_level: str) -> None:
     """Run uvicorn with a graceful drain: on SIGTERM (or Ctrl-C) it stops accepting at once and
-    in-flight requests run on for up to DRAIN_SECONDS; then open streams are ended cleanly (a
-    whole last event) and the process exits 0.
+    in-flight requests run on for up to DRAIN_SECONDS. Then every running generation ends at its
+    next token (generation.py): each unfinished choice gets a last event with finish_reason
+    "length", then usage and [DONE] as usual, so every stream ends with a whole event and a
+    complete body, and a non-streamed request still gets its answer (a request still waiting for
+    a slot gets a 503). The process then exits 0.
 
     sse-starlette would otherwise cut every open stream at the signal, without its final chunk or
-    [DONE]; and uvicorn re-raises the signal after its shutdown, into the handler it found:
-    exiting 0 there marks the stop as clean for systemd and supervisors.
+    [DONE]: its own exit flag is set only FINISH_SECONDS after the drain, as a backstop for a
+    stream that cannot end. uvicorn re-raises the signal after its shutdown, into the handler it
+    found: exiting 0 there marks the stop as clean for systemd and supervisors.
     """
+    import asyncio
     import signal
     import threading
 
     import uvicorn
     from sse_starlette.sse import AppStatus
 
+    closing = app.state.edge.closing  # type: ignore[attr-defined]
+
     def end_open_streams() -> None:
         AppStatus.should_exit = True
 
     class DrainingServer(uvicorn.Server):
+        draining = False
+
         def handle_exit(self, sig: int, frame: object) -> None:
             super().handle_exit(sig, frame)
-            timer = threading.Timer(DRAIN_SECONDS, end_open_streams)
-            timer.daemon = True
-            timer.start()
+            if not self.draining:
+                self.draining = True
+                # A signal handler runs between two bytecodes of the event loop's thread: hand over.
+                try:
+                    loop = asyncio.get_running_loop()
+                    loop.call_soon_threadsafe(loop.call_later, DRAIN_SECONDS, closing.set)
+                except RuntimeError:  # not serving yet: nothing runs that could be ended
+                    pass
+                timer = threading.Timer(DRAIN_SECONDS + FINISH_SECONDS, end_open_streams)
+                timer.daemon = True
+                timer.start()
 
     AppStatus.disable_automatic_graceful_drain()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    # uvicorn's own timeout is only the backstop for non-streaming requests still running.
+    # uvicorn's own timeout is only the backstop for requests still running after all that.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=DRAIN_SECONDS + 5)
+                            timeout_graceful_shutdown=DRAIN_SECONDS + FINISH_SECONDS + 2)
     DrainingServer(config).run()
 
 

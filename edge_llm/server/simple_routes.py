@@ -66,7 +66,8 @@ async def vllm_generate(body: VLLMGenerateRequest, request: Request) -> Any:
             repetition_penalty=body.repetition_penalty, stop=body.stop, stop_token_ids=body.stop_token_ids,
             ignore_eos=body.ignore_eos, seed=body.seed,
             max_tokens=capped_max_tokens(engine, len(tokens), body.max_tokens, param="prompt"))
-        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name))
+        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name),
+                                closing=server_state(request).closing)
         await until_disconnect(request, generation.start())
         if body.stream:
             response = StreamResponse(_vllm_stream(generation, body.prompt, params.n), media_type="application/json")
@@ -108,7 +109,8 @@ async def _complete(request: Request, model: str | None, prompt: str | list[dict
         tokens = await asyncio.to_thread(tokenize_prompt, engine, prompt)
         params = SamplingParams.create(max_tokens=capped_max_tokens(engine, len(tokens), max_tokens, param=param),
                                        **sampling)
-        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name))
+        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name),
+                                closing=server_state(request).closing)
         await until_disconnect(request, generation.start())
         return (await until_disconnect(request, generation.collect()))[0].text
     finally:
