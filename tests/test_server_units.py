@@ -128,3 +128,25 @@ def test_two_tools_with_the_same_def_name_keep_their_own_definitions():
 
     gbnf = grammars.tool_call_grammar([tool("a", ["apple"]), tool("b", ["banana"])])
     assert '"\\"apple\\""' in gbnf and '"\\"banana\\""' in gbnf
+
+
+def test_a_body_that_trickles_in_too_slowly_gets_a_408(monkeypatch):
+    import asyncio
+
+    from edge_llm.server import limits
+
+    monkeypatch.setattr(limits, "BODY_SECONDS", 0.2)
+    sent = []
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not run")
+
+    async def receive():
+        await asyncio.sleep(3600)  # headers came, the body never does
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-length", b"10")]}
+    asyncio.run(asyncio.wait_for(limits.BodySizeLimitMiddleware(app)(scope, receive, send), 30))
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
