@@ -2,23 +2,27 @@
 
 Three ways, in the order a model reference can ask for them:
   - the model's own template (GGUF metadata `tokenizer.chat_template`), untrusted, so it is
-    rendered only in jinja2's ImmutableSandboxedEnvironment, as transformers does;
+    rendered only in jinja2's ImmutableSandboxedEnvironment, as transformers does, and in a
+    child process bounded in time and memory (template_sandbox.py);
   - a built-in named format (chatml, llama2, llama3, ...), for files that carry no template;
   - llama.cpp-style raw prefixes (`--in-prefix` / `--in-suffix`), with no template at all.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.errors import ChatTemplateError, EdgeLLMError, InvalidParameterError
+from edge_llm.template_sandbox import (
+    TemplateRenderError,
+    TemplateSandbox,
+    render_context,
+    sandbox_environment,
+)
 
 # Built-in templates, written to match each family's reference template for the common case
 # (system / user / assistant turns, no tools).
@@ -70,49 +74,62 @@ class ChatFormatter(Protocol):
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                tools: list[dict] | None = None) -> str: ...
 
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
-    # transformers' tojson keeps non-ASCII text as is; templates of Chinese models rely on that.
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+    def close(self) -> None: ...
 
 
 @lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as exc:
-        raise EdgeLLMError(f"chat template does not parse: {exc.message} (line {exc.lineno})") from None
+    return sandbox_environment().from_string(template)
 
 
-@dataclass(frozen=True)
+@dataclass
 class JinjaChatFormatter:
-    """A chat template (from a GGUF, or a named one) rendered in a sandbox."""
+    """A chat template rendered in jinja2's sandbox: a model's own (untrusted, so in a child
+    process bounded in time and memory) or one of ours (`trusted`, rendered in-process)."""
 
     template: str
     bos_token: str = ""
     eos_token: str = ""
+    trusted: bool = False
+    _sandbox: TemplateSandbox | None = field(default=None, init=False, repr=False, compare=False)
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                tools: list[dict] | None = None) -> str:
         _check_messages(messages)
-        compiled = _compile(self.template)
         try:
-            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
+            if self.trusted:
+                context = render_context({"messages": messages, "add_generation_prompt": add_generation_prompt,
+                                          "tools": tools}, self.bos_token, self.eos_token)
+                return _compile(self.template).render(**context)
+            if self._sandbox is None:
+                self._sandbox = TemplateSandbox(self.template, bos_token=self.bos_token, eos_token=self.eos_token)
+            return self._sandbox.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        except TemplateRenderError as exc:
+            raise _template_error(exc.kind, exc.message) from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise _template_error("syntax", f"{exc.message} (line {exc.lineno})") from None
         except jinja2.exceptions.SecurityError as exc:
-            raise EdgeLLMError(f"chat template refused by the sandbox: {exc}") from None
-        except jinja2.exceptions.TemplateError as exc:
-            raise InvalidParameterError(f"chat template failed on these messages: {exc}",
-                                        param="messages") from None
+            raise _template_error("security", str(exc)) from None
+        except jinja2.TemplateError as exc:
+            raise _template_error("failed", str(exc)) from None
+
+    def close(self) -> None:
+        """Stop the sandbox process, if one was started (a later render starts a new one)."""
+        if self._sandbox is not None:
+            self._sandbox.close()
+
+
+def _template_error(kind: str, message: str) -> ChatTemplateError:
+    if kind == "syntax":
+        return ChatTemplateError(f"the chat template does not parse: {message}")
+    if kind == "security":
+        return ChatTemplateError(f"the chat template was refused by the sandbox: {message}")
+    if kind == "too_expensive":
+        return ChatTemplateError(f"the chat template is too expensive to render for these messages: {message}",
+                                 param="messages")
+    if kind == "crashed":
+        return ChatTemplateError(f"the chat template is broken: {message}", param="messages")
+    return ChatTemplateError(f"the chat template failed on these messages: {message}", param="messages")
 
 
 @dataclass(frozen=True)
@@ -140,6 +157,9 @@ class PrefixChatFormatter:
                 parts.append(message["content"])
         return "".join(parts)
 
+    def close(self) -> None:
+        pass
+
 
 def _check_messages(messages: list[dict[str, Any]]) -> None:
     for i, message in enumerate(messages):
@@ -151,7 +171,7 @@ def _check_messages(messages: list[dict[str, Any]]) -> None:
 
 def named_formatter(name: str, bos_token: str = "", eos_token: str = "") -> JinjaChatFormatter:
     try:
-        return JinjaChatFormatter(NAMED_TEMPLATES[name], bos_token, eos_token)
+        return JinjaChatFormatter(NAMED_TEMPLATES[name], bos_token, eos_token, trusted=True)
     except KeyError:
         known = ", ".join(sorted(NAMED_TEMPLATES))
         raise EdgeLLMError(f"unknown chat format {name!r}; known: {known}, or 'auto'") from None

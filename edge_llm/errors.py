@@ -24,6 +24,12 @@ class InvalidParameterError(EdgeLLMError):
     code = "invalid_parameter"
 
 
+class ChatTemplateError(InvalidParameterError):
+    """A chat template failed, was refused by the sandbox, or was too expensive to render."""
+
+    code = "chat_template_error"
+
+
 class ModelNotFoundError(EdgeLLMError):
     status = 404
     code = "model_not_found"

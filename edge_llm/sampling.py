@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edge_llm.errors import InvalidParameterError
 
@@ -33,18 +33,38 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
+    # A GBNF grammar (llama.cpp syntax) that constrains the output, e.g. from a JSON schema.
+    # (Declared before ignore_eos, whose check reads it.)
+    grammar: str | None = None
     ignore_eos: bool = False
     max_tokens: Annotated[int, Field(ge=1)] | None = 256
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    # A GBNF grammar (llama.cpp syntax) that constrains the output, e.g. from a JSON schema.
-    grammar: str | None = None
+
+    @field_validator("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "penalty_last_n", "max_tokens", "seed", "logprobs", mode="before")
+    @classmethod
+    def _a_number_not_a_bool(cls, value: Any) -> Any:
+        # pydantic takes True as 1 here; a JSONL record's `"max_tokens": true` is a mistake, not 1.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true/false")
+        return value
 
     @field_validator("top_k")
     @classmethod
     def _top_k_range(cls, value: int) -> int:
         if value == 0 or value < -1:
             raise ValueError("must be -1 (disabled) or >= 1")
+        return value
+
+    @field_validator("ignore_eos")
+    @classmethod
+    def _eos_ends_a_grammar(cls, value: bool, info: ValidationInfo) -> bool:
+        # A complete grammar allows only end-of-generation; with it masked nothing fits, and
+        # llama.cpp's grammar sampler aborts the whole process on the token it then picks.
+        if value and info.data.get("grammar"):
+            raise ValueError("cannot be combined with a grammar (response_format, a forced tool call): "
+                             "the output could never end")
         return value
 
     @field_validator("stop", mode="before")
@@ -63,7 +83,9 @@ class SamplingParams(BaseModel):
     def _ids_as_tuple(cls, value: Any) -> Any:
         if value is None:
             return ()
-        if any(isinstance(t, int) and t < 0 for t in value):
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in value):
+            raise ValueError("token ids must be integers")
+        if any(t < 0 for t in value):
             raise ValueError("token ids must be >= 0")
         return tuple(value)
 

@@ -3,6 +3,10 @@ llama.cpp on the bundled Q4_1 GGUF, and transformers on the same weights rebuilt
 HF checkpoint. Checks that only make sense for one engine live at the end of this file
 (llama.cpp) and in test_engine_transformers.py."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from edge_llm.engines.base import collect
@@ -221,3 +225,31 @@ def test_grammar_constrains_the_output(engine):
 def test_n_beyond_parallel_slots_is_refused(engine):
     with pytest.raises(InvalidParameterError, match="exceeds the 4 parallel slots"):
         complete(engine, "hi", n=5)
+
+
+QUIET_RUN = """
+import sys
+from edge_llm.generate import load
+from edge_llm.sampling import SamplingParams
+engine = load(None, n_ctx=512, n_parallel=2, verbose=sys.argv[1] == "verbose")
+engine.complete("Hello", SamplingParams.create(max_tokens=2))
+engine.embed(["a cat"])
+engine.chat_prompt([{"role": "user", "content": "Hi"}])
+engine.close()
+"""
+
+
+@pytest.mark.model
+def test_llama_cpp_is_silent_unless_verbose():
+    """llama-cpp-python read ggml's log levels by an older enum: the first embedding request printed
+    llama.cpp's pooling-type warning in quiet mode."""
+    from conftest import ROOT
+
+    def stderr_of(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", QUIET_RUN, mode], capture_output=True, text=True, timeout=300,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    assert stderr_of("quiet") == ""
+    assert "pooling_type" in stderr_of("verbose")

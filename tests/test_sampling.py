@@ -53,3 +53,20 @@ def test_greedy_and_replace():
     assert p.replace(temperature=0.7).temperature == 0.7
     with pytest.raises(InvalidParameterError):
         p.replace(top_p=2)
+
+
+def test_ignore_eos_cannot_be_combined_with_a_grammar():
+    # A complete grammar allows only end-of-generation; masking it made llama.cpp abort the process.
+    with pytest.raises(InvalidParameterError) as caught:
+        SamplingParams.create(grammar='root ::= "a"', ignore_eos=True)
+    assert caught.value.param == "ignore_eos"
+    assert SamplingParams.create(grammar='root ::= "a"').grammar
+
+
+@pytest.mark.parametrize("field", ["n", "max_tokens", "seed", "top_k", "temperature", "logprobs"])
+def test_booleans_are_not_numbers(field):
+    with pytest.raises(InvalidParameterError) as caught:
+        SamplingParams.create(**{field: True})
+    assert caught.value.param == field
+    with pytest.raises(InvalidParameterError):
+        SamplingParams.create(stop_token_ids=[True])

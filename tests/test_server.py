@@ -3,6 +3,7 @@ and plain httpx, two copies of the bundled model served at once as `demo-a` and 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -201,6 +202,63 @@ def test_tokenize_round_trip(http):
     assert joined.decode() == text
 
 
+def test_cpu_heavy_work_never_runs_on_the_event_loop(server, http, monkeypatch):
+    """Tokenizing, token pieces, detokenizing, templates, grammars, embeddings and encoding large
+    bodies run in worker threads: on the event loop they would stall every other request (a 7 MB
+    /tokenize with pieces once froze /health for 7.5 s)."""
+    from edge_llm.server import grammars, jsonio
+
+    on_loop: list[str] = []
+
+    def in_event_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    def watched(name, function):
+        def call(*args, **kwargs):
+            if in_event_loop():
+                on_loop.append(name)
+            return function(*args, **kwargs)
+        return call
+
+    ids = http.post("/tokenize", json={"model": "demo-a", "content": "Once upon a time"}).json()["tokens"]
+    engine = engine_of(server[1], "demo-a")
+    for name in ("tokenize", "detokenize", "token_piece", "chat_prompt", "embed"):
+        monkeypatch.setattr(engine, name, watched(name, getattr(engine, name)))
+    for name in ("json_schema_grammar", "json_object_grammar", "tool_call_grammar"):
+        monkeypatch.setattr(grammars, name, watched(name, getattr(grammars, name)))
+    render = jsonio.JSONResponse.render
+
+    def watched_render(self, content):
+        body = render(self, content)
+        if len(body) > 16_384 and in_event_loop():
+            on_loop.append(f"a {len(body)}-byte body")
+        return body
+
+    monkeypatch.setattr(jsonio.JSONResponse, "render", watched_render)
+    text = "Hello world, héllo 世界! " * 4000
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for path, body in [
+        ("/tokenize", {"model": "demo-a", "content": text, "with_pieces": True}),
+        ("/detokenize", {"model": "demo-a", "tokens": ids * 2000}),
+        ("/v1/completions", {"model": "demo-a", "prompt": ids, "echo": True, "max_tokens": 4, "logprobs": 5,
+                             "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}),
+        ("/v1/completions", {"model": "demo-a", "prompt": "Hi", "max_tokens": 2,
+                             "response_format": {"type": "json_object"}}),
+        ("/v1/chat/completions", {"model": "demo-a", "messages": [{"role": "user", "content": "Hi"}],
+                                  "max_tokens": 200, "logprobs": True, "top_logprobs": 20,
+                                  "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}),
+        ("/v1/embeddings", {"model": "demo-a", "input": ["a cat"] * 64}),
+        ("/", {"model": "demo-a", "prompt": "Hi", "history": [], "max_length": 200}),
+    ]:
+        response = http.post(path, json=body)
+        assert response.status_code == 200, (path, response.text[:300])
+    assert on_loop == []
+
+
 # -- tools ---------------------------------------------------------------------------------------------
 
 # Qwen2.5's way of offering tools, cut down: enough for a template that "supports tools".
@@ -245,7 +303,16 @@ def test_forced_tool_call_with_a_tools_template(client, server):
         calls = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
         assert calls and calls[0].function.name == "get_weather"
         assert [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+        # Parameters with $defs work in a forced call as they do in response_format (they were refused).
+        defs = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
+            "$defs": {"City": {"type": "string", "enum": ["Paris", "Rome"]}}}}}
+        out = client.chat.completions.create(
+            model="demo-b", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=[defs],
+            tool_choice="required", max_tokens=60, temperature=0)
+        assert json.loads(out.choices[0].message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
     finally:
+        engine.formatter.close()
         engine.formatter = original
 
 
@@ -324,6 +391,23 @@ def long_prompt(words: int) -> str:
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string", "maxLength": 10**9}}}}, 400, "response_format.json_schema.schema",
      "invalid_parameter"),
+    # JSON booleans are not numbers (pydantic's lax mode took `true` as 1).
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": True}, 400, "max_tokens", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": True}, 400, "max_completion_tokens",
+     "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": True}, 400, "n", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": False}, 400, "seed", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": True}, 400, "top_k", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": True}, 400, "temperature", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": True}, 400, "top_logprobs",
+     "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [True]}, 400, "stop_token_ids.0",
+     "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [10**9]}, 400, "stop_token_ids",
+     "invalid_parameter"),
+    # Once the JSON is complete only end-of-generation fits: masked, llama.cpp aborted the process.
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "ignore_eos": True},
+     400, "ignore_eos", "invalid_parameter"),
 ])
 def test_malformed_chat_requests_get_openai_errors(http, body, status, param, code):
     if isinstance(body, bytes):
@@ -341,6 +425,11 @@ def test_other_malformed_requests(http):
         (http.post("/v1/completions", json={"prompt": long_prompt(600)}), 400, "context_length_exceeded"),
         (http.post("/v1/completions", json={"prompt": [[10**9]]}), 400, "invalid_parameter"),
         (http.post("/detokenize", json={"tokens": [-1]}), 400, "invalid_parameter"),
+        (http.post("/detokenize", json={"tokens": [True]}), 400, "invalid_request"),
+        (http.post("/v1/completions", json={"prompt": [True, False]}), 400, "invalid_request"),
+        (http.post("/v1/completions", json={"prompt": "x", "stop_token_ids": [10**9]}), 400, "invalid_parameter"),
+        (http.post("/generate", json={"prompt": "x", "max_tokens": True}), 400, "invalid_request"),
+        (http.post("/v1/embeddings", json={"input": [True]}), 400, "invalid_request"),
         (http.post("/v1/embeddings", json={"input": ""}), 400, "invalid_parameter"),
         (http.post("/generate", json={"prompt": 5}), 400, "invalid_request"),
         (http.post("/inference", json={}), 400, "invalid_request"),

@@ -42,7 +42,7 @@ def test_grammars_for_schemas_and_tools():
 
 @pytest.mark.parametrize("schema", [
     {"type": "string", "maxLength": 10**9},
-    {"type": "array", "minItems": 100000},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 100000},
     {"type": "string", "pattern": "^a{1000000}$"},
     "not an object",
 ])
@@ -67,3 +67,86 @@ def test_api_key_check(tmp_path):
     assert middleware.allowed(b"Bearer one") and middleware.allowed(b"bearer two")
     assert not middleware.allowed(b"Bearer three") and not middleware.allowed(b"one") and not middleware.allowed(b"")
     assert not middleware.allowed(b"Basic one")
+
+
+# -- grammar bounds on the converter's parsed structure (the text of a pattern can hide its counts) ----
+
+
+@pytest.mark.parametrize("pattern", ["^a{0,+30000000}$", "^a{1_00000}$", "^a{ 300 }$", "^(ab){257,}$",
+                                     "^a{\u0663\u0660\u0660}$"])  # Arabic-Indic digits: int() reads 300
+def test_regex_repeat_counts_are_bounded_as_the_converter_reads_them(pattern):
+    with pytest.raises(InvalidParameterError, match="limit of 256"):
+        grammars.json_schema_grammar({"type": "string", "pattern": pattern})
+
+
+def test_bounded_repeats_still_work():
+    assert "root ::=" in grammars.json_schema_grammar({"type": "string", "pattern": "^[a-z]{2,256}$"})
+    assert "root ::=" in grammars.json_schema_grammar({"type": "array", "items": {"type": "integer"},
+                                                       "maxItems": 256})
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "items": {"type": "integer"}, "maxItems": True},
+    {"type": "string", "maxLength": 1e3},
+    {"type": "string", "minLength": "300"},
+])
+def test_non_integer_counts_are_refused(schema):
+    with pytest.raises(InvalidParameterError):
+        grammars.json_schema_grammar(schema)
+
+
+def test_grammar_size_is_bounded_while_it_is_built():
+    # 1,500 alternatives of 256 any-characters: a 36 KB schema whose grammar would be ~2 MB. It must
+    # be refused once the rules built so far pass the limit, not after the whole grammar exists.
+    import tracemalloc
+
+    schema = {"anyOf": [{"pattern": "^.{256}$"}] * 1500}
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidParameterError, match="too large"):
+            grammars.json_schema_grammar(schema)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * grammars.MAX_GRAMMAR_CHARS, peak
+
+
+def test_tool_parameters_with_defs_work_as_in_response_format():
+    parameters = {"type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
+                  "$defs": {"City": {"type": "string", "enum": ["Paris", "Rome"]}}}
+    assert '"\\"Paris\\""' in grammars.json_schema_grammar(parameters)
+    tool = {"type": "function", "function": {"name": "weather", "parameters": parameters}}
+    gbnf = grammars.tool_call_grammar([tool])
+    assert '"\\"Paris\\""' in gbnf
+
+
+def test_two_tools_with_the_same_def_name_keep_their_own_definitions():
+    def tool(name, values):
+        return {"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {"x": {"$ref": "#/$defs/Item"}}, "required": ["x"],
+            "$defs": {"Item": {"type": "string", "enum": values}}}}}
+
+    gbnf = grammars.tool_call_grammar([tool("a", ["apple"]), tool("b", ["banana"])])
+    assert '"\\"apple\\""' in gbnf and '"\\"banana\\""' in gbnf
+
+
+def test_a_body_that_trickles_in_too_slowly_gets_a_408(monkeypatch):
+    import asyncio
+
+    from edge_llm.server import limits
+
+    monkeypatch.setattr(limits, "BODY_SECONDS", 0.2)
+    sent = []
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not run")
+
+    async def receive():
+        await asyncio.sleep(3600)  # headers came, the body never does
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-length", b"10")]}
+    asyncio.run(asyncio.wait_for(limits.BodySizeLimitMiddleware(app)(scope, receive, send), 30))
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]

@@ -174,12 +174,12 @@ class PromptTokens:
     n_vocab: int
     formatter: ChatFormatter
 
-    def check_token_ids(self, tokens: list[int]) -> None:
+    def check_token_ids(self, tokens: list[int], *, param: str = "prompt") -> None:
         # Checked before any engine sees them: llama.cpp aborts the whole process on an
         # out-of-range id inside llama_decode.
         for t in tokens:
             if not isinstance(t, int) or t < 0 or t >= self.n_vocab:
-                raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param="prompt")
+                raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param=param)
 
     def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
                     add_generation_prompt: bool = True) -> str:

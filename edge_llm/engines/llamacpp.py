@@ -19,10 +19,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import llama_cpp  # noqa: E402
 from gguf import GGMLQuantizationType  # noqa: E402
 from llama_cpp import _internals  # noqa: E402
-from llama_cpp._logger import set_verbose  # noqa: E402
 
 from edge_llm.chat_format import ChatFormatter, select_formatter  # noqa: E402
 from edge_llm.engines.base import Delta, LoadOptions, PromptTokens, collect  # noqa: E402
+from edge_llm.engines.llama_log import set_verbose  # noqa: E402
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, ModelLoadError  # noqa: E402
 from edge_llm.registry import ResolvedModel  # noqa: E402
 from edge_llm.sampling import SamplingParams  # noqa: E402
@@ -275,6 +275,8 @@ class LlamaCppEngine(PromptTokens):
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.close()
+        if getattr(self, "formatter", None) is not None:
+            self.formatter.close()  # the chat template's sandbox process
         if getattr(self, "_embed_ctx", None) is not None:
             self._embed_ctx.close()
             self._embed_ctx = None

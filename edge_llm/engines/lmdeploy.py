@@ -161,7 +161,7 @@ class LMDeployEngine(HFVocabulary):
         if len(tokens) >= self.n_ctx:
             raise ContextLengthError(f"the prompt has {len(tokens)} tokens but a session holds at most "
                                      f"{self.n_ctx}; shorten it or raise -c", param="messages")
-        self.check_token_ids(list(params.stop_token_ids))
+        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
         gen_config_kwargs(params, self.eog_ids, None)  # refuses unsupported parameters up front
 
     # -- generation -----------------------------------------------------------------------------

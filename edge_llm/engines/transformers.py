@@ -149,7 +149,7 @@ class TransformersEngine(HFVocabulary):
             raise InvalidParameterError("the transformers engine does not support grammars / JSON schemas; "
                                         "use the llama.cpp engine (or vLLM) for constrained output",
                                         param="grammar")
-        self.check_token_ids(list(params.stop_token_ids))
+        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
 
     # -- generation -----------------------------------------------------------------------------
 

@@ -143,7 +143,7 @@ class VLLMEngine(HFVocabulary):
         if len(tokens) >= self.n_ctx:
             raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the context holds at most "
                                      f"{self.n_ctx}; shorten it or raise --max-model-len", param="messages")
-        self.check_token_ids(list(params.stop_token_ids))
+        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         kwargs = vllm_sampling_kwargs(params)

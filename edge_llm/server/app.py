@@ -1,19 +1,21 @@
 """create_app(): the FastAPI application around a ModelManager.
 
-Middleware order (outermost first): API key, then the body size limit, so a client without the
-key is refused before its body is read.
+Middleware order (outermost first): the Host / Origin policy for browsers, the chat page, the API
+key, then the body size limit, so a client without the key is refused before its body is read.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI
 
 from edge_llm.server.auth import APIKeyMiddleware
+from edge_llm.server.browsers import BrowserPolicyMiddleware
 from edge_llm.server.errors import install_error_handlers
 from edge_llm.server.forward import peer_client
 from edge_llm.server.jsonio import AssumeJSONMiddleware, JSONResponse
@@ -28,10 +30,13 @@ class ServerState:
     manager: ModelManager
     metrics: ServerMetrics
     peer_client: httpx.AsyncClient | None = None
+    # Set when a shutdown's drain period is over: running generations end now (generation.py).
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False, bound_host: str = "127.0.0.1",
+               allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None) -> FastAPI:
     from edge_llm.server import openai_routes, simple_routes
 
     state = ServerState(manager, ServerMetrics(manager))
@@ -58,7 +63,10 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, keys=api_keys)
-    install_webui(app)  # outermost: GET / and /ui serve the chat page without a key
+    install_webui(app)  # GET / and /ui serve the chat page without a key
+    # Outermost: which Host names and web pages may reach anything at all (browsers.py).
+    app.add_middleware(BrowserPolicyMiddleware, bound_host=bound_host, allowed_hosts=allowed_hosts,
+                       cors_origins=cors_origins)
     _document_400_not_422(app)
     return app
 

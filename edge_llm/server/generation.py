@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from edge_llm.engines.base import Delta, Engine, merge_delta
-from edge_llm.errors import ContextLengthError, InvalidParameterError
+from edge_llm.engines.base import Delta, Engine, Usage, merge_delta
+from edge_llm.errors import ContextLengthError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
 from edge_llm.server.errors import ClientDisconnected
 from edge_llm.server.metrics import RequestObserver
@@ -58,12 +58,21 @@ def tokenize_prompt(engine: Engine, prompt: str | list[int]) -> list[int]:
 
 
 class Generation:
-    """Deltas of one engine request; closing it (or the client leaving) cancels the request."""
+    """Deltas of one engine request; closing it (or the client leaving) cancels the request.
+
+    `closing` is the server's signal that its shutdown drain is over: a request still waiting for
+    its first token is refused (503), and a running one ends at its next delta, each unfinished
+    choice with a last delta of its own (finish_reason "length": cut at that point), so streams
+    end on whole events and non-streamed answers are still sent."""
 
     def __init__(self, engine: Engine, tokens: list[int], params: SamplingParams,
-                 observer: RequestObserver) -> None:
+                 observer: RequestObserver, closing: asyncio.Event | None = None) -> None:
         self.params = params
+        self._closing = closing
         self.n_prompt = len(tokens)
+        check = getattr(engine, "check_token_ids", None)
+        if check is not None and params.stop_token_ids:  # the engine would name them "prompt"
+            check(list(params.stop_token_ids), param="stop_token_ids")
         self._source = engine.generate(tokens, params)
         self._observer = observer
         self._first: Delta | None = None
@@ -74,7 +83,7 @@ class Generation:
     async def start(self) -> None:
         """Submit and wait for the first delta; queueing and prompt errors are raised here."""
         try:
-            self._first = await self._source.__anext__()
+            self._first = await self._first_delta()
         except StopAsyncIteration:
             self._exhausted = True
         except BaseException:
@@ -82,16 +91,50 @@ class Generation:
             raise
         self._started = True
 
+    async def _first_delta(self) -> Delta:
+        if self._closing is None:
+            return await self._source.__anext__()
+        first = asyncio.ensure_future(self._source.__anext__())
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({first, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not first.done():
+                first.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await first
+        if first.cancelled():
+            raise OverloadedError("the server is shutting down")
+        return first.result()
+
     async def deltas(self) -> AsyncIterator[Delta]:
+        finished: set[int] = set()
+        generated = [0] * self.params.n
+
+        def seen(delta: Delta) -> Delta:
+            self._observer.see(delta)
+            generated[delta.index] += len(delta.token_ids)
+            if delta.finish_reason is not None:
+                finished.add(delta.index)
+            return delta
+
         try:
             if self._first is not None:
                 first, self._first = self._first, None
-                self._observer.see(first)
-                yield first
+                yield seen(first)
+            cut = False
             if not self._exhausted:
                 async for delta in self._source:
-                    self._observer.see(delta)
-                    yield delta
+                    yield seen(delta)
+                    if self._closing is not None and self._closing.is_set() and len(finished) < self.params.n:
+                        cut = True
+                        break
+            if cut:
+                await self.aclose()
+                for i in sorted(set(range(self.params.n)) - finished):
+                    yield seen(Delta(index=i, finish_reason="length",
+                                     usage=Usage(prompt_tokens=self.n_prompt, completion_tokens=generated[i])))
         finally:
             await self.aclose()
 

@@ -1,17 +1,21 @@
 """The request body size limit, enforced before any route parses the body.
 
 The body is read up to the limit and replayed to the app; a larger one gets a 413 at once,
-whether or not the client sent Content-Length. Every route takes a small JSON body, so holding
-it in memory costs nothing new.
+whether or not the client sent Content-Length, and one that takes longer than BODY_SECONDS to
+arrive gets a 408. Every route takes a small JSON body, so holding it in memory costs nothing new.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge_llm.server.errors import error_response
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+# A body trickled in slower than this holds a connection and a task for nothing (connections.py).
+BODY_SECONDS = 60.0
 
 
 class BodySizeLimitMiddleware:
@@ -28,8 +32,15 @@ class BodySizeLimitMiddleware:
             await self._refuse(scope, receive, send)
             return
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + BODY_SECONDS
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                response = error_response(408, f"the request body did not arrive within {BODY_SECONDS:g} s",
+                                          code="request_timeout", headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

@@ -21,7 +21,7 @@ from starlette.responses import Response
 from edge_llm.engines.base import Delta, Engine, TokenLogprob
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.sampling import SamplingParams
-from edge_llm.server import grammars
+from edge_llm.server import grammars, templates
 from edge_llm.server.errors import error_body
 from edge_llm.server.forward import forward
 from edge_llm.server.generation import (
@@ -33,7 +33,7 @@ from edge_llm.server.generation import (
     tokenize_prompt,
     until_disconnect,
 )
-from edge_llm.server.jsonio import dumps
+from edge_llm.server.jsonio import SLICE, RawJSON, dumps, json_response
 from edge_llm.server.schemas import (
     MAX_BATCH,
     MAX_EMBEDDING_INPUTS,
@@ -237,7 +237,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 class ChatPlan:
-    """What a chat request turns into: the prompt, the grammar, whether tool calls are parsed."""
+    """What a chat request turns into besides its prompt: the grammar, whether tool calls are parsed."""
 
     def __init__(self, engine: Engine, body: ChatCompletionRequest) -> None:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
@@ -263,7 +263,6 @@ class ChatPlan:
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidParameterError("top_logprobs needs logprobs: true", param="top_logprobs")
         self.logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        self.prompt = engine.chat_prompt(template_messages(body.messages), tools=self.tools)
 
 
 def chat_message(text: str, parse_tools: bool) -> tuple[dict, bool]:
@@ -284,11 +283,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     try:
         engine = lease.engine
         plan = await asyncio.to_thread(ChatPlan, engine, body)
-        tokens = await asyncio.to_thread(tokenize_prompt, engine, plan.prompt)
+        prompt = await templates.chat_prompt(engine, template_messages(body.messages), tools=plan.tools)
+        tokens = await asyncio.to_thread(tokenize_prompt, engine, prompt)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = build_params(body, max_tokens=capped_max_tokens(engine, len(tokens), requested, param="messages"),
                               logprobs=plan.logprobs, grammar=plan.grammar)
-        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name))
+        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name),
+                                closing=server_state(request).closing)
         await until_disconnect(request, generation.start())
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
@@ -303,12 +304,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             handed_over = True
             return response
         choices = await until_disconnect(request, generation.collect())
-        out = []
-        for choice in choices:
-            message, calls = chat_message(choice.text, plan.tools is not None)
-            out.append({"index": choice.index, "message": message, "logprobs": chat_logprobs(choice.logprobs),
-                        "finish_reason": "tool_calls" if calls else finish_reason(choice)})
-        return {**meta, "object": "chat.completion", "choices": out, "usage": usage_of(choices, 1, params.n)}
+
+        def build() -> dict:
+            out = []
+            for choice in choices:
+                message, calls = chat_message(choice.text, plan.tools is not None)
+                out.append({"index": choice.index, "message": message, "logprobs": chat_logprobs(choice.logprobs),
+                            "finish_reason": "tool_calls" if calls else finish_reason(choice)})
+            return {**meta, "object": "chat.completion", "choices": out, "usage": usage_of(choices, 1, params.n)}
+
+        return await json_response(build)
     finally:
         if not handed_over:
             lease.release()
@@ -390,7 +395,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
     try:
         engine = lease.engine
-        grammar = format_grammar(body.response_format)
+        grammar = await asyncio.to_thread(format_grammar, body.response_format)
         state = server_state(request)
         echoes = []
         for prompt in prompts:
@@ -398,8 +403,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             params = build_params(body, max_tokens=capped_max_tokens(engine, len(tokens), body.max_tokens,
                                                                      param="prompt"),
                                   logprobs=body.logprobs, grammar=grammar)
-            generations.append(Generation(engine, tokens, params, state.metrics.observer(name)))
-            echoes.append((prompt if isinstance(prompt, str) else engine.detokenize(prompt)) if body.echo else "")
+            generations.append(Generation(engine, tokens, params, state.metrics.observer(name),
+                                          closing=state.closing))
+            echoes.append((prompt if isinstance(prompt, str) else await asyncio.to_thread(engine.detokenize, prompt))
+                          if body.echo else "")
         for g in generations:
             await until_disconnect(request, g.start())
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
@@ -416,15 +423,19 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             handed_over = True
             return response
         results = await until_disconnect(request, asyncio.gather(*(g.collect() for g in generations)))
-        choices, out = [], []
-        for p, per_prompt in enumerate(results):
-            for choice in per_prompt:
-                choices.append(choice)
-                out.append({"index": p * body.n + choice.index, "text": echoes[p] + choice.text,
-                            "logprobs": completion_logprobs(choice.logprobs, len(echoes[p]), top),
-                            "finish_reason": finish_reason(choice)})
-        return {**meta, "object": "text_completion", "choices": out,
-                "usage": usage_of(choices, len(prompts), body.n)}
+
+        def build() -> dict:
+            choices, out = [], []
+            for p, per_prompt in enumerate(results):
+                for choice in per_prompt:
+                    choices.append(choice)
+                    out.append({"index": p * body.n + choice.index, "text": echoes[p] + choice.text,
+                                "logprobs": completion_logprobs(choice.logprobs, len(echoes[p]), top),
+                                "finish_reason": finish_reason(choice)})
+            return {**meta, "object": "text_completion", "choices": out,
+                    "usage": usage_of(choices, len(prompts), body.n)}
+
+        return await json_response(build)
     finally:
         if not handed_over:
             await close_all()
@@ -512,17 +523,21 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
         vectors, n_tokens = await asyncio.to_thread(embed_all, held.engine, inputs)
     finally:
         held.release()
-    data = []
-    for i, vector in enumerate(vectors):
-        if body.encoding_format == "base64":
-            import numpy as np
 
-            data.append({"object": "embedding", "index": i,
-                         "embedding": base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()})
-        else:
-            data.append({"object": "embedding", "index": i, "embedding": vector})
-    return {"object": "list", "data": data, "model": name,
-            "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}}
+    def build() -> dict:
+        data = []
+        for i, vector in enumerate(vectors):
+            if body.encoding_format == "base64":
+                import numpy as np
+
+                data.append({"object": "embedding", "index": i,
+                             "embedding": base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()})
+            else:
+                data.append({"object": "embedding", "index": i, "embedding": vector})
+        return {"object": "list", "data": data, "model": name,
+                "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}}
+
+    return await json_response(build)
 
 
 @router.post("/tokenize", tags=["tokenizer"], response_model=TokenizeResponse, responses=ERRORS)
@@ -534,18 +549,38 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     name, held = await local_or_forward(request, body.model)
     if isinstance(held, Response):
         return held
-    try:
-        engine = held.engine
+    engine = held.engine
+
+    def build() -> dict:
         try:
-            tokens = await asyncio.to_thread(engine.tokenize, text, special=True, add_bos=add_special)
+            tokens = engine.tokenize(text, special=True, add_bos=add_special)
         except TypeError:  # an engine without the add_bos option
-            tokens = await asyncio.to_thread(engine.tokenize, text, special=True)
-        items: list = tokens
-        if body.with_pieces:
-            items = [{"id": t, "piece": token_piece(engine, t)} for t in tokens]
+            tokens = engine.tokenize(text, special=True)
+        items = token_pieces_json(engine, tokens) if body.with_pieces else tokens
         return {"tokens": items, "count": len(tokens), "max_model_len": context_size(engine)}
+
+    try:
+        return await json_response(build)
     finally:
         held.release()
+
+
+def token_pieces_json(engine: Engine, tokens: list[int]) -> RawJSON:
+    """[{"id", "piece"}, ...] written as JSON text directly: the millions of small dicts of a long
+    text would cost seconds of garbage collection, each pass holding the GIL."""
+    encoded: dict[int, str] = {}
+
+    def entry(token: int) -> str:
+        piece = encoded.get(token)
+        if piece is None:
+            piece = encoded[token] = dumps(token_piece(engine, token))
+        return f'{{"id":{token},"piece":{piece}}}'
+
+    pieces = RawJSON(["["])
+    for start in range(0, len(tokens), SLICE):
+        pieces.append(("," if start else "") + ",".join(map(entry, tokens[start:start + SLICE])))
+    pieces.append("]")
+    return pieces
 
 
 def token_piece(engine: Engine, token: int) -> str | list[int]:
@@ -565,8 +600,13 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
     name, held = await local_or_forward(request, body.model)
     if isinstance(held, Response):
         return held
-    try:
-        text = await asyncio.to_thread(held.engine.detokenize, body.tokens)
+    engine = held.engine
+
+    def build() -> dict:
+        text = engine.detokenize(body.tokens)
         return {"content": text, "prompt": text}
+
+    try:
+        return await json_response(build)
     finally:
         held.release()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 # Ranges checked here are the ones OpenAI documents; the finer ones (temperature, top_p ...) are
 # checked once, by SamplingParams, so the HTTP and Python APIs refuse the same values.
@@ -26,16 +26,21 @@ class _Body(BaseModel):
 
 Stop = str | list[str] | None
 # The ranges SamplingParams enforces, stated in the schema too, so clients (and schema-driven
-# fuzzers) know them; SamplingParams still checks the combinations.
-Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-TopK = Annotated[int, Field(ge=-1)]
-MinP = Annotated[float, Field(ge=0.0, le=1.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
-MaxTokens = Annotated[int, Field(ge=1)]
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-TokenId = Annotated[int, Field(ge=0)]
+# fuzzers) know them; SamplingParams still checks the combinations. Numbers are strict: in
+# pydantic's lax mode `"max_tokens": true` would be taken as 1, and "0.5" as a number.
+Temperature = Annotated[StrictFloat, Field(ge=0.0, le=100.0)]
+TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0)]
+TopK = Annotated[StrictInt, Field(ge=-1)]
+MinP = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[StrictFloat, Field(gt=0.0, le=10.0)]
+MaxTokens = Annotated[StrictInt, Field(ge=1)]
+Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+Choices = Annotated[StrictInt, Field(ge=1, le=16)]
+TopLogprobs = Annotated[StrictInt, Field(ge=0, le=20)]
+# A prompt or an embedding input: text, texts, token ids, or lists of token ids.
+TextsOrTokens = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
 class StreamOptions(_Body):
@@ -46,7 +51,7 @@ class SamplingFields(_Body):
     """Sampling fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = Field(None, description="a served model's name; default: the first one")
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    n: Choices = 1
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = Field(None, description="-1 disables; vLLM extension")
@@ -129,7 +134,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: TopLogprobs | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -137,19 +142,19 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: TextsOrTokens
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    best_of: int | None = Field(None, description="only best_of == n is supported")
+    logprobs: TopLogprobs | None = None
+    best_of: StrictInt | None = Field(None, description="only best_of == n is supported")
     suffix: str | None = Field(None, description="not supported (no fill-in-the-middle)")
     response_format: ResponseFormat | None = None
 
 
 class EmbeddingRequest(_Body):
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    input: TextsOrTokens
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="not supported: the model's own size is returned")
+    dimensions: StrictInt | None = Field(None, description="not supported: the model's own size is returned")
     user: str | None = None
 
 
@@ -166,7 +171,7 @@ class TokenizeRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -249,7 +254,7 @@ class VLLMGenerateRequest(_Body):
 
     prompt: str
     model: str | None = None
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    n: Choices = 1
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: TopK = -1

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot, per model, beyond which the server answers 503")
     g.add_argument("--max-body-size", default="8M", help="largest request body (default 8M)")
+    g.add_argument("--allowed-hosts", default="", metavar="HOST[,HOST]",
+                   help="Host names the server answers to besides loopback names, IP addresses and --host "
+                        "(* for any), e.g. behind a proxy or on a LAN name")
+    g.add_argument("--cors", default="", metavar="ORIGIN[,ORIGIN]",
+                   help="web page origins (https://app.example) allowed to call the server from a browser, "
+                        "besides its own pages and loopback ones (* for any)")
     add_model_flags(parser, parallel_default=4)
     return parser
 
@@ -90,8 +96,10 @@ def api_keys(args: argparse.Namespace) -> list[str] | None:
     return [key] if key else None
 
 
-# How long in-flight requests may run on after SIGTERM before they are cut.
+# How long in-flight requests may run on after SIGTERM before they are ended.
 DRAIN_SECONDS = 10
+# After the drain, how long open streams have to send their last events before they are cut.
+FINISH_SECONDS = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         model_refs(args), config=args.config, engine=args.engine, options=load_options(args, max_queue=args.max_queue),
         keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
         memory_budget=parse_size(args.memory_budget) if args.memory_budget else None)
-    app = create_app(manager, api_keys=keys, max_body_bytes=parse_size(args.max_body_size), preload=args.preload)
+    app = create_app(manager, api_keys=keys, max_body_bytes=parse_size(args.max_body_size), preload=args.preload,
+                     bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
+                     cors_origins=_comma_list(args.cors))
     if not keys and not _is_loopback(args.host):
         print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])
@@ -115,35 +125,60 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(app: object, host: str, port: int, log_level: str) -> None:
     """Run uvicorn with a graceful drain: on SIGTERM (or Ctrl-C) it stops accepting at once and
-    in-flight requests run on for up to DRAIN_SECONDS; then open streams are ended cleanly (a
-    whole last event) and the process exits 0.
+    in-flight requests run on for up to DRAIN_SECONDS. Then every running generation ends at its
+    next token (generation.py): each unfinished choice gets a last event with finish_reason
+    "length", then usage and [DONE] as usual, so every stream ends with a whole event and a
+    complete body, and a non-streamed request still gets its answer (a request still waiting for
+    a slot gets a 503). The process then exits 0.
 
     sse-starlette would otherwise cut every open stream at the signal, without its final chunk or
-    [DONE]; and uvicorn re-raises the signal after its shutdown, into the handler it found:
-    exiting 0 there marks the stop as clean for systemd and supervisors.
+    [DONE]: its own exit flag is set only FINISH_SECONDS after the drain, as a backstop for a
+    stream that cannot end. uvicorn re-raises the signal after its shutdown, into the handler it
+    found: exiting 0 there marks the stop as clean for systemd and supervisors.
     """
+    import asyncio
     import signal
     import threading
 
     import uvicorn
     from sse_starlette.sse import AppStatus
 
+    from edge_llm.server.connections import KEEP_ALIVE_SECONDS, BoundedH11Protocol, raise_open_files_limit
+
+    closing = app.state.edge.closing  # type: ignore[attr-defined]
+
     def end_open_streams() -> None:
         AppStatus.should_exit = True
 
     class DrainingServer(uvicorn.Server):
+        draining = False
+
         def handle_exit(self, sig: int, frame: object) -> None:
             super().handle_exit(sig, frame)
-            timer = threading.Timer(DRAIN_SECONDS, end_open_streams)
-            timer.daemon = True
-            timer.start()
+            if not self.draining:
+                self.draining = True
+                # A signal handler runs between two bytecodes of the event loop's thread: hand over.
+                try:
+                    loop = asyncio.get_running_loop()
+                    loop.call_soon_threadsafe(loop.call_later, DRAIN_SECONDS, closing.set)
+                except RuntimeError:  # not serving yet: nothing runs that could be ended
+                    pass
+                timer = threading.Timer(DRAIN_SECONDS + FINISH_SECONDS, end_open_streams)
+                timer.daemon = True
+                timer.start()
 
+    raise_open_files_limit()
     AppStatus.disable_automatic_graceful_drain()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    # uvicorn's own timeout is only the backstop for non-streaming requests still running.
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=DRAIN_SECONDS + 5)
+    # uvicorn's own timeout is only the backstop for requests still running after all that.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=BoundedH11Protocol,
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                            timeout_graceful_shutdown=DRAIN_SECONDS + FINISH_SECONDS + 2)
     DrainingServer(config).run()
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _is_loopback(host: str) -> bool:

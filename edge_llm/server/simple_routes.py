@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.sampling import SamplingParams
+from edge_llm.server import templates
 from edge_llm.server.generation import (
     Generation,
     StreamResponse,
@@ -65,7 +66,8 @@ async def vllm_generate(body: VLLMGenerateRequest, request: Request) -> Any:
             repetition_penalty=body.repetition_penalty, stop=body.stop, stop_token_ids=body.stop_token_ids,
             ignore_eos=body.ignore_eos, seed=body.seed,
             max_tokens=capped_max_tokens(engine, len(tokens), body.max_tokens, param="prompt"))
-        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name))
+        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name),
+                                closing=server_state(request).closing)
         await until_disconnect(request, generation.start())
         if body.stream:
             response = StreamResponse(_vllm_stream(generation, body.prompt, params.n), media_type="application/json")
@@ -103,11 +105,12 @@ async def _complete(request: Request, model: str | None, prompt: str | list[dict
     try:
         engine = held.engine
         if isinstance(prompt, list):
-            prompt = await asyncio.to_thread(engine.chat_prompt, prompt)
+            prompt = await templates.chat_prompt(engine, prompt)
         tokens = await asyncio.to_thread(tokenize_prompt, engine, prompt)
         params = SamplingParams.create(max_tokens=capped_max_tokens(engine, len(tokens), max_tokens, param=param),
                                        **sampling)
-        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name))
+        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name),
+                                closing=server_state(request).closing)
         await until_disconnect(request, generation.start())
         return (await until_disconnect(request, generation.collect()))[0].text
     finally:
@@ -159,7 +162,7 @@ async def _prompt_length(request: Request, model: str | None, messages: list[dic
         return 0  # the peer applies max_length itself
     lease = await manager.acquire(name)
     try:
-        prompt = await asyncio.to_thread(lease.engine.chat_prompt, messages)
+        prompt = await templates.chat_prompt(lease.engine, messages)
         return len(await asyncio.to_thread(tokenize_prompt, lease.engine, prompt))
     finally:
         lease.release()

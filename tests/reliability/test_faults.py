@@ -116,47 +116,72 @@ def test_disk_full_during_quantize_leaves_no_file(tmp_path, demo_path):
     assert list(out.parent.iterdir()) == []  # neither the output nor a partial file
 
 
-def test_sigterm_during_generation_ends_within_a_timeout(tmp_path, demo_path):
-    config = write_models_toml(tmp_path / "models.toml", {"demo": demo_path}, n_ctx=2048)
+def test_sigterm_ends_long_requests_with_whole_answers(tmp_path, demo_path):
+    """Requests still running when the drain period (10 s) is over: a stream ends with a last chunk
+    (finish_reason "length"), its usage and [DONE] in a complete chunked body; a non-streamed one
+    gets its answer so far; one still waiting for a slot gets a 503. The process exits 0."""
+    config = write_models_toml(tmp_path / "models.toml", {"demo": demo_path}, n_ctx=8192)
     server = ServerProcess(["--config", str(config), "-np", "2", "-t", "1", "--keep-alive", "-1", "--preload"],
                            tmp_path / "serve.log")
+    long = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}
     try:
         server.wait_healthy()
-        outcome: dict = {}
+        outcome: dict = {"events": []}
 
         def long_stream():
             try:
                 with httpx.stream("POST", server.url + "/v1/completions", timeout=TIMEOUT, json={
-                        "model": "demo", "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True,
-                        "stream": True}) as response:
+                        **long, "stream": True, "stream_options": {"include_usage": True}}) as response:
                     outcome["status"] = response.status_code
-                    outcome["events"] = 0
                     for line in response.iter_lines():
                         if line.startswith("data: "):
-                            outcome["events"] += 1
-                            outcome["last"] = line
+                            outcome["events"].append(line[6:])
                 outcome["ended"] = "cleanly"
-            except httpx.HTTPError as exc:
+            except httpx.HTTPError as exc:  # an incomplete chunked body is a RemoteProtocolError
                 outcome["ended"] = type(exc).__name__
 
-        thread = threading.Thread(target=long_stream)
-        thread.start()
+        def post(key: str) -> None:
+            try:
+                outcome[key] = httpx.post(server.url + "/v1/completions", json=long, timeout=TIMEOUT)
+            except httpx.HTTPError as exc:
+                outcome[key] = type(exc).__name__
+
+        threads = [threading.Thread(target=long_stream), threading.Thread(target=post, args=("whole",))]
+        for thread in threads:
+            thread.start()
         deadline = time.monotonic() + TIMEOUT
-        while outcome.get("events", 0) < 3:
-            assert time.monotonic() < deadline and thread.is_alive(), outcome
-            time.sleep(0.05)
+        while len(outcome["events"]) < 3 or b'num_requests_running{model_name="demo"} 2.0' not in \
+                httpx.get(server.url + "/metrics", timeout=10).content:
+            assert time.monotonic() < deadline and threads[0].is_alive(), outcome
+            time.sleep(0.1)
+        threads.append(threading.Thread(target=post, args=("queued",)))  # both slots are busy: it waits
+        threads[-1].start()
+        while b'num_requests_waiting{model_name="demo"} 1.0' not in httpx.get(server.url + "/metrics",
+                                                                               timeout=10).content:
+            assert time.monotonic() < deadline, outcome
+            time.sleep(0.1)
         server.proc.send_signal(signal.SIGTERM)
-        # The server stops accepting at once, lets in-flight requests run for its drain period (10 s),
-        # then ends open streams on a whole event; the lifespan then closes the engine.
         status = server.proc.wait(timeout=60)
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the client still hangs after the server exited"
-        assert outcome["status"] == 200 and outcome["ended"]  # cut, or finished: either way it ended
+        for thread in threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "a client still hangs after the server exited"
         assert status == 0, status
+        assert outcome["status"] == 200 and outcome["ended"] == "cleanly", outcome.get("ended")
+        events = outcome["events"]
+        assert events[-1] == "[DONE]", events[-3:]
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        usage = chunks[-1]["usage"]
+        assert chunks[-1]["choices"] == [] and 0 < usage["completion_tokens"] < long["max_tokens"], usage
+        whole = outcome["whole"]
+        assert not isinstance(whole, str) and whole.status_code == 200, whole
+        choice = whole.json()["choices"][0]
+        assert choice["finish_reason"] == "length" and whole.json()["usage"]["completion_tokens"] < long["max_tokens"]
+        queued = outcome["queued"]
+        assert not isinstance(queued, str) and queued.status_code == 503, queued
+        assert queued.json()["error"]["code"] == "overloaded"
         log = server.log()
-        assert "Traceback" not in log, log[-3000:]
-        if outcome.get("last") and outcome["last"] != "data: [DONE]":
-            json.loads(outcome["last"][6:])  # a cut stream still ends on a whole event
+        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
     finally:
         server.stop(signal.SIGKILL)
 

@@ -5,6 +5,8 @@ document, valid and invalid bodies) and hand-written hostile inputs, against a r
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from pathlib import Path
 
 import httpx
@@ -35,10 +37,20 @@ TEMPLATE_PAYLOADS = {
     "loop": "{% for m in messages %}{{ loop.__class__.__init__.__globals__['os'].system('touch MARKER') }}{% endfor %}",
 }
 
+# Templates that try to hang or exhaust the server instead: each must be a 400 within the sandbox's
+# bounds (edge_llm/template_sandbox.py), and none may hold up other requests or the shutdown.
+EXPENSIVE_PAYLOADS = {
+    "nested-loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "huge-range": "{% for i in range(10**9) %}{{ i }}{% endfor %}",
+    "recursive-macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "ten-gigabytes": "{{ 'a' * 10**10 }}",
+}
+
 
 def malicious_template(marker: Path) -> str:
+    payloads = {**TEMPLATE_PAYLOADS, **EXPENSIVE_PAYLOADS}
     branches = "".join(f"{{%- {'if' if i == 0 else 'elif'} c == '{name}' -%}}{payload.replace('MARKER', str(marker))}"
-                       for i, (name, payload) in enumerate(TEMPLATE_PAYLOADS.items()))
+                       for i, (name, payload) in enumerate(payloads.items()))
     return ("{%- set c = messages[-1]['content'] -%}" + branches +
             "{%- else -%}<|im_start|>user\n{{ c }}<|im_end|>\n<|im_start|>assistant\n{%- endif -%}")
 
@@ -216,3 +228,96 @@ def test_server_still_answers_after_the_hostile_inputs(server):
     evil_but_benign = httpx.post(server.url + "/v1/chat/completions", timeout=NO_HANG_SECONDS, json={
         "model": "evil", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2})
     assert evil_but_benign.status_code == 200
+
+
+@pytest.mark.parametrize("payload", list(EXPENSIVE_PAYLOADS))
+def test_expensive_chat_templates_are_a_400(server, payload):
+    response = httpx.post(server.url + "/v1/chat/completions", timeout=NO_HANG_SECONDS, json={
+        "model": "evil", "messages": [{"role": "user", "content": payload}], "max_tokens": 2})
+    error = assert_error(response, 400)
+    assert error["code"] == "chat_template_error" and "too expensive" in error["message"], error
+
+
+class TemplateAttack:
+    """Clients that keep sending the hanging-template request to `evil`, each as soon as its last
+    one is answered, counting how many are in flight."""
+
+    def __init__(self, url: str, clients: int = 8) -> None:
+        self.url, self.in_flight, self.answers = url, 0, []
+        self.lock, self.first_answer, self.stop = threading.Lock(), threading.Event(), threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        while not self.stop.is_set():
+            with self.lock:
+                self.in_flight += 1
+            try:
+                response = httpx.post(self.url + "/v1/chat/completions", timeout=NO_HANG_SECONDS, json={
+                    "model": "evil", "messages": [{"role": "user", "content": "nested-loops"}], "max_tokens": 2})
+                answer = (response.status_code, response.json().get("error", {}).get("code"))
+            except (httpx.HTTPError, ValueError) as exc:
+                answer = (type(exc).__name__, None)
+            with self.lock:
+                self.in_flight -= 1
+                self.answers.append(answer)
+            self.first_answer.set()
+
+    def __enter__(self) -> TemplateAttack:
+        for thread in self.threads:
+            thread.start()
+        # The server answered one: the renders are under way, and the others are waiting on them.
+        assert self.first_answer.wait(NO_HANG_SECONDS), "the hanging template was never answered"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(NO_HANG_SECONDS)
+
+    def assert_refused_cleanly(self, *also: tuple) -> None:
+        """Every answer a 400 naming the template, or a 503 while its renders were busy."""
+        allowed = ((400, "chat_template_error"), (503, "overloaded"), *also)
+        assert all(answer in allowed for answer in self.answers), self.answers
+        assert (400, "chat_template_error") in self.answers
+
+
+def test_a_hanging_template_holds_up_no_other_request(server):
+    """Before the sandbox, 7 such requests filled the worker threads and every model's chat,
+    completions and tokenize hung. Each request here must be answered while the attack goes on."""
+    requests = [
+        ("/v1/chat/completions", {"model": "fuzz", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        ("/v1/completions", {"model": "fuzz", "prompt": "Hello", "max_tokens": 2}),
+        ("/v1/completions", {"model": "evil", "prompt": "Hello", "max_tokens": 2}),
+        ("/tokenize", {"model": "fuzz", "content": "Hello world"}),
+        ("/tokenize", {"model": "evil", "content": "Hello world"}),
+        ("/v1/chat/completions", {"model": "evil", "messages": [{"role": "user", "content": "Hello"}],
+                                  "max_tokens": 2}),
+    ]
+    with TemplateAttack(server.url) as attack:
+        for path, body in requests:
+            response = httpx.post(server.url + path, json=body, timeout=NO_HANG_SECONDS)
+            in_flight = attack.in_flight
+            if response.status_code == 503 and body["model"] == "evil":  # its template is busy: allowed
+                continue
+            assert response.status_code == 200, (path, body, response.text[:300])
+            assert in_flight > 0, "the attack was over before the request was answered"
+    attack.assert_refused_cleanly()
+
+
+def test_sigterm_is_not_held_up_by_a_hanging_template(tmp_path, demo_path):
+    evil = gguf_with_template(demo_path, tmp_path / "evil.gguf", malicious_template(tmp_path / "marker"))
+    config = write_models_toml(tmp_path / "models.toml", {"evil": evil}, n_ctx=N_CTX)
+    server = ServerProcess(["--config", str(config), "-np", "2", "-t", "1", "--keep-alive", "-1", "--preload"],
+                           tmp_path / "serve.log")
+    try:
+        server.wait_healthy()
+        with TemplateAttack(server.url) as attack:
+            server.proc.send_signal(signal.SIGTERM)
+            status = server.proc.wait(timeout=NO_HANG_SECONDS)
+        assert status == 0, status
+        # Requests sent after the signal find the port closed, or a connection closed by the shutdown.
+        attack.assert_refused_cleanly(("ConnectError", None), ("RemoteProtocolError", None), ("ReadError", None))
+        log = server.log()
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        server.stop(signal.SIGKILL)
