@@ -153,6 +153,9 @@ def test_invalid_inputs(any_engine):
         complete(any_engine, "word " * 2000, max_tokens=4)
     with pytest.raises(InvalidParameterError, match="out of range"):
         complete(any_engine, [1, 2, 10**7], max_tokens=4)
+    with pytest.raises(InvalidParameterError, match="out of range") as stop_id_error:
+        complete(any_engine, "Hi", max_tokens=4, stop_token_ids=[10**7])
+    assert stop_id_error.value.param == "stop_token_ids"
     with pytest.raises(InvalidParameterError, match="empty"):
         complete(any_engine, [], max_tokens=4)
 

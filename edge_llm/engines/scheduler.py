@@ -208,7 +208,7 @@ class Scheduler:
         if params.n > len(self.slots):
             raise InvalidParameterError(f"n={params.n} exceeds the {len(self.slots)} parallel slots (-np)",
                                         param="n")
-        self.engine.check_token_ids(list(params.stop_token_ids))
+        self.engine.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
 
     def submit(self, tokens: list[int], params: SamplingParams, *, bind_loop: bool = True) -> Request:
         self.validate(tokens, params)
