@@ -28,13 +28,15 @@ class ServerState:
     manager: ModelManager
     metrics: ServerMetrics
     peer_client: httpx.AsyncClient | None = None
+    reasoning_format: str = "auto"  # --reasoning-format: auto | deepseek | none (server/reasoning.py)
 
 
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False,
+               reasoning_format: str = "auto") -> FastAPI:
     from edge_llm.server import openai_routes, simple_routes
 
-    state = ServerState(manager, ServerMetrics(manager))
+    state = ServerState(manager, ServerMetrics(manager), reasoning_format=reasoning_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,7 +49,8 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
             await manager.close()
 
     app = FastAPI(title="edge-llm", version=_version(), lifespan=lifespan, default_response_class=JSONResponse,
-                  description="OpenAI-compatible API for local models, plus the simple JSON APIs of vLLM's "
+                  description="OpenAI-compatible API for local models (chat, completions, embeddings, Responses), "
+                              "Anthropic's Messages API, the Ollama API, and the simple JSON APIs of vLLM's "
                               "api_server (/generate), mosec-style services (/inference) and the FastAPI "
                               "chat demo (/).")
     app.state.edge = state

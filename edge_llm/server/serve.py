@@ -16,6 +16,7 @@ import sys
 
 from edge_llm.errors import EdgeLLMError
 from edge_llm.options import add_model_flags, load_options
+from edge_llm.server.reasoning import REASONING_FORMATS
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot, per model, beyond which the server answers 503")
     g.add_argument("--max-body-size", default="8M", help="largest request body (default 8M)")
+    g.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
+                   help="<think> text: auto = split off as reasoning when the chat template knows the tags, "
+                        "deepseek = always split, none = leave it inline in the answer (llama-server's flag)")
     add_model_flags(parser, parallel_default=4)
     return parser
 
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         model_refs(args), config=args.config, engine=args.engine, options=load_options(args, max_queue=args.max_queue),
         keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
         memory_budget=parse_size(args.memory_budget) if args.memory_budget else None)
-    app = create_app(manager, api_keys=keys, max_body_bytes=parse_size(args.max_body_size), preload=args.preload)
+    app = create_app(manager, api_keys=keys, max_body_bytes=parse_size(args.max_body_size), preload=args.preload,
+                     reasoning_format=args.reasoning_format)
     if not keys and not _is_loopback(args.host):
         print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])
