@@ -115,6 +115,7 @@ class Finish:
     usage: Usage | None
     stop_sequence: str | None = None  # the client's stop string that ended the answer
     tool_calls: int = 0  # calls the answer made
+    reasoning_tokens: int = 0  # tokens of thinking (up to the token that closed it)
 
 
 Part = TextPart | CallStart | CallArguments | CallEnd | Finish
@@ -167,6 +168,11 @@ class OutputParser:
         self._splitter = ReasoningSplitter(open=job.thinking_open) if job.reasoning else None
         self._tools = ToolCallParser() if job.tools else None
         self.calls = 0
+        self.reasoning_tokens = 0
+
+    def count(self, n_tokens: int) -> None:
+        if self._splitter is not None and self._splitter.thinking:
+            self.reasoning_tokens += n_tokens
 
     def feed(self, text: str, *, final: bool = False) -> list[Part]:
         if self._splitter is None:
@@ -229,6 +235,7 @@ class Run:
             if final and self._stops:
                 text, stop = _cut_stop(text, self._stops)
             parts = parsers[i].feed(text, final=final)
+            parsers[i].count(len(delta.token_ids))
             if delta.logprobs:
                 first = next((part for part in parts if isinstance(part, TextPart)), None)
                 if first is None:
@@ -237,7 +244,7 @@ class Run:
             for part in parts:
                 yield i, part
             if final:
-                yield i, Finish(delta.finish_reason, delta.usage, stop, parsers[i].calls)
+                yield i, Finish(delta.finish_reason, delta.usage, stop, parsers[i].calls, parsers[i].reasoning_tokens)
 
     async def collect(self) -> list[Choice]:
         choices = [Choice(i) for i in range(len(self.generations) * self.n)]

@@ -55,6 +55,11 @@ class ReasoningSplitter:
         self._pending_space = ""  # whitespace inside the thinking, sent only if more thinking follows
         self._lead = True  # at the start of a part: leading whitespace is dropped
 
+    @property
+    def thinking(self) -> bool:
+        """Still in (or maybe entering) the thinking: the tokens so far count as reasoning."""
+        return self._state != "content"
+
     def feed(self, text: str) -> list[tuple[Kind, str]]:
         self._buffer += text
         return self._run(final=False)
