@@ -34,7 +34,7 @@ class ServerState:
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False,
                reasoning_format: str = "auto") -> FastAPI:
-    from edge_llm.server import openai_routes, responses_routes, simple_routes
+    from edge_llm.server import anthropic_routes, openai_routes, responses_routes, simple_routes
 
     state = ServerState(manager, ServerMetrics(manager), reasoning_format=reasoning_format)
 
@@ -57,6 +57,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(responses_routes.router)
+    app.include_router(anthropic_routes.router)
     app.include_router(simple_routes.router)
     app.add_middleware(AssumeJSONMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
