@@ -34,7 +34,13 @@ class ServerState:
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False,
                reasoning_format: str = "auto") -> FastAPI:
-    from edge_llm.server import anthropic_routes, openai_routes, responses_routes, simple_routes
+    from edge_llm.server import (
+        anthropic_routes,
+        ollama_routes,
+        openai_routes,
+        responses_routes,
+        simple_routes,
+    )
 
     state = ServerState(manager, ServerMetrics(manager), reasoning_format=reasoning_format)
 
@@ -58,6 +64,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
     app.include_router(openai_routes.router)
     app.include_router(responses_routes.router)
     app.include_router(anthropic_routes.router)
+    app.include_router(ollama_routes.router)
     app.include_router(simple_routes.router)
     app.add_middleware(AssumeJSONMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)

@@ -215,6 +215,7 @@ class Run:
         self.n = generations[0].params.n
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
+        self.started = time.monotonic()  # the first token is out: the prompt is evaluated
         self._stops = _stripped_stops(job)
 
     @property
