@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from edge_llm.reasoning import ReasoningSplitter, prompt_opens_thinking
 from edge_llm.server.pipeline import Choice, Finish, Job, OutputParser, TextPart
-from edge_llm.server.reasoning import ReasoningSplitter, prompt_opens_thinking
 from edge_llm.server.tool_calls import (
     CallArguments,
     CallEnd,
@@ -155,3 +155,28 @@ def test_parser_passes_text_through_when_nothing_is_parsed():
     parser = OutputParser(Job([""]))
     text = "<think>kept</think> <tool_call>{}</tool_call>"
     assert parser.feed(text, final=True) == [TextPart("content", text)]
+
+
+def test_repl_shows_thinking_dimmed():
+    import io
+
+    from scripted_engine import ScriptedEngine
+
+    from edge_llm.console import Screen
+    from edge_llm.repl import answer_printer
+
+    engine = ScriptedEngine("")
+    for interactive, color, expected in [
+        (True, True, Screen.DIM + "Hm" + Screen.RESET + Screen.DIM + "m." + Screen.RESET + "\nHello!"),
+        (True, False, "Hmm.\nHello!"),
+        (False, False, "Hello!"),  # piped: stdout holds the answers alone
+    ]:
+        out = io.StringIO()
+        show = answer_printer(engine, Screen(interactive, color, out=out), "<|im_start|>assistant\n<think>\n")
+        for piece, final in [("Hm", False), ("m.\n</thi", False), ("nk>\n\nHello!", True)]:
+            show(piece, final)
+        assert out.getvalue() == expected, (interactive, color)
+    plain = io.StringIO()  # a template without thinking: the text as it comes
+    show = answer_printer(ScriptedEngine("", template="{{ messages }}"), Screen(True, True, out=plain), "")
+    show("<think>x</think>y", True)
+    assert plain.getvalue() == "<think>x</think>y"

@@ -28,7 +28,7 @@ class ServerState:
     manager: ModelManager
     metrics: ServerMetrics
     peer_client: httpx.AsyncClient | None = None
-    reasoning_format: str = "auto"  # --reasoning-format: auto | deepseek | none (server/reasoning.py)
+    reasoning_format: str = "auto"  # --reasoning-format: auto | deepseek | none (edge_llm/reasoning.py)
 
 
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,

@@ -16,9 +16,9 @@ from typing import Any
 
 from edge_llm.engines.base import Engine
 from edge_llm.errors import InvalidParameterError
+from edge_llm.reasoning import prompt_opens_thinking, splits_reasoning
 from edge_llm.server import grammars
 from edge_llm.server.pipeline import Job
-from edge_llm.server.reasoning import prompt_opens_thinking, splits_reasoning
 from edge_llm.server.tool_calls import template_supports_tools
 
 

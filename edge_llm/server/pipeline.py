@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
+from edge_llm.reasoning import ReasoningSplitter
 from edge_llm.sampling import SamplingParams
 from edge_llm.server.forward import forward
 from edge_llm.server.generation import (
@@ -38,7 +39,6 @@ from edge_llm.server.generation import (
     tokenize_prompt,
     until_disconnect,
 )
-from edge_llm.server.reasoning import ReasoningSplitter
 from edge_llm.server.tool_calls import (
     CallArguments,
     CallEnd,

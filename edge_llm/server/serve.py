@@ -16,7 +16,7 @@ import sys
 
 from edge_llm.errors import EdgeLLMError
 from edge_llm.options import add_model_flags, load_options
-from edge_llm.server.reasoning import REASONING_FORMATS
+from edge_llm.reasoning import REASONING_FORMATS
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

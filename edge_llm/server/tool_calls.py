@@ -21,8 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_llm.reasoning import partial_tag
 from edge_llm.server.grammars import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from edge_llm.server.reasoning import _partial_tag
 
 # The start of a call written name-first, up to the arguments object or string.
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
@@ -93,7 +93,7 @@ class ToolCallParser:
             if self._state == "text":
                 start = self._buffer.find(TOOL_CALL_OPEN)
                 if start < 0:
-                    keep = 0 if final else _partial_tag(self._buffer, TOOL_CALL_OPEN)
+                    keep = 0 if final else partial_tag(self._buffer, TOOL_CALL_OPEN)
                     self._content(self._buffer[:len(self._buffer) - keep], out)
                     self._buffer = self._buffer[len(self._buffer) - keep:]
                     return out
@@ -145,7 +145,7 @@ class ToolCallParser:
 
     def _held_tail(self, text: str) -> int:
         """What could still be the call's end: `}`, whitespace, a partial `</tool_call>`."""
-        keep = _partial_tag(text, TOOL_CALL_CLOSE)
+        keep = partial_tag(text, TOOL_CALL_CLOSE)
         rest = text[:len(text) - keep]
         stripped = rest.rstrip()
         if stripped.endswith("}"):

@@ -38,7 +38,7 @@ def prompt_opens_thinking(prompt: str) -> bool:
     return prompt.rstrip().endswith(THINK_OPEN)
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest tail of `text` that is a proper beginning of `tag`."""
     for length in range(min(len(text), len(tag) - 1), 0, -1):
         if tag.startswith(text[-length:]):
@@ -87,7 +87,7 @@ class ReasoningSplitter:
                     self._buffer = self._buffer[end + len(THINK_CLOSE):]
                     self._pending_space, self._state, self._lead = "", "content", True
                     continue
-                keep = 0 if final else _partial_tag(self._buffer, THINK_CLOSE)
+                keep = 0 if final else partial_tag(self._buffer, THINK_CLOSE)
                 self._think(self._buffer[:len(self._buffer) - keep], out)
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 return out
