@@ -141,6 +141,12 @@ def test_anthropic_create_and_stream(claude):
     assert streamed == message.content[0].text == final.content[0].text
     assert final.stop_reason == message.stop_reason and final.usage.output_tokens == message.usage.output_tokens
     assert claude.messages.count_tokens(model="demo", messages=kw["messages"]).input_tokens > 3
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
+              "additionalProperties": False}
+    structured = claude.messages.create(model="demo", max_tokens=40, extra_body={"temperature": 0},
+                                        messages=[{"role": "user", "content": "A person as JSON."}],
+                                        output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert isinstance(json.loads(structured.content[0].text)["age"], int)
 
 
 def test_anthropic_with_a_tool(claude, server):

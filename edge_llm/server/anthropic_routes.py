@@ -2,7 +2,8 @@
 
 `system` (text or text blocks), messages of content blocks (text, tool_use, tool_result,
 thinking), `max_tokens` (required, as Anthropic has it), `stop_sequences`, tools with
-`input_schema` and `tool_choice` (auto / any / tool / none). The answer is content blocks:
+`input_schema` and `tool_choice` (auto / any / tool / none), structured output as
+`output_config.format` (a JSON schema). The answer is content blocks:
 `thinking` (the model's <think> text), `text`, then one `tool_use` per call; `stop_reason` is
 end_turn, max_tokens, stop_sequence (with the sequence) or tool_use. Streamed as Anthropic
 streams: message_start, content_block_start / _delta / _stop per block, message_delta,
@@ -24,7 +25,7 @@ from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.server.chat_request import ChatOptions, chat_job
+from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.errors import edge_error_body
 from edge_llm.server.generation import SSEResponse, tokenize_prompt
 from edge_llm.server.jsonio import dumps
@@ -70,6 +71,16 @@ class Thinking(_Body):
     budget_tokens: int | None = None
 
 
+class OutputFormat(_Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Body):
+    format: OutputFormat | None = None
+    effort: str | None = Field(None, description="accepted and ignored")
+
+
 class MessagesRequest(_Body):
     model: str | None = None
     messages: Annotated[list[Message], Field(min_length=1)]
@@ -84,6 +95,7 @@ class MessagesRequest(_Body):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    output_config: OutputConfig | None = Field(None, description="structured output: format.schema")
     metadata: dict[str, Any] | None = None
 
 
@@ -177,11 +189,15 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
     if body.thinking is not None and body.thinking.type == "disabled":
         reasoning_format = "none"
     options = ChatOptions(tools=chat_tools(body.tools), tool_choice=tool_choice(body.tool_choice),
-                          reasoning_format=reasoning_format)
+                          reasoning_format=reasoning_format, format_param="output_config.format")
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                     stop=body.stop_sequences)
 
+    output_format = body.output_config.format if body.output_config else None
+
     def prepare(engine: Engine) -> Job:
+        if output_format is not None:
+            options.grammar = format_grammar("json_schema", output_format.schema_, param="output_config.format.schema")
         return chat_job(engine, messages, options, sampling=sampling, max_tokens=body.max_tokens)
 
     def reply(run: Run, choices: list[Choice]) -> dict:
