@@ -89,7 +89,7 @@ class MessagesRequest(_Body):
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     top_p: TopP | None = None
-    top_k: Annotated[int, Field(ge=1)] | TopK | None = None
+    top_k: TopK | None = None
     seed: Seed | None = Field(None, description="edge-llm extension")
     stream: bool = False
     tools: list[Tool] | None = None

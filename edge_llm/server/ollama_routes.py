@@ -54,6 +54,7 @@ OPTION_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p"
                 "frequency_penalty": "frequency_penalty"}
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+FOREVER = 2.0**33  # seconds since the epoch: the year 2242
 
 
 class OllamaMessage(_Body):
@@ -430,8 +431,9 @@ async def ps(request: Request) -> dict:
         if model.engine is None:
             continue
         keep = manager.keep_alive_of(model)
-        expires = (datetime.now(timezone.utc).timestamp() + max(0.0, keep - (time.monotonic() - model.last_used))
-                   if keep >= 0 else 2**33)  # "forever", as Ollama writes it: far in the future
+        left = keep - (time.monotonic() - model.last_used)
+        # "forever" (a negative keep-alive), as Ollama writes it: far in the future
+        expires = min(datetime.now(timezone.utc).timestamp() + max(0.0, left), FOREVER) if keep >= 0 else FOREVER
         entry = await asyncio.to_thread(_entry, name, model)
         loaded.append({**entry, "expires_at": datetime.fromtimestamp(expires, timezone.utc).isoformat()
                       .replace("+00:00", "Z"), "size_vram": 0, "context_length": context_size(model.engine)})

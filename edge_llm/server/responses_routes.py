@@ -110,7 +110,7 @@ def input_messages(instructions: str | None, items: str | list[dict[str, Any]]) 
         param = f"input.{i}"
         kind = item.get("type", "message")
         if kind == "message":
-            role = _ROLES.get(item.get("role"))
+            role = _ROLES.get(item["role"]) if isinstance(item.get("role"), str) else None
             if role is None:
                 raise InvalidParameterError(f"unknown role {item.get('role')!r}", param=f"{param}.role")
             message = {"role": role, "content": _item_text(item.get("content", ""), f"{param}.content")}
@@ -136,7 +136,8 @@ def input_messages(instructions: str | None, items: str | list[dict[str, Any]]) 
                              "content": _item_text(item.get("output", ""), f"{param}.output")})
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
-            reasoning += "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            if isinstance(parts, list):
+                reasoning += "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
         else:
             raise InvalidParameterError(f"input items of type {kind!r} are not supported", param=f"{param}.type")
     if not messages:
