@@ -219,6 +219,23 @@ def test_ollama_keep_alive_unloads(tmp_path, demo_path):
         assert client.ps().models == []  # unloaded right after the request
 
 
+def test_a_client_leaving_a_stream_frees_its_slot(url, server):
+    from test_server import wait_until
+
+    engine = server[1].state.edge.manager.models["demo"].engine
+    streams = [("/api/generate", {"model": "demo", "prompt": "Tell a long story.", "options": {"num_predict": 400}}),
+               ("/v1/messages", {"model": "demo", "max_tokens": 400, "stream": True,
+                                 "messages": [{"role": "user", "content": "Tell a long story."}]}),
+               ("/v1/responses", {"model": "demo", "input": "Tell a long story.", "stream": True})]
+    for path, body in streams:
+        with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", path, json=body) as response:
+            lines = response.iter_lines()
+            for _ in range(8):
+                next(lines)
+            assert engine.scheduler.running == 1, path
+        assert wait_until(lambda: engine.scheduler.running == 0), path
+
+
 # -- reasoning --------------------------------------------------------------------------------------------
 
 

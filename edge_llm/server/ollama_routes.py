@@ -192,10 +192,10 @@ def counts(run: Run, finish: Finish | None, began: float) -> dict:
             "eval_duration": int((end - run.started) * 1e9)}
 
 
-def ollama_call(call: dict) -> dict:
+def ollama_call(call: dict, index: int) -> dict:
     import json
 
-    return {"id": call["id"], "function": {"name": call["function"]["name"],
+    return {"id": call["id"], "function": {"index": index, "name": call["function"]["name"],
                                            "arguments": json.loads(call["function"]["arguments"])}}
 
 
@@ -222,7 +222,7 @@ async def ollama_stream(run: Run, began: float, chunk) -> Any:  # noqa: ANN001
                 start = names[part.index]
                 call = {"id": start.id, "function": {"name": start.name, "arguments": part.arguments}}
                 try:
-                    whole = ollama_call(call)
+                    whole = ollama_call(call, len(calls))
                 except ValueError:
                     continue  # arguments cut off: not a call
                 calls.append(whole)
@@ -280,7 +280,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
     def reply(run: Run, choices: list[Choice]) -> dict:
         c = choices[0]
         return {"model": run.name, "created_at": now_iso(),
-                **message(c.content, c.reasoning or None, [ollama_call(t) for t in c.tool_calls] or None),
+                **message(c.content, c.reasoning or None, [ollama_call(t, k) for k, t in enumerate(c.tool_calls)] or None),
                 "done": True, **counts(run, c.finish, began)}
 
     def stream_reply(run: Run) -> Response:
