@@ -182,7 +182,7 @@ def test_ollama_chat_and_generate(llama):
     assert [c.done for c in chunks].count(True) == 1 and chunks[-1].done
     assert "".join(c.message.content for c in chunks) == whole.message.content
     assert chunks[-1].eval_count == whole.eval_count
-    generated = llama.generate(model="demo", prompt="Say hello.", options=options)
+    generated = llama.generate(model="demo:latest", prompt="Say hello.", options=options)  # the default tag
     assert generated.response == whole.message.content  # generate applies the same chat template
     raw = "".join(c.response for c in llama.generate(model="demo", prompt="The capital of France is", raw=True,
                                                      options=options, stream=True))

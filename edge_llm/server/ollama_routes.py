@@ -21,10 +21,10 @@ import time
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
@@ -57,6 +57,10 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 FOREVER = 2.0**33  # seconds since the epoch: the year 2242
 
 
+# Ollama clients often name a model with its default tag: "demo:latest" is the served "demo".
+ModelName = Annotated[str, Field(min_length=1), AfterValidator(lambda name: name.removesuffix(":latest"))]
+
+
 class OllamaMessage(_Body):
     role: str
     content: str | None = ""
@@ -67,7 +71,7 @@ class OllamaMessage(_Body):
 
 
 class _Generating(_Body):
-    model: str = Field(min_length=1)
+    model: ModelName
     stream: bool = True  # Ollama streams unless told not to
     format: str | dict[str, Any] | None = None
     options: dict[str, Any] | None = None
@@ -91,7 +95,7 @@ class GenerateRequest(_Generating):
 
 
 class EmbedRequest(_Body):
-    model: str = Field(min_length=1)
+    model: ModelName
     input: str | list[str] = ""
     truncate: bool | None = None
     options: dict[str, Any] | None = None
@@ -100,15 +104,15 @@ class EmbedRequest(_Body):
 
 
 class EmbeddingsRequest(_Body):
-    model: str = Field(min_length=1)
+    model: ModelName
     prompt: str = ""
     options: dict[str, Any] | None = None
     keep_alive: str | float | None = None
 
 
 class ShowRequest(_Body):
-    model: str | None = Field(None, min_length=1)
-    name: str | None = Field(None, description="the older name of `model`")
+    model: ModelName | None = None
+    name: ModelName | None = Field(None, description="the older name of `model`")
 
 
 # -- translation -----------------------------------------------------------------------------------------
