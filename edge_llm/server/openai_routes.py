@@ -111,9 +111,10 @@ def response_format_grammar(response_format: ResponseFormat | None) -> str | Non
     if response_format is None:
         return None
     schema = response_format.json_schema.schema_ if response_format.json_schema else None
-    return format_grammar(response_format.type, schema, param="response_format.json_schema"
-                          if response_format.type == "json_schema" and schema is None
-                          else "response_format.json_schema.schema")
+    if response_format.type == "json_schema" and schema is None:
+        raise InvalidParameterError("response_format json_schema needs json_schema.schema",
+                                    param="response_format.json_schema")
+    return format_grammar(response_format.type, schema, param="response_format.json_schema.schema")
 
 
 def usage_body(usage: Usage) -> dict:
