@@ -424,6 +424,9 @@ def _entry(name: str, model: Any) -> dict:
 async def tags(request: Request) -> dict:
     manager = server_state(request).manager
     models = await asyncio.to_thread(lambda: [_entry(n, m) for n, m in manager.models.items()])
+    # A peer's models are answered here too (forwarded); what they are is the peer's to say.
+    models += [{"name": n, "model": n, "modified_at": _modified_at(None), "size": 0, "digest": "",
+                "details": model_details(None)[0]} for n in manager.peers]
     return {"models": models}
 
 
