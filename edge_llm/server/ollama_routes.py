@@ -400,7 +400,8 @@ def _gguf_details(path: str, mtime: float) -> tuple[dict, dict, str | None]:
 
 def model_details(path: Path | None) -> tuple[dict, dict, str | None]:
     if path is None or not path.is_file() or path.suffix != ".gguf":
-        return {"parent_model": "", "format": "gguf" if path and path.suffix == ".gguf" else "safetensors",
+        kind = "" if path is None else "gguf" if path.suffix == ".gguf" else "safetensors"
+        return {"parent_model": "", "format": kind,
                 "family": "", "families": [], "parameter_size": "", "quantization_level": ""}, {}, None
     try:
         return _gguf_details(str(path), path.stat().st_mtime)
