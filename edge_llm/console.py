@@ -48,6 +48,20 @@ class Screen:
         self.out.flush()
         self._at_line_start = text.endswith("\n")
 
+    def thinking_piece(self, text: str) -> None:
+        """The model's thinking (<think> text): dimmed on a colour terminal, plain on one without;
+        piped, it is left out, so stdout holds the answers alone."""
+        if not text or not self.interactive:
+            return
+        self.out.write(self.DIM + text + self.RESET if self.color else text)
+        self.out.flush()
+        self._at_line_start = text.endswith("\n")
+
+    def end_thinking(self) -> None:
+        """Between the thinking and the answer: the answer starts on its own line."""
+        if self.interactive:
+            self._break_line()
+
     def end_answer(self) -> None:
         """Close the answer's line; piped, every answer gets its line, an empty one included."""
         if self._answering and (not self._at_line_start or not self.interactive):

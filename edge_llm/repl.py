@@ -27,6 +27,7 @@ from edge_llm.engines.base import Engine, Usage, load_engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.generate import read_prompt_file
 from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
+from edge_llm.reasoning import ReasoningSplitter, prompt_opens_thinking, template_has_reasoning
 from edge_llm.sampling import SamplingParams
 
 HELP = """commands:
@@ -155,12 +156,13 @@ class ChatSession:
         except EdgeLLMError as exc:
             self.screen.error(f"error: {exc.message}")
             return None, None, 0.0
+        show = answer_printer(self.engine, self.screen, prompt.text)
         try:
             for delta in deltas:
                 now = time.perf_counter()
                 first = first or now
                 end = now
-                self.screen.answer_piece(delta.text)
+                show(delta.text, delta.finish_reason is not None)
                 texts.append(delta.text)
                 ids.extend(delta.token_ids)
                 if delta.finish_reason:
@@ -253,6 +255,27 @@ class ChatSession:
                 self.turn(line if word else None)
         finally:
             reader.save_history()
+
+
+def answer_printer(engine: Engine, screen: Screen, prompt_text: str):  # noqa: ANN201
+    """show(text, final): the answer as it streams; a thinking model's <think> text dimmed."""
+    if not template_has_reasoning(engine):
+        return lambda text, final: screen.answer_piece(text)
+    splitter = ReasoningSplitter(open=prompt_opens_thinking(prompt_text))
+    thinking = True
+
+    def show(text: str, final: bool) -> None:
+        nonlocal thinking
+        for kind, piece in splitter.feed(text) + (splitter.finish() if final else []):
+            if kind == "reasoning":
+                screen.thinking_piece(piece)
+                continue
+            if thinking:
+                screen.end_thinking()
+                thinking = False
+            screen.answer_piece(piece)
+
+    return show
 
 
 def update_params(params: SamplingParams, assignments: str) -> SamplingParams:

@@ -32,14 +32,22 @@ class ServerState:
     peer_client: httpx.AsyncClient | None = None
     # Set when a shutdown's drain period is over: running generations end now (generation.py).
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    reasoning_format: str = "auto"  # --reasoning-format: auto | deepseek | none (edge_llm/reasoning.py)
 
 
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False, bound_host: str = "127.0.0.1",
-               allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None) -> FastAPI:
-    from edge_llm.server import openai_routes, simple_routes
+               allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
+               reasoning_format: str = "auto") -> FastAPI:
+    from edge_llm.server import (
+        anthropic_routes,
+        ollama_routes,
+        openai_routes,
+        responses_routes,
+        simple_routes,
+    )
 
-    state = ServerState(manager, ServerMetrics(manager))
+    state = ServerState(manager, ServerMetrics(manager), reasoning_format=reasoning_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,12 +60,16 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
             await manager.close()
 
     app = FastAPI(title="edge-llm", version=_version(), lifespan=lifespan, default_response_class=JSONResponse,
-                  description="OpenAI-compatible API for local models, plus the simple JSON APIs of vLLM's "
+                  description="OpenAI-compatible API for local models (chat, completions, embeddings, Responses), "
+                              "Anthropic's Messages API, the Ollama API, and the simple JSON APIs of vLLM's "
                               "api_server (/generate), mosec-style services (/inference) and the FastAPI "
                               "chat demo (/).")
     app.state.edge = state
     install_error_handlers(app)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
+    app.include_router(anthropic_routes.router)
+    app.include_router(ollama_routes.router)
     app.include_router(simple_routes.router)
     app.add_middleware(AssumeJSONMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)

@@ -17,7 +17,7 @@ from edge_llm.server.errors import error_response
 from edge_llm.server.generation import StreamResponse
 
 FORWARDED_HEADER = "x-edge-llm-forwarded"
-_PASSED_HEADERS = ("authorization", "content-type", "accept")
+_PASSED_HEADERS = ("authorization", "x-api-key", "anthropic-version", "content-type", "accept")
 _RETURNED_HEADERS = ("content-type", "retry-after", "cache-control")
 
 

@@ -36,6 +36,8 @@ class ServedModel:
     engine: Engine | None = None
     active: int = 0  # requests holding a lease on the engine
     last_used: float = field(default_factory=time.monotonic)
+    path: Path | None = None  # the weights on disk, when resolved at start (for model info)
+    keep_alive: float | None = None  # set by a request (Ollama's keep_alive); None: the server's
 
 
 class Lease:
@@ -58,15 +60,17 @@ class ModelManager:
     def __init__(self, models: dict[str, str], *, loader: Callable[[str], Engine] | None = None,
                  engine: str = "llama.cpp", options: LoadOptions | None = None, config: str | None = None,
                  keep_alive: float = 300.0, memory_budget: int | None = None, max_loaded: int | None = None,
-                 peers: dict[str, str] | None = None, sizes: dict[str, int] | None = None) -> None:
+                 peers: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
+                 paths: dict[str, Path] | None = None) -> None:
         self.peers = dict(peers or {})
         clash = set(models) & set(self.peers)
         if clash:
             raise EdgeLLMError(f"served both here and by a peer: {', '.join(sorted(clash))}")
         if not models and not self.peers:
             raise EdgeLLMError("no models to serve")
-        sizes = sizes or {}
-        self.models = {name: ServedModel(name, ref, sizes.get(name, 0)) for name, ref in models.items()}
+        sizes, paths = sizes or {}, paths or {}
+        self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name))
+                       for name, ref in models.items()}
         self.keep_alive = keep_alive
         self.memory_budget = memory_budget
         self.max_loaded = max_loaded
@@ -82,14 +86,15 @@ class ModelManager:
         from edge_llm.registry import load_registry, resolve
 
         registry = load_registry(config)
-        models, sizes = {}, {}
+        models, sizes, paths = {}, {}, {}
         for ref in refs:
             resolved = resolve(ref, registry)
             if resolved.name in models:
                 raise EdgeLLMError(f"two models would be served as {resolved.name!r}")
             models[resolved.name] = ref
             sizes[resolved.name] = _weights_size(resolved.path)
-        return cls(models, config=config, sizes=sizes, **kwargs)  # type: ignore[arg-type]
+            paths[resolved.name] = resolved.path
+        return cls(models, config=config, sizes=sizes, paths=paths, **kwargs)  # type: ignore[arg-type]
 
     # -- names ----------------------------------------------------------------------------------
 
@@ -166,16 +171,29 @@ class ModelManager:
         if preload:
             for name in self.models:
                 (await self.acquire(name)).release()
-        if self.keep_alive >= 0 and self.models:
+        if self.models:
             self._reaper = asyncio.create_task(self._unload_idle_forever())
 
+    def keep_alive_of(self, model: ServedModel) -> float:
+        return self.keep_alive if model.keep_alive is None else model.keep_alive
+
+    def set_keep_alive(self, name: str, seconds: float) -> None:
+        """How long this model stays loaded once idle, from now on (negative: forever)."""
+        self.models[name].keep_alive = seconds
+
+    async def unload_if_idle(self, name: str) -> None:
+        model = self.models[name]
+        if model.engine is not None and model.active == 0:
+            await self._unload(model)
+
     async def _unload_idle_forever(self) -> None:
-        tick = max(0.25, min(5.0, self.keep_alive / 4))
         while True:
-            await asyncio.sleep(tick)
+            alive = [k for k in (self.keep_alive_of(m) for m in self.models.values()) if k >= 0]
+            await asyncio.sleep(max(0.25, min([5.0, *(k / 4 for k in alive)])))
             now = time.monotonic()
             for model in self.models.values():
-                if model.engine is not None and model.active == 0 and now - model.last_used >= self.keep_alive:
+                keep = self.keep_alive_of(model)
+                if model.engine is not None and model.active == 0 and 0 <= keep <= now - model.last_used:
                     await self._unload(model)
 
     async def close(self) -> None:

@@ -8,32 +8,29 @@ request without max_tokens may generate until its context slot is full.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
-import time
-import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from edge_llm.engines.base import Delta, Engine, TokenLogprob
+from edge_llm.engines.base import Engine, TokenLogprob, Usage
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.sampling import SamplingParams
-from edge_llm.server import grammars, templates
+from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar, template_call
 from edge_llm.server.errors import error_body
-from edge_llm.server.forward import forward
-from edge_llm.server.generation import (
-    Generation,
-    SSEResponse,
-    capped_max_tokens,
-    context_size,
-    merged,
-    tokenize_prompt,
-    until_disconnect,
-)
+from edge_llm.server.generation import SSEResponse, context_size
 from edge_llm.server.jsonio import SLICE, RawJSON, dumps, json_response
+from edge_llm.server.pipeline import (
+    Choice,
+    Finish,
+    Job,
+    Run,
+    TextPart,
+    handle,
+    server_state,
+    total_usage,
+    with_engine,
+)
 from edge_llm.server.schemas import (
     MAX_BATCH,
     MAX_EMBEDDING_INPUTS,
@@ -54,11 +51,7 @@ from edge_llm.server.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from edge_llm.server.tool_calls import parse_tool_calls, template_supports_tools
-
-if TYPE_CHECKING:
-    from edge_llm.server.app import ServerState
-    from edge_llm.server.models import Lease
+from edge_llm.server.tool_calls import CallArguments, CallStart
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -69,10 +62,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 MIN_LOGPROB = -9999.0
 
 router = APIRouter()
-
-
-def server_state(request: Request) -> ServerState:
-    return request.app.state.edge
 
 
 # -- simple routes --------------------------------------------------------------------------------
@@ -100,21 +89,11 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=cards)
 
 
-# -- shared request handling ------------------------------------------------------------------------
+# -- shared by chat and completions -------------------------------------------------------------------
 
 
-async def local_or_forward(request: Request, model: str | None) -> tuple[str, Lease | Response]:
-    """The served name, and either a lease on its engine or the peer's forwarded answer."""
-    state = server_state(request)
-    name = state.manager.resolve_name(model)
-    url = state.manager.peer_url(name)
-    if url is not None:
-        return name, await forward(request, url, state.peer_client, name)
-    return name, await state.manager.acquire(name)
-
-
-def build_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None = None,
-                 grammar: str | None = None, **overrides: Any) -> SamplingParams:
+def sampling_values(body: SamplingFields, **overrides: Any) -> dict[str, Any]:
+    """The request's SamplingParams fields (max_tokens aside: the pipeline caps it)."""
     if body.logit_bias:
         raise InvalidParameterError("logit_bias is not supported", param="logit_bias")
     values = dict(
@@ -122,42 +101,25 @@ def build_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None 
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, stop=body.stop, stop_token_ids=body.stop_token_ids,
         include_stop_str_in_output=body.include_stop_str_in_output, ignore_eos=body.ignore_eos,
-        seed=body.seed, max_tokens=max_tokens, logprobs=logprobs, grammar=grammar,
+        seed=body.seed,
     )
     values.update(overrides)
-    return SamplingParams.create(**values)
+    return values
 
 
-def format_grammar(response_format: ResponseFormat | None) -> str | None:
-    if response_format is None or response_format.type == "text":
+def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
+    if response_format is None:
         return None
-    if response_format.type == "json_object":
-        return grammars.json_object_grammar()
     schema = response_format.json_schema.schema_ if response_format.json_schema else None
-    if schema is None:
+    if response_format.type == "json_schema" and schema is None:
         raise InvalidParameterError("response_format json_schema needs json_schema.schema",
                                     param="response_format.json_schema")
-    return grammars.json_schema_grammar(schema)
+    return format_grammar(response_format.type, schema, param="response_format.json_schema.schema")
 
 
-def usage_of(choices: list[Delta], n_prompts: int = 1, n: int = 1) -> dict:
-    """OpenAI usage; the n choices of one prompt share (and count once) its prompt tokens."""
-    prompt = cached = completion = 0
-    for i, choice in enumerate(choices):
-        usage = choice.usage
-        if usage is None:
-            continue
-        completion += usage.completion_tokens
-        if i % n == 0:
-            prompt += usage.prompt_tokens
-            cached += usage.cached_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def finish_reason(delta: Delta) -> str | None:
-    reason = delta.finish_reason
-    return None if reason is None else ("length" if reason == "length" else "stop")
+def usage_body(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens, "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 def _finite(value: float) -> float:
@@ -220,106 +182,62 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
             message["name"] = m.name
         if m.tool_call_id:
             message["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content:
+            message["reasoning_content"] = m.reasoning_content
         if m.tool_calls:
-            calls = []
-            for call in m.tool_calls:
-                arguments = call.function.arguments
-                if isinstance(arguments, str):  # templates render arguments with tojson: give them the object
-                    try:
-                        arguments = json.loads(arguments)
-                    except ValueError:
-                        pass
-                calls.append({"id": call.id, "type": "function",
-                              "function": {"name": call.function.name, "arguments": arguments}})
-            message["tool_calls"] = calls
+            message["tool_calls"] = [template_call(c.id, c.function.name, c.function.arguments) for c in m.tool_calls]
         out.append(message)
     return out
 
 
-class ChatPlan:
-    """What a chat request turns into besides its prompt: the grammar, whether tool calls are parsed."""
-
-    def __init__(self, engine: Engine, body: ChatCompletionRequest) -> None:
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        choice = body.tool_choice
-        if choice is not None and choice != "none" and not tools:
-            raise InvalidParameterError("tool_choice needs tools", param="tool_choice")
-        self.tools = tools if choice != "none" else None
-        if self.tools and not template_supports_tools(engine):
-            raise InvalidParameterError("this model's chat template has no tool support; serve a model whose "
-                                        "template renders `tools` (e.g. Qwen2.5, Hermes)", param="tools")
-        forced = None
-        if isinstance(choice, NamedToolChoice):
-            forced = [t for t in self.tools or [] if t["function"]["name"] == choice.function.name]
-            if not forced:
-                raise InvalidParameterError(f"tool_choice names {choice.function.name!r}, which is not in tools",
-                                            param="tool_choice")
-        elif choice == "required":
-            forced = self.tools
-        if forced and body.response_format is not None and body.response_format.type != "text":
-            raise InvalidParameterError("response_format cannot be combined with a forced tool call",
-                                        param="response_format")
-        self.grammar = grammars.tool_call_grammar(forced) if forced else format_grammar(body.response_format)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise InvalidParameterError("top_logprobs needs logprobs: true", param="top_logprobs")
-        self.logprobs = (body.top_logprobs or 0) if body.logprobs else None
-
-
-def chat_message(text: str, parse_tools: bool) -> tuple[dict, bool]:
-    """The assistant message for a finished choice, and whether it calls tools."""
-    if parse_tools:
-        parsed = parse_tool_calls(text)
-        if parsed.tool_calls:
-            return {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}, True
-    return {"role": "assistant", "content": text}, False
+def chat_options(body: ChatCompletionRequest, reasoning_format: str) -> ChatOptions:
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        choice = choice.function.name
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidParameterError("top_logprobs needs logprobs: true", param="top_logprobs")
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    return ChatOptions(tools=tools, tool_choice=choice, reasoning_format=body.reasoning_format or reasoning_format)
 
 
 @router.post("/v1/chat/completions", tags=["openai"], responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    name, held = await local_or_forward(request, body.model)
-    if isinstance(held, Response):
-        return held
-    lease, handed_over = held, False
-    try:
-        engine = lease.engine
-        plan = await asyncio.to_thread(ChatPlan, engine, body)
-        prompt = await templates.chat_prompt(engine, template_messages(body.messages), tools=plan.tools)
-        tokens = await asyncio.to_thread(tokenize_prompt, engine, prompt)
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = build_params(body, max_tokens=capped_max_tokens(engine, len(tokens), requested, param="messages"),
-                              logprobs=plan.logprobs, grammar=plan.grammar)
-        generation = Generation(engine, tokens, params, server_state(request).metrics.observer(name),
-                                closing=server_state(request).closing)
-        await until_disconnect(request, generation.start())
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            response = SSEResponse(chat_events(generation, meta, params.n, plan.tools is not None, include_usage))
+    options = chat_options(body, server_state(request).reasoning_format)
+    messages = template_messages(body.messages)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = sampling_values(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
-            async def cleanup() -> None:
-                await generation.aclose()
-                lease.release()
+    def prepare(engine: Engine) -> Job:
+        options.grammar = response_format_grammar(body.response_format)
+        return chat_job(engine, messages, options, sampling=sampling, max_tokens=requested)
 
-            response.cleanup = cleanup
-            handed_over = True
-            return response
-        choices = await until_disconnect(request, generation.collect())
+    def reply(run: Run, choices: list[Choice]) -> dict:
+        out = []
+        for c in choices:
+            message: dict[str, Any] = {"role": "assistant", "content": c.content or (None if c.tool_calls else "")}
+            if c.reasoning:
+                message["reasoning_content"] = c.reasoning
+            if c.tool_calls:
+                message["tool_calls"] = c.tool_calls
+            out.append({"index": c.index, "message": message, "logprobs": chat_logprobs(c.logprobs),
+                        "finish_reason": c.reason})
+        return {**chat_meta(run), "object": "chat.completion", "choices": out,
+                "usage": usage_body(total_usage([c.finish for c in choices], run.n))}
 
-        def build() -> dict:
-            out = []
-            for choice in choices:
-                message, calls = chat_message(choice.text, plan.tools is not None)
-                out.append({"index": choice.index, "message": message, "logprobs": chat_logprobs(choice.logprobs),
-                            "finish_reason": "tool_calls" if calls else finish_reason(choice)})
-            return {**meta, "object": "chat.completion", "choices": out, "usage": usage_of(choices, 1, params.n)}
+    def stream_reply(run: Run) -> Response:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return SSEResponse(chat_events(run, include_usage))
 
-        return await json_response(build)
-    finally:
-        if not handed_over:
-            lease.release()
+    return await handle(request, body.model, prepare, stream=body.stream, reply=reply, stream_reply=stream_reply)
 
 
-async def chat_events(generation: Generation, meta: dict, n: int, parse_tools: bool, include_usage: bool):
+def chat_meta(run: Run) -> dict:
+    return {"id": f"chatcmpl-{run.id}", "created": run.created, "model": run.name}
+
+
+async def chat_events(run: Run, include_usage: bool):
+    meta = chat_meta(run)
+
     def chunk(index: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> str:
         body = {**meta, "object": "chat.completion.chunk",
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
@@ -327,35 +245,30 @@ async def chat_events(generation: Generation, meta: dict, n: int, parse_tools: b
             body["usage"] = None
         return dumps(body)
 
-    finished = [Delta(index=i) for i in range(n)]
-    texts = [""] * n
-    for i in range(n):
+    finishes: list[Finish | None] = [None] * run.n
+    for i in range(run.n):
         yield chunk(i, {"role": "assistant", "content": ""})
     try:
-        async for delta in generation.deltas():
-            i = delta.index
-            if parse_tools:
-                # Tool calls are known only once the output is complete: with tools, each choice
-                # is sent as one delta when it finishes.
-                texts[i] += delta.text
-            elif delta.text or delta.logprobs:
-                yield chunk(i, {"content": delta.text}, logprobs=chat_logprobs(delta.logprobs))
-            if delta.finish_reason is not None:
-                finished[i] = delta
-                reason = finish_reason(delta)
-                if parse_tools:
-                    message, calls = chat_message(texts[i], True)
-                    message.pop("role")
-                    if calls:
-                        message["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-                        reason = "tool_calls"
-                    yield chunk(i, message)
+        async for i, part in run.parts():
+            if isinstance(part, TextPart):
+                field = "content" if part.kind == "content" else "reasoning_content"
+                if part.text or part.logprobs:
+                    yield chunk(i, {field: part.text}, logprobs=chat_logprobs(part.logprobs))
+            elif isinstance(part, CallStart):
+                yield chunk(i, {"tool_calls": [{"index": part.index, "id": part.id, "type": "function",
+                                                "function": {"name": part.name, "arguments": ""}}]})
+            elif isinstance(part, CallArguments):
+                yield chunk(i, {"tool_calls": [{"index": part.index, "function": {"arguments": part.text}}]})
+            elif isinstance(part, Finish):
+                finishes[i] = part
+                reason = "tool_calls" if part.tool_calls else ("length" if part.reason == "length" else "stop")
                 yield chunk(i, {}, reason)
     except EdgeLLMError as exc:
         yield sse_error(exc)
         return
     if include_usage:
-        yield dumps({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(finished, 1, n)})
+        yield dumps({**meta, "object": "chat.completion.chunk", "choices": [],
+                     "usage": usage_body(total_usage(finishes, run.n))})
     yield "[DONE]"
 
 
@@ -383,67 +296,36 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.best_of is not None and body.best_of != body.n:
         raise InvalidParameterError("best_of must equal n (no server-side ranking)", param="best_of")
     prompts = completion_prompts(body.prompt)
-    name, held = await local_or_forward(request, body.model)
-    if isinstance(held, Response):
-        return held
-    lease, handed_over = held, False
-    generations: list[Generation] = []
+    sampling = sampling_values(body, logprobs=body.logprobs)
+    top = body.logprobs or 0
 
-    async def close_all() -> None:
-        for g in generations:
-            await g.aclose()
+    def prepare(engine: Engine) -> Job:
+        echoes = [(p if isinstance(p, str) else engine.detokenize(p)) if body.echo else "" for p in prompts]
+        grammar = response_format_grammar(body.response_format)
+        return Job(prompts, {**sampling, "grammar": grammar}, body.max_tokens, plan=echoes)
 
-    try:
-        engine = lease.engine
-        grammar = await asyncio.to_thread(format_grammar, body.response_format)
-        state = server_state(request)
-        echoes = []
-        for prompt in prompts:
-            tokens = await asyncio.to_thread(tokenize_prompt, engine, prompt)
-            params = build_params(body, max_tokens=capped_max_tokens(engine, len(tokens), body.max_tokens,
-                                                                     param="prompt"),
-                                  logprobs=body.logprobs, grammar=grammar)
-            generations.append(Generation(engine, tokens, params, state.metrics.observer(name),
-                                          closing=state.closing))
-            echoes.append((prompt if isinstance(prompt, str) else await asyncio.to_thread(engine.detokenize, prompt))
-                          if body.echo else "")
-        for g in generations:
-            await until_disconnect(request, g.start())
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        top = body.logprobs or 0
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            response = SSEResponse(completion_events(generations, meta, body.n, echoes, top, include_usage))
+    def reply(run: Run, choices: list[Choice]) -> dict:
+        echoes = run.job.plan
+        out = [{"index": c.index, "text": echoes[c.index // run.n] + c.content,
+                "logprobs": completion_logprobs(c.logprobs, len(echoes[c.index // run.n]), top),
+                "finish_reason": c.reason} for c in choices]
+        return {**completion_meta(run), "object": "text_completion", "choices": out,
+                "usage": usage_body(total_usage([c.finish for c in choices], run.n))}
 
-            async def cleanup() -> None:
-                await close_all()
-                lease.release()
+    def stream_reply(run: Run) -> Response:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return SSEResponse(completion_events(run, top, include_usage))
 
-            response.cleanup = cleanup
-            handed_over = True
-            return response
-        results = await until_disconnect(request, asyncio.gather(*(g.collect() for g in generations)))
-
-        def build() -> dict:
-            choices, out = [], []
-            for p, per_prompt in enumerate(results):
-                for choice in per_prompt:
-                    choices.append(choice)
-                    out.append({"index": p * body.n + choice.index, "text": echoes[p] + choice.text,
-                                "logprobs": completion_logprobs(choice.logprobs, len(echoes[p]), top),
-                                "finish_reason": finish_reason(choice)})
-            return {**meta, "object": "text_completion", "choices": out,
-                    "usage": usage_of(choices, len(prompts), body.n)}
-
-        return await json_response(build)
-    finally:
-        if not handed_over:
-            await close_all()
-            lease.release()
+    return await handle(request, body.model, prepare, stream=body.stream, reply=reply, stream_reply=stream_reply)
 
 
-async def completion_events(generations: list[Generation], meta: dict, n: int, echoes: list[str], top: int,
-                            include_usage: bool):
+def completion_meta(run: Run) -> dict:
+    return {"id": f"cmpl-{run.id}", "created": run.created, "model": run.name}
+
+
+async def completion_events(run: Run, top: int, include_usage: bool):
+    meta, echoes, n = completion_meta(run), run.job.plan, run.n
+
     def chunk(index: int, text: str, reason: str | None = None, logprobs: dict | None = None) -> str:
         body = {**meta, "object": "text_completion",
                 "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
@@ -451,27 +333,26 @@ async def completion_events(generations: list[Generation], meta: dict, n: int, e
             body["usage"] = None
         return dumps(body)
 
-    finished = [Delta(index=i) for i in range(len(generations) * n)]
-    offsets = [len(echoes[i // n]) for i in range(len(finished))]
-    for i in range(len(finished)):
+    finishes: list[Finish | None] = [None] * (len(echoes) * n)
+    offsets = [len(echoes[i // n]) for i in range(len(finishes))]
+    for i in range(len(finishes)):
         if echoes[i // n]:
             yield chunk(i, echoes[i // n])
     try:
-        async for p, delta in merged([g.deltas() for g in generations]):
-            i = p * n + delta.index
-            logprobs = completion_logprobs(delta.logprobs, offsets[i], top)
-            offsets[i] += len(delta.text)
-            reason = finish_reason(delta)
-            if delta.text or delta.logprobs or reason:
-                yield chunk(i, delta.text, reason, logprobs)
-            if reason is not None:
-                finished[i] = delta
+        async for i, part in run.parts():
+            if isinstance(part, TextPart):
+                logprobs = completion_logprobs(part.logprobs, offsets[i], top)
+                offsets[i] += len(part.text)
+                if part.text or part.logprobs:
+                    yield chunk(i, part.text, None, logprobs)
+            elif isinstance(part, Finish):
+                finishes[i] = part
+                yield chunk(i, "", "length" if part.reason == "length" else "stop")
     except EdgeLLMError as exc:
         yield sse_error(exc)
         return
     if include_usage:
-        yield dumps({**meta, "object": "text_completion", "choices": [],
-                     "usage": usage_of(finished, len(generations), n)})
+        yield dumps({**meta, "object": "text_completion", "choices": [], "usage": usage_body(total_usage(finishes, n))})
     yield "[DONE]"
 
 
@@ -516,13 +397,10 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
         raise InvalidParameterError("dimensions is not supported: the model's own size is returned",
                                     param="dimensions")
     inputs = embedding_inputs(body.input)
-    name, held = await local_or_forward(request, body.model)
-    if isinstance(held, Response):
-        return held
-    try:
-        vectors, n_tokens = await asyncio.to_thread(embed_all, held.engine, inputs)
-    finally:
-        held.release()
+    done = await with_engine(request, body.model, lambda name, engine: (name, *embed_all(engine, inputs)))
+    if isinstance(done, Response):
+        return done
+    name, vectors, n_tokens = done
 
     def build() -> dict:
         data = []
@@ -546,12 +424,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     if text is None:
         raise InvalidParameterError("send the text as `content` (or `prompt`)", param="content")
     add_special = body.add_special_tokens if body.add_special_tokens is not None else body.add_special
-    name, held = await local_or_forward(request, body.model)
-    if isinstance(held, Response):
-        return held
-    engine = held.engine
 
-    def build() -> dict:
+    def work(name: str, engine: Engine) -> dict:
         try:
             tokens = engine.tokenize(text, special=True, add_bos=add_special)
         except TypeError:  # an engine without the add_bos option
@@ -559,10 +433,12 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
         items = token_pieces_json(engine, tokens) if body.with_pieces else tokens
         return {"tokens": items, "count": len(tokens), "max_model_len": context_size(engine)}
 
-    try:
-        return await json_response(build)
-    finally:
-        held.release()
+    return await _json_or_forwarded(await with_engine(request, body.model, work))
+
+
+async def _json_or_forwarded(done: dict | Response) -> Response:
+    """A body built under the lease, encoded off the event loop (jsonio.py); or the peer's answer."""
+    return done if isinstance(done, Response) else await json_response(lambda: done)
 
 
 def token_pieces_json(engine: Engine, tokens: list[int]) -> RawJSON:
@@ -597,16 +473,8 @@ def token_piece(engine: Engine, token: int) -> str | list[int]:
 
 @router.post("/detokenize", tags=["tokenizer"], response_model=DetokenizeResponse, responses=ERRORS)
 async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
-    name, held = await local_or_forward(request, body.model)
-    if isinstance(held, Response):
-        return held
-    engine = held.engine
-
-    def build() -> dict:
+    def work(name: str, engine: Engine) -> dict:
         text = engine.detokenize(body.tokens)
         return {"content": text, "prompt": text}
 
-    try:
-        return await json_response(build)
-    finally:
-        held.release()
+    return await _json_or_forwarded(await with_engine(request, body.model, work))

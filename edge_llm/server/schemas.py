@@ -96,6 +96,7 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = Field(None, description="earlier thinking, for templates that render it")
 
 
 class FunctionDefinition(_Body):
@@ -139,6 +140,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_format: Literal["auto", "deepseek", "none"] | None = Field(
+        None, description="llama-server's: none keeps <think> text inline in content; default: the server's")
 
 
 class CompletionRequest(SamplingFields):

@@ -16,6 +16,7 @@ import sys
 
 from edge_llm.errors import EdgeLLMError
 from edge_llm.options import add_model_flags, load_options
+from edge_llm.reasoning import REASONING_FORMATS
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cors", default="", metavar="ORIGIN[,ORIGIN]",
                    help="web page origins (https://app.example) allowed to call the server from a browser, "
                         "besides its own pages and loopback ones (* for any)")
+    g.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
+                   help="<think> text: auto = split off as reasoning when the chat template knows the tags, "
+                        "deepseek = always split, none = leave it inline in the answer (llama-server's flag)")
     add_model_flags(parser, parallel_default=4)
     return parser
 
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_budget=parse_size(args.memory_budget) if args.memory_budget else None)
     app = create_app(manager, api_keys=keys, max_body_bytes=parse_size(args.max_body_size), preload=args.preload,
                      bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
-                     cors_origins=_comma_list(args.cors))
+                     cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format)
     if not keys and not _is_loopback(args.host):
         print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])

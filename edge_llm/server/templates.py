@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from edge_llm.engines.base import Engine
@@ -31,14 +33,21 @@ def _gate(engine: Engine) -> asyncio.Semaphore:
     return held[1]
 
 
-async def chat_prompt(engine: Engine, messages: list[dict], *, tools: list[dict] | None = None) -> str:
-    """`engine.chat_prompt(messages, tools=tools)`, one render per engine at a time."""
+@asynccontextmanager
+async def rendering(engine: Engine) -> AsyncIterator[None]:
+    """Hold the engine's one template render slot; 503 when it stays busy for a worst-case render."""
     gate = _gate(engine)
     try:
         await asyncio.wait_for(gate.acquire(), QUEUE_SECONDS)
     except asyncio.TimeoutError:
         raise OverloadedError("this model's chat template is busy with other requests; retry later") from None
     try:
-        return await asyncio.to_thread(engine.chat_prompt, messages, tools=tools)
+        yield
     finally:
         gate.release()
+
+
+async def chat_prompt(engine: Engine, messages: list[dict], *, tools: list[dict] | None = None) -> str:
+    """`engine.chat_prompt(messages, tools=tools)`, one render per engine at a time."""
+    async with rendering(engine):
+        return await asyncio.to_thread(engine.chat_prompt, messages, tools=tools)

@@ -1,0 +1,115 @@
+"""Thinking split from the answer, as it streams: `<think>...</think>` (Qwen3, DeepSeek-R1 distills).
+
+The thinking opens only at the start of the output (as llama.cpp's parser has it), or is already
+open when the chat template ends the prompt with `<think>` (DeepSeek-R1's newer templates, Qwen3
+with thinking on): then the output starts inside it and only `</think>` is written. Whitespace
+around the thinking is dropped, so `<think>\\nhm\\n</think>\\n\\nHi` is thinking "hm", answer "Hi".
+
+Text that could be the start of a tag is held back until the next piece decides it, so a tag
+split across tokens is never shown.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+# `--reasoning-format` (llama-server's flag and values): auto = split when the model's chat
+# template knows the tags; deepseek = always split; none = leave the thinking inline in the answer.
+REASONING_FORMATS = ("auto", "deepseek", "none")
+
+Kind = Literal["reasoning", "content"]
+
+
+def template_has_reasoning(engine: Any) -> bool:
+    template = getattr(getattr(engine, "formatter", None), "template", None)
+    return isinstance(template, str) and THINK_CLOSE in template
+
+
+def splits_reasoning(engine: Any, reasoning_format: str) -> bool:
+    """Whether this engine's output is split into thinking and answer under `reasoning_format`."""
+    if reasoning_format == "none":
+        return False
+    return reasoning_format == "deepseek" or template_has_reasoning(engine)
+
+
+def prompt_opens_thinking(prompt: str) -> bool:
+    return prompt.rstrip().endswith(THINK_OPEN)
+
+
+def partial_tag(text: str, tag: str) -> int:
+    """Length of the longest tail of `text` that is a proper beginning of `tag`."""
+    for length in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-length:]):
+            return length
+    return 0
+
+
+class ReasoningSplitter:
+    """feed(text) -> [(kind, text), ...]; finish() flushes what was held back."""
+
+    def __init__(self, *, open: bool = False) -> None:
+        self._state = "thinking" if open else "start"
+        self._buffer = ""
+        self._pending_space = ""  # whitespace inside the thinking, sent only if more thinking follows
+        self._lead = True  # at the start of a part: leading whitespace is dropped
+
+    @property
+    def thinking(self) -> bool:
+        """Still in (or maybe entering) the thinking: the tokens so far count as reasoning."""
+        return self._state != "content"
+
+    def feed(self, text: str) -> list[tuple[Kind, str]]:
+        self._buffer += text
+        return self._run(final=False)
+
+    def finish(self) -> list[tuple[Kind, str]]:
+        return self._run(final=True)
+
+    def _run(self, final: bool) -> list[tuple[Kind, str]]:
+        out: list[tuple[Kind, str]] = []
+        while True:
+            if self._state == "start":
+                stripped = self._buffer.lstrip()
+                if stripped.startswith(THINK_OPEN):
+                    self._buffer = stripped[len(THINK_OPEN):]
+                    self._state = "thinking"
+                    continue
+                if not final and THINK_OPEN.startswith(stripped):
+                    return out  # empty, or the tag so far: wait for more
+                self._state, self._lead = "content", False
+                continue
+            if self._state == "thinking":
+                end = self._buffer.find(THINK_CLOSE)
+                if end >= 0:
+                    self._think(self._buffer[:end], out)
+                    self._buffer = self._buffer[end + len(THINK_CLOSE):]
+                    self._pending_space, self._state, self._lead = "", "content", True
+                    continue
+                keep = 0 if final else partial_tag(self._buffer, THINK_CLOSE)
+                self._think(self._buffer[:len(self._buffer) - keep], out)
+                self._buffer = self._buffer[len(self._buffer) - keep:]
+                return out
+            # content: everything passes, but the whitespace right after </think>
+            if self._lead:
+                self._buffer = self._buffer.lstrip()
+                if not self._buffer:
+                    return out
+                self._lead = False
+            if self._buffer:
+                out.append(("content", self._buffer))
+                self._buffer = ""
+            return out
+
+    def _think(self, text: str, out: list[tuple[Kind, str]]) -> None:
+        if self._lead:
+            text = text.lstrip()
+            if not text:
+                return
+            self._lead = False
+        body = text.rstrip()
+        if body:
+            out.append(("reasoning", self._pending_space + body))
+            self._pending_space = ""
+        self._pending_space += text[len(body):]

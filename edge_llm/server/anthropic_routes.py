@@ -1,0 +1,309 @@
+"""Anthropic's Messages API: POST /v1/messages and /v1/messages/count_tokens.
+
+`system` (text or text blocks), messages of content blocks (text, tool_use, tool_result,
+thinking), `max_tokens` (required, as Anthropic has it), `stop_sequences`, tools with
+`input_schema` and `tool_choice` (auto / any / tool / none), structured output as
+`output_config.format` (a JSON schema). The answer is content blocks:
+`thinking` (the model's <think> text), `text`, then one `tool_use` per call; `stop_reason` is
+end_turn, max_tokens, stop_sequence (with the sequence) or tool_use. Streamed as Anthropic
+streams: message_start, content_block_start / _delta / _stop per block, message_delta,
+message_stop, as named server-sent events.
+
+Keys come as `x-api-key` (Anthropic's header) or `Authorization: Bearer` (auth.py); errors have
+Anthropic's shape (errors.py, by path). `thinking: {"type": "disabled"}` leaves any <think> text
+inline in the text block (the template cannot be told not to think).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+from starlette.responses import Response
+
+from edge_llm.engines.base import Engine
+from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
+from edge_llm.server.errors import edge_error_body
+from edge_llm.server.generation import SSEResponse, tokenize_prompt
+from edge_llm.server.jsonio import dumps
+from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state, with_engine
+from edge_llm.server.schemas import MaxTokens, Seed, TopK, TopP, _Body
+from edge_llm.server.tool_calls import CallArguments, CallEnd, CallStart
+
+router = APIRouter(tags=["anthropic"])
+
+
+class Block(_Body):
+    type: str
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[dict[str, Any]] | None = None
+    is_error: bool | None = None
+    thinking: str | None = None
+
+
+class Message(_Body):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class Tool(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None  # server tools (web_search ...) have a type; custom tools none or "custom"
+
+
+class ToolChoice(_Body):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class Thinking(_Body):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
+class OutputFormat(_Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Body):
+    format: OutputFormat | None = None
+    effort: str | None = Field(None, description="accepted and ignored")
+
+
+class MessagesRequest(_Body):
+    model: str | None = None
+    messages: Annotated[list[Message], Field(min_length=1)]
+    system: str | list[Block] | None = None
+    max_tokens: MaxTokens
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    seed: Seed | None = Field(None, description="edge-llm extension")
+    stream: bool = False
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
+    output_config: OutputConfig | None = Field(None, description="structured output: format.schema")
+    metadata: dict[str, Any] | None = None
+
+
+class CountTokensRequest(_Body):
+    model: str | None = None
+    messages: Annotated[list[Message], Field(min_length=1)]
+    system: str | list[Block] | None = None
+    tools: list[Tool] | None = None
+
+
+# -- request -> template messages ------------------------------------------------------------------------
+
+
+def _text(blocks: str | list, param: str) -> str:
+    if isinstance(blocks, str):
+        return blocks
+    texts = []
+    for k, block in enumerate(blocks):
+        block = block if isinstance(block, dict) else block.model_dump()
+        if block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise InvalidParameterError(f"only text blocks are supported here (got {block.get('type')!r})",
+                                        param=f"{param}.{k}")
+        texts.append(block["text"])
+    return "".join(texts)
+
+
+def template_messages(system: str | list[Block] | None, messages: list[Message]) -> list[dict]:
+    out: list[dict] = []
+    if system:
+        out.append({"role": "system", "content": _text(system, "system")})
+    for i, message in enumerate(messages):
+        blocks = message.content
+        if isinstance(blocks, str):
+            out.append({"role": message.role, "content": blocks})
+            continue
+        turn: dict[str, Any] = {"role": message.role, "content": ""}
+        for k, block in enumerate(blocks):
+            param = f"messages.{i}.content.{k}"
+            if block.type == "text" and block.text is not None:
+                turn["content"] += block.text
+            elif block.type == "thinking" and message.role == "assistant":
+                turn["reasoning_content"] = turn.get("reasoning_content", "") + (block.thinking or "")
+            elif block.type == "redacted_thinking":
+                continue
+            elif block.type == "tool_use" and message.role == "assistant" and block.id and block.name:
+                turn.setdefault("tool_calls", []).append(
+                    {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input or {}}})
+            elif block.type == "tool_result" and message.role == "user" and block.tool_use_id:
+                content = _text(block.content or "", f"{param}.content")
+                out.append({"role": "tool", "tool_call_id": block.tool_use_id,
+                            "content": f"Error: {content}" if block.is_error else content})
+            else:
+                raise InvalidParameterError(f"content blocks of type {block.type!r} are not supported in "
+                                            f"{message.role} messages (or lack their fields)", param=param)
+        if turn["content"] or len(turn) > 2 or message.role == "assistant":
+            out.append(turn)
+    return out
+
+
+def chat_tools(tools: list[Tool] | None) -> list[dict] | None:
+    if not tools:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        if tool.type not in (None, "custom"):
+            raise InvalidParameterError(f"server tools ({tool.type}) are not supported", param=f"tools.{i}.type")
+        function = {"name": tool.name, "parameters": tool.input_schema or {"type": "object"}}
+        if tool.description:
+            function["description"] = tool.description
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def tool_choice(choice: ToolChoice | None) -> str | None:
+    if choice is None:
+        return None
+    if choice.type == "tool":
+        if not choice.name:
+            raise InvalidParameterError("tool_choice of type tool needs a name", param="tool_choice.name")
+        return choice.name
+    return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+
+
+# -- the routes ------------------------------------------------------------------------------------------
+
+
+@router.post("/v1/messages")
+async def create_message(body: MessagesRequest, request: Request) -> Any:
+    messages = template_messages(body.system, body.messages)
+    reasoning_format = server_state(request).reasoning_format
+    if body.thinking is not None and body.thinking.type == "disabled":
+        reasoning_format = "none"
+    options = ChatOptions(tools=chat_tools(body.tools), tool_choice=tool_choice(body.tool_choice),
+                          reasoning_format=reasoning_format, format_param="output_config.format")
+    sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+                    stop=body.stop_sequences)
+
+    output_format = body.output_config.format if body.output_config else None
+
+    def prepare(engine: Engine) -> Job:
+        if output_format is not None:
+            options.grammar = format_grammar("json_schema", output_format.schema_, param="output_config.format.schema")
+        return chat_job(engine, messages, options, sampling=sampling, max_tokens=body.max_tokens)
+
+    def reply(run: Run, choices: list[Choice]) -> dict:
+        c = choices[0]
+        content: list[dict] = []
+        if c.reasoning:
+            content.append({"type": "thinking", "thinking": c.reasoning, "signature": ""})
+        if c.content or not c.tool_calls:
+            content.append({"type": "text", "text": c.content})
+        for call in c.tool_calls:
+            content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+                            "input": json.loads(call["function"]["arguments"])})
+        reason, sequence = stop_reason(c.finish, bool(c.tool_calls))
+        usage = c.finish.usage if c.finish else None
+        return {**message_start(run, usage.prompt_tokens if usage else 0), "content": content,
+                "stop_reason": reason, "stop_sequence": sequence,
+                "usage": usage_body(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                                    usage.cached_tokens if usage else 0)}
+
+    def stream_reply(run: Run) -> Response:
+        return SSEResponse(message_events(run, request.url.path))
+
+    return await handle(request, body.model, prepare, stream=body.stream, reply=reply, stream_reply=stream_reply)
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(body: CountTokensRequest, request: Request) -> Any:
+    messages = template_messages(body.system, body.messages)
+    options = ChatOptions(tools=chat_tools(body.tools))
+
+    def count(name: str, engine: Engine) -> dict:
+        job = chat_job(engine, messages, options, sampling={}, max_tokens=None)
+        return {"input_tokens": len(tokenize_prompt(engine, job.prompts[0]))}
+
+    return await with_engine(request, body.model, count)
+
+
+def stop_reason(finish: Finish | None, calls: bool) -> tuple[str, str | None]:
+    if calls:
+        return "tool_use", None
+    if finish is not None and finish.reason == "length":
+        return "max_tokens", None
+    if finish is not None and finish.stop_sequence is not None:
+        return "stop_sequence", finish.stop_sequence
+    return "end_turn", None
+
+
+def usage_body(input_tokens: int, output_tokens: int, cached: int = 0) -> dict:
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0}
+
+
+def message_start(run: Run, input_tokens: int) -> dict:
+    return {"id": f"msg_{run.id}", "type": "message", "role": "assistant", "model": run.name, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": usage_body(input_tokens, 0)}
+
+
+async def message_events(run: Run, path: str):
+    """Anthropic's stream: one content block per part of the answer, opened, filled, stopped."""
+    index = -1
+    open_kind: str | None = None  # thinking | text | tool_use
+
+    def event(kind: str, **fields: Any) -> dict:
+        return {"event": kind, "data": dumps({"type": kind, **fields})}
+
+    def start(kind: str, block: dict) -> list[dict]:
+        nonlocal index, open_kind
+        events = stop()
+        index, open_kind = index + 1, kind
+        return [*events, event("content_block_start", index=index, content_block=block)]
+
+    def stop() -> list[dict]:
+        nonlocal open_kind
+        if open_kind is None:
+            return []
+        open_kind = None
+        return [event("content_block_stop", index=index)]
+
+    yield event("message_start", message=message_start(run, run.generations[0].n_prompt))
+    yield event("ping")
+    try:
+        async for _, part in run.parts():
+            events: list[dict] = []
+            if isinstance(part, TextPart) and part.text:
+                kind = "text" if part.kind == "content" else "thinking"
+                if open_kind != kind:
+                    events += start(kind, {"type": "text", "text": ""} if kind == "text"
+                                    else {"type": "thinking", "thinking": "", "signature": ""})
+                delta = ({"type": "text_delta", "text": part.text} if kind == "text"
+                         else {"type": "thinking_delta", "thinking": part.text})
+                events.append(event("content_block_delta", index=index, delta=delta))
+            elif isinstance(part, CallStart):
+                events += start("tool_use", {"type": "tool_use", "id": part.id, "name": part.name, "input": {}})
+            elif isinstance(part, CallArguments):
+                events.append(event("content_block_delta", index=index,
+                                    delta={"type": "input_json_delta", "partial_json": part.text}))
+            elif isinstance(part, CallEnd):
+                events += stop()
+            elif isinstance(part, Finish):
+                events += stop()
+                reason, sequence = stop_reason(part, part.tool_calls > 0)
+                output_tokens = part.usage.completion_tokens if part.usage else 0
+                events += [event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
+                                 usage={"output_tokens": output_tokens}),
+                           event("message_stop")]
+            for e in events:
+                yield e
+    except EdgeLLMError as exc:
+        yield {"event": "error", "data": dumps(edge_error_body(path, exc))}

@@ -1,0 +1,87 @@
+"""A chat request of any API (OpenAI chat, Responses, Anthropic, Ollama) as a pipeline Job.
+
+Each API first turns its messages into the dicts chat templates expect (transformers'
+conventions: role, content, tool_calls with arguments as objects, tool_call_id, and
+reasoning_content for earlier thinking), its tools into OpenAI's `{"type": "function",
+"function": {...}}`, and its tool choice into "auto" | "none" | "required" | a tool name. The rest
+is the same for all: the tools only for a template that renders them, a forced call as a grammar,
+a structured-output grammar, and whether the answer's thinking is split off.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from edge_llm.engines.base import Engine
+from edge_llm.errors import InvalidParameterError
+from edge_llm.reasoning import prompt_opens_thinking, splits_reasoning
+from edge_llm.server import grammars
+from edge_llm.server.pipeline import Job
+from edge_llm.server.tool_calls import template_supports_tools
+
+
+@dataclass
+class ChatOptions:
+    tools: list[dict] | None = None  # OpenAI function tools
+    tool_choice: str | None = None  # auto | none | required | the name of one tool
+    grammar: str | None = None  # structured output (JSON, a schema)
+    reasoning_format: str = "auto"  # auto | deepseek | none (reasoning.py)
+    tools_param: str = "tools"
+    format_param: str = "response_format"
+
+
+def arguments_object(arguments: Any) -> Any:
+    """Templates render tool-call arguments with tojson: give them the object, not a JSON string."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
+
+
+def template_call(call_id: str | None, name: str, arguments: Any) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments_object(arguments)}}
+
+
+def chat_job(engine: Engine, messages: list[dict], options: ChatOptions, *, sampling: dict[str, Any],
+             max_tokens: int | None, plan: Any = None) -> Job:
+    """Runs off the event loop: renders the template and builds grammars."""
+    tools, choice = options.tools or None, options.tool_choice
+    if choice is not None and choice != "none" and not tools:
+        raise InvalidParameterError("tool_choice needs tools", param="tool_choice")
+    if choice == "none":
+        tools = None
+    if tools and not template_supports_tools(engine):
+        raise InvalidParameterError("this model's chat template has no tool support; serve a model whose "
+                                    "template renders `tools` (e.g. Qwen2.5, Hermes)", param=options.tools_param)
+    forced = None
+    if choice == "required":
+        forced = tools
+    elif choice not in (None, "auto", "none"):
+        forced = [t for t in tools or [] if t["function"]["name"] == choice]
+        if not forced:
+            raise InvalidParameterError(f"tool_choice names {choice!r}, which is not in tools", param="tool_choice")
+    if forced and options.grammar is not None:
+        raise InvalidParameterError("structured output cannot be combined with a forced tool call",
+                                    param=options.format_param)
+    grammar = grammars.tool_call_grammar(forced, param=options.tools_param) if forced else options.grammar
+    prompt = engine.chat_prompt(messages, tools=tools)
+    # A grammar decides the whole answer from its first token: there is no thinking to split off.
+    reasoning = grammar is None and splits_reasoning(engine, options.reasoning_format)
+    return Job([prompt], {**sampling, "grammar": grammar}, max_tokens, prompt_param="messages",
+               reasoning=reasoning, thinking_open=reasoning and prompt_opens_thinking(prompt),
+               tools=tools is not None, plan=plan)
+
+
+def format_grammar(kind: str | None, schema: Any, *, param: str) -> str | None:
+    """Structured output: kind "json_object" (any JSON object) or "json_schema" (one schema)."""
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return grammars.json_object_grammar()
+    if schema is None:
+        raise InvalidParameterError("a json_schema format needs its schema", param=param)
+    return grammars.json_schema_grammar(schema, param=param)

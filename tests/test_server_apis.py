@@ -1,0 +1,451 @@
+"""The other APIs the server speaks, over real HTTP with their official clients, unchanged:
+OpenAI's Responses API (`openai`), Anthropic's Messages API (`anthropic`) and the Ollama API
+(`ollama`). The bundled SmolLM2 answers the end-to-end tests; a scripted engine (the server and
+clients real, the model's words fixed) checks what SmolLM2 never writes: `</think>`, and two tool
+calls in one answer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+from live_server import live_server
+from scripted_engine import ScriptedEngine
+from test_server import TOOLS_TEMPLATE, write_config
+
+from edge_llm.engines.base import LoadOptions
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}
+# The same Qwen-style think template SmolLM2 is given: the prompt opens the thinking.
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}{# </think> #}"
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_path):
+    from edge_llm.server import ModelManager, create_app
+
+    config = write_config(tmp_path_factory.mktemp("apis"), demo_path, ["demo"])
+    manager = ModelManager.from_refs(["demo"], config=config, options=LoadOptions(n_parallel=4), keep_alive=-1)
+    app = create_app(manager, max_body_bytes=1 << 20, preload=True)
+    with live_server(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[0]
+
+
+@contextlib.contextmanager
+def template(server, text):
+    """Serve the demo model with another chat template for a while (SmolLM2 has no tool or think one)."""
+    from edge_llm.chat_format import JinjaChatFormatter
+
+    engine = server[1].state.edge.manager.models["demo"].engine
+    original, engine.formatter = engine.formatter, JinjaChatFormatter(text)
+    try:
+        yield
+    finally:
+        engine.formatter = original
+
+
+@pytest.fixture(scope="module")
+def oa(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def claude(url):
+    return anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def llama(url):
+    return ollama.Client(host=url, timeout=120)
+
+
+# -- OpenAI Responses ------------------------------------------------------------------------------------
+
+
+def test_responses_plain_and_streamed(oa):
+    kw = dict(model="demo", input="Say hello.", instructions="You are brief.", max_output_tokens=12, temperature=0)
+    whole = oa.responses.create(**kw)
+    assert whole.status in ("completed", "incomplete") and whole.output_text.strip()
+    assert whole.usage.output_tokens <= 12 and whole.usage.input_tokens > 5
+    events = list(oa.responses.create(**kw, stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed == whole.output_text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+    # a conversation as input items: the model sees the earlier turns
+    items = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada."},
+             {"role": "user", "content": [{"type": "input_text", "text": "What is my name?"}]}]
+    assert oa.responses.create(model="demo", input=items, max_output_tokens=8, temperature=0).output_text
+
+
+def test_responses_with_a_tool(oa, server):
+    tool = {"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER_SCHEMA}
+    with template(server, TOOLS_TEMPLATE):
+        out = oa.responses.create(model="demo", input="What is the weather in Paris?", tools=[tool],
+                                  tool_choice="required", max_output_tokens=60, temperature=0)
+        calls = [item for item in out.output if item.type == "function_call"]
+        assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id.startswith("call_")
+        assert isinstance(json.loads(calls[0].arguments)["city"], str)
+        events = list(oa.responses.create(model="demo", input="Weather in Rome?", tools=[tool],
+                                          tool_choice={"type": "function", "name": "get_weather"},
+                                          max_output_tokens=60, temperature=0, stream=True))
+        deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        done = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert len(done) == 1 and done[0].arguments == deltas and json.loads(deltas)["city"]
+        # the call and its result go back as input items
+        follow = oa.responses.create(model="demo", max_output_tokens=10, temperature=0, tools=[tool], input=[
+            {"role": "user", "content": "Weather in Rome?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": deltas},
+            {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 24 C"}])
+        assert follow.status in ("completed", "incomplete")
+
+
+def test_responses_json_schema(oa):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    out = oa.responses.create(model="demo", input="Describe a person as JSON.", max_output_tokens=60, temperature=0,
+                              text={"format": {"type": "json_schema", "name": "person", "schema": schema}})
+    data = json.loads(out.output_text)
+    assert set(data) == {"name", "age"} and isinstance(data["age"], int)
+
+
+# -- Anthropic Messages ----------------------------------------------------------------------------------
+
+
+def test_anthropic_create_and_stream(claude):
+    # This SDK has no sampling arguments (its models fix them); the API still takes them in the body.
+    kw = dict(model="demo", max_tokens=12, extra_body={"temperature": 0}, system="You are brief.",
+              messages=[{"role": "user", "content": "Say hello."}])
+    message = claude.messages.create(**kw)
+    assert message.role == "assistant" and message.content[0].type == "text" and message.content[0].text.strip()
+    assert message.stop_reason in ("end_turn", "max_tokens") and 0 < message.usage.output_tokens <= 12
+    with claude.messages.stream(**kw) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == message.content[0].text == final.content[0].text
+    assert final.stop_reason == message.stop_reason and final.usage.output_tokens == message.usage.output_tokens
+    assert claude.messages.count_tokens(model="demo", messages=kw["messages"]).input_tokens > 3
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
+              "additionalProperties": False}
+    structured = claude.messages.create(model="demo", max_tokens=40, extra_body={"temperature": 0},
+                                        messages=[{"role": "user", "content": "A person as JSON."}],
+                                        output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert isinstance(json.loads(structured.content[0].text)["age"], int)
+
+
+def test_anthropic_with_a_tool(claude, server):
+    tool = {"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER_SCHEMA}
+    with template(server, TOOLS_TEMPLATE):
+        kw = dict(model="demo", max_tokens=60, extra_body={"temperature": 0}, tools=[tool], tool_choice={"type": "any"},
+                  messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+        message = claude.messages.create(**kw)
+        uses = [b for b in message.content if b.type == "tool_use"]
+        assert message.stop_reason == "tool_use" and len(uses) == 1
+        assert uses[0].name == "get_weather" and isinstance(uses[0].input["city"], str)
+        with claude.messages.stream(**kw) as stream:
+            final = stream.get_final_message()
+        streamed = [b for b in final.content if b.type == "tool_use"]
+        assert len(streamed) == 1 and streamed[0].input == uses[0].input and final.stop_reason == "tool_use"
+        # the tool's result goes back as a tool_result block
+        follow = claude.messages.create(model="demo", max_tokens=10, tools=[tool], messages=[
+            *kw["messages"], {"role": "assistant", "content": message.content},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "Sunny"}]}])
+        assert follow.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+# -- Ollama ------------------------------------------------------------------------------------------------
+
+
+def test_ollama_chat_and_generate(llama):
+    options = {"temperature": 0, "num_predict": 12}
+    messages = [{"role": "user", "content": "Say hello."}]
+    whole = llama.chat(model="demo", messages=messages, options=options)
+    assert whole.done and whole.done_reason in ("stop", "length") and whole.message.content.strip()
+    assert 0 < whole.eval_count <= 12 and whole.prompt_eval_count > 3
+    chunks = list(llama.chat(model="demo", messages=messages, options=options, stream=True))
+    assert [c.done for c in chunks].count(True) == 1 and chunks[-1].done
+    assert "".join(c.message.content for c in chunks) == whole.message.content
+    assert chunks[-1].eval_count == whole.eval_count
+    generated = llama.generate(model="demo:latest", prompt="Say hello.", options=options)  # the default tag
+    assert generated.response == whole.message.content  # generate applies the same chat template
+    raw = "".join(c.response for c in llama.generate(model="demo", prompt="The capital of France is", raw=True,
+                                                     options=options, stream=True))
+    assert raw.strip()
+    data = json.loads(llama.chat(model="demo", messages=[{"role": "user", "content": "A person as JSON."}],
+                                 format={"type": "object", "properties": {"age": {"type": "integer"}},
+                                         "required": ["age"]}, options={"temperature": 0, "num_predict": 40})
+                      .message.content)
+    assert isinstance(data["age"], int)
+
+
+def test_ollama_models_and_embeddings(llama, url):
+    listed = llama.list().models
+    assert [m.model for m in listed] == ["demo"]
+    assert listed[0].details.format == "gguf" and listed[0].details.family == "llama" and listed[0].size > 10**7
+    assert [m.model for m in llama.ps().models] == ["demo"]
+    shown = llama.show("demo")
+    assert "completion" in shown.capabilities and shown.modelinfo["general.architecture"] == "llama"
+    vectors = llama.embed(model="demo", input=["a cat", "a cat", "quantum field theory"]).embeddings
+    assert len(vectors) == 3 and vectors[0] == vectors[1] != vectors[2] and len(vectors[0]) > 100
+    assert httpx.get(f"{url}/api/version").json()["version"]
+
+
+def test_ollama_keep_alive_unloads(tmp_path, demo_path):
+    from edge_llm.server import ModelManager, create_app
+
+    manager = ModelManager.from_refs(["demo"], config=write_config(tmp_path, demo_path, ["demo"]), keep_alive=-1)
+    with live_server(create_app(manager)) as url:
+        client = ollama.Client(host=url)
+        assert client.ps().models == []
+        client.generate(model="demo", prompt="")  # an empty prompt loads the model
+        assert [m.model for m in client.ps().models] == ["demo"]
+        client.generate(model="demo", prompt="Hi", options={"num_predict": 2}, keep_alive=0)
+        assert client.ps().models == []  # unloaded right after the request
+
+
+def test_a_client_leaving_a_stream_frees_its_slot(url, server):
+    from test_server import wait_until
+
+    engine = server[1].state.edge.manager.models["demo"].engine
+    streams = [("/api/generate", {"model": "demo", "prompt": "Tell a long story.", "options": {"num_predict": 400}}),
+               ("/v1/messages", {"model": "demo", "max_tokens": 400, "stream": True,
+                                 "messages": [{"role": "user", "content": "Tell a long story."}]}),
+               ("/v1/responses", {"model": "demo", "input": "Tell a long story.", "stream": True})]
+    for path, body in streams:
+        with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", path, json=body) as response:
+            lines = response.iter_lines()
+            for _ in range(8):
+                next(lines)
+            assert engine.scheduler.running == 1, path
+        assert wait_until(lambda: engine.scheduler.running == 0), path
+
+
+# -- reasoning --------------------------------------------------------------------------------------------
+
+
+def test_thinking_is_split_from_the_answer(oa, server, url):
+    """A think template opens the thinking in the prompt: SmolLM2's whole answer is then thinking,
+    and the same greedy text comes as content when the request keeps it inline."""
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    with template(server, THINK_TEMPLATE):
+        split = oa.chat.completions.create(model="demo", messages=messages, max_tokens=10, temperature=0)
+        inline = oa.chat.completions.create(model="demo", messages=messages, max_tokens=10, temperature=0,
+                                            extra_body={"reasoning_format": "none"})
+        reasoning = split.choices[0].message.model_extra["reasoning_content"]
+        assert reasoning and reasoning == inline.choices[0].message.content.strip()
+        assert not split.choices[0].message.content
+        chunks = list(oa.chat.completions.create(model="demo", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == reasoning
+        assert not "".join(d.content or "" for d in deltas)
+        ollama_chat = ollama.Client(host=url).chat(model="demo", messages=messages,
+                                                   options={"temperature": 0, "num_predict": 10})
+        assert ollama_chat.message.thinking == reasoning
+
+
+# -- errors in each API's own shape ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/v1/responses", {"input": []}, 400),
+    ("/v1/responses", {"model": "nope", "input": "x"}, 404),
+    ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, 400),
+    ("/v1/responses", {"input": [{"type": "input_image", "image_url": "x"}]}, 400),
+    ("/v1/responses", {"input": "x", "tools": [{"type": "web_search"}]}, 400),
+    ("/v1/responses", b"{not json", 400),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "x"}]}, 400),  # no max_tokens
+    ("/v1/messages", {"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, 404),
+    ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400),
+    ("/v1/messages", {"max_tokens": 5, "temperature": 3, "messages": [{"role": "user", "content": "x"}]}, 400),
+    ("/v1/messages", b"{not json", 400),
+    ("/api/chat", {"model": "demo", "messages": "x"}, 400),
+    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404),
+    ("/api/chat", {"model": "demo", "messages": [{"role": "user", "content": "x"}], "format": "yaml"}, 400),
+    ("/api/generate", {"model": "demo", "prompt": "x", "keep_alive": "soon"}, 400),
+    ("/api/generate", {"model": "demo", "prompt": "x", "options": {"temperature": -1}}, 400),
+    ("/api/generate", {"model": "/etc/passwd", "prompt": "x"}, 404),
+    ("/api/embed", {"model": "demo", "input": []}, 400),
+    ("/api/show", {"model": "nope"}, 404),
+    ("/api/chat", b"{not json", 400),
+])
+def test_bad_input_gets_the_apis_own_error(url, path, body, status):
+    if isinstance(body, bytes):
+        response = httpx.post(url + path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = httpx.post(url + path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()
+    if path.startswith("/v1/messages"):
+        assert error["type"] == "error" and set(error["error"]) == {"type", "message"} and error["error"]["message"]
+        assert error["error"]["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+    elif path.startswith("/api/"):
+        assert set(error) == {"error"} and isinstance(error["error"], str) and error["error"]
+    else:
+        assert set(error["error"]) == {"message", "type", "param", "code"} and error["error"]["message"]
+
+
+def test_clients_raise_their_own_errors(oa, claude, llama):
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        oa.responses.create(model="demo", input="x", previous_response_id="resp_1")
+    with pytest.raises(anthropic.NotFoundError, match="does not exist"):
+        claude.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(anthropic.BadRequestError, match="tool support"):
+        claude.messages.create(model="demo", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+                               tools=[{"name": "f", "input_schema": {"type": "object"}}])
+    with pytest.raises(ollama.ResponseError) as caught:
+        llama.chat(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.status_code == 404 and "does not exist" in caught.value.error
+
+
+# -- the scripted engine: thinking and two tool calls in one answer, through every API ----------------------
+
+TWO_CALLS = ("The user wants two cities.\n</think>\n\nChecking both.\n"
+             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
+CITIES = [{"city": "Paris"}, {"city": "Rome"}]
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    from edge_llm.server import ModelManager, create_app
+
+    engine = ScriptedEngine(TWO_CALLS)
+    manager = ModelManager({"scripted": "scripted"}, loader=lambda ref: engine, keep_alive=-1)
+    with live_server(create_app(manager, api_keys=["sekrit"])) as url:
+        yield url, engine
+
+
+def test_two_streamed_tool_calls_openai_chat(scripted):
+    url, _ = scripted
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}]
+    chunks = list(client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "?"}],
+                                                 tools=tools, stream=True))
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            if tc.id:  # the first delta of a call: its id and name
+                assert tc.index not in calls
+                calls[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": ""}
+            calls[tc.index]["arguments"] += tc.function.arguments or ""
+    assert sorted(calls) == [0, 1] and calls[0]["id"] != calls[1]["id"]
+    assert [json.loads(calls[i]["arguments"]) for i in (0, 1)] == CITIES
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.tool_calls) > 4  # arguments came in pieces
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "The user wants two cities."
+    assert "".join(d.content or "" for d in deltas) == "Checking both."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    whole = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "?"}], tools=tools)
+    message = whole.choices[0].message
+    assert [json.loads(t.function.arguments) for t in message.tool_calls] == CITIES
+    assert message.content == "Checking both." and message.model_extra["reasoning_content"] == "The user wants two cities."
+
+
+def test_two_streamed_tool_calls_responses(scripted):
+    url, _ = scripted
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0)
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA}
+    events = list(client.responses.create(model="scripted", input="?", tools=[tool], stream=True))
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["reasoning", "message", "function_call", "function_call"]
+    assert final.output[0].content[0].text == "The user wants two cities." and final.output_text == "Checking both."
+    calls = final.output[2:]
+    assert calls[0].call_id != calls[1].call_id and [json.loads(c.arguments) for c in calls] == CITIES
+    for index, call in ((2, calls[0]), (3, calls[1])):
+        pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta" and e.output_index == index]
+        assert len(pieces) > 1 and "".join(pieces) == call.arguments
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["reasoning", "message", "function_call", "function_call"]
+    assert final.usage.output_tokens_details.reasoning_tokens > 0
+
+
+def test_two_streamed_tool_calls_anthropic(scripted):
+    url, _ = scripted
+    client = anthropic.Anthropic(base_url=url, api_key="sekrit", max_retries=0)  # sends x-api-key
+    tool = {"name": "get_weather", "input_schema": WEATHER_SCHEMA}
+    with client.messages.stream(model="scripted", max_tokens=500, tools=[tool],
+                                messages=[{"role": "user", "content": "?"}]) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text", "tool_use", "tool_use"]
+    assert final.content[0].thinking == "The user wants two cities." and final.content[1].text == "Checking both."
+    assert [b.input for b in final.content[2:]] == CITIES and final.content[2].id != final.content[3].id
+    starts = [e.index for e in events if e.type == "content_block_start"]
+    stops = [e.index for e in events if e.type == "content_block_stop"]
+    assert starts == stops == [0, 1, 2, 3]
+    json_deltas = [e for e in events if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
+    assert {e.index for e in json_deltas} == {2, 3} and len(json_deltas) > 2
+    assert final.stop_reason == "tool_use"
+
+
+def test_two_tool_calls_ollama(scripted):
+    url, _ = scripted
+    client = ollama.Client(host=url, headers={"Authorization": "Bearer sekrit"})
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}]
+    chunks = list(client.chat(model="scripted", messages=[{"role": "user", "content": "?"}], tools=tools, stream=True))
+    calls = [call for c in chunks for call in (c.message.tool_calls or [])]
+    assert [dict(call.function.arguments) for call in calls] == CITIES
+    assert "".join(c.message.thinking or "" for c in chunks) == "The user wants two cities."
+    assert "".join(c.message.content or "" for c in chunks) == "Checking both."
+    whole = client.chat(model="scripted", messages=[{"role": "user", "content": "?"}], tools=tools)
+    assert [dict(t.function.arguments) for t in whole.message.tool_calls] == CITIES
+
+
+def test_thinking_kept_inline_on_request(scripted):
+    url, engine = scripted
+    engine.answer = "Hmm.\n</think>\n\nHello."
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0)
+        chat = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "?"}],
+                                              extra_body={"reasoning_format": "none"})
+        assert chat.choices[0].message.content == "Hmm.\n</think>\n\nHello."
+        ollama_chat = ollama.Client(host=url, headers={"Authorization": "Bearer sekrit"}).chat(
+            model="scripted", messages=[{"role": "user", "content": "?"}], think=False)
+        assert ollama_chat.message.content == "Hmm.\n</think>\n\nHello." and not ollama_chat.message.thinking
+        message = anthropic.Anthropic(base_url=url, api_key="sekrit", max_retries=0).messages.create(
+            model="scripted", max_tokens=50, messages=[{"role": "user", "content": "?"}], thinking={"type": "disabled"})
+        assert [b.type for b in message.content] == ["text"] and message.content[0].text.endswith("Hello.")
+    finally:
+        engine.answer = TWO_CALLS
+
+
+def test_anthropic_stop_sequence_and_keys(scripted):
+    url, engine = scripted
+    engine.answer = "Done.\n</think>\nCount: 1, 2, 3, 4, 5, 6"
+    try:
+        client = anthropic.Anthropic(base_url=url, api_key="sekrit", max_retries=0)
+        message = client.messages.create(model="scripted", max_tokens=100, stop_sequences=[" 4,", " 6"],
+                                         messages=[{"role": "user", "content": "Count"}])
+        assert message.content[-1].text == "Count: 1, 2, 3," and message.stop_reason == "stop_sequence"
+        assert message.stop_sequence == " 4,"
+        with client.messages.stream(model="scripted", max_tokens=100, stop_sequences=[" 4,"],
+                                    messages=[{"role": "user", "content": "Count"}]) as stream:
+            assert "".join(stream.text_stream) == "Count: 1, 2, 3,"
+            final = stream.get_final_message()
+        assert final.stop_reason == "stop_sequence" and final.stop_sequence == " 4,"
+    finally:
+        engine.answer = TWO_CALLS
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
+            model="scripted", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body == {"type": "error", "error": {"type": "authentication_error",
+                                                            "message": "Incorrect API key provided"}}
+    refused = httpx.get(f"{url}/api/tags")
+    assert refused.status_code == 401 and set(refused.json()) == {"error"}
