@@ -26,18 +26,18 @@ __all__ = ["EdgeLLMError", "SamplingParams", "generate", "load", "stream_generat
 
 # The engine pulls in llama.cpp; import it only when a model is loaded.
 def load(model: str | None = None, **options: Any) -> Engine:
-    from edge_llm.generate import load as _load
+    from edge_llm.api import load as _load
 
     return _load(model, **options)
 
 
 def generate(engine: Engine, prompt: str | list[int], **sampling: Any) -> str:
-    from edge_llm.generate import generate as _generate
+    from edge_llm.api import generate as _generate
 
     return _generate(engine, prompt, **sampling)
 
 
 def stream_generate(engine: Engine, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
-    from edge_llm.generate import stream_generate as _stream
+    from edge_llm.api import stream_generate as _stream
 
     return _stream(engine, prompt, **sampling)

@@ -9,7 +9,7 @@ import sys
 from edge_llm.errors import EdgeLLMError
 
 COMMANDS = {
-    "generate": ("edge_llm.generate", "one-shot completion, streamed to stdout"),
+    "generate": ("edge_llm.generate_command", "one-shot completion, streamed to stdout"),
     "chat": ("edge_llm.repl", "interactive chat (REPL), chat templates or llama.cpp-style prefixes"),
     "serve": ("edge_llm.server.serve", "OpenAI-compatible HTTP server (and vLLM /generate, /inference, /)"),
     "pull": ("edge_llm.pull", "download a GGUF file or an HF checkpoint (Hugging Face, ModelScope)"),

@@ -25,7 +25,7 @@ from edge_llm.console import LineReader, Screen, default_history_file
 from edge_llm.conversation import Answer, Conversation, PrefixConversation, Prompt, TemplateConversation
 from edge_llm.engines.base import Engine, Usage, load_engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.generate import read_prompt_file
+from edge_llm.generate_command import read_prompt_file
 from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
 from edge_llm.reasoning import ReasoningSplitter, prompt_opens_thinking, template_has_reasoning
 from edge_llm.sampling import SamplingParams

@@ -15,8 +15,8 @@ import json
 import statistics
 import time
 
+from edge_llm.api import load
 from edge_llm.engines.llamacpp import default_threads
-from edge_llm.generate import load
 from edge_llm.registry import load_registry, resolve
 from edge_llm.sampling import SamplingParams
 

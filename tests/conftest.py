@@ -20,7 +20,7 @@ def demo_path() -> Path:
 @pytest.fixture(scope="session")
 def engine(demo_path):
     """One shared engine on the bundled model: 4 slots of 1024 tokens."""
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     eng = load(str(demo_path), n_ctx=4096, n_parallel=4)
     yield eng
@@ -88,7 +88,7 @@ def hf_engine(smollm2_hf_dir):
     """The transformers engine on the rebuilt SmolLM2 checkpoint (float32, CPU), with a context of
     1024 tokens: the size of one llama.cpp slot in the `engine` fixture, so limits match."""
     pytest.importorskip("transformers", reason="the transformers engine needs the `hf` extra")
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     eng = load(str(smollm2_hf_dir), engine="transformers", n_ctx=1024)
     yield eng

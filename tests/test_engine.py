@@ -232,7 +232,7 @@ def test_n_beyond_parallel_slots_is_refused(engine):
 
 QUIET_RUN = """
 import sys
-from edge_llm.generate import load
+from edge_llm.api import load
 from edge_llm.sampling import SamplingParams
 engine = load(None, n_ctx=512, n_parallel=2, verbose=sys.argv[1] == "verbose")
 engine.complete("Hello", SamplingParams.create(max_tokens=2))
@@ -256,3 +256,26 @@ def test_llama_cpp_is_silent_unless_verbose():
 
     assert stderr_of("quiet") == ""
     assert "pooling_type" in stderr_of("verbose")
+
+
+PYTHON_API_RUN = """
+import edge_llm
+import edge_llm.cli, edge_llm.generate_command, edge_llm.repl  # the CLI loaded in the same process
+engine = edge_llm.load(n_ctx=512, n_parallel=1)
+text = edge_llm.generate(engine, "The capital of France is", max_tokens=4, temperature=0)
+pieces = list(edge_llm.stream_generate(engine, "The capital of France is", max_tokens=4, temperature=0))
+assert isinstance(text, str) and text and "".join(pieces) == text, (text, pieces)
+engine.close()
+print("ok")
+"""
+
+
+@pytest.mark.model
+def test_readme_python_api_with_the_cli_imported():
+    """The README's Python API example: `edge_llm.generate` stays the function even once the CLI's
+    modules are imported (a submodule named `generate` used to replace it on the package)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PYTHON_API_RUN], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -48,7 +48,7 @@ def test_llamacpp_offload_is_really_active(demo_path, engine):
     assert any(name.startswith(("CUDA", "ROCm", "Vulkan", "Metal")) and mib > 50
                for name, mib in report.model_buffers_mib.items())
     assert sum(report.vram_used_mib.values()) > 50
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     gpu = load(str(demo_path), n_ctx=1024, n_parallel=1, n_gpu_layers=-1, flash_attn="on")
     try:
@@ -95,7 +95,7 @@ def gpu_engine(request, smollm2_hf_dir):
     reason = {"vllm": _vllm_ready, "lmdeploy": _lmdeploy_ready}[request.param]()
     if reason:
         pytest.skip(reason)
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     extra = {"enforce_eager": True} if request.param == "vllm" else {}
     eng = load(str(smollm2_hf_dir), engine=request.param, n_ctx=1024, dtype="float32" if _cuda_devices() == 0

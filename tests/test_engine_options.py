@@ -51,7 +51,7 @@ def test_tensor_split_array_for_llamacpp():
 
 def test_llamacpp_accepts_split_options_on_cpu(demo_path):
     """On a CPU build the split settings are accepted and change nothing (no GPU to split over)."""
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     eng = load(str(demo_path), n_ctx=256, n_parallel=1, split_mode="none", tensor_split=(1.0,), main_gpu=0)
     try:

@@ -33,7 +33,7 @@ def reference_greedy(model, tokens, n):
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_hf_dir):
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     eng = load(str(tiny_hf_dir), engine="transformers", n_ctx=256)
     yield eng
@@ -56,7 +56,7 @@ def test_greedy_equals_transformers_generate_on_tiny_random_model(tiny_engine):
 
 def test_greedy_equals_llamacpp_on_the_f32_gguf_of_the_same_weights(hf_engine, smollm2_hf_dir, tmp_path):
     convert = pytest.importorskip("edge_llm.convert", reason="needs the HF -> GGUF converter (branch `convert`)")
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     f32 = tmp_path / "smollm2-f32.gguf"
     convert.convert(smollm2_hf_dir, f32, outtype="f32")
@@ -134,7 +134,7 @@ def test_embeddings_agree_with_llamacpp(hf_engine, engine):
 
 
 def test_refuses_what_it_cannot_honour(tiny_engine, tiny_hf_dir, tmp_path):
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     with pytest.raises(InvalidParameterError, match="grammar"):
         complete(tiny_engine, "hi", max_tokens=4, grammar='root ::= "yes"')
@@ -150,7 +150,7 @@ def test_refuses_what_it_cannot_honour(tiny_engine, tiny_hf_dir, tmp_path):
 
 
 def test_refuses_remote_code_and_gguf(demo_path, tmp_path):
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     folder = tmp_path / "custom"
     folder.mkdir()

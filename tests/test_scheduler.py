@@ -26,7 +26,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine8(demo_path):
-    from edge_llm.generate import load
+    from edge_llm.api import load
 
     eng = load(str(demo_path), n_ctx=8 * 512, n_parallel=8, max_queue=4)
     yield eng

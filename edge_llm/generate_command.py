@@ -1,6 +1,7 @@
 """`edge-llm generate`: one prompt in, the completion streamed to stdout (like llama-cli -p ... -no-cnv).
 
-Also the Python API behind `edge_llm.load`, `edge_llm.generate` and `edge_llm.stream_generate`.
+Not named `generate.py`: importing a submodule sets it as an attribute of the package, and
+`edge_llm.generate` must stay the Python API's function (edge_llm/api.py).
 """
 
 from __future__ import annotations
@@ -8,32 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
-from edge_llm.engines.base import Engine, LoadOptions, collect, load_engine
+from edge_llm.engines.base import load_engine
 from edge_llm.files import read_text
 from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
-from edge_llm.sampling import SamplingParams
-
-
-def load(model: str | None = None, *, engine: str = "llama.cpp", config: str | None = None,
-         **options: Any) -> Engine:
-    """Load a model (registry name, .gguf path, hub reference, or None for the demo model)."""
-    return load_engine(model, engine=engine, options=LoadOptions(**options), config=config)
-
-
-def stream_generate(engine: Engine, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
-    """Yield the completion's text piece by piece."""
-    for delta in engine.stream(prompt, SamplingParams.create(**sampling)):
-        if delta.text:
-            yield delta.text
-
-
-def generate(engine: Engine, prompt: str | list[int], **sampling: Any) -> str:
-    """The whole completion as one string."""
-    params = SamplingParams.create(**sampling)
-    return collect(engine.stream(prompt, params), params.n)[0].text
 
 
 def build_parser() -> argparse.ArgumentParser:
