@@ -128,6 +128,10 @@ async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
 
 async def merged(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
     """Deltas of several generations as they come, tagged with the generation's position."""
+    if len(streams) == 1:  # the usual case: read it directly (no task and queue hop per token)
+        async for delta in streams[0]:
+            yield 0, delta
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
