@@ -20,6 +20,7 @@ process can reach a baseline, so a baseline runs as a user would start it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import os
 import shutil
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's edge_llm, whatever is installed
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 START_TIMEOUT_S = 180.0
+PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 20.0
 
 
@@ -197,7 +199,8 @@ def running(spec: ServerSpec, *, port: int | None = None,
     with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=clean_env(spec.env), cwd=spec.cwd, start_new_session=True)
+                                   env=clean_env(spec.env), cwd=spec.cwd, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
     server = RunningServer(spec, f"http://127.0.0.1:{port}", process, log_path)
     try:
         _wait_healthy(server, timeout)
@@ -205,6 +208,15 @@ def running(spec: ServerSpec, *, port: int | None = None,
     finally:
         _stop(process)
         log_path.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the script that started it dies, however it dies
+    (Linux), so no server outlives a killed benchmark."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait_healthy(server: RunningServer, timeout: float) -> None:

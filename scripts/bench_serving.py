@@ -91,7 +91,9 @@ def percentile(values: list[float], q: float) -> float:
 async def load(url: str, clients: int, requests: int, max_tokens: int, budget_s: float = 1e9) -> dict:
     """`clients` users, each sending up to `requests` streams one after another; none starts a new
     one after `budget_s` (each sends at least one), which bounds a level on a crawling server."""
-    limits = httpx.Limits(max_connections=clients + 4)
+    # A new connection per request: servers differ in how long they keep idle connections open,
+    # and a request on a connection the server is just closing fails for reasons not measured here.
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
 

@@ -136,6 +136,7 @@ class Alternating:
     """A governor that switches between 2 threads and 1 every few decodes."""
 
     others = 0.0
+    limit = 2
 
     def __init__(self) -> None:
         self.calls = 0

@@ -63,6 +63,7 @@ class SchedulerStats:
     generated_tokens_total: int = 0
     prefix_cache_hits: int = 0  # requests that reused at least one cached token
     decode_calls: int = 0
+    decodes_with_fewer_threads: int = 0  # while other programs held cores (cpu_threads.ThreadGovernor)
 
 
 class _Mailbox:
@@ -284,6 +285,11 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def threads(self) -> int:
+        """Threads the decodes use now: the cores, or fewer while other programs hold some."""
+        return self._threads_set[0]
+
     def validate(self, tokens: list[int], params: SamplingParams) -> None:
         if not tokens:
             raise InvalidParameterError("the prompt is empty", param="prompt")
@@ -377,6 +383,7 @@ class Scheduler:
         self._set_threads()
         status = llama_cpp.llama_decode(self.ctx.ctx, batch.batch)
         self.stats.decode_calls += 1
+        self.stats.decodes_with_fewer_threads += self._threads_set[0] < self._governor.limit
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for slot in prefilled:
