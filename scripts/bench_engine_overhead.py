@@ -7,7 +7,8 @@ edge-llm side runs under whatever edge-llm sets up for itself (threads, OpenMP w
 Both load the same GGUF with the same context, threads and flash-attention setting and decode
 the same prompt greedily for the same number of tokens; sides alternate (edge, Llama, Llama,
 edge, ...), the result is the ratio of median decode rates. `--scenario contended` keeps a busy
-loop on one core for the whole run.
+loop on one core for the whole run. `Llama` gets -t (default: one thread per core; its own
+default is half the cores); edge-llm its own default unless --edge-threads fixes it.
 
     python scripts/bench_engine_overhead.py [-m MODEL.gguf] [--tokens 128] [--rounds 5] [--scenario quiet]
 """
@@ -77,8 +78,7 @@ def run_llama(model: str, n: int, ctx: int, threads: int | None) -> float:
 
 def measure(side: str, args: argparse.Namespace, model: Path, env: dict[str, str]) -> float:
     """One measurement in a fresh process with a clean environment (plus `env`, a setting under test)."""
-    threads = args.threads if side == "llama" or args.edge_threads is None else (
-        None if args.edge_threads == "default" else int(args.edge_threads))
+    threads = args.threads if side == "llama" else args.edge_threads
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "-m", str(model), "--tokens",
            str(args.tokens), "-c", str(args.ctx_size), *(["-t", str(threads)] if threads else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(env), cwd=ROOT, timeout=600)
@@ -99,9 +99,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("-c", "--ctx-size", type=int, default=2048)
     parser.add_argument("-t", "--threads", type=int, default=default_threads(),
-                        help="threads (default: one per usable core)")
-    parser.add_argument("--edge-threads", default=None,
-                        help="-t for edge-llm only: a number, or 'default' for its own choice (default: -t)")
+                        help="threads of `Llama` (default: one per usable core)")
+    parser.add_argument("--edge-threads", type=int, default=None,
+                        help="give edge-llm this -t (default: none, edge-llm's own choice)")
     parser.add_argument("--scenario", default="quiet", choices=["quiet", "contended"])
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,...",
                         help="also measure edge-llm under this name with these environment variables")
@@ -125,15 +125,15 @@ def main() -> None:
                 rates[name].append(measure(side, args, model, env))
                 print(f"round {rnd}: {name} {rates[name][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
     base = statistics.median(rates["llama-cpp-python Llama"])
-    print(f"{args.scenario}, -t {args.threads} (edge-llm: {args.edge_threads or args.threads}), {args.tokens} tokens, "
-          f"median of {args.rounds}")
+    print(f"{args.scenario}, Llama -t {args.threads}, edge-llm {f'-t {args.edge_threads}' if args.edge_threads else 'default threads'}, "
+          f"{args.tokens} tokens, median of {args.rounds}")
     print("| engine | decode tokens/s | x Llama |")
     print("|---|---|---|")
     for name, values in rates.items():
         print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / base:.3f} |")
     ratio = statistics.median(rates["edge-llm"]) / base
     print(json.dumps({"bench": "engine_overhead", "model": str(model), "scenario": args.scenario,
-                      "tokens": args.tokens, "threads": args.threads, "edge_threads": args.edge_threads or args.threads, "rates": rates, "ratio": round(ratio, 4)}))
+                      "tokens": args.tokens, "threads": args.threads, "edge_threads": args.edge_threads, "rates": rates, "ratio": round(ratio, 4)}))
 
 
 if __name__ == "__main__":

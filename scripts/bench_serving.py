@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Streaming load on loopback: `edge-llm serve` against llama.cpp's `llama-server` (the anchor) and
-llama-cpp-python's own server, same model, same slots, context and threads.
+llama-cpp-python's own server, same model, same slots and context.
 
 Two scenarios: `quiet` (nothing else running) and `contended` (a busy loop pinned to one core for
 the whole scenario, as when a laptop is busy with something else). In each, for every round, the
@@ -11,7 +11,12 @@ another), and stopped. Reported per level: generated tokens/s (all clients toget
 level's wall time) and time to first token p50/p95, each the median over rounds, and the ratios
 to llama-server of the same scenario. A table, then one JSON line.
 
-Only 127.0.0.1 is contacted; the work is bounded by --rounds, --requests and --max-tokens.
+Threads: the baselines get `-t` (default: one per core, which is also llama-server's own default
+here); edge-llm runs with its own default (every core, fewer while other programs hold cores)
+unless --edge-threads N fixes it, as a user's -t does.
+
+Only 127.0.0.1 is contacted; the work is bounded by --rounds, --requests, --max-tokens and
+--level-seconds.
 
     python scripts/bench_serving.py [--llama-server PATH] [--scenarios quiet,contended] [--rounds 2]
 """
@@ -42,6 +47,8 @@ from bench_servers import (  # noqa: E402
     scenario,
     stop_on_sigterm,
 )
+
+from edge_llm.engines.cpu_threads import default_threads  # noqa: E402
 
 ANCHOR = "llama-server"
 TOPICS = ["the sea", "a lighthouse", "the moon", "a forest", "a city at night", "a mountain", "a river",
@@ -192,11 +199,12 @@ def main() -> None:
                         help="no client starts a new request after this long into a level")
     parser.add_argument("-np", "--parallel", type=int, default=8)
     parser.add_argument("-c", "--ctx-size", type=int, default=8192)
-    parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("-t", "--threads", type=int, default=default_threads(),
+                        help="threads of the baselines (default: one per core)")
     parser.add_argument("--servers", default="edge-llm,llama-server,llama-cpp-python",
                         help="which of edge-llm, llama-server, llama-cpp-python to run")
-    parser.add_argument("--edge-threads", default=None,
-                        help="-t for edge-llm only: a number, or 'default' for its own choice (default: -t)")
+    parser.add_argument("--edge-threads", type=int, default=None,
+                        help="give edge-llm this -t (default: none, edge-llm's own choice)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,...[:ARGS]",
                         help="also run edge-llm under this name with these environment variables / flags")
     args = parser.parse_args()
@@ -204,8 +212,7 @@ def main() -> None:
     stop_on_sigterm()
     model = resolve_model(args.model)
     wanted = set(args.servers.split(","))
-    edge_threads = (args.threads if args.edge_threads is None else
-                    None if args.edge_threads == "default" else int(args.edge_threads))
+    edge_threads = args.edge_threads
     specs: list[ServerSpec] = []
     if "edge-llm" in wanted:
         specs.append(edge_llm_spec(model, parallel=args.parallel, ctx=args.ctx_size, threads=edge_threads))
@@ -231,7 +238,8 @@ def main() -> None:
                         print(json.dumps(row), file=sys.stderr, flush=True)
 
     rows = summarize(raw)
-    print(f"model {model.name}, -np {args.parallel} -c {args.ctx_size} -t {args.threads}, greedy, "
+    print(f"model {model.name}, -np {args.parallel} -c {args.ctx_size}, baselines -t {args.threads}, edge-llm "
+          f"{f'-t {edge_threads}' if edge_threads else 'default threads'}, greedy, "
           f"{args.max_tokens}-token streams, {args.requests} per client, median of {args.rounds} rounds")
     print("| scenario | clients | server | tokens/s | x llama-server | TTFT p50 (s) | TTFT p95 (s) | "
           "p95 x llama-server | server CPU (cores) |")
@@ -248,7 +256,7 @@ def main() -> None:
             print(f"target {name} {t['scenario']} {t['clients']} client(s): {t['tokens_ratio']:.2f}x tokens/s "
                   f"(>= {t['min_tokens_ratio']}){limit}: {'met' if t['met'] else 'MISSED'}")
     print(json.dumps({"bench": "serving", "model": str(model), "parallel": args.parallel, "ctx": args.ctx_size,
-                      "threads": args.threads, "max_tokens": args.max_tokens, "requests": args.requests,
+                      "threads": args.threads, "edge_threads": edge_threads, "max_tokens": args.max_tokens, "requests": args.requests,
                       "rounds": args.rounds, "rows": rows, "targets": verdicts, "raw": raw}))
 
 
