@@ -128,14 +128,31 @@ async def warm_up(url: str) -> None:
     await load(url, 1, 1, 8)
 
 
+def fewer_thread_decodes(url: str) -> float | None:
+    """edge-llm's count of decodes run with fewer threads than cores (its thread governor yielding
+    to other programs), from /metrics; None for servers that do not report it."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("edge_llm:decodes_with_fewer_threads"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def measure(spec: ServerSpec, levels: list[int], requests: int, max_tokens: int, budget_s: float) -> list[dict]:
     rows = []
     with running(spec) as server:
         asyncio.run(warm_up(server.url))
         for clients in levels:
             cpu0 = server.cpu_seconds()
+            fewer0 = fewer_thread_decodes(server.url)
             row = asyncio.run(load(server.url, clients, requests, max_tokens, budget_s))
             row["server_cpu_cores"] = (server.cpu_seconds() - cpu0) / row["wall_s"]
+            fewer1 = fewer_thread_decodes(server.url)
+            if fewer0 is not None and fewer1 is not None:
+                row["decodes_with_fewer_threads"] = fewer1 - fewer0
             rows.append(row)
         # What the server burns right after the work ends (threads spinning while they wait).
         cpu0 = server.cpu_seconds()
