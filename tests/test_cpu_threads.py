@@ -3,6 +3,12 @@ neither changes what the model generates."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from edge_llm.engines import cpu_threads
@@ -28,6 +34,21 @@ def test_bounded_spinning_unless_the_user_chose():
         assert env == users  # the user's choice is left exactly as it was
     assert openmp_waiting({}) == "libgomp default"
     assert openmp_waiting({"OMP_WAIT_POLICY": "ACTIVE"}) == "OMP_WAIT_POLICY=ACTIVE"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("users", "expected"), [
+    ({}, f"GOMP_SPINCOUNT={cpu_threads.SPIN_COUNT}"),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "OMP_WAIT_POLICY=PASSIVE"),
+    ({"GOMP_SPINCOUNT": "0"}, "GOMP_SPINCOUNT=0"),
+])
+def test_doctor_reports_the_waiting_policy_in_effect(users, expected):
+    """In a fresh process (libgomp reads its environment once): edge-llm's default, or the user's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-m", "edge_llm", "doctor", "--json"], capture_output=True, text=True,
+                         env={**env, **users}, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["openmp_waiting"] == expected
 
 
 @pytest.mark.parametrize(("current", "limit", "others", "expected"), [
