@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
 
 def system_report() -> dict:
+    from edge_llm.engines.cpu_threads import openmp_waiting
     from edge_llm.engines.llamacpp import default_threads, llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
@@ -38,7 +38,7 @@ def system_report() -> dict:
         "mlock": bool(llama_cpp.llama_supports_mlock()),
         "flash_attention": "supported (CPU kernels; -fa auto picks it where the model allows)",
         "devices": devices,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "openmp_waiting": openmp_waiting(),
         "demo_model": demo,
         "system_info": info.strip(),
     }

@@ -20,6 +20,7 @@ process can reach a baseline, so a baseline runs as a user would start it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import os
 import shutil
@@ -37,8 +38,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's edge_llm, whatever is installed
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 START_TIMEOUT_S = 180.0
+PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 20.0
 
 
@@ -54,17 +57,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
-def demo_model() -> Path:
-    sys.path.insert(0, str(ROOT))
-    from edge_llm.registry import load_registry, resolve
-
-    return resolve(None, load_registry()).path
-
-
 def resolve_model(ref: str | None) -> Path:
     """A .gguf path for a model reference (default: the bundled demo model)."""
-    if ref is None:
-        return demo_model()
     from edge_llm.registry import load_registry, resolve
 
     return resolve(ref, load_registry()).path
@@ -205,7 +199,8 @@ def running(spec: ServerSpec, *, port: int | None = None,
     with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=clean_env(spec.env), cwd=spec.cwd, start_new_session=True)
+                                   env=clean_env(spec.env), cwd=spec.cwd, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
     server = RunningServer(spec, f"http://127.0.0.1:{port}", process, log_path)
     try:
         _wait_healthy(server, timeout)
@@ -213,6 +208,15 @@ def running(spec: ServerSpec, *, port: int | None = None,
     finally:
         _stop(process)
         log_path.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the script that started it dies, however it dies
+    (Linux), so no server outlives a killed benchmark."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait_healthy(server: RunningServer, timeout: float) -> None:
@@ -244,14 +248,22 @@ def _stop(process: subprocess.Popen) -> None:
 
 # -- the contended scenario -------------------------------------------------------------------------
 
-_BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+# Ends at the deadline or as soon as the script that started it is gone (its parent changes).
+_BUSY_LOOP = """
+import os, time
+parent, end, i = os.getppid(), time.monotonic() + {seconds}, 0
+while True:
+    i += 1
+    if i % 200000 == 0 and (time.monotonic() > end or os.getppid() != parent):
+        break
+"""
 
 
 @contextlib.contextmanager
-def busy_core(cpu: int | None = None, *, max_seconds: float = 1800.0) -> Iterator[int]:
+def busy_core(cpu: int | None = None, *, max_seconds: float = 1200.0) -> Iterator[int]:
     """Another program competing for the cores: a busy loop pinned to one core (by default the
-    first this process may use) while the block runs. It is stopped on exit and ends by itself
-    after `max_seconds` even if this process dies first. Yields the core it occupies."""
+    first this process may use) while the block runs. It is stopped on exit, and ends by itself
+    when this process dies or after `max_seconds`. Yields the core it occupies."""
     if cpu is None:
         cpu = min(os.sched_getaffinity(0))
     process = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP.format(seconds=float(max_seconds))],
@@ -264,6 +276,12 @@ def busy_core(cpu: int | None = None, *, max_seconds: float = 1800.0) -> Iterato
         yield cpu
     finally:
         _stop(process)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the script through SystemExit, so every server and busy loop it started is
+    stopped by its context manager on the way out."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def scenario(name: str) -> contextlib.AbstractContextManager:

@@ -1,60 +1,62 @@
 #!/usr/bin/env python3
-"""Streaming load on loopback: `edge-llm serve` vs llama-cpp-python's own server, same model.
+"""Streaming load on loopback: `edge-llm serve` against llama.cpp's `llama-server` (the anchor) and
+llama-cpp-python's own server, same model, same slots and context.
 
-For each concurrency level C, C clients each send R streaming completions one after another;
-the script reports aggregate generated tokens/s and the median and p95 time to first token.
-Servers alternate level by level so machine noise hits both alike. Then a conversation test on
-edge-llm: 5 conversations with a long shared-nothing first turn, run together, then their
-second turns together; it reports the second turn's time to first token over the first's.
+Two scenarios: `quiet` (nothing else running) and `contended` (a busy loop pinned to one core for
+the whole scenario, as when a laptop is busy with something else). In each, for every round, the
+servers take turns (the order rotates each round): a server is started in its own process with a
+clean environment (scripts/bench_servers.py), warmed up, loaded with C clients for each level of
+--clients (each client streams --requests greedy completions of --max-tokens tokens, one after
+another), and stopped. Reported per level: generated tokens/s (all clients together, over the
+level's wall time) and time to first token p50/p95, each the median over rounds, and the ratios
+to llama-server of the same scenario. A table, then one JSON line.
 
-Only 127.0.0.1 is ever contacted; request counts and token counts are bounded.
+Threads: the baselines get `-t` (default: one per core, which is also llama-server's own default
+here); edge-llm runs with its own default (every core, fewer while other programs hold cores)
+unless --edge-threads N fixes it, as a user's -t does.
 
-    python scripts/bench_serving.py [-m MODEL.gguf] [--concurrency 1,4,8] [--requests 3] [--max-tokens 64]
+Only 127.0.0.1 is contacted; the work is bounded by --rounds, --requests, --max-tokens and
+--level-seconds.
+
+    python scripts/bench_serving.py [--llama-server PATH] [--scenarios quiet,contended] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from openai import AsyncOpenAI
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_servers import (  # noqa: E402
+    ServerSpec,
+    edge_llm_spec,
+    llama_cpp_python_spec,
+    llama_server_binary,
+    llama_server_spec,
+    resolve_model,
+    running,
+    scenario,
+    stop_on_sigterm,
+)
+
+from edge_llm.engines.cpu_threads import default_threads  # noqa: E402
+
+ANCHOR = "llama-server"
 TOPICS = ["the sea", "a lighthouse", "the moon", "a forest", "a city at night", "a mountain", "a river",
           "an old library", "a train journey", "a garden in spring", "the desert", "a snowy village"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], port: int, health: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{health}", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"server did not start: {' '.join(cmd)}")
+# The issue's targets: (scenario, clients) -> minimum tokens/s ratio to llama-server, and the
+# largest TTFT p95 ratio where one applies.
+TARGETS = {("quiet", 1): (0.97, None), ("quiet", 8): (1.0, 1.5), ("contended", 1): (1.5, None),
+           ("contended", 8): (1.5, None)}
 
 
 @dataclass
@@ -63,148 +65,218 @@ class Result:
     tokens: int
 
 
-async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> Result:
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Result:
+    """One greedy streamed completion; tokens from the final usage (llama-cpp-python's server sends
+    none: there, each text chunk is one token)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = None
     chunks = 0
-    usage_tokens = None
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True})
-    async for chunk in stream:
-        if chunk.usage is not None:
-            usage_tokens = chunk.usage.completion_tokens
-        if chunk.choices and chunk.choices[0].text:
-            chunks += 1
-            if first is None:
-                first = time.perf_counter()
-    return Result((first or time.perf_counter()) - start, usage_tokens if usage_tokens is not None else chunks)
+    usage = None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]["completion_tokens"]
+            for choice in event.get("choices") or []:
+                if choice.get("text"):
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter()
+    return Result((first or time.perf_counter()) - start, usage if usage is not None else chunks)
 
 
-async def load(base_url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
-    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="none", timeout=600) as client:
-        return await _load(client, concurrency, requests, max_tokens)
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def warm_up(base_url: str) -> None:
-    """One short request, so lazy model loading and first-call costs stay out of the figures."""
-    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="none", timeout=600) as client:
-        model = (await client.models.list()).data[0].id
-        await one_request(client, model, "Hello", 4)
+async def load(url: str, clients: int, requests: int, max_tokens: int, budget_s: float = 1e9) -> dict:
+    """`clients` users, each sending up to `requests` streams one after another; none starts a new
+    one after `budget_s` (each sends at least one), which bounds a level on a crawling server."""
+    # A new connection per request: servers differ in how long they keep idle connections open,
+    # and a request on a connection the server is just closing fails for reasons not measured here.
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
 
+        async def user(u: int) -> list[Result]:
+            out: list[Result] = []
+            for r in range(requests):
+                if out and time.perf_counter() - start > budget_s:
+                    break
+                topic = TOPICS[(u * requests + r) % len(TOPICS)]
+                out.append(await one_request(client, model, f"Write a long, detailed story about {topic}.\n\n",
+                                             max_tokens))
+            return out
 
-async def _load(client: AsyncOpenAI, concurrency: int, requests: int, max_tokens: int) -> dict:
-    model = (await client.models.list()).data[0].id
-
-    async def user(u: int) -> list[Result]:
-        out = []
-        for r in range(requests):
-            topic = TOPICS[(u * requests + r) % len(TOPICS)]
-            out.append(await one_request(client, model, f"Write a long, detailed story about {topic}.\n\n",
-                                         max_tokens))
-        return out
-
-    start = time.perf_counter()
-    results = [r for rs in await asyncio.gather(*(user(u) for u in range(concurrency))) for r in rs]
-    wall = time.perf_counter() - start
-    ttfts = sorted(r.ttft for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "tokens": sum(r.tokens for r in results),
-            "tokens_per_s": sum(r.tokens for r in results) / wall, "ttft_median": statistics.median(ttfts),
-            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], "wall_s": wall}
-
-
-async def conversations(base_url: str, n: int = 5) -> dict:
-    """Second-turn time to first token vs first turn, n conversations interleaved."""
-    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="none", timeout=600) as client:
-        return await _conversations(client, n)
-
-
-async def _conversations(client: AsyncOpenAI, n: int) -> dict:
-    model = (await client.models.list()).data[0].id
-    document = " ".join(f"Paragraph {i}: the committee met again and discussed {TOPICS[i % len(TOPICS)]}, "
-                        "its history, its costs and the many opinions of its members." for i in range(20))
-
-    async def turn(messages: list[dict]) -> tuple[float, str]:
         start = time.perf_counter()
-        first, text = None, ""
-        stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=24,
-                                                      temperature=0, stream=True)
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                first = first or time.perf_counter()
-                text += chunk.choices[0].delta.content
-        return (first or time.perf_counter()) - start, text
+        results = [r for rs in await asyncio.gather(*(user(u) for u in range(clients))) for r in rs]
+        wall = time.perf_counter() - start
+    ttfts = [r.ttft for r in results]
+    tokens = sum(r.tokens for r in results)
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttfts), "ttft_p95": percentile(ttfts, 0.95)}
 
-    histories = [[{"role": "user", "content": f"Conversation {i}. Read this:\n{document}\nSummarise it."}]
-                 for i in range(n)]
-    firsts = await asyncio.gather(*(turn(h) for h in histories))
-    for h, (_, answer) in zip(histories, firsts, strict=True):
-        h += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Shorter, please."}]
-    seconds = await asyncio.gather(*(turn(h) for h in histories))
-    t1 = statistics.median(t for t, _ in firsts)
-    t2 = statistics.median(t for t, _ in seconds)
-    return {"conversations": n, "ttft_turn1_median": t1, "ttft_turn2_median": t2, "ratio": t2 / t1}
+
+async def warm_up(url: str) -> None:
+    """A short request: lazy model loading and first-call costs stay out of the figures."""
+    await load(url, 1, 1, 8)
+
+
+def fewer_thread_decodes(url: str) -> float | None:
+    """edge-llm's count of decodes run with fewer threads than cores (its thread governor yielding
+    to other programs), from /metrics; None for servers that do not report it."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("edge_llm:decodes_with_fewer_threads"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def measure(spec: ServerSpec, levels: list[int], requests: int, max_tokens: int, budget_s: float) -> list[dict]:
+    rows = []
+    with running(spec) as server:
+        asyncio.run(warm_up(server.url))
+        for clients in levels:
+            cpu0 = server.cpu_seconds()
+            fewer0 = fewer_thread_decodes(server.url)
+            row = asyncio.run(load(server.url, clients, requests, max_tokens, budget_s))
+            row["server_cpu_cores"] = (server.cpu_seconds() - cpu0) / row["wall_s"]
+            fewer1 = fewer_thread_decodes(server.url)
+            if fewer0 is not None and fewer1 is not None:
+                row["decodes_with_fewer_threads"] = fewer1 - fewer0
+            rows.append(row)
+        # What the server burns right after the work ends (threads spinning while they wait).
+        cpu0 = server.cpu_seconds()
+        time.sleep(1.0)
+        idle = server.cpu_seconds() - cpu0
+    for row in rows:
+        row["idle_cpu_cores_after"] = idle
+    return rows
+
+
+def summarize(raw: list[dict]) -> list[dict]:
+    """Median over rounds of each (scenario, server, clients), with ratios to the anchor."""
+    keys = sorted({(r["scenario"], r["server"], r["clients"]) for r in raw}, key=lambda k: (k[0] != "quiet", k[2]))
+    rows = []
+    for scen, server, clients in keys:
+        runs = [r for r in raw if (r["scenario"], r["server"], r["clients"]) == (scen, server, clients)]
+        row = {"scenario": scen, "server": server, "clients": clients, "rounds": len(runs)}
+        for field in ("tokens_per_s", "ttft_p50", "ttft_p95", "server_cpu_cores", "idle_cpu_cores_after"):
+            row[field] = statistics.median(r[field] for r in runs)
+        rows.append(row)
+    for row in rows:
+        anchor = next((a for a in rows if a["server"] == ANCHOR and a["scenario"] == row["scenario"]
+                       and a["clients"] == row["clients"]), None)
+        if anchor:
+            row["tokens_ratio"] = row["tokens_per_s"] / anchor["tokens_per_s"]
+            row["ttft_p95_ratio"] = row["ttft_p95"] / anchor["ttft_p95"]
+    return rows
+
+
+def targets(rows: list[dict], server: str) -> list[dict]:
+    out = []
+    for (scen, clients), (min_tokens, max_ttft) in TARGETS.items():
+        row = next((r for r in rows if (r["scenario"], r["server"], r["clients"]) == (scen, server, clients)), None)
+        if row is None or "tokens_ratio" not in row:
+            continue
+        met = row["tokens_ratio"] >= min_tokens and (max_ttft is None or row["ttft_p95_ratio"] <= max_ttft)
+        out.append({"scenario": scen, "clients": clients, "tokens_ratio": round(row["tokens_ratio"], 3),
+                    "min_tokens_ratio": min_tokens, "ttft_p95_ratio": round(row["ttft_p95_ratio"], 3),
+                    "max_ttft_p95_ratio": max_ttft, "met": met})
+    return out
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str], tuple[str, ...]]:
+    """'NAME:K=V,K=V' or 'NAME:K=V:--flag value' -> an extra edge-llm server with that environment."""
+    name, _, rest = text.partition(":")
+    env_text, _, args = rest.partition(":")
+    env = dict(item.split("=", 1) for item in env_text.split(",") if item)
+    return name, env, tuple(args.split())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-m", "--model", default=None, help="a .gguf (default: the bundled demo model)")
-    parser.add_argument("--concurrency", default="1,4,8")
-    parser.add_argument("--requests", type=int, default=3, help="requests per client")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--slot-ctx", type=int, default=1024, help="context per slot")
+    parser.add_argument("-m", "--model", default=None, help="a .gguf or model reference (default: the demo model)")
+    parser.add_argument("--llama-server", default=None, help="llama-server binary (default: built once, cached)")
+    parser.add_argument("--scenarios", default="quiet,contended")
+    parser.add_argument("--clients", default="1,8", help="concurrency levels")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=3, help="requests per client per level")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--level-seconds", type=float, default=45.0,
+                        help="no client starts a new request after this long into a level")
+    parser.add_argument("-np", "--parallel", type=int, default=8)
+    parser.add_argument("-c", "--ctx-size", type=int, default=8192)
+    parser.add_argument("-t", "--threads", type=int, default=default_threads(),
+                        help="threads of the baselines (default: one per core)")
+    parser.add_argument("--servers", default="edge-llm,llama-server,llama-cpp-python",
+                        help="which of edge-llm, llama-server, llama-cpp-python to run")
+    parser.add_argument("--edge-threads", type=int, default=None,
+                        help="give edge-llm this -t (default: none, edge-llm's own choice)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,...[:ARGS]",
+                        help="also run edge-llm under this name with these environment variables / flags")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT))
-    from edge_llm.registry import load_registry, resolve
+    stop_on_sigterm()
+    model = resolve_model(args.model)
+    wanted = set(args.servers.split(","))
+    edge_threads = args.edge_threads
+    specs: list[ServerSpec] = []
+    if "edge-llm" in wanted:
+        specs.append(edge_llm_spec(model, parallel=args.parallel, ctx=args.ctx_size, threads=edge_threads))
+    for text in args.variant:
+        name, env, extra = parse_variant(text)
+        specs.append(edge_llm_spec(model, parallel=args.parallel, ctx=args.ctx_size, threads=edge_threads,
+                                   name=name, env=env, extra_args=extra))
+    if "llama-server" in wanted:
+        specs.append(llama_server_spec(llama_server_binary(args.llama_server), model, parallel=args.parallel,
+                                       ctx=args.ctx_size, threads=args.threads))
+    if "llama-cpp-python" in wanted:
+        specs.append(llama_cpp_python_spec(model, ctx=args.ctx_size // args.parallel, threads=args.threads))
+    levels = [int(c) for c in args.clients.split(",")]
 
-    model = str(resolve(args.model, load_registry()).path)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    n_par = max(levels + [5])
-    threads = str(len(os.sched_getaffinity(0)))
-    edge_port, llama_port = free_port(), free_port()
-    edge = start([sys.executable, "-m", "edge_llm", "serve", model, "--port", str(edge_port), "-np", str(n_par),
-                  "-c", str(n_par * args.slot_ctx), "-t", threads], edge_port, "/health")
-    llama = start([sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(llama_port),
-                   "--n_ctx", str(args.slot_ctx), "--n_threads", threads, "--n_threads_batch", threads,
-                   "--interrupt_requests", "False", "--verbose", "False"], llama_port, "/v1/models")
-    rows = []
-    try:
-        for port in (edge_port, llama_port):
-            asyncio.run(warm_up(f"http://127.0.0.1:{port}"))
-        for c in levels:
-            for name, port in (("edge-llm", edge_port), ("llama-cpp-python server", llama_port)):
-                row = asyncio.run(load(f"http://127.0.0.1:{port}", c, args.requests, args.max_tokens))
-                row["server"] = name
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
-        convo = asyncio.run(conversations(f"http://127.0.0.1:{edge_port}"))
-    finally:
-        for proc in (edge, llama):
-            proc.terminate()
-            proc.wait(timeout=30)
+    raw = []
+    for scen in args.scenarios.split(","):
+        with scenario(scen):
+            for rnd in range(args.rounds):
+                for spec in specs[rnd % len(specs):] + specs[:rnd % len(specs)]:
+                    for row in measure(spec, levels, args.requests, args.max_tokens, args.level_seconds):
+                        row.update(scenario=scen, server=spec.name, round=rnd)
+                        raw.append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
 
-    def get(server: str, c: int) -> dict:
-        return next(r for r in rows if r["server"] == server and r["concurrency"] == c)
-
-    print("| server | clients | tokens/s | TTFT median (s) | TTFT p95 (s) |")
-    print("|---|---|---|---|---|")
+    rows = summarize(raw)
+    print(f"model {model.name}, -np {args.parallel} -c {args.ctx_size}, baselines -t {args.threads}, edge-llm "
+          f"{f'-t {edge_threads}' if edge_threads else 'default threads'}, greedy, "
+          f"{args.max_tokens}-token streams, {args.requests} per client, median of {args.rounds} rounds")
+    print("| scenario | clients | server | tokens/s | x llama-server | TTFT p50 (s) | TTFT p95 (s) | "
+          "p95 x llama-server | server CPU (cores) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['server']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['ttft_median']:.2f} | "
-              f"{r['ttft_p95']:.2f} |")
-    top = max(levels)
-    summary = {
-        "edge_vs_llama_at_max": get("edge-llm", top)["tokens_per_s"] / get("llama-cpp-python server", top)["tokens_per_s"],
-        "edge_scaling_max_vs_1": get("edge-llm", top)["tokens_per_s"] / get("edge-llm", min(levels))["tokens_per_s"],
-        "edge_ttft_p95_at_max": get("edge-llm", top)["ttft_p95"],
-        **{f"conversation_{k}": v for k, v in convo.items()},
-    }
-    print(f"\nat {top} clients: edge-llm / llama-cpp-python server = {summary['edge_vs_llama_at_max']:.2f}x; "
-          f"edge-llm {top} clients / 1 client = {summary['edge_scaling_max_vs_1']:.2f}x; "
-          f"p95 TTFT {summary['edge_ttft_p95_at_max']:.2f} s")
-    print(f"second turn TTFT / first turn TTFT ({convo['conversations']} conversations interleaved): "
-          f"{convo['ratio']:.3f} ({convo['ttft_turn2_median']:.3f} s / {convo['ttft_turn1_median']:.3f} s)")
-    print(json.dumps({"bench": "serving", "model": model, "rows": rows, "summary": summary}))
+        ratio = f"{r['tokens_ratio']:.2f}" if "tokens_ratio" in r else "-"
+        p95_ratio = f"{r['ttft_p95_ratio']:.2f}" if "ttft_p95_ratio" in r else "-"
+        print(f"| {r['scenario']} | {r['clients']} | {r['server']} | {r['tokens_per_s']:.1f} | {ratio} | "
+              f"{r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} | {p95_ratio} | {r['server_cpu_cores']:.2f} |")
+    verdicts = {spec.name: targets(rows, spec.name) for spec in specs if spec.name != ANCHOR}
+    for name, items in verdicts.items():
+        for t in items:
+            limit = f", TTFT p95 {t['ttft_p95_ratio']:.2f}x (<= {t['max_ttft_p95_ratio']})" if t["max_ttft_p95_ratio"] else ""
+            print(f"target {name} {t['scenario']} {t['clients']} client(s): {t['tokens_ratio']:.2f}x tokens/s "
+                  f"(>= {t['min_tokens_ratio']}){limit}: {'met' if t['met'] else 'MISSED'}")
+    print(json.dumps({"bench": "serving", "model": str(model), "parallel": args.parallel, "ctx": args.ctx_size,
+                      "threads": args.threads, "edge_threads": edge_threads, "max_tokens": args.max_tokens, "requests": args.requests,
+                      "rounds": args.rounds, "rows": rows, "targets": verdicts, "raw": raw}))
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

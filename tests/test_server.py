@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import threading
 import time
@@ -365,6 +366,9 @@ def test_metrics_count_tokens_and_latency(http, client):
     assert delta["edge_llm:generation_tokens_total"] == 5
     assert delta["edge_llm:time_to_first_token_seconds_count"] == 1
     assert delta["edge_llm:time_per_output_token_seconds_count"] == 4
+    # The thread governor's state: between one thread and one per core, and a counter that exists.
+    assert 1 <= metric(after, "edge_llm:cpu_threads", "demo-b") <= (os.cpu_count() or 1)
+    assert re.search(r'^edge_llm:decodes_with_fewer_threads_total\{model_name="demo-b"\} \S+$', after, re.M)
     assert 'edge_llm:num_requests_running{model_name="demo-b"} 0.0' in after
     assert "edge_llm:prefix_cache_hits_total" in after and "edge_llm:num_requests_waiting" in after
 

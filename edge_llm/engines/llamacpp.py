@@ -7,14 +7,14 @@ continuous batching) lives in `scheduler.py`.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-# OpenMP threads that spin while waiting burn the other core of a small box and starve the
-# HTTP server and other processes; llama-server users set this too. A user's own value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from edge_llm.engines.cpu_threads import configure_openmp, default_threads
+
+# Before llama_cpp loads libgomp, which reads its environment once (see cpu_threads).
+configure_openmp()
 
 import llama_cpp  # noqa: E402
 from gguf import GGMLQuantizationType  # noqa: E402
@@ -53,14 +53,6 @@ def _init_backend() -> None:
         if not _backend_ready:
             llama_cpp.llama_backend_init()
             _backend_ready = True
-
-
-def default_threads() -> int:
-    """llama.cpp's own default: one thread per core this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def check_gguf_file(path: Path) -> None:

@@ -28,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ import numpy as np
 from llama_cpp import _internals
 
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
+from edge_llm.engines.cpu_threads import ThreadGovernor
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
@@ -61,6 +63,51 @@ class SchedulerStats:
     generated_tokens_total: int = 0
     prefix_cache_hits: int = 0  # requests that reused at least one cached token
     decode_calls: int = 0
+    decodes_with_fewer_threads: int = 0  # while other programs held cores (cpu_threads.ThreadGovernor)
+
+
+class _Mailbox:
+    """Deltas bound for one event loop. The engine thread posts them; the loop is woken once for
+    however many arrive before it gets to run (one wakeup per step, not one per token of every
+    stream), then hands each to its request's queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, object]] = []
+
+    def post(self, queue: asyncio.Queue, item: object) -> None:
+        """Raises RuntimeError when the loop is closed: nobody will ever read the item."""
+        if self._loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._items.append((queue, item))
+            wake = len(self._items) == 1  # otherwise a wakeup is already on its way
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:
+                with self._lock:
+                    self._items.clear()
+                raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for waiting, item in items:
+            waiting.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = _Mailbox(loop)
+        return box
 
 
 class Request:
@@ -75,11 +122,12 @@ class Request:
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._mailbox: _Mailbox | None = None
         self._async_queue: asyncio.Queue | None = None
+        self._ready: deque = deque()  # items taken from the queue and merged, not yet returned
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._mailbox = _mailbox(loop)
         self._async_queue = asyncio.Queue()
 
     def cancel(self) -> None:
@@ -87,9 +135,9 @@ class Request:
 
     # engine thread side
     def put(self, item: object) -> None:
-        if self._loop is not None:
+        if self._mailbox is not None:
             try:
-                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+                self._mailbox.post(self._async_queue, item)
             except RuntimeError:  # the caller's event loop is gone: nobody is listening
                 self.cancelled.set()
         else:
@@ -106,12 +154,48 @@ class Request:
         return item
 
     async def next_async(self) -> Delta | None:
-        item = await self._async_queue.get()
+        if not self._ready:
+            self._take_backlog(await self._async_queue.get())
+        item = self._ready[0]
         if item is _END:
-            return None
+            return None  # stay exhausted
+        self._ready.popleft()
         if isinstance(item, BaseException):
             raise item
         return item
+
+    def _take_backlog(self, first: object) -> None:
+        """Take `first` and whatever else is already waiting, folding each choice's deltas into one:
+        a reader that fell behind catches up in one piece per choice (one SSE event) instead of one
+        per token. Each choice's order is kept; nothing is merged across an end marker or an error."""
+        out = self._ready
+        open_delta: dict[int, int] = {}  # choice index -> position in `out` of its unfinished delta
+        item = first
+        while True:
+            if isinstance(item, Delta):
+                at = open_delta.get(item.index)
+                if at is not None:
+                    out[at] = _joined(out[at], item)
+                else:
+                    at = len(out)
+                    out.append(item)
+                if item.finish_reason is None:
+                    open_delta[item.index] = at
+                else:
+                    open_delta.pop(item.index, None)
+            else:
+                out.append(item)
+                open_delta.clear()
+            if self._async_queue.empty():
+                return
+            item = self._async_queue.get_nowait()
+
+
+def _joined(first: Delta, second: Delta) -> Delta:
+    logprobs = None if first.logprobs is None and second.logprobs is None else \
+        (first.logprobs or []) + (second.logprobs or [])
+    return Delta(text=first.text + second.text, token_ids=first.token_ids + second.token_ids, index=first.index,
+                 logprobs=logprobs, finish_reason=second.finish_reason, usage=second.usage)
 
 
 class RequestStream:
@@ -184,6 +268,10 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
+        options = engine.options
+        self._governor = ThreadGovernor(engine.n_threads, fixed=options.n_threads is not None)
+        self._threads_batch = options.n_threads_batch  # the user's -tb, or None: follow the governor
+        self._threads_set = (engine.n_threads, options.n_threads_batch or engine.n_threads)
         self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
         self._thread.start()
 
@@ -196,6 +284,11 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def threads(self) -> int:
+        """Threads the decodes use now: the cores, or fewer while other programs hold some."""
+        return self._threads_set[0]
 
     def validate(self, tokens: list[int], params: SamplingParams) -> None:
         if not tokens:
@@ -287,8 +380,10 @@ class Scheduler:
                 outputs.append((slot, index))
         if batch.batch.n_tokens == 0:
             return
+        self._set_threads()
         status = llama_cpp.llama_decode(self.ctx.ctx, batch.batch)
         self.stats.decode_calls += 1
+        self.stats.decodes_with_fewer_threads += self._threads_set[0] < self._governor.limit
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for slot in prefilled:
@@ -297,6 +392,16 @@ class Scheduler:
             for target in [slot, *slot.copies]:
                 self._sample(target, index)
             slot.copies = []
+
+    def _set_threads(self) -> None:
+        """Threads for this decode, as the governor says (fewer while other programs hold cores)."""
+        n = self._governor.threads()
+        wanted = (n, self._threads_batch or n)
+        if wanted != self._threads_set:
+            log.debug("threads %d -> %d (other programs use %.2f cores)", self._threads_set[0], n,
+                      self._governor.others)
+            llama_cpp.llama_set_n_threads(self.ctx.ctx, *wanted)
+            self._threads_set = wanted
 
     def _add(self, slot: Slot, tokens: list[int], *, logits: bool) -> int:
         """Append tokens of one sequence to the batch; return the batch index of the last one."""
@@ -426,9 +531,12 @@ class Scheduler:
         params = choice.request.params
         engine = self.engine
         logprobs = self._logprobs(index, params.logprobs) if params.logprobs is not None else None
-        # llama_sampler_sample also accepts the token into the chain (penalty history, grammar
-        # state): accepting it again would count it twice and break grammars.
-        token = choice.sampler.sample(self.ctx, index)
+        if _plain_greedy(params):
+            token = self._argmax(index, engine.eog_ids if params.ignore_eos else frozenset())
+        else:
+            # llama_sampler_sample also accepts the token into the chain (penalty history, grammar
+            # state): accepting it again would count it twice and break grammars.
+            token = choice.sampler.sample(self.ctx, index)
         choice.generated += 1
         self.stats.generated_tokens_total += 1
         if logprobs is not None:
@@ -454,6 +562,18 @@ class Scheduler:
         else:
             choice.pending = token
             choice.request.put(Delta(text=text, token_ids=[token], index=choice.index, logprobs=logprobs))
+
+    def _argmax(self, index: int, banned: frozenset[int]) -> int:
+        """Greedy sampling over the raw logits: the token llama.cpp's greedy sampler picks (the
+        first of equal maxima), without building its 49k-entry candidate array every token."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, index)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.engine.n_vocab,))
+        token = int(logits.argmax())
+        if token in banned:  # ignore_eos: the best token that does not end the generation
+            logits = logits.copy()
+            logits[list(banned)] = -np.inf
+            token = int(logits.argmax())
+        return token
 
     def _logprobs(self, index: int, top_n: int) -> tuple[np.ndarray, int]:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, index)
@@ -513,6 +633,13 @@ class Scheduler:
         for request in requests:
             request.put(error)
             request.put(_END)
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with nothing that changes the logits or keeps state between tokens (penalties,
+    grammars): then the argmax of the logits is exactly what the sampler chain would return."""
+    return (params.greedy and not params.grammar and params.repetition_penalty == 1.0
+            and not params.frequency_penalty and not params.presence_penalty)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

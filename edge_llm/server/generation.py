@@ -171,6 +171,10 @@ async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
 
 async def merged(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
     """Deltas of several generations as they come, tagged with the generation's position."""
+    if len(streams) == 1:  # the usual case: read it directly (no task and queue hop per token)
+        async for delta in streams[0]:
+            yield 0, delta
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -218,10 +222,21 @@ class SSEResponse(_CleansUp, EventSourceResponse):
     """Server-sent events as OpenAI sends them ("data: ...\n\n"). A client that stops reading
     without disconnecting is dropped after SEND_TIMEOUT_SECONDS, so it cannot hold a connection."""
 
-    def __init__(self, content, **kwargs) -> None:  # noqa: ANN001
+    def __init__(self, content: AsyncIterator[str], **kwargs) -> None:  # noqa: ANN003
         kwargs.setdefault("sep", "\n")
         kwargs.setdefault("send_timeout", SEND_TIMEOUT_SECONDS)
-        super().__init__(content, **kwargs)
+        super().__init__(_event_bytes(content), **kwargs)
+
+
+async def _event_bytes(events: AsyncIterator[str]) -> AsyncIterator[bytes | str]:
+    """Each one-line event as its finished bytes, in one step: sse-starlette would build a
+    ServerSentEvent and split it into lines for every token. Anything else goes through it."""
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, str) and "\n" not in event and "\r" not in event:
+                yield b"data: " + event.encode("utf-8") + b"\n\n"
+            else:
+                yield event
 
 
 class StreamResponse(_CleansUp, StreamingResponse):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from edge_llm.engines.base import Delta
@@ -68,6 +68,7 @@ class RequestObserver:
         self._reasons: list[str] = []
         self._first = True
         self._done = False
+        self._tpot = metrics.tpot.labels(model)  # looked up once: it is observed for every token
 
     def see(self, delta: Delta) -> None:
         now = time.perf_counter()
@@ -77,7 +78,7 @@ class RequestObserver:
                 self._first = False
                 m.ttft.labels(self.model).observe(now - self.start)
             elif delta.index in self._last_token:
-                m.tpot.labels(self.model).observe(now - self._last_token[delta.index])
+                self._tpot.observe(now - self._last_token[delta.index])
             self._last_token[delta.index] = now
         if delta.finish_reason is not None:
             self._reasons.append(delta.finish_reason)
@@ -116,6 +117,10 @@ class _EngineStateCollector:
         waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests queued for a slot", labels=LABEL)
         loaded = GaugeMetricFamily(PREFIX + "model_loaded", "1 if the model is in memory", labels=LABEL)
         slots = GaugeMetricFamily(PREFIX + "num_slots", "Parallel sequences (-np) of a loaded model", labels=LABEL)
+        threads = GaugeMetricFamily(PREFIX + "cpu_threads", "Threads a decode uses now (fewer than the cores "
+                                    "while other programs keep cores busy)", labels=LABEL)
+        yielded = CounterMetricFamily(PREFIX + "decodes_with_fewer_threads", "Decodes run with fewer threads than "
+                                      "cores because other programs kept cores busy", labels=LABEL)
         engines = self.manager.loaded()
         for name in self.manager.models:
             engine = engines.get(name)
@@ -125,4 +130,7 @@ class _EngineStateCollector:
             waiting.add_metric([name], float(scheduler.waiting) if scheduler is not None else 0.0)
             if engine is not None:
                 slots.add_metric([name], float(getattr(engine, "n_parallel", 1)))
-        yield from (running, waiting, loaded, slots)
+            if getattr(scheduler, "threads", None) is not None:
+                threads.add_metric([name], float(scheduler.threads))
+                yielded.add_metric([name], float(scheduler.stats.decodes_with_fewer_threads))
+        yield from (running, waiting, loaded, slots, threads, yielded)

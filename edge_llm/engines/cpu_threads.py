@@ -1,0 +1,148 @@
+"""How llama.cpp's CPU threads wait, and how many of them a decode uses.
+
+llama-cpp-python's wheels build ggml with OpenMP, so every matrix op of a decode ends in an OpenMP
+barrier (hundreds per token) and the threads' waiting is libgomp's: spin GOMP_SPINCOUNT times,
+then sleep on a futex. ggml's own threadpool (`--poll`, `--cpu-strict` in llama-server) is not
+used by OpenMP builds. Measured on a 2-core box, single stream (scripts/bench_engine_overhead.py):
+
+- Sleeping at once (OMP_WAIT_POLICY=PASSIVE, spin 0) costs a futex wake per barrier: 0.36x the
+  speed of spinning on a quiet machine.
+- Spinning (libgomp's default of 300k spins, what llama-server gets) is fast while the cores are
+  free, but when another program holds one core a spinning thread burns its time slice waiting
+  for a partner that is not running: 3-20x slower, and jittery.
+- One thread has no barriers: under that contention it decodes ~6x faster than two spinning
+  threads, and 1.3x faster than two passive ones.
+
+So edge-llm spins briefly (GOMP_SPINCOUNT=10000, about 0.1 ms: long enough to bridge the gap
+between two ops, short enough that idle threads sleep at once between steps and an idle server
+burns nothing), and `ThreadGovernor` uses all the cores while they are free and yields a core
+to other programs while they keep it busy. The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT and
+-t / -tb always win (an explicit -t keeps that many threads, busy machine or not).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+
+SPIN_COUNT = "10000"
+# Other programs' CPU use (in cores) above which the governor gives up a core, and below which
+# it takes one back: apart, so that it does not flap around one value.
+YIELD_ABOVE = 0.25
+RECLAIM_BELOW = 0.10
+SAMPLE_SECONDS = 0.5
+
+
+def configure_openmp(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Bounded spinning unless the user chose how OpenMP threads wait. It must run before llama_cpp
+    is imported: libgomp reads its environment once, when it is loaded."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+
+
+def openmp_waiting(environ: MutableMapping[str, str] = os.environ) -> str:
+    """The waiting policy in effect, for `edge-llm doctor`."""
+    policy = environ.get("OMP_WAIT_POLICY")
+    spin = environ.get("GOMP_SPINCOUNT")
+    parts = ([f"OMP_WAIT_POLICY={policy}"] if policy else []) + ([f"GOMP_SPINCOUNT={spin}"] if spin else [])
+    return " ".join(parts) or "libgomp default"
+
+
+def usable_cores() -> list[int]:
+    """The CPUs this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def default_threads() -> int:
+    """llama.cpp's own default: one thread per core this process may run on."""
+    return max(1, len(usable_cores()))
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    wall: float  # seconds
+    busy: float  # CPU-seconds spent by anything on our cores (steal included)
+    own: float  # CPU-seconds spent by this process
+
+
+def read_cpu_sample(cores: list[int]) -> CpuSample | None:
+    """Busy time of our cores (/proc/stat) and this process's CPU time (/proc/self/stat); None
+    where /proc is not there (not Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    wanted = {f"cpu{c}" for c in cores}
+    try:
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, _, rest = line.partition(" ")
+                if name in wanted:
+                    # user nice system idle iowait irq softirq steal ...: all but idle and iowait
+                    v = [int(x) for x in rest.split()[:8]]
+                    busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        own = int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+    return CpuSample(time.monotonic(), busy / tick, own / tick)
+
+
+def others_load(before: CpuSample, after: CpuSample) -> float:
+    """Cores kept busy by other programs between two samples."""
+    wall = after.wall - before.wall
+    if wall <= 0:
+        return 0.0
+    return max(0.0, ((after.busy - before.busy) - (after.own - before.own)) / wall)
+
+
+def next_threads(current: int, limit: int, others: float) -> int:
+    """Threads for the next decodes: a core given up as soon as other programs use more than
+    YIELD_ABOVE of it, taken back only once they use less than RECLAIM_BELOW."""
+    down = limit - math.ceil(max(0.0, others - YIELD_ABOVE))
+    up = limit - math.ceil(max(0.0, others - RECLAIM_BELOW))
+    if down < current:
+        return max(1, down)
+    if up > current:
+        return max(1, up)
+    return current
+
+
+class ThreadGovernor:
+    """The thread count for each decode: `limit` (every usable core) while the machine is quiet,
+    fewer while other programs keep cores busy. Asked before every decode; it samples the CPU
+    counters at most every SAMPLE_SECONDS. `fixed` (the user gave -t): always `limit`."""
+
+    def __init__(self, limit: int, *, fixed: bool, cores: list[int] | None = None,
+                 sample: Callable[[list[int]], CpuSample | None] = read_cpu_sample,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = max(1, limit)
+        self.current = self.limit
+        self.fixed = fixed
+        self._cores = cores if cores is not None else usable_cores()
+        self._sample = sample
+        self._clock = clock
+        self._last: CpuSample | None = None if fixed else sample(self._cores)
+        self.others = 0.0  # the last measurement, for logs and tests
+
+    def threads(self) -> int:
+        if self.fixed or self._last is None:
+            return self.current
+        if self._clock() - self._last.wall < SAMPLE_SECONDS:
+            return self.current
+        sample = self._sample(self._cores)
+        if sample is None:
+            return self.current
+        if sample.wall - self._last.wall > 4 * SAMPLE_SECONDS:
+            # The engine was idle: the window is stale and says nothing about running now.
+            self._last = sample
+            return self.current
+        self.others = others_load(self._last, sample)
+        self._last = sample
+        self.current = next_threads(self.current, self.limit, self.others)
+        return self.current
