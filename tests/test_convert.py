@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from conftest import ROOT, run_cli
+from llama_cpp_reference import gguf_differences, reference_gguf
 from tiny_models import (
     MIXED_TEXT,
     build_baichuan,
+    build_gemma,
     build_internlm2,
     build_llama,
     build_mistral,
@@ -22,6 +26,7 @@ from tiny_models import (
     llama_cpp_logits,
     llama_cpp_tokenize,
     reference_logits,
+    train_gemma_tokenizer,
     train_sentencepiece,
 )
 
@@ -49,25 +54,73 @@ def tokenizers_dir(tmp_path_factory, demo_path):
     smol.save_pretrained(root / "bpe")
     copy_bpe_tokenizer(root / "bpe", root / "qwen2-bpe", QWEN2_REGEX)
     copy_bpe_tokenizer(root / "bpe", root / "llama3-bpe", LLAMA3_REGEX)
+    train_gemma_tokenizer(root / "gemma")
     return root
 
 
-BUILDERS = {
-    "llama-spm": lambda d, t: build_llama(d, t / "spm"),
-    "llama3-bpe-rope-scaling": lambda d, t: build_llama(d, t / "llama3-bpe", rope_scaling=LLAMA3_ROPE,
-                                                        rope_theta=500000.0),
-    "smollm-bpe": lambda d, t: build_llama(d, t / "bpe"),
-    "mistral": lambda d, t: build_mistral(d, t / "spm"),
-    "qwen2": lambda d, t: build_qwen2(d, t / "qwen2-bpe"),
-    "qwen3": lambda d, t: build_qwen3(d, t / "qwen2-bpe"),
-    "baichuan": lambda d, t: build_baichuan(d, t / "spm", version=1),
-    "baichuan2": lambda d, t: build_baichuan(d, t / "spm-raw", version=2),
-    "internlm2": lambda d, t: build_internlm2(d, t / "spm-raw"),
+@dataclass
+class Family:
+    build: Callable  # (folder, tokenizers_dir) -> TinyModel
+    pre: str  # the tokenizer.ggml.pre edge-llm must write (and llama.cpp's converter's fallback, see below)
+    # Where edge-llm's file differs from llama.cpp's converter's on purpose: gguf_differences() key ->
+    # (the difference, why). Empty: every tensor and every key llama.cpp reads is the same.
+    differences: dict = field(default_factory=dict)
+    # Python run in llama.cpp's converter's process first, to get past a bug of its own (say which).
+    upstream_patch: str = ""
+
+
+# llama.cpp's conversion/baichuan.py passes every tensor but W_pack back to its own modify_tensors
+# under the mapped name, which recurses until RecursionError: no Baichuan checkpoint converts. The
+# reference is made with that branch calling TextModel.modify_tensors, as the code means to.
+BAICHUAN_FIX = """
+from conversion import baichuan, base
+_unpack = baichuan.BaichuanModel.modify_tensors
+def _modify(self, data, name, bid):
+    if bid is not None and name == f"model.layers.{bid}.self_attn.W_pack.weight":
+        yield from _unpack(self, data, name, bid)
+    else:
+        yield from base.TextModel.modify_tensors(self, data, name, bid)
+baichuan.BaichuanModel.modify_tensors = _modify
+"""
+
+
+FAMILIES = {
+    "llama-spm": Family(lambda d, t: build_llama(d, t / "spm"), "default"),
+    "llama3-bpe-rope-scaling": Family(lambda d, t: build_llama(d, t / "llama3-bpe", rope_scaling=LLAMA3_ROPE,
+                                                               rope_theta=500000.0), "llama-bpe"),
+    "smollm-bpe": Family(lambda d, t: build_llama(d, t / "bpe"), "smollm"),
+    "mistral": Family(lambda d, t: build_mistral(d, t / "spm"), "default"),
+    "qwen2": Family(lambda d, t: build_qwen2(d, t / "qwen2-bpe"), "qwen2"),
+    "qwen3": Family(lambda d, t: build_qwen3(d, t / "qwen2-bpe"), "qwen2"),
+    "baichuan": Family(lambda d, t: build_baichuan(d, t / "spm", version=1), "default",
+                       upstream_patch=BAICHUAN_FIX),
+    "baichuan2": Family(lambda d, t: build_baichuan(d, t / "spm-raw", version=2), "default", {
+        "tensor output.weight": ("different bytes", "Baichuan2's NormHead normalizes lm_head's rows at run time; "
+                                 "llama.cpp's graph does not, so edge-llm writes them normalized"),
+        "tokenizer.ggml.add_space_prefix": ("llama.cpp None, edge-llm False", "trained without SentencePiece's "
+                                            "dummy prefix: without this key llama.cpp adds a space the original "
+                                            "tokenizer does not")},
+                        upstream_patch=BAICHUAN_FIX),
+    "internlm2": Family(lambda d, t: build_internlm2(d, t / "spm-raw"), "default"),
+    "gemma": Family(lambda d, t: build_gemma(d, t / "gemma", version=1), "default"),
+    "gemma2": Family(lambda d, t: build_gemma(d, t / "gemma", version=2), "default"),
+    "gemma3": Family(lambda d, t: build_gemma(d, t / "gemma", version=3), "default"),
+    "gemma3-multimodal": Family(lambda d, t: build_gemma(d, t / "gemma", version=3, multimodal=True), "default"),
 }
-EXPECTED_PRE = {"llama-spm": "default", "llama3-bpe-rope-scaling": "llama-bpe", "smollm-bpe": "smollm",
-                "mistral": "default",
-                "qwen2": "qwen2", "qwen3": "qwen2", "baichuan": "default", "baichuan2": "default",
-                "internlm2": "default"}
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tokenizers_dir, tmp_path_factory):
+    """Each family's tiny checkpoint, built once per session (both tests below read it, neither
+    changes it)."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = FAMILIES[name].build(tmp_path_factory.mktemp(name) / name, tokenizers_dir)
+        return built[name]
+
+    return get
 
 
 def _field(path, key):
@@ -77,16 +130,29 @@ def _field(path, key):
     return None if field is None else field.contents()
 
 
-@pytest.mark.parametrize("arch", list(BUILDERS))
-def test_architecture_matches_transformers(arch, tokenizers_dir, tmp_path):
-    tiny = BUILDERS[arch](tmp_path / arch, tokenizers_dir)
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_same_gguf_as_llama_cpp_converter(arch, tiny_family, tmp_path):
+    """Every tensor (name, type, shape, bytes) and every metadata key llama.cpp reads, against the
+    converter of the llama.cpp that llama-cpp-python vendors (tests/llama_cpp_reference.py). The
+    fixtures' trained tokenizers have no known pre-tokenizer hash, so llama.cpp's converter is told
+    the family's `pre` when its hash table does not know it; edge-llm finds it by itself."""
+    family = FAMILIES[arch]
+    tiny = tiny_family(arch)
+    ours = convert(tiny.path, tmp_path / "ours.gguf", outtype="f16")
+    reference = reference_gguf(tiny.path, "f16", pre=family.pre, patch=family.upstream_patch)
+    assert gguf_differences(reference, ours) == {key: what for key, (what, _why) in family.differences.items()}
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_architecture_matches_transformers(arch, tiny_family, tmp_path):
+    tiny = tiny_family(arch)
     ids = tiny.tokenizer(MIXED_TEXT, add_special_tokens=False)["input_ids"]
     ref = reference_logits(tiny.reference, ids)
     scale = float(np.abs(ref).max())
 
     f32 = convert(tiny.path, tmp_path / "f32.gguf", outtype="f32")
     assert llama_cpp_tokenize(f32, MIXED_TEXT) == ids  # llama.cpp tokenizes exactly like the HF tokenizer
-    assert _field(f32, "tokenizer.ggml.pre") == EXPECTED_PRE[arch]
+    assert _field(f32, "tokenizer.ggml.pre") == FAMILIES[arch].pre
     got = llama_cpp_logits(f32, ids)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     assert np.abs(got - ref).max() < 1e-3 * scale

@@ -44,21 +44,26 @@ class TinyModel:
     tokenizer: object  # the HF tokenizer
 
 
-def train_sentencepiece(folder: Path, add_dummy_prefix: bool = True) -> Path:
-    """A real (tiny) Llama-style SentencePiece model: BPE with byte fallback, ids 0/1/2 = unk/bos/eos,
-    no normalization (like Llama's; llama.cpp applies none). `add_dummy_prefix=False` is how
-    Baichuan2's and InternLM2's tokenizers are trained."""
+def train_sentencepiece(folder: Path, add_dummy_prefix: bool = True, *, ids=(0, 1, 2, -1),
+                        user_defined: tuple[str, ...] = (), tokenizer_config: dict | None = None,
+                        vocab_size: int = 600) -> Path:
+    """A real (tiny) Llama-style SentencePiece model: BPE with byte fallback, `ids` = (unk, bos, eos,
+    pad) ids, no normalization (like Llama's; llama.cpp applies none). `add_dummy_prefix=False` is how
+    Baichuan2's, InternLM2's and Gemma's tokenizers are trained; `user_defined` pieces (chat markers)
+    are never split."""
     import sentencepiece as spm
 
+    unk, bos, eos, pad = ids
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_SP_CORPUS * 40), model_writer=buf, vocab_size=600, model_type="bpe",
-        byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        sentence_iterator=iter(_SP_CORPUS * 40), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=0.9995, unk_id=unk, bos_id=bos, eos_id=eos, pad_id=pad,
         split_digits=True, hard_vocab_limit=False, minloglevel=2, add_dummy_prefix=add_dummy_prefix,
-        normalization_rule_name="identity", remove_extra_whitespaces=False)
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        user_defined_symbols=list(user_defined))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config or {
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False}))
     return folder
@@ -164,6 +169,76 @@ def build_qwen3(folder: Path, tokenizer_dir: Path) -> TinyModel:
             layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
             layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     _save(model, tok, folder)
+    return TinyModel(folder, model, tok)
+
+
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == "
+                  "'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim "
+                  "+ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}"
+                  "{% endif %}")
+
+
+def train_gemma_tokenizer(folder: Path) -> Path:
+    """A SentencePiece model laid out like Gemma's: <pad> 0, <eos> 1, <bos> 2, <unk> 3, turn markers,
+    no dummy prefix; its HF tokenizer (GemmaTokenizer) saved beside it with Gemma's chat template."""
+    import transformers
+
+    train_sentencepiece(folder / "spm", add_dummy_prefix=False, ids=(3, 2, 1, 0),
+                        user_defined=("<start_of_turn>", "<end_of_turn>"),
+                        tokenizer_config={"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>",
+                                          "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+                                          "add_bos_token": True, "add_eos_token": False})
+    tok = transformers.AutoTokenizer.from_pretrained(folder / "spm")
+    tok.chat_template = GEMMA_TEMPLATE
+    tok.save_pretrained(folder)
+    shutil.copy(folder / "spm" / "tokenizer.model", folder / "tokenizer.model")
+    shutil.rmtree(folder / "spm")
+    return folder
+
+
+def _scramble_norms(model, low: float = -0.5, high: float = 0.5) -> None:
+    """Norm weights are constant at init; random ones make a wrong offset or mapping show."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(low, high)
+
+
+def build_gemma(folder: Path, tokenizer_dir: Path, version: int = 1, multimodal: bool = False) -> TinyModel:
+    """Gemma 1/2/3 (Gemma3ForConditionalGeneration with a tiny vision tower when `multimodal`).
+    head_dim = query_pre_attn_scalar, as in the real models (llama.cpp scales attention by
+    head_dim for the sizes it does not know); a 16-token sliding window so the test text crosses it."""
+    import torch
+    import transformers
+
+    torch.manual_seed(10 + version)
+    tok = _hf_tokenizer(tokenizer_dir)
+    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  initializer_range=0.2, **ids)
+    if version == 1:
+        model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**common))
+    elif version == 2:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **common, query_pre_attn_scalar=16, sliding_window=16, attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0))
+    else:
+        text = transformers.Gemma3TextConfig(**common, query_pre_attn_scalar=16, sliding_window=16)
+        if multimodal:
+            vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=28, patch_size=14)
+            config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                               mm_tokens_per_image=1, **ids)
+            model = transformers.Gemma3ForConditionalGeneration(config)
+        else:
+            model = transformers.Gemma3ForCausalLM(text)
+    model.eval()
+    _scramble_norms(model)
+    _save(model, tok, folder)
+    shutil.copy(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
     return TinyModel(folder, model, tok)
 
 

@@ -25,9 +25,10 @@ import gguf
 from edge_llm.convert.baichuan import BaichuanModel
 from edge_llm.convert.base import OUTTYPES, Model, write_gguf
 from edge_llm.convert.checkpoint import CheckpointError, load_config, load_tensors
+from edge_llm.convert.gemma import Gemma2Model, Gemma3Model, GemmaModel
 from edge_llm.convert.internlm2 import InternLM2Model
-from edge_llm.convert.llama import LlamaModel
-from edge_llm.convert.qwen import Qwen2Model, Qwen3Model
+from edge_llm.convert.llama import GraniteModel, InternLM3Model, LlamaModel, MixtralModel, SmolLM3Model
+from edge_llm.convert.qwen import Qwen2Model, Qwen2MoeModel, Qwen3Model, Qwen3MoeModel
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.quantize import progress_printer, quant_types, quantize_file
 
@@ -35,10 +36,13 @@ __all__ = ["convert", "main", "ARCHITECTURES", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES: dict[str, type[Model]] = {
-    name: cls for cls in (LlamaModel, Qwen2Model, Qwen3Model, BaichuanModel, InternLM2Model)
-    for name in cls.hf_architectures
-}
+FAMILIES: tuple[type[Model], ...] = (
+    LlamaModel, MixtralModel, SmolLM3Model, GraniteModel, InternLM3Model,
+    Qwen2Model, Qwen3Model, Qwen2MoeModel, Qwen3MoeModel,
+    GemmaModel, Gemma2Model, Gemma3Model,
+    BaichuanModel, InternLM2Model,
+)
+ARCHITECTURES: dict[str, type[Model]] = {name: cls for cls in FAMILIES for name in cls.hf_architectures}
 
 
 def tool_version() -> str:

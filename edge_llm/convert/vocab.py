@@ -74,13 +74,29 @@ def add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, pre
     raise CheckpointError(f"{hf_dir}: no tokenizer (tokenizer.model or tokenizer.json)")
 
 
-def _tokenizer_config(hf_dir: Path) -> dict:
+def tokenizer_config(hf_dir: Path) -> dict:
     path = hf_dir / "tokenizer_config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
 
 
-def add_sentencepiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None,
-                            fix_piece=None) -> None:
+def special_vocab(hf_dir: Path, n_vocab: int | None = None, **kwargs) -> gguf.SpecialVocab:
+    """Special token ids, add_bos/add_eos and the chat template (gguf-py reads tokenizer_config.json,
+    tokenizer.json, config.json and chat_template.jinja/.json). gguf-py's warnings about post-processor
+    details llama.cpp does not use are not the user's concern: shown with -v only."""
+    gguf_logger = logging.getLogger("gguf.vocab")
+    level = gguf_logger.level
+    if not logger.isEnabledFor(logging.INFO):
+        gguf_logger.setLevel(logging.ERROR)
+    try:
+        return gguf.SpecialVocab(hf_dir, n_vocab=n_vocab, **kwargs)
+    finally:
+        gguf_logger.setLevel(level)
+
+
+def load_sentencepiece(hf_dir: Path):
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
@@ -91,44 +107,86 @@ def add_sentencepiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: i
         sp.LoadFromFile(str(hf_dir / "tokenizer.model"))
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"{hf_dir / 'tokenizer.model'}: not a SentencePiece model ({exc})") from None
+    return sp
+
+
+def sentencepiece_tokens(hf_dir: Path, vocab_size: int | None, added: str = "llama", fix_piece=None):
+    """(tokens, scores, types) of a SentencePiece vocabulary with the checkpoint's added tokens.
+
+    `added` is how llama.cpp's converter types the tokens of tokenizer_config.json's
+    added_tokens_decoder: "llama" (most families: special, or looking special, is CONTROL; the
+    others are USER_DEFINED with "\u2581" pre-normalized to a space) or "strict" (Phi-3, InternLM2:
+    CONTROL only when marked special, text as is, and tokenizer.json's added tokens too)."""
+    sp = load_sentencepiece(hf_dir)
     n = vocab_size or sp.vocab_size()
     tokens = [f"[PAD{i}]".encode() for i in range(n)]
     scores = [-10000.0] * n
     types = [gguf.TokenType.UNUSED] * n
     for i in range(min(n, sp.vocab_size())):
         piece = sp.IdToPiece(i)
-        tokens[i] = fix_piece(piece).encode() if fix_piece else piece.encode()
-        scores[i] = sp.GetScore(i)
         types[i] = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
                     else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
                     else gguf.TokenType.NORMAL)
+        tokens[i], scores[i] = piece.encode(), sp.GetScore(i)
+        if fix_piece:
+            tokens[i], types[i] = fix_piece(piece, types[i])
 
     added_file = hf_dir / "added_tokens.json"
     if added_file.is_file():
         for text, tid in json.loads(added_file.read_text(encoding="utf-8")).items():
-            if tid < n:
+            if isinstance(tid, int) and 0 <= tid < n:
                 tokens[tid], scores[tid], types[tid] = text.encode(), -1000.0, gguf.TokenType.USER_DEFINED
-    for tid, data in _tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items():
-        tid, text = int(tid), data["content"]
-        if tid >= n:
+    for tid, data in _added_token_entries(hf_dir, with_tokenizer_json=added == "strict"):
+        text = data["content"]
+        if not 0 <= tid < n:
             continue
-        if data.get("special") or does_token_look_special(text):
+        if added == "strict":
+            types[tid] = gguf.TokenType.CONTROL if data.get("special") else gguf.TokenType.USER_DEFINED
+        elif data.get("special") or does_token_look_special(text):
             types[tid] = gguf.TokenType.CONTROL
         else:
             text = text.replace("\u2581", " ")  # llama.cpp expects user-defined tokens pre-normalized
             types[tid] = gguf.TokenType.USER_DEFINED
         tokens[tid], scores[tid] = text.encode(), -1000.0
+    return tokens, scores, types, sp
 
+
+def _added_token_entries(hf_dir: Path, with_tokenizer_json: bool) -> list[tuple[int, dict]]:
+    entries = [(int(tid), data) for tid, data in tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items()]
+    if with_tokenizer_json and (hf_dir / "tokenizer.json").is_file():
+        data = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        entries += [(int(t["id"]), t) for t in data.get("added_tokens", [])]
+    return entries
+
+
+def added_tokens(hf_dir: Path) -> list[tuple[int, str]]:
+    """(id, text) of the added tokens of tokenizer_config.json and tokenizer.json, in that order."""
+    return [(tid, data["content"]) for tid, data in _added_token_entries(hf_dir, with_tokenizer_json=True)]
+
+
+def add_sentencepiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, *,
+                            added: str = "llama", space_prefix: bool | str | None = None, fix_piece=None,
+                            special: bool = True) -> int:
+    """Write a SentencePiece vocabulary (`tokenizer.ggml.model` "llama"); returns its size.
+
+    `space_prefix`: None writes `add_space_prefix` false only for a model trained without the dummy
+    "\u2581" prefix (Baichuan2, InternLM2: llama.cpp would otherwise add a space its tokenizer does
+    not); "model" writes the model's own setting either way; a bool writes that value.
+    `special=False` leaves the special tokens to the caller."""
+    tokens, scores, types, sp = sentencepiece_tokens(hf_dir, vocab_size, added, fix_piece)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
-    if not sp.EncodeAsPieces("x")[0].startswith("\u2581"):
-        # Trained with add_dummy_prefix=false (Baichuan2, InternLM2): llama.cpp must not add the
-        # leading space it adds by default for SentencePiece vocabularies.
-        writer.add_add_space_prefix(False)
+    adds_prefix = sp.EncodeAsPieces("x")[0].startswith("\u2581")
+    if space_prefix == "model" or space_prefix is None and not adds_prefix:
+        space_prefix = adds_prefix
+    if space_prefix is not None:
+        writer.add_add_space_prefix(space_prefix)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(hf_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    if special:
+        special_vocab(hf_dir, len(tokens)).add_to_gguf(writer, quiet=True)
+    return len(tokens)
 
 
 def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
@@ -175,7 +233,7 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None)
     if max(vocab.values()) >= n:
         raise CheckpointError(f"{path}: token id {max(vocab.values())} does not fit vocab_size {n} of config.json")
     added = {t["id"]: t for t in data.get("added_tokens", [])}
-    for tid, info in _tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items():
+    for tid, info in tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items():
         added.setdefault(int(tid), {"content": info["content"], "special": info.get("special", False)})
     reverse = {tid: text for text, tid in vocab.items()}
     tokens, types = [], []
@@ -199,4 +257,4 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    special_vocab(hf_dir, len(tokens), load_merges=True).add_to_gguf(writer, quiet=True)
