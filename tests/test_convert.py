@@ -14,18 +14,23 @@ import pytest
 from conftest import ROOT, run_cli
 from llama_cpp_reference import gguf_differences, reference_gguf
 from tiny_models import (
+    GPT4O_REGEX,
     MIXED_TEXT,
+    PHI3_TEMPLATE,
     build_baichuan,
     build_gemma,
     build_internlm2,
     build_llama,
     build_mistral,
+    build_phi3,
     build_qwen2,
     build_qwen3,
     copy_bpe_tokenizer,
+    family_bpe_tokenizer,
     llama_cpp_logits,
     llama_cpp_tokenize,
     reference_logits,
+    spm_with_added_tokens,
     train_gemma_tokenizer,
     train_sentencepiece,
 )
@@ -55,6 +60,12 @@ def tokenizers_dir(tmp_path_factory, demo_path):
     copy_bpe_tokenizer(root / "bpe", root / "qwen2-bpe", QWEN2_REGEX)
     copy_bpe_tokenizer(root / "bpe", root / "llama3-bpe", LLAMA3_REGEX)
     train_gemma_tokenizer(root / "gemma")
+    spm_with_added_tokens(root / "spm", root / "phi3", {"<|endoftext|>": True, "<|system|>": True, "<|user|>": True, "<|assistant|>": True,
+                                                        "<|end|>": True, "<|placeholder1|>": False}, PHI3_TEMPLATE)
+    family_bpe_tokenizer(root / "bpe", root / "phi4-mini", GPT4O_REGEX,
+                         ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+                         {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
+                          "eos_token": "<|endoftext|>", "chat_template": PHI3_TEMPLATE})
     return root
 
 
@@ -106,6 +117,8 @@ FAMILIES = {
     "gemma2": Family(lambda d, t: build_gemma(d, t / "gemma", version=2), "default"),
     "gemma3": Family(lambda d, t: build_gemma(d, t / "gemma", version=3), "default"),
     "gemma3-multimodal": Family(lambda d, t: build_gemma(d, t / "gemma", version=3, multimodal=True), "default"),
+    "phi3": Family(lambda d, t: build_phi3(d, t / "phi3"), "default"),
+    "phi4-mini": Family(lambda d, t: build_phi3(d, t / "phi4-mini", phi4_mini=True), "gpt-4o"),
 }
 
 

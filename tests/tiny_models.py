@@ -85,6 +85,50 @@ def copy_bpe_tokenizer(src: Path, folder: Path, regex: str | None = None) -> Pat
     return folder
 
 
+GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def family_bpe_tokenizer(src: Path, folder: Path, regex: str | None, special: tuple[str, ...] = (),
+                         config: dict | None = None) -> Path:
+    """SmolLM2's byte-level BPE dressed as another family's: that family's split regex, its chat
+    special tokens (added, special) and tokenizer_config.json entries (class, bos/eos, template).
+    Two tokens swap ids, so that llama.cpp's pre-tokenizer hash cannot take it for SmolLM's (whose
+    vocabulary, without multi-digit tokens, tokenizes the hash's test text alike under several
+    regexes): the converter must then recognize the family's regex."""
+    from tokenizers import AddedToken, Tokenizer
+
+    copy_bpe_tokenizer(src, folder, regex)
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    vocab["!"], vocab['"'] = vocab['"'], vocab["!"]
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    data = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    data.pop("added_tokens_decoder", None)
+    data.update(config or {})
+    (folder / "tokenizer_config.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def spm_with_added_tokens(spm_dir: Path, folder: Path, added: dict[str, bool], chat_template: str) -> Path:
+    """A Llama-style SentencePiece tokenizer with added tokens after its vocabulary ({text: special})
+    and a chat template, saved by transformers (tokenizer.json + tokenizer_config.json) beside it."""
+    import transformers
+    from tokenizers import AddedToken
+
+    tok = transformers.AutoTokenizer.from_pretrained(spm_dir)
+    tok.add_tokens([AddedToken(t, special=sp, normalized=False) for t, sp in added.items()])
+    tok.chat_template = chat_template
+    tok.save_pretrained(folder)
+    shutil.copy(spm_dir / "tokenizer.model", folder / "tokenizer.model")
+    return folder
+
+
 class SentencePieceTokenizer:
     """The tokenizer Baichuan's and InternLM2's remote code implement: SentencePiece itself."""
 
@@ -109,6 +153,22 @@ def _hf_tokenizer(folder: Path):
 def _save(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def _file_tokenizer(folder: Path):
+    """The tokenizer exactly as tokenizer.json has it (AutoTokenizer would rebuild some classes,
+    e.g. GPT2Tokenizer, with their default pre-tokenizer)."""
+    import transformers
+
+    return transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def _save_as_shipped(model, tokenizer_dir: Path, folder: Path) -> None:
+    """The weights by transformers, the tokenizer files as the family ships them (copied)."""
+    model.save_pretrained(folder)
+    for path in tokenizer_dir.iterdir():
+        if path.is_file():
+            shutil.copy(path, folder / path.name)
 
 
 def build_llama(folder: Path, tokenizer_dir: Path, **overrides) -> TinyModel:
@@ -239,6 +299,37 @@ def build_gemma(folder: Path, tokenizer_dir: Path, version: int = 1, multimodal:
     _scramble_norms(model)
     _save(model, tok, folder)
     shutil.copy(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
+    return TinyModel(folder, model, tok)
+
+
+PHI3_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + "
+                 "'<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def build_phi3(folder: Path, tokenizer_dir: Path, phi4_mini: bool = False) -> TinyModel:
+    """Phi-3-mini (MHA, SentencePiece) or Phi-4-mini (GQA, byte-level BPE, 3/4 partial rotary,
+    LongRoPE factors, tied embeddings)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(20 + phi4_mini)
+    tok = _file_tokenizer(tokenizer_dir)
+    config = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                  original_max_position_embeddings=256, initializer_range=0.2, pad_token_id=None,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if phi4_mini:
+        rotary_half = int(64 // 4 * 0.75) // 2
+        # llama.cpp picks the long factors past the original context, counting its whole context,
+        # which it rounds up to 256: an original context of 256 keeps both sides on the short ones.
+        config.update(num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=256,
+                      tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                       "short_factor": [1.0 + 0.1 * i for i in range(rotary_half)],
+                                       "long_factor": [2.0 + 0.5 * i for i in range(rotary_half)]})
+    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**config)).eval()
+    _scramble_norms(model, 0.5, 1.5)
+    _save_as_shipped(model, tokenizer_dir, folder)
     return TinyModel(folder, model, tok)
 
 

@@ -28,6 +28,7 @@ from edge_llm.convert.checkpoint import CheckpointError, load_config, load_tenso
 from edge_llm.convert.gemma import Gemma2Model, Gemma3Model, GemmaModel
 from edge_llm.convert.internlm2 import InternLM2Model
 from edge_llm.convert.llama import GraniteModel, InternLM3Model, LlamaModel, MixtralModel, SmolLM3Model
+from edge_llm.convert.phi3 import Phi3Model
 from edge_llm.convert.qwen import Qwen2Model, Qwen2MoeModel, Qwen3Model, Qwen3MoeModel
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.quantize import progress_printer, quant_types, quantize_file
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 FAMILIES: tuple[type[Model], ...] = (
     LlamaModel, MixtralModel, SmolLM3Model, GraniteModel, InternLM3Model,
     Qwen2Model, Qwen3Model, Qwen2MoeModel, Qwen3MoeModel,
-    GemmaModel, Gemma2Model, Gemma3Model,
+    GemmaModel, Gemma2Model, Gemma3Model, Phi3Model,
     BaichuanModel, InternLM2Model,
 )
 ARCHITECTURES: dict[str, type[Model]] = {name: cls for cls in FAMILIES for name in cls.hf_architectures}

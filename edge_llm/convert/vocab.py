@@ -47,9 +47,13 @@ KNOWN_PRE_HASHES = {
 # split regex itself still says which pre-tokenizer llama.cpp must run.
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 KNOWN_PRE_REGEXES = {
     _LLAMA3_REGEX: "llama-bpe",
     _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2",
+    _GPT4O_REGEX: "gpt-4o",  # o200k: Phi-4-mini, gpt-oss
 }
 
 
