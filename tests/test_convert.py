@@ -22,6 +22,7 @@ from tiny_models import (
     build_internlm2,
     build_llama,
     build_mistral,
+    build_moe,
     build_phi3,
     build_qwen2,
     build_qwen3,
@@ -118,6 +119,9 @@ FAMILIES = {
     "gemma3": Family(lambda d, t: build_gemma(d, t / "gemma", version=3), "default"),
     "gemma3-multimodal": Family(lambda d, t: build_gemma(d, t / "gemma", version=3, multimodal=True), "default"),
     "phi3": Family(lambda d, t: build_phi3(d, t / "phi3"), "default"),
+    "mixtral": Family(lambda d, t: build_moe(d, t / "spm", "mixtral"), "default"),
+    "qwen2-moe": Family(lambda d, t: build_moe(d, t / "qwen2-bpe", "qwen2_moe"), "qwen2"),
+    "qwen3-moe": Family(lambda d, t: build_moe(d, t / "qwen2-bpe", "qwen3_moe"), "qwen2"),
     "phi4-mini": Family(lambda d, t: build_phi3(d, t / "phi4-mini", phi4_mini=True), "gpt-4o"),
 }
 

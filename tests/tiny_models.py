@@ -333,6 +333,34 @@ def build_phi3(folder: Path, tokenizer_dir: Path, phi4_mini: bool = False) -> Ti
     return TinyModel(folder, model, tok)
 
 
+def build_moe(folder: Path, tokenizer_dir: Path, family: str) -> TinyModel:
+    """Mixtral, Qwen2-MoE (with its gated shared expert) or Qwen3-MoE: 4 experts, 2 per token,
+    saved one tensor per expert as the hub checkpoints are."""
+    import torch
+    import transformers
+
+    torch.manual_seed(30 + ["mixtral", "qwen2_moe", "qwen3_moe"].index(family))
+    tok = _hf_tokenizer(tokenizer_dir)
+    common = dict(vocab_size=len(tok), **{**SMALL, "initializer_range": 0.1}, num_experts_per_tok=2)
+    if family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, num_local_experts=4,
+                                                                          sliding_window=None))
+    elif family == "qwen2_moe":
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **common, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            decoder_sparse_step=1, norm_topk_prob=False, rope_theta=1_000_000.0, tie_word_embeddings=False))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, num_experts=4, moe_intermediate_size=32, head_dim=32, decoder_sparse_step=1,
+            norm_topk_prob=True, tie_word_embeddings=False))
+    model.eval()
+    _scramble_norms(model, 0.5, 1.5)
+    _save(model, tok, folder)
+    if (tokenizer_dir / "tokenizer.model").is_file():
+        shutil.copy(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
+    return TinyModel(folder, model, tok)
+
+
 def _reference_llama(tok, seed: int, **overrides):
     import torch
     import transformers
