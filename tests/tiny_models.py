@@ -361,6 +361,246 @@ def build_moe(folder: Path, tokenizer_dir: Path, family: str) -> TinyModel:
     return TinyModel(folder, model, tok)
 
 
+GLM_TEMPLATE = ("[gMASK]<sop>{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+
+
+def build_llama_like(folder: Path, tokenizer_dir: Path, family: str, seed: int) -> TinyModel:
+    """Families transformers writes with Llama's tensor names plus a twist: SmolLM3 (4 layers, so the
+    4th has no RoPE), OLMo 2 (post-norms, whole-projection q/k norms), Granite (multipliers),
+    InternLM3."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tok = _file_tokenizer(tokenizer_dir) if not (tokenizer_dir / "tokenizer.model").is_file() \
+        else _hf_tokenizer(tokenizer_dir)
+    common = dict(vocab_size=len(tok), **SMALL, tie_word_embeddings=False, pad_token_id=None,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if family == "smollm3":
+        config = transformers.SmolLM3Config(**{**common, "num_hidden_layers": 4}, no_rope_layer_interval=4)
+        model = transformers.SmolLM3ForCausalLM(config)
+    elif family == "olmo2":
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**common, rope_theta=500000.0))
+    elif family == "granite":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            **common, attention_multiplier=0.2, embedding_multiplier=3.0, residual_multiplier=0.5,
+            logits_scaling=2.5))
+    else:  # InternLM3's own modelling code is remote code; its architecture is Llama's
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, head_dim=16))
+    model.eval()
+    _scramble_norms(model, 0.5, 1.5)
+    _save_as_shipped(model, tokenizer_dir, folder)
+    if family == "internlm3":
+        config = json.loads((folder / "config.json").read_text())
+        config.update(architectures=["InternLM3ForCausalLM"], model_type="internlm3", bias=False, qkv_bias=False)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return TinyModel(folder, model, tok)
+
+
+def build_starcoder2(folder: Path, tokenizer_dir: Path) -> TinyModel:
+    """StarCoder2: biases everywhere, LayerNorm, GELU MLP (c_fc/c_proj), GQA."""
+    import torch
+    import transformers
+
+    torch.manual_seed(50)
+    tok = _file_tokenizer(tokenizer_dir)
+    config = transformers.Starcoder2Config(
+        vocab_size=len(tok), **{k: v for k, v in SMALL.items() if k != "rms_norm_eps"}, use_bias=True,
+        norm_epsilon=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    model = transformers.Starcoder2ForCausalLM(config).eval()
+    with torch.no_grad():  # biases and LayerNorm shifts are zero at init: make them matter
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.3)
+    _scramble_norms(model, 0.5, 1.5)
+    _save_as_shipped(model, tokenizer_dir, folder)
+    return TinyModel(folder, model, tok)
+
+
+def build_minicpm(folder: Path, tokenizer_dir: Path) -> TinyModel:
+    """MiniCPM (remote code on the hub) in its original layout: Llama's tensors, tied embeddings, and
+    scales applied at run time (embeddings x scale_emb, each residual branch x scale_depth/sqrt(L),
+    logits / (hidden/dim_model_base)). The reference is a Llama with those scales folded into its
+    weights: the same function."""
+    import torch
+
+    tok = _hf_tokenizer(tokenizer_dir)
+    scale_emb, scale_depth, dim_model_base = 12.0, 1.4, 16
+    ref = _reference_llama(tok, seed=51, initializer_range=0.1)
+    state = {k: v.detach().float().numpy().copy() for k, v in ref.state_dict().items()}
+    del state["lm_head.weight"]  # tied, like MiniCPM-2B
+    residual = scale_depth / SMALL["num_hidden_layers"] ** 0.5
+    with torch.no_grad():
+        embed = ref.model.embed_tokens.weight.clone()
+        ref.model.embed_tokens.weight.mul_(scale_emb)
+        ref.lm_head.weight.copy_(embed / (SMALL["hidden_size"] / dim_model_base))
+        for layer in ref.model.layers:
+            layer.self_attn.o_proj.weight.mul_(residual)
+            layer.mlp.down_proj.weight.mul_(residual)
+    config = {"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "hidden_act": "silu",
+              "vocab_size": len(tok), "rope_theta": 10000.0, "rope_scaling": None, "tie_word_embeddings": True,
+              "scale_emb": scale_emb, "scale_depth": scale_depth, "dim_model_base": dim_model_base,
+              "bos_token_id": 1, "eos_token_id": 2,
+              **{k: SMALL[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                       "num_key_value_heads", "max_position_embeddings", "rms_norm_eps")}}
+    _write_original(folder, state, config, tokenizer_dir)
+    return TinyModel(folder, ref, tok)
+
+
+def build_ernie45(folder: Path, tokenizer_dir: Path) -> TinyModel:
+    """ERNIE 4.5 dense, written with q/k/v fused in `qkv_proj` and gate/up in `up_gate_proj` (as
+    Baidu's first PyTorch checkpoints were; transformers' own layout is the plain Llama-like one)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(52)
+    tok = _hf_tokenizer(tokenizer_dir)
+    config = transformers.Ernie4_5Config(vocab_size=len(tok), **SMALL, head_dim=16, use_bias=False,
+                                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.Ernie4_5ForCausalLM(config).eval()
+    _scramble_norms(model, 0.5, 1.5)
+    _save_as_shipped(model, tokenizer_dir, folder)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    for bid in range(SMALL["num_hidden_layers"]):
+        attn, mlp = f"model.layers.{bid}.self_attn", f"model.layers.{bid}.mlp"
+        tensors[f"{attn}.qkv_proj.weight"] = np.concatenate([tensors.pop(f"{attn}.{k}_proj.weight") for k in "qkv"])
+        tensors[f"{mlp}.up_gate_proj.weight"] = np.concatenate([tensors.pop(f"{mlp}.{k}_proj.weight")
+                                                                for k in ("gate", "up")])
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return TinyModel(folder, model, tok)
+
+
+def build_glm(folder: Path, tokenizer_dir: Path, version: str) -> TinyModel:
+    """GLM-4-9B-chat as transformers has it (GlmForCausalLM: llama.cpp's CHATGLM) or GLM-4-0414
+    (Glm4ForCausalLM: GLM4): q/k/v biases, fused gate/up, RoPE on half of each head."""
+    import torch
+    import transformers
+
+    torch.manual_seed(60 + (version == "glm4"))
+    tok = _file_tokenizer(tokenizer_dir)
+    common = dict(vocab_size=len(tok), **SMALL, head_dim=16, attention_bias=True, pad_token_id=None,
+                  eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    if version == "glm4":
+        model = transformers.Glm4ForCausalLM(transformers.Glm4Config(**common))
+    else:
+        model = transformers.GlmForCausalLM(transformers.GlmConfig(**common))
+    model.eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    _scramble_norms(model, 0.5, 1.5)
+    _save_as_shipped(model, tokenizer_dir, folder)
+    return TinyModel(folder, model, tok)
+
+
+# ChatGLM3's tokenizer is remote code (tokenization_chatglm.py) that edge-llm never runs; llama.cpp's
+# converter runs it (trust_remote_code=True). The fixture ships this minimal re-implementation of
+# the parts that converter uses, so the reference can be built; edge-llm reads tokenizer.model itself.
+_CHATGLM3_TOKENIZER = '''
+import sentencepiece
+from transformers import PreTrainedTokenizer
+
+SPECIAL = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+
+
+class SPTokenizer:
+    def __init__(self, path):
+        self.sp_model = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.n_words = self.sp_model.vocab_size()
+        self.bos_id, self.eos_id, self.pad_id = self.sp_model.bos_id(), self.sp_model.eos_id(), self.sp_model.unk_id()
+        self.special_tokens = {t: self.n_words + i for i, t in enumerate(SPECIAL)}
+        self.index_special_tokens = {i: t for t, i in self.special_tokens.items()}
+
+    def convert_id_to_token(self, index):
+        if index in self.index_special_tokens:
+            return self.index_special_tokens[index]
+        if index in [self.eos_id, self.bos_id, self.pad_id] or index < 0 or index > self.sp_model.vocab_size():
+            return ""
+        return self.sp_model.IdToPiece(index)
+
+
+class ChatGLMTokenizer(PreTrainedTokenizer):
+    vocab_files_names = {"vocab_file": "tokenizer.model"}
+
+    def __init__(self, vocab_file, **kwargs):
+        self.tokenizer = SPTokenizer(vocab_file)
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.n_words + len(SPECIAL)
+
+    def get_vocab(self):
+        return {self._convert_id_to_token(i): i for i in range(self.vocab_size)}
+
+    def _tokenize(self, text, **kwargs):
+        return self.tokenizer.sp_model.EncodeAsPieces(text)
+
+    def _convert_token_to_id(self, token):
+        return self.tokenizer.special_tokens.get(token, self.tokenizer.sp_model.PieceToId(token))
+
+    def _convert_id_to_token(self, index):
+        return self.tokenizer.convert_id_to_token(index)
+'''
+
+
+def build_chatglm3(folder: Path, tokenizer_dir: Path) -> TinyModel:
+    """ChatGLM3-6B's layout (ChatGLMModel, remote code on the hub): fused query_key_value with biases,
+    fused dense_h_to_4h, multi-query groups, SentencePiece plus nine special tokens. Its architecture
+    is the one transformers' GlmForCausalLM implements, so that is the reference, with the weights
+    renamed and fused the ChatGLM way."""
+    import torch
+    import transformers
+
+    torch.manual_seed(62)
+    tok = SentencePieceTokenizer(tokenizer_dir)
+    vocab = len(tok) + 9
+    config = transformers.GlmConfig(vocab_size=vocab, **SMALL, head_dim=16, attention_bias=True, pad_token_id=None,
+                                    bos_token_id=None, eos_token_id=2, tie_word_embeddings=False)
+    ref = transformers.GlmForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    _scramble_norms(ref, 0.5, 1.5)
+    state = {k: v.detach().float().numpy() for k, v in ref.state_dict().items()}
+    tensors = {"transformer.embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
+               "transformer.encoder.final_layernorm.weight": state["model.norm.weight"],
+               "transformer.output_layer.weight": state["lm_head.weight"],
+               "transformer.rotary_pos_emb.inv_freq": np.ones(4, dtype=np.float32)}  # skipped by converters
+    for bid in range(SMALL["num_hidden_layers"]):
+        src, dst = f"model.layers.{bid}", f"transformer.encoder.layers.{bid}"
+        for kind in ("weight", "bias"):
+            tensors[f"{dst}.self_attention.query_key_value.{kind}"] = np.concatenate(
+                [state[f"{src}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
+        tensors[f"{dst}.self_attention.dense.weight"] = state[f"{src}.self_attn.o_proj.weight"]
+        tensors[f"{dst}.input_layernorm.weight"] = state[f"{src}.input_layernorm.weight"]
+        tensors[f"{dst}.post_attention_layernorm.weight"] = state[f"{src}.post_attention_layernorm.weight"]
+        tensors[f"{dst}.mlp.dense_h_to_4h.weight"] = state[f"{src}.mlp.gate_up_proj.weight"]
+        tensors[f"{dst}.mlp.dense_4h_to_h.weight"] = state[f"{src}.mlp.down_proj.weight"]
+    chatglm = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "_name_or_path": "THUDM/chatglm3-6b",
+               "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"},
+               "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "kv_channels": 16,
+               "num_attention_heads": 4, "multi_query_attention": True, "multi_query_group_num": 2,
+               "seq_length": 256, "layernorm_epsilon": SMALL["rms_norm_eps"], "padded_vocab_size": vocab,
+               "add_qkv_bias": True, "add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
+               "original_rope": True, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False}
+    _write_original(folder, tensors, chatglm, tokenizer_dir)
+    (folder / "tokenization_chatglm.py").write_text(_CHATGLM3_TOKENIZER)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "ChatGLMTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer",
+                                                                              None]},
+        "chat_template": GLM_TEMPLATE.replace("<sop>", "sop")}))
+    return TinyModel(folder, ref, tok)
+
+
 def _reference_llama(tok, seed: int, **overrides):
     import torch
     import transformers
@@ -378,8 +618,9 @@ def _write_original(folder: Path, tensors: dict[str, np.ndarray], config: dict, 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, folder / name)
+    for path in tokenizer_dir.iterdir():
+        if path.is_file():
+            shutil.copy(path, folder / path.name)
 
 
 def build_baichuan(folder: Path, tokenizer_dir: Path, version: int = 2) -> TinyModel:

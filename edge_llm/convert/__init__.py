@@ -25,9 +25,20 @@ import gguf
 from edge_llm.convert.baichuan import BaichuanModel
 from edge_llm.convert.base import OUTTYPES, Model, write_gguf
 from edge_llm.convert.checkpoint import CheckpointError, load_config, load_tensors
+from edge_llm.convert.deepseek import DeepseekV2Model
 from edge_llm.convert.gemma import Gemma2Model, Gemma3Model, GemmaModel
+from edge_llm.convert.glm import ChatGLMModel, Glm4Model
 from edge_llm.convert.internlm2 import InternLM2Model
-from edge_llm.convert.llama import GraniteModel, InternLM3Model, LlamaModel, MixtralModel, SmolLM3Model
+from edge_llm.convert.lfm2 import LFM2Model
+from edge_llm.convert.llama import (
+    GraniteModel,
+    InternLM3Model,
+    LlamaModel,
+    MixtralModel,
+    Olmo2Model,
+    SmolLM3Model,
+)
+from edge_llm.convert.others import Ernie45Model, MiniCPMModel, StarCoder2Model
 from edge_llm.convert.phi3 import Phi3Model
 from edge_llm.convert.qwen import Qwen2Model, Qwen2MoeModel, Qwen3Model, Qwen3MoeModel
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
@@ -38,9 +49,11 @@ __all__ = ["convert", "main", "ARCHITECTURES", "CheckpointError"]
 logger = logging.getLogger(__name__)
 
 FAMILIES: tuple[type[Model], ...] = (
-    LlamaModel, MixtralModel, SmolLM3Model, GraniteModel, InternLM3Model,
+    LlamaModel, MixtralModel, SmolLM3Model, GraniteModel, InternLM3Model, Olmo2Model,
     Qwen2Model, Qwen3Model, Qwen2MoeModel, Qwen3MoeModel,
     GemmaModel, Gemma2Model, Gemma3Model, Phi3Model,
+    MiniCPMModel, StarCoder2Model, Ernie45Model, ChatGLMModel, Glm4Model, DeepseekV2Model,
+    LFM2Model,
     BaichuanModel, InternLM2Model,
 )
 ARCHITECTURES: dict[str, type[Model]] = {name: cls for cls in FAMILIES for name in cls.hf_architectures}

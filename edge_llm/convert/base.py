@@ -52,6 +52,18 @@ def permute_qk(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -
             .swapaxes(1, 2).reshape(weights.shape))
 
 
+def rope_factor_tensors(long: list | None, short: list | None, rope_dims: int) -> Iterator[tuple[str, Lazy]]:
+    """LongRoPE's per-frequency factors as llama.cpp's `rope_factors_long/short` tensors."""
+    if not long and not short:
+        return
+    if not long or not short or len(long) != len(short) or len(long) != rope_dims / 2:
+        raise CheckpointError(f"LongRoPE needs {rope_dims // 2} long and short factors, the config has "
+                              f"{len(long or [])} and {len(short or [])}")
+    for key, factors in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, long), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, short)):
+        data = np.array(factors, dtype=np.float32)
+        yield gguf.TENSOR_NAMES[key] + ".weight", Lazy(data.shape, lambda data=data: data)
+
+
 @dataclass
 class PlannedTensor:
     name: str
@@ -81,8 +93,9 @@ class Model:
     # transformers' config-class defaults for keys that hub config.json files leave out (llama.cpp's
     # converter reads the config through transformers, which fills them in).
     defaults: dict = {}
-    # Tensors every block has; a checkpoint without one of them is incomplete.
+    # Tensors every block has, and the model's own; a checkpoint without one of them is incomplete.
     block_tensors = _REQUIRED
+    required_tensors = ("token_embd.weight", "output_norm.weight")
     skip_suffixes = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
     # Per-expert tensors (`...experts.3.w1.weight`) are stacked into one tensor per layer and kind.
     _EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<xid>\d+)\.(?P<kind>[^.]+)\.weight$")
@@ -312,7 +325,7 @@ class Model:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise CheckpointError(f"the checkpoint maps several tensors to {', '.join(dup[:3])}")
-        missing = [n for n in ["token_embd.weight", "output_norm.weight"] if n not in names]
+        missing = [n for n in self.required_tensors if n not in names]
         missing += [f"blk.{b}.{k}.weight" for b in range(self.block_count) for k in self.block_tensors
                     if f"blk.{b}.{k}.weight" not in names]
         if missing:

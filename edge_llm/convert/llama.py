@@ -87,6 +87,8 @@ class InternLM3Model(LlamaModel):
 
     def set_vocab(self, w: gguf.GGUFWriter) -> None:
         config = tokenizer_config(self.hf_dir)
+        # A null add_prefix_space is no setting (llama.cpp's converter writes it as False, which
+        # makes llama.cpp drop the prefix space the HF tokenizer adds).
         n_vocab = add_sentencepiece_vocab(w, self.hf_dir, self.hparams.get("vocab_size"), special=False,
                                           space_prefix=config.get("add_prefix_space"))
         special = special_vocab(self.hf_dir, n_vocab)
@@ -115,3 +117,25 @@ def llama3_rope_factors(rope: dict, base: float, dim: int) -> np.ndarray:
             smooth = (old_ctx / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(factors, dtype=np.float32)
+
+
+class Olmo2Model(Model):
+    """OLMo 2: norms after attention and MLP (no pre-norms), q/k norms over all heads together."""
+
+    arch = gguf.MODEL_ARCH.OLMO2
+    hf_architectures = ("Olmo2ForCausalLM",)
+    block_tensors = ("attn_q", "attn_k", "attn_v", "attn_output", "post_attention_norm", "ffn_gate", "ffn_up",
+                     "ffn_down", "post_ffw_norm")
+
+    def set_params(self, w: gguf.GGUFWriter) -> None:
+        super().set_params(w)
+        hp = self.hparams
+        if "sliding_window" in hp:  # OLMo 3 (same GGUF architecture)
+            w.add_sliding_window(hp["sliding_window"])
+            pattern = ([t == "sliding_attention" for t in hp["layer_types"]] if "layer_types" in hp
+                       else [(i + 1) % 4 != 0 for i in range(self.block_count)])
+            w.add_sliding_window_pattern(pattern)
+
+    def expected_shapes(self) -> dict[str, tuple]:
+        q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        return {**super().expected_shapes(), "attn_q_norm": (q,), "attn_k_norm": (kv,)}

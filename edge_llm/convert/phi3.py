@@ -9,9 +9,8 @@ import math
 from collections.abc import Iterable
 
 import gguf
-import numpy as np
 
-from edge_llm.convert.base import Model
+from edge_llm.convert.base import Model, rope_factor_tensors
 from edge_llm.convert.checkpoint import CheckpointError, Lazy
 from edge_llm.convert.vocab import add_bpe_vocab, add_sentencepiece_vocab, tokenizer_config
 
@@ -65,15 +64,8 @@ class Phi3Model(Model):
         raise CheckpointError(f"unsupported Phi-3 RoPE scaling {kind!r}")
 
     def extra_tensors(self) -> Iterable[tuple[str, Lazy]]:
-        long, short = self.rope.get("long_factor"), self.rope.get("short_factor")
-        if not long:
-            return
-        if not short or len(long) != len(short) or len(long) != self.rope_dims / 2:
-            raise CheckpointError(f"LongRoPE needs {self.rope_dims // 2} long and short factors, the config has "
-                                  f"{len(long)} and {len(short or [])}")
-        for key, factors in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, long), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, short)):
-            data = np.array(factors, dtype=np.float32)
-            yield gguf.TENSOR_NAMES[key] + ".weight", Lazy(data.shape, lambda data=data: data)
+        if self.rope.get("long_factor"):  # Phi-3 writes them only with long factors
+            yield from rope_factor_tensors(self.rope["long_factor"], self.rope.get("short_factor"), self.rope_dims)
 
     def expected_shapes(self) -> dict[str, tuple]:
         q, kv, ff = self.n_head * self.head_dim, self.n_head_kv * self.head_dim, self.hparams.get("intermediate_size")

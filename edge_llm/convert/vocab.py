@@ -41,6 +41,19 @@ KNOWN_PRE_HASHES = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo
     "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
     "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
+    "877081d19cf6996e2c4ff0e1236341e9b7bde288f5311a56a937f0afbbb3aeb5": "deepseek-v3",
+    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",  # starcoder2-3b
+    "6221ad2852e85ce96f791f476e0b390cf9b474c9e3d1362f53a24a06dc8220ff": "refact",
+    "a8594e3edff7c29c003940395316294b2c623e09894deebbc65f33f1515df79e": "dbrx",
+    "7dec86086fcc38b66b7bc1575a160ae21cf705be7718b9d5598190d7c12db76f": "superbpe",  # OLMo2-8B-SuperBPE
+    "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",  # o200k (Phi-4-mini)
+    "b6e8e1518dc4305be2fe39c313ed643381c4da5db34a98f6a04c093f8afbe99b": "chatglm-bpe",  # glm-4-9b-chat
+    "81d72c7348a9f0ebe86f23298d37debe0a5e71149e29bd283904c02262b27516": "chatglm-bpe",
+    "a1336059768a55c99a734006ffb02203cd450fed003e9a71886c88acf24fdbc2": "glm4",  # glm-4-9b-hf
+    "9ca2dd618e8afaf09731a7cf6e2105b373ba6a1821559f258b272fe83e6eb902": "glm4",
+    "cdf5f35325780597efd76153d4d1c16778f766173908894c04afc20108536267": "glm4",
+    "9e454714343b69b99b71795c1d27a68c2a1d15dab111f4d353109f966af29da7": "lfm2",
+    "169bf0296a13c4d9b7672313f749eb36501d931022de052aad6e36f2bf34dd51": "lfm2",
 }
 
 # When the hash is not in the table (a fine-tune with edited special tokens changes the ids), the
@@ -193,7 +206,7 @@ def add_sentencepiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: i
     return len(tokens)
 
 
-def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
+def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict, regex_pre: dict[str, str] | None = None) -> str:
     """llama.cpp's name for this tokenizer's pre-tokenizer (`tokenizer.ggml.pre`)."""
     digest = sha256(str(tokenizer.encode(CHKTXT).ids).encode()).hexdigest()
     if digest in KNOWN_PRE_HASHES:
@@ -203,7 +216,7 @@ def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
     for step in steps:
         regex = (step.get("pattern") or {}).get("Regex")
         if step.get("type") == "Split" and regex in KNOWN_PRE_REGEXES:
-            return KNOWN_PRE_REGEXES[regex]
+            return (regex_pre or {}).get(KNOWN_PRE_REGEXES[regex], KNOWN_PRE_REGEXES[regex])
     kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex")) for s in steps]
     if kinds == [("ByteLevel", None, True)]:
         return "gpt-2"
@@ -213,7 +226,12 @@ def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
                           "tokenize this model's text correctly, so it is not converted")
 
 
-def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None) -> None:
+def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, *, special: bool = True,
+                  regex_pre: dict[str, str] | None = None) -> int:
+    """Write a byte-level BPE vocabulary (`tokenizer.ggml.model` "gpt2") with its merges; returns its
+    size. `regex_pre` renames what the split regex alone says, for a family whose own name llama.cpp
+    treats differently (e.g. GLM-4's cl100k regex is "glm4", not "llama-bpe"), when the hash is
+    unknown. `special=False` leaves the special tokens to the caller."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -230,7 +248,7 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None)
         raise CheckpointError(f"{path}: only byte-level BPE tokenizers (GPT-2 style) are supported from "
                               f"tokenizer.json; this one is {model.get('type')} with byte_fallback="
                               f"{model.get('byte_fallback')}")
-    pre = bpe_pre_tokenizer(tokenizer, data)
+    pre = bpe_pre_tokenizer(tokenizer, data, regex_pre or {})
 
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     n = vocab_size or (max(vocab.values()) + 1)
@@ -261,4 +279,6 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special_vocab(hf_dir, len(tokens), load_merges=True).add_to_gguf(writer, quiet=True)
+    if special:
+        special_vocab(hf_dir, len(tokens), load_merges=True).add_to_gguf(writer, quiet=True)
+    return len(tokens)
