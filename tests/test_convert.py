@@ -36,6 +36,7 @@ from tiny_models import (
     build_starcoder2,
     copy_bpe_tokenizer,
     family_bpe_tokenizer,
+    internlm2_chat_tokenizer,
     llama_cpp_logits,
     llama_cpp_tokenize,
     reference_logits,
@@ -90,6 +91,7 @@ def tokenizers_dir(tmp_path_factory, demo_path):
     family_bpe_tokenizer(root / "bpe", root / "glm", LLAMA3_REGEX,
                          ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
                          {"eos_token": "<|endoftext|>", "bos_token": None, "chat_template": GLM_TEMPLATE})
+    internlm2_chat_tokenizer(root / "internlm2-chat")
     return root
 
 
@@ -142,6 +144,7 @@ FAMILIES = {
                                             "tokenizer does not")},
                         upstream_patch=BAICHUAN_FIX),
     "internlm2": Family(lambda d, t: build_internlm2(d, t / "spm-raw"), "default"),
+    "internlm2-chat": Family(lambda d, t: build_internlm2(d, t / "internlm2-chat"), "default"),
     "gemma": Family(lambda d, t: build_gemma(d, t / "gemma", version=1), "default"),
     "gemma2": Family(lambda d, t: build_gemma(d, t / "gemma", version=2), "default"),
     "gemma3": Family(lambda d, t: build_gemma(d, t / "gemma", version=3), "default"),
@@ -241,6 +244,18 @@ def test_pre_tokenizer_hashes_are_llama_cpps():
         upstream[digest] = name  # later ifs win, as in upstream's chain of ifs
     assert len(upstream) > 80
     assert {h: upstream.get(h) for h in KNOWN_PRE_HASHES} == KNOWN_PRE_HASHES
+
+
+def test_internlm2_chat_model_ends_turns_with_im_end(tiny_family, tmp_path):
+    """An InternLM2 chat model's eos is <|im_end|> (as llama.cpp's converter writes it), not the
+    SentencePiece </s> a chat turn never produces."""
+    tiny = tiny_family("internlm2-chat")
+    added = json.loads((tiny.path / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    im_end = next(int(tid) for tid, data in added.items() if data["content"] == "<|im_end|>")
+    out = convert(tiny.path, tmp_path / "m.gguf", outtype="f16")
+    assert json.loads((tiny.path / "config.json").read_text())["eos_token_id"] == 2
+    assert _field(out, "tokenizer.ggml.eos_token_id") == im_end
+    assert _field(out, "tokenizer.ggml.tokens")[im_end] == "<|im_end|>"
 
 
 def test_sentencepiece_without_dummy_prefix(tmp_path):
@@ -502,27 +517,50 @@ def test_existing_output_survives_a_failed_conversion(tiny_llama, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name != "llama"] == ["m.gguf"]
 
 
-def test_unknown_architecture_falls_back_to_a_llama_cpp_checkout(tiny_llama, tmp_path):
-    """--llama-cpp DIR runs that checkout's convert_hf_to_gguf.py (here a stand-in that records its
-    arguments and writes a GGUF) for architectures this converter does not know."""
-    checkout = tmp_path / "llama.cpp"
-    checkout.mkdir()
-    good = convert(tiny_llama.path, tmp_path / "good.gguf", outtype="f32")
-    (checkout / "convert_hf_to_gguf.py").write_text(
-        "import shutil, sys\n"
-        f"open({str(tmp_path / 'argv.txt')!r}, 'w').write(' '.join(sys.argv[1:]))\n"
-        f"shutil.copy({str(good)!r}, sys.argv[sys.argv.index('--outfile') + 1])\n")
-    config = json.loads((tiny_llama.path / "config.json").read_text())
-    (tiny_llama.path / "config.json").write_text(json.dumps({**config, "architectures": ["FancyForCausalLM"]}))
+def test_unknown_architecture_falls_back_to_a_llama_cpp_checkout(tokenizers_dir, tmp_path):
+    """--llama-cpp DIR runs that checkout's convert_hf_to_gguf.py (here the one llama-cpp-python
+    vendors) for architectures this converter does not know (here OLMo 1): llama.cpp's tensors and
+    keys, plus edge-llm's own keys, written atomically."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizers_dir / "bpe")
+    folder = tmp_path / "olmo"
+    model = transformers.OlmoForCausalLM(transformers.OlmoConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, pad_token_id=None, bos_token_id=None, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    out = run_cli("convert", str(tiny_llama.path), "-o", str(out_dir / "m.gguf"), "--outtype", "f32",
-                  "--llama-cpp", str(checkout))
+    out = run_cli("convert", str(folder), "-o", str(out_dir / "m.gguf"), "--outtype", "f32",
+                  "--llama-cpp", str(llama_cpp_dir()))
     assert out.returncode == 0, out.stderr
-    assert (out_dir / "m.gguf").read_bytes() == good.read_bytes()
     assert [p.name for p in out_dir.iterdir()] == ["m.gguf"]
-    args = (tmp_path / "argv.txt").read_text().split()
-    assert args[0] == str(tiny_llama.path) and args[-2:] == ["--outtype", "f32"]
-    failing = run_cli("convert", str(tiny_llama.path), "-o", str(out_dir / "n.gguf"), "--llama-cpp",
-                      str(tmp_path / "nowhere"))
+    assert gguf_differences(reference_gguf(folder, "f32"), out_dir / "m.gguf") == {}
+    assert _field(out_dir / "m.gguf", "edge_llm.converter").startswith("llama.cpp convert_hf_to_gguf.py via edge-llm")
+    assert _field(out_dir / "m.gguf", "edge_llm.quant") == "f32"
+    ids = tok(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    assert (llama_cpp_logits(out_dir / "m.gguf", ids).argmax(-1) == reference_logits(model.eval(), ids).argmax(-1)).all()
+
+    failing = run_cli("convert", str(folder), "-o", str(out_dir / "n.gguf"), "--llama-cpp", str(tmp_path / "nowhere"))
     assert failing.returncode == 1 and "no convert_hf_to_gguf.py" in failing.stderr
+    without = run_cli("convert", str(folder), "-o", str(out_dir / "n.gguf"))
+    assert without.returncode == 1 and "unsupported architecture OlmoForCausalLM" in without.stderr
+
+
+def test_llama_cpp_fallback_without_torch_names_the_extra(tiny_llama, tmp_path, monkeypatch):
+    """llama.cpp's converter imports torch and transformers: without them, one line saying what to
+    install, before anything runs."""
+    import importlib.util
+
+    from edge_llm.errors import MissingExtraError
+
+    config = json.loads((tiny_llama.path / "config.json").read_text())
+    (tiny_llama.path / "config.json").write_text(json.dumps({**config, "architectures": ["FancyForCausalLM"]}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r"torch \(needed by llama.cpp's converter\).*pip install 'edge-llm\[hf\]'"):
+        convert(tiny_llama.path, tmp_path / "m.gguf", llama_cpp_dir=llama_cpp_dir())
+    assert [p.name for p in tmp_path.iterdir()] == ["llama"]

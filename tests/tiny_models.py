@@ -606,8 +606,8 @@ def _reference_llama(tok, seed: int, **overrides):
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False,
-                                      **{**SMALL, "rope_theta": 10000.0, **overrides})
+    config = transformers.LlamaConfig(**{"vocab_size": len(tok), "tie_word_embeddings": False,
+                                         **SMALL, "rope_theta": 10000.0, **overrides})
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -659,6 +659,21 @@ def build_baichuan(folder: Path, tokenizer_dir: Path, version: int = 2) -> TinyM
         config["z_loss_weight"] = 0
     _write_original(folder, tensors, config, tokenizer_dir)
     return TinyModel(folder, ref, tok)
+
+
+def internlm2_chat_tokenizer(folder: Path) -> Path:
+    """InternLM2-chat's tokenizer shape: the chat markers are pieces of the SentencePiece model itself,
+    marked special in tokenizer_config.json; </s> is still the SentencePiece eos (id 2)."""
+    import sentencepiece
+
+    markers = ("<|im_start|>", "<|im_end|>")
+    train_sentencepiece(folder, add_dummy_prefix=False, user_defined=markers)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {str(sp.PieceToId(m)): {"content": m, "special": True} for m in markers}
+    config["chat_template"] = CHATML_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
 
 
 def build_internlm2(folder: Path, tokenizer_dir: Path) -> TinyModel:
