@@ -21,10 +21,12 @@ from tiny_models import (
     PHI3_TEMPLATE,
     build_baichuan,
     build_chatglm3,
+    build_deepseek_v2,
     build_ernie45,
     build_gemma,
     build_glm,
     build_internlm2,
+    build_lfm2,
     build_llama,
     build_llama_like,
     build_minicpm,
@@ -92,6 +94,10 @@ def tokenizers_dir(tmp_path_factory, demo_path):
                          ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
                          {"eos_token": "<|endoftext|>", "bos_token": None, "chat_template": GLM_TEMPLATE})
     internlm2_chat_tokenizer(root / "internlm2-chat")
+    family_bpe_tokenizer(root / "bpe", root / "deepseek", LLAMA3_REGEX, ("<｜begin▁of▁sentence｜>",),
+                         {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<|endoftext|>"})
+    family_bpe_tokenizer(root / "bpe", root / "lfm2", LLAMA3_REGEX, ("<|startoftext|>",),
+                         {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE})
     return root
 
 
@@ -169,6 +175,10 @@ FAMILIES = {
     "chatglm3": Family(lambda d, t: build_chatglm3(d, t / "spm"), "chatglm-spm"),
     "glm4-9b-chat-hf": Family(lambda d, t: build_glm(d, t / "glm", "glm"), "chatglm-bpe"),
     "glm4-0414": Family(lambda d, t: build_glm(d, t / "glm", "glm4"), "glm4"),
+    # DeepSeek's real tokenizers hash to "deepseek-llm"/"deepseek-v3", LFM2's to "lfm2"; the fixtures
+    # have Llama 3's split regex (llama.cpp runs the same one for "lfm2").
+    "deepseek-v2": Family(lambda d, t: build_deepseek_v2(d, t / "deepseek"), "llama-bpe"),
+    "lfm2": Family(lambda d, t: build_lfm2(d, t / "lfm2"), "llama-bpe"),
     "phi4-mini": Family(lambda d, t: build_phi3(d, t / "phi4-mini", phi4_mini=True), "gpt-4o"),
 }
 

@@ -601,6 +601,48 @@ def build_chatglm3(folder: Path, tokenizer_dir: Path) -> TinyModel:
     return TinyModel(folder, ref, tok)
 
 
+def build_deepseek_v2(folder: Path, tokenizer_dir: Path) -> TinyModel:
+    """DeepSeek-V2's shape: MLA with q and kv LoRA (ranks 24 and 32; 8 RoPE + 16 plain dims per head),
+    a dense first layer, then 4 routed experts (2 per token) and a shared one. (llama.cpp tells the
+    LoRA-less V2-Lite by its 27 layers, so a 2-layer fixture must have the q LoRA.)"""
+    import torch
+    import transformers
+
+    torch.manual_seed(70)
+    tok = _file_tokenizer(tokenizer_dir)
+    config = transformers.DeepseekV2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, head_dim=8, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=256, rms_norm_eps=1e-6,
+        initializer_range=0.1, tie_word_embeddings=False, pad_token_id=None, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id)
+    model = transformers.DeepseekV2ForCausalLM(config).eval()
+    _scramble_norms(model, 0.5, 1.5)
+    _save_as_shipped(model, tokenizer_dir, folder)
+    return TinyModel(folder, model, tok)
+
+
+def build_lfm2(folder: Path, tokenizer_dir: Path) -> TinyModel:
+    """LFM2: two short-convolution layers around one attention layer (q/k layer norms)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(71)
+    tok = _file_tokenizer(tokenizer_dir)
+    config = transformers.Lfm2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, norm_eps=1e-5, conv_L_cache=3, block_multiple_of=32,
+        block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=True, full_attn_idxs=[1],
+        layer_types=["conv", "full_attention", "conv"], initializer_range=0.2, tie_word_embeddings=True,
+        pad_token_id=None, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = transformers.Lfm2ForCausalLM(config).eval()
+    _scramble_norms(model, 0.5, 1.5)
+    _save_as_shipped(model, tokenizer_dir, folder)
+    return TinyModel(folder, model, tok)
+
+
 def _reference_llama(tok, seed: int, **overrides):
     import torch
     import transformers
