@@ -574,3 +574,23 @@ def test_llama_cpp_fallback_without_torch_names_the_extra(tiny_llama, tmp_path, 
     with pytest.raises(MissingExtraError, match=r"torch \(needed by llama.cpp's converter\).*pip install 'edge-llm\[hf\]'"):
         convert(tiny_llama.path, tmp_path / "m.gguf", llama_cpp_dir=llama_cpp_dir())
     assert [p.name for p in tmp_path.iterdir()] == ["llama"]
+
+
+def test_models_lists_what_converts_locally(tmp_path):
+    """`edge-llm models` says which HF checkpoints `edge-llm convert` handles (architecture from the
+    entry, or from the downloaded config.json), for the current small models in the registry."""
+    from edge_llm.registry import convertible, load_registry
+
+    specs = load_registry()
+    for name in ("qwen3-0.6b-hf", "gemma-3-1b-hf", "gemma-3-4b-hf", "phi-4-mini-hf", "smollm3-3b-hf",
+                 "llama-3.2-1b-hf", "chatglm3-6b", "baichuan2-7b"):
+        assert convertible(specs[name]) == "yes", name
+    assert convertible(specs["yuan2-2b"]) == "no: YuanForCausalLM"
+    assert convertible(specs["qwen2-7b"]) == "-"
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPTBigCodeForCausalLM"]}))
+    assert convertible(specs["qwen3-0.6b-hf"], str(tmp_path)) == "no: GPTBigCodeForCausalLM"
+    out = run_cli("models")
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.splitlines()
+    assert "convert" in header.split()
+    assert any(r.split()[0] == "phi-4-mini-hf" and " yes " in r for r in rows)
