@@ -6,44 +6,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 from llama_cpp_reference import gguf_differences, llama_cpp_dir, reference_gguf
 from tiny_models import (
-    CHATML_TEMPLATE,
-    GLM_TEMPLATE,
-    GPT4O_REGEX,
+    FAMILIES,
     MIXED_TEXT,
-    PHI3_TEMPLATE,
     build_baichuan,
-    build_chatglm3,
-    build_deepseek_v2,
-    build_ernie45,
-    build_gemma,
-    build_glm,
-    build_internlm2,
-    build_lfm2,
     build_llama,
-    build_llama_like,
-    build_minicpm,
-    build_mistral,
-    build_moe,
-    build_phi3,
     build_qwen2,
-    build_qwen3,
-    build_starcoder2,
-    copy_bpe_tokenizer,
-    family_bpe_tokenizer,
-    internlm2_chat_tokenizer,
+    build_tokenizers,
     llama_cpp_logits,
     llama_cpp_tokenize,
     reference_logits,
-    spm_with_added_tokens,
-    train_gemma_tokenizer,
     train_sentencepiece,
 )
 
@@ -51,136 +28,10 @@ from edge_llm.convert import convert
 
 pytestmark = pytest.mark.slow
 
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_REGEX = QWEN2_REGEX.replace(r"\p{N}|", r"\p{N}{1,3}|")
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
-
 
 @pytest.fixture(scope="session")
 def tokenizers_dir(tmp_path_factory, demo_path):
-    """SentencePiece tokenizers trained here (with and without the dummy prefix), SmolLM2's real
-    byte-level BPE (from the bundled GGUF), and that BPE with Qwen2's and Llama 3's split regexes."""
-    import transformers
-
-    root = tmp_path_factory.mktemp("tokenizers")
-    train_sentencepiece(root / "spm")
-    train_sentencepiece(root / "spm-raw", add_dummy_prefix=False)  # Baichuan2 / InternLM2 style
-    smol = transformers.AutoTokenizer.from_pretrained(demo_path.parent, gguf_file=demo_path.name)
-    smol.save_pretrained(root / "bpe")
-    copy_bpe_tokenizer(root / "bpe", root / "qwen2-bpe", QWEN2_REGEX)
-    copy_bpe_tokenizer(root / "bpe", root / "llama3-bpe", LLAMA3_REGEX)
-    train_gemma_tokenizer(root / "gemma")
-    spm_with_added_tokens(root / "spm", root / "phi3", {"<|endoftext|>": True, "<|system|>": True, "<|user|>": True, "<|assistant|>": True,
-                                                        "<|end|>": True, "<|placeholder1|>": False}, PHI3_TEMPLATE)
-    family_bpe_tokenizer(root / "bpe", root / "phi4-mini", GPT4O_REGEX,
-                         ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-                         {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
-                          "eos_token": "<|endoftext|>", "chat_template": PHI3_TEMPLATE})
-    family_bpe_tokenizer(root / "bpe", root / "smollm3", LLAMA3_REGEX, ("<|im_start|>", "<|im_end|>"),
-                         {"bos_token": None, "eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE})
-    family_bpe_tokenizer(root / "bpe", root / "olmo2", LLAMA3_REGEX, ("<|pad|>",),
-                         {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"})
-    family_bpe_tokenizer(root / "bpe", root / "granite", None, ("<|start_of_role|>", "<|end_of_role|>"),
-                         {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
-    spm_with_added_tokens(root / "spm", root / "internlm3", {"<|im_start|>": True, "<|im_end|>": True},
-                          CHATML_TEMPLATE)
-    family_bpe_tokenizer(root / "bpe", root / "starcoder2", None, (), {"bos_token": "<|endoftext|>",
-                                                                       "eos_token": "<|endoftext|>"})
-    spm_with_added_tokens(root / "spm", root / "ernie", {"<|begin_of_sentence|>": True, "<|end_of_sentence|>": True},
-                          CHATML_TEMPLATE)
-    family_bpe_tokenizer(root / "bpe", root / "glm", LLAMA3_REGEX,
-                         ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
-                         {"eos_token": "<|endoftext|>", "bos_token": None, "chat_template": GLM_TEMPLATE})
-    internlm2_chat_tokenizer(root / "internlm2-chat")
-    family_bpe_tokenizer(root / "bpe", root / "deepseek", LLAMA3_REGEX, ("<｜begin▁of▁sentence｜>",),
-                         {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<|endoftext|>"})
-    family_bpe_tokenizer(root / "bpe", root / "lfm2", LLAMA3_REGEX, ("<|startoftext|>",),
-                         {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE})
-    return root
-
-
-@dataclass
-class Family:
-    build: Callable  # (folder, tokenizers_dir) -> TinyModel
-    pre: str  # the tokenizer.ggml.pre edge-llm must write (and llama.cpp's converter's fallback, see below)
-    # Where edge-llm's file differs from llama.cpp's converter's on purpose: gguf_differences() key ->
-    # (the difference, why). Empty: every tensor and every key llama.cpp reads is the same.
-    differences: dict = field(default_factory=dict)
-    # Python run in llama.cpp's converter's process first, to get past a bug of its own (say which).
-    upstream_patch: str = ""
-
-
-# tokenizer_config.json has "add_prefix_space": null (transformers writes that): llama.cpp's converter
-# passes the null on as False, so llama.cpp would not add the SentencePiece prefix space that the
-# HF tokenizer adds; edge-llm writes no key, and llama.cpp tokenizes as the HF tokenizer does.
-NULL_PREFIX_SPACE = "a null add_prefix_space is no setting: the model's own SentencePiece prefix applies"
-
-# llama.cpp's conversion/baichuan.py passes every tensor but W_pack back to its own modify_tensors
-# under the mapped name, which recurses until RecursionError: no Baichuan checkpoint converts. The
-# reference is made with that branch calling TextModel.modify_tensors, as the code means to.
-BAICHUAN_FIX = """
-from conversion import baichuan, base
-_unpack = baichuan.BaichuanModel.modify_tensors
-def _modify(self, data, name, bid):
-    if bid is not None and name == f"model.layers.{bid}.self_attn.W_pack.weight":
-        yield from _unpack(self, data, name, bid)
-    else:
-        yield from base.TextModel.modify_tensors(self, data, name, bid)
-baichuan.BaichuanModel.modify_tensors = _modify
-"""
-
-
-FAMILIES = {
-    "llama-spm": Family(lambda d, t: build_llama(d, t / "spm"), "default"),
-    "llama3-bpe-rope-scaling": Family(lambda d, t: build_llama(d, t / "llama3-bpe", rope_scaling=LLAMA3_ROPE,
-                                                               rope_theta=500000.0), "llama-bpe"),
-    "smollm-bpe": Family(lambda d, t: build_llama(d, t / "bpe"), "smollm"),
-    "mistral": Family(lambda d, t: build_mistral(d, t / "spm"), "default"),
-    "qwen2": Family(lambda d, t: build_qwen2(d, t / "qwen2-bpe"), "qwen2"),
-    "qwen3": Family(lambda d, t: build_qwen3(d, t / "qwen2-bpe"), "qwen2"),
-    "baichuan": Family(lambda d, t: build_baichuan(d, t / "spm", version=1), "default",
-                       upstream_patch=BAICHUAN_FIX),
-    "baichuan2": Family(lambda d, t: build_baichuan(d, t / "spm-raw", version=2), "default", {
-        "tensor output.weight": ("different bytes", "Baichuan2's NormHead normalizes lm_head's rows at run time; "
-                                 "llama.cpp's graph does not, so edge-llm writes them normalized"),
-        "tokenizer.ggml.add_space_prefix": ("llama.cpp None, edge-llm False", "trained without SentencePiece's "
-                                            "dummy prefix: without this key llama.cpp adds a space the original "
-                                            "tokenizer does not")},
-                        upstream_patch=BAICHUAN_FIX),
-    "internlm2": Family(lambda d, t: build_internlm2(d, t / "spm-raw"), "default"),
-    "internlm2-chat": Family(lambda d, t: build_internlm2(d, t / "internlm2-chat"), "default"),
-    "gemma": Family(lambda d, t: build_gemma(d, t / "gemma", version=1), "default"),
-    "gemma2": Family(lambda d, t: build_gemma(d, t / "gemma", version=2), "default"),
-    "gemma3": Family(lambda d, t: build_gemma(d, t / "gemma", version=3), "default"),
-    "gemma3-multimodal": Family(lambda d, t: build_gemma(d, t / "gemma", version=3, multimodal=True), "default"),
-    "phi3": Family(lambda d, t: build_phi3(d, t / "phi3"), "default"),
-    "mixtral": Family(lambda d, t: build_moe(d, t / "spm", "mixtral"), "default"),
-    "qwen2-moe": Family(lambda d, t: build_moe(d, t / "qwen2-bpe", "qwen2_moe"), "qwen2"),
-    "qwen3-moe": Family(lambda d, t: build_moe(d, t / "qwen2-bpe", "qwen3_moe"), "qwen2"),
-    "smollm3": Family(lambda d, t: build_llama_like(d, t / "smollm3", "smollm3", 40), "llama-bpe"),
-    "olmo2": Family(lambda d, t: build_llama_like(d, t / "olmo2", "olmo2", 41), "llama-bpe"),
-    "granite": Family(lambda d, t: build_llama_like(d, t / "granite", "granite", 42), "smollm"),
-    "internlm3": Family(lambda d, t: build_llama_like(d, t / "internlm3", "internlm3", 43), "default",
-                        {"tokenizer.ggml.add_space_prefix": ("llama.cpp False, edge-llm None", NULL_PREFIX_SPACE)}),
-    "minicpm": Family(lambda d, t: build_minicpm(d, t / "spm"), "default"),
-    # StarCoder2's real tokenizer hashes to "starcoder"; the fixture's (SmolLM2's vocabulary) is told
-    # apart by structure only and is named "smollm": the same pre-tokenizer regexes in llama.cpp.
-    "starcoder2": Family(lambda d, t: build_starcoder2(d, t / "starcoder2"), "smollm"),
-    "ernie4.5": Family(lambda d, t: build_ernie45(d, t / "ernie"), "default",
-                       {"tokenizer.ggml.add_space_prefix": ("llama.cpp False, edge-llm None", NULL_PREFIX_SPACE)}),
-    # GLM's real tokenizers hash to "chatglm-bpe" / "glm4"; the fixture's has GLM-4's cl100k split
-    # regex (llama-bpe's), which each family then names as llama.cpp expects.
-    "chatglm3": Family(lambda d, t: build_chatglm3(d, t / "spm"), "chatglm-spm"),
-    "glm4-9b-chat-hf": Family(lambda d, t: build_glm(d, t / "glm", "glm"), "chatglm-bpe"),
-    "glm4-0414": Family(lambda d, t: build_glm(d, t / "glm", "glm4"), "glm4"),
-    # DeepSeek's real tokenizers hash to "deepseek-llm"/"deepseek-v3", LFM2's to "lfm2"; the fixtures
-    # have Llama 3's split regex (llama.cpp runs the same one for "lfm2").
-    "deepseek-v2": Family(lambda d, t: build_deepseek_v2(d, t / "deepseek"), "llama-bpe"),
-    "lfm2": Family(lambda d, t: build_lfm2(d, t / "lfm2"), "llama-bpe"),
-    "phi4-mini": Family(lambda d, t: build_phi3(d, t / "phi4-mini", phi4_mini=True), "gpt-4o"),
-}
+    return build_tokenizers(tmp_path_factory.mktemp("tokenizers"), demo_path)
 
 
 @pytest.fixture(scope="session")
@@ -266,6 +117,22 @@ def test_internlm2_chat_model_ends_turns_with_im_end(tiny_family, tmp_path):
     assert json.loads((tiny.path / "config.json").read_text())["eos_token_id"] == 2
     assert _field(out, "tokenizer.ggml.eos_token_id") == im_end
     assert _field(out, "tokenizer.ggml.tokens")[im_end] == "<|im_end|>"
+
+
+def test_experts_are_written_expert_by_expert(tiny_family, tmp_path, monkeypatch):
+    """Memory stays bounded for MoE checkpoints: a layer's stacked experts are read a few rows at a
+    time from the memory-mapped files, never stacked whole, and the bytes are the same."""
+    from edge_llm.convert import base
+    from edge_llm.convert.checkpoint import Lazy
+
+    tiny = tiny_family("qwen3-moe")
+    whole = convert(tiny.path, tmp_path / "whole.gguf", outtype="q8_0")
+    monkeypatch.setattr(base, "_BLOCK_BYTES", 4096)
+    loaded, real_load = [], Lazy.load
+    monkeypatch.setattr(Lazy, "load", lambda self: loaded.append(self.shape) or real_load(self))
+    streamed = convert(tiny.path, tmp_path / "streamed.gguf", outtype="q8_0")
+    assert loaded and not [shape for shape in loaded if len(shape) == 3]
+    assert streamed.read_bytes() == whole.read_bytes()
 
 
 def test_sentencepiece_without_dummy_prefix(tmp_path):

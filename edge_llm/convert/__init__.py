@@ -29,6 +29,7 @@ from edge_llm.convert.checkpoint import CheckpointError, load_config, load_tenso
 from edge_llm.convert.deepseek import DeepseekV2Model
 from edge_llm.convert.gemma import Gemma2Model, Gemma3Model, GemmaModel
 from edge_llm.convert.glm import ChatGLMModel, Glm4Model
+from edge_llm.convert.gpt_oss import GptOssModel
 from edge_llm.convert.internlm2 import InternLM2Model
 from edge_llm.convert.lfm2 import LFM2Model
 from edge_llm.convert.llama import (
@@ -54,7 +55,7 @@ FAMILIES: tuple[type[Model], ...] = (
     Qwen2Model, Qwen3Model, Qwen2MoeModel, Qwen3MoeModel,
     GemmaModel, Gemma2Model, Gemma3Model, Phi3Model,
     MiniCPMModel, StarCoder2Model, Ernie45Model, ChatGLMModel, Glm4Model, DeepseekV2Model,
-    LFM2Model,
+    LFM2Model, GptOssModel,
     BaichuanModel, InternLM2Model,
 )
 ARCHITECTURES: dict[str, type[Model]] = {name: cls for cls in FAMILIES for name in cls.hf_architectures}
