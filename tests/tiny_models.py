@@ -2,7 +2,9 @@
 
 Each builder writes a checkpoint folder the way its family ships it (config.json, safetensors with
 the family's own tensor names, a real tokenizer) and returns it with a transformers model that
-computes the reference logits.
+computes the reference logits. `FAMILIES` (at the end) is the catalogue the tests and
+scripts/bench_convert.py run: each family's builder, its pre-tokenizer name, and where edge-llm's
+GGUF differs from llama.cpp's converter's on purpose (with the reason).
 
 Baichuan and InternLM2 ship their modelling code with the checkpoint (trust_remote_code), which this
 project never runs. Their architectures are Llama's with the attention projections packed in one
