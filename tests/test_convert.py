@@ -119,6 +119,41 @@ def test_internlm2_chat_model_ends_turns_with_im_end(tiny_family, tmp_path):
     assert _field(out, "tokenizer.ggml.tokens")[im_end] == "<|im_end|>"
 
 
+def test_gemma3_hub_config_leaves_defaults_out(tiny_family, tmp_path):
+    """Gemma3ForConditionalGeneration's text_config on the hub leaves most values to transformers'
+    Gemma3TextConfig defaults and gives RoPE as the old `rope_scaling` (google/gemma-3-4b-it:
+    linear, factor 8). llama.cpp's converter reads the config through transformers, which fills them
+    in; edge-llm, without transformers, must write the same keys from its own table."""
+    import shutil
+
+    import transformers
+    from gguf import GGUFReader
+
+    tiny = tiny_family("gemma3-multimodal")
+    hub, filled = tmp_path / "hub", tmp_path / "filled"
+    shutil.copytree(tiny.path, hub)
+    config = json.loads((hub / "config.json").read_text())
+    defaults = transformers.Gemma3TextConfig().to_dict()
+    text = {k: v for k, v in config["text_config"].items() if k != "rope_parameters" and defaults.get(k, k) != v}
+    assert {"rms_norm_eps", "final_logit_softcapping", "attn_logit_softcapping", "rope_theta"}.isdisjoint(text)
+    text["rope_scaling"] = {"factor": 8.0, "rope_type": "linear"}
+    (hub / "config.json").write_text(json.dumps({**config, "text_config": text}))
+    shutil.copytree(hub, filled)
+    full = transformers.AutoConfig.from_pretrained(hub).to_dict()  # what llama.cpp's converter reads
+    assert full["text_config"]["rope_parameters"]["sliding_attention"]["rope_theta"] == 1e4
+    (filled / "config.json").write_text(json.dumps(full))
+
+    def keys(path):
+        return {f.name: f.contents() for f in GGUFReader(path).fields.values()
+                if not f.name.startswith(("GGUF.", "general.", "edge_llm."))}
+
+    ours = keys(convert(hub, tmp_path / "hub.gguf", outtype="f16"))
+    assert ours == keys(convert(filled, tmp_path / "filled.gguf", outtype="f16"))
+    assert ours["gemma3.rope.freq_base"] == 1e6 and ours["gemma3.rope.freq_base_swa"] == 1e4
+    assert ours["gemma3.rope.scaling.type"] == "linear" and ours["gemma3.rope.scaling.factor"] == 8.0
+    assert ours["gemma3.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+
+
 def test_experts_are_written_expert_by_expert(tiny_family, tmp_path, monkeypatch):
     """Memory stays bounded for MoE checkpoints: a layer's stacked experts are read a few rows at a
     time from the memory-mapped files, never stacked whole, and the bytes are the same."""

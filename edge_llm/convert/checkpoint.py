@@ -100,8 +100,11 @@ def load_config(hf_dir: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
-    if "text_config" in config:  # multimodal wrappers keep the language model's settings here
-        config = {**config, **config["text_config"]}
+    text = config.get("text_config")
+    if isinstance(text, dict):  # multimodal wrappers keep the language model's settings here
+        # ...but the wrapper names the architecture (a text_config written by transformers'
+        # to_dict() carries "architectures": null)
+        config = {**config, **text, "architectures": config.get("architectures") or text.get("architectures")}
     return config
 
 
