@@ -45,6 +45,7 @@ class ModelSpec(BaseModel):
     file: str | None = None
     path: str | None = None
     format: Literal["gguf", "hf"] = "gguf"
+    architecture: str | None = None  # an HF checkpoint's config.json `architectures[0]`
     quant: str | None = None
     chat_format: str = "auto"
     in_prefix: str | None = None
@@ -188,8 +189,31 @@ def local_status(spec: ModelSpec) -> str:
         return ""
 
 
+def convertible(spec: ModelSpec, where: str = "") -> str:
+    """For an HF checkpoint entry: whether `edge-llm convert` turns it into a GGUF here, without
+    torch ("yes"), or not ("no: ARCH"); the architecture comes from the downloaded config.json, or
+    from the entry. "-" for GGUF entries."""
+    if spec.format != "hf":
+        return "-"
+    arch = spec.architecture
+    config = Path(where) / "config.json" if where else None
+    if config is not None and config.is_file():
+        import json
+
+        try:
+            arch = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [arch])[0]
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
+    if arch is None:
+        return "?"
+    from edge_llm.convert import ARCHITECTURES
+
+    return "yes" if arch in ARCHITECTURES else f"no: {arch}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`edge-llm models`: the registry, and which models are on this machine."""
+    """`edge-llm models`: the registry, which models are on this machine, and which HF checkpoints
+    `edge-llm convert` turns into GGUFs locally (without torch)."""
     import argparse
     import json
 
@@ -205,12 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         source = spec.source if spec.source in ("demo", "local") else f"{spec.source}:{spec.repo}"
         rows.append({"name": name, "quant": spec.quant or "-", "chat": spec.chat_format,
-                     "engines": ",".join(spec.engines), "source": source,
+                     "engines": ",".join(spec.engines), "source": source, "convert": convertible(spec, where),
                      "local": where or f"- (edge-llm pull {name})"})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    columns = ["name", "quant", "chat", "engines", "source", "local"]
+    columns = ["name", "quant", "chat", "engines", "source", "convert", "local"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in columns}
     for row in [dict(zip(columns, columns, strict=False)), *rows]:
         print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())

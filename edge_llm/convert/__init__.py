@@ -12,6 +12,7 @@ when complete: an error or Ctrl-C leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import subprocess
@@ -25,20 +26,39 @@ import gguf
 from edge_llm.convert.baichuan import BaichuanModel
 from edge_llm.convert.base import OUTTYPES, Model, write_gguf
 from edge_llm.convert.checkpoint import CheckpointError, load_config, load_tensors
+from edge_llm.convert.deepseek import DeepseekV2Model
+from edge_llm.convert.gemma import Gemma2Model, Gemma3Model, GemmaModel
+from edge_llm.convert.glm import ChatGLMModel, Glm4Model
+from edge_llm.convert.gpt_oss import GptOssModel
 from edge_llm.convert.internlm2 import InternLM2Model
-from edge_llm.convert.llama import LlamaModel
-from edge_llm.convert.qwen import Qwen2Model, Qwen3Model
-from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.convert.lfm2 import LFM2Model
+from edge_llm.convert.llama import (
+    GraniteModel,
+    InternLM3Model,
+    LlamaModel,
+    MixtralModel,
+    Olmo2Model,
+    SmolLM3Model,
+)
+from edge_llm.convert.others import Ernie45Model, MiniCPMModel, StarCoder2Model
+from edge_llm.convert.phi3 import Phi3Model
+from edge_llm.convert.qwen import Qwen2Model, Qwen2MoeModel, Qwen3Model, Qwen3MoeModel
+from edge_llm.errors import EdgeLLMError, InvalidParameterError, MissingExtraError
 from edge_llm.quantize import progress_printer, quant_types, quantize_file
 
 __all__ = ["convert", "main", "ARCHITECTURES", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES: dict[str, type[Model]] = {
-    name: cls for cls in (LlamaModel, Qwen2Model, Qwen3Model, BaichuanModel, InternLM2Model)
-    for name in cls.hf_architectures
-}
+FAMILIES: tuple[type[Model], ...] = (
+    LlamaModel, MixtralModel, SmolLM3Model, GraniteModel, InternLM3Model, Olmo2Model,
+    Qwen2Model, Qwen3Model, Qwen2MoeModel, Qwen3MoeModel,
+    GemmaModel, Gemma2Model, Gemma3Model, Phi3Model,
+    MiniCPMModel, StarCoder2Model, Ernie45Model, ChatGLMModel, Glm4Model, DeepseekV2Model,
+    LFM2Model, GptOssModel,
+    BaichuanModel, InternLM2Model,
+)
+ARCHITECTURES: dict[str, type[Model]] = {name: cls for cls in FAMILIES for name in cls.hf_architectures}
 
 
 def tool_version() -> str:
@@ -101,11 +121,39 @@ def convert_with_llama_cpp(llama_cpp_dir: Path, hf_dir: Path, out: Path, outtype
     script = Path(llama_cpp_dir).expanduser() / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise EdgeLLMError(f"{llama_cpp_dir}: no convert_hf_to_gguf.py (expected a llama.cpp checkout)")
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"{', '.join(missing)} (needed by llama.cpp's converter)", "hf")
     cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not out.is_file():
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise EdgeLLMError(f"llama.cpp's converter failed (exit {result.returncode}): {last}")
+
+
+def copy_with_metadata(src: Path, dst: Path, extra: dict[str, str]) -> None:
+    """`src` rewritten to `dst` with string keys added (tensors copied from the memory-mapped file)."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    writer = gguf.GGUFWriter(dst, arch.contents() if arch else "llama")
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in extra:
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for key, value in extra.items():
+        writer.add_string(key, value)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data)
+    finally:
+        writer.close()
 
 
 def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f16", quant: str | None = None,
@@ -144,7 +192,14 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
     tmp = _partial(out, f".{outtype}" if quant else "")
     try:
         if cls is None:
-            convert_with_llama_cpp(Path(llama_cpp_dir), hf_dir, tmp, outtype)
+            upstream = _partial(out, ".llama-cpp")
+            try:
+                convert_with_llama_cpp(Path(llama_cpp_dir), hf_dir, upstream, outtype)
+                copy_with_metadata(upstream, tmp, {"edge_llm.converter": f"llama.cpp convert_hf_to_gguf.py via "
+                                                                        f"{tool_version()}",
+                                                   "edge_llm.quant": quant or outtype})
+            finally:
+                upstream.unlink(missing_ok=True)
         else:
             model = cls(hf_dir, config, load_tensors(hf_dir))
             write_gguf(model, tmp, outtype, _metadata_writer(hf_dir, outtype, quant), progress)

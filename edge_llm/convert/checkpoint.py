@@ -33,15 +33,21 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Lazy:
-    """A tensor not read yet: its shape, and how to produce it as float32 (or its own dtype).
+    """A tensor not read yet: its shape, and how to produce it as float32 (or its own float dtype).
 
-    `rows(start, stop)`, when set, reads only rows [start, stop): the writer then converts a large
-    tensor block by block and never holds it whole (a transform needs the whole tensor: `then` drops it).
+    `rows(start, stop)`, when set, reads only rows [start, stop) of the tensor seen as a matrix of
+    `shape[-1]` columns (leading dimensions flattened): the writer then converts a large tensor block
+    by block and never holds it whole. A transform that needs the whole tensor (`then`) drops it;
+    row slices (`row_slice`) and stacks of experts (`stack`) keep it.
     """
 
     shape: tuple[int, ...]
     produce: Callable[[], np.ndarray]
     rows: Callable[[int, int], np.ndarray] | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
 
     def load(self) -> np.ndarray:
         data = self.produce()
@@ -52,6 +58,36 @@ class Lazy:
     def then(self, fn: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...] | None = None) -> Lazy:
         """The same tensor with `fn` applied when it is read (`shape`: the shape `fn` returns)."""
         return Lazy(self.shape if shape is None else tuple(shape), lambda: fn(self.produce()))
+
+    def row_slice(self, start: int, stop: int) -> Lazy:
+        """Rows [start, stop) along the first axis (a split of a fused tensor), still streamable."""
+        shape = (stop - start, *self.shape[1:])
+        if self.rows is None or len(self.shape) != 2:
+            return Lazy(shape, lambda: self.produce()[start:stop])
+        return Lazy(shape, lambda: self.rows(start, stop), lambda a, b: self.rows(start + a, start + b))
+
+    @staticmethod
+    def stack(parts: list[Lazy]) -> Lazy:
+        """One tensor of shape (len(parts), *part.shape), read part by part (MoE experts)."""
+        inner = parts[0].shape
+        if any(p.shape != inner for p in parts):
+            raise CheckpointError(f"cannot stack tensors of shapes {sorted({p.shape for p in parts})}")
+        per_part = parts[0].n_rows
+
+        def rows(start: int, stop: int) -> np.ndarray:
+            blocks = []
+            while start < stop:
+                i, offset = divmod(start, per_part)
+                take = min(stop - start, per_part - offset)
+                part = parts[i]
+                block = (part.rows(offset, offset + take) if part.rows is not None
+                         else part.load().reshape(per_part, -1)[offset:offset + take])
+                blocks.append(block.reshape(take, inner[-1]))
+                start += take
+            return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+        shape = (len(parts), *inner)
+        return Lazy(shape, lambda: np.stack([p.load() for p in parts]), rows if len(inner) >= 1 else None)
 
 
 def load_config(hf_dir: Path) -> dict:
@@ -64,8 +100,11 @@ def load_config(hf_dir: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
-    if "text_config" in config:  # multimodal wrappers keep the language model's settings here
-        config = {**config, **config["text_config"]}
+    text = config.get("text_config")
+    if isinstance(text, dict):  # multimodal wrappers keep the language model's settings here
+        # ...but the wrapper names the architecture (a text_config written by transformers'
+        # to_dict() carries "architectures": null)
+        config = {**config, **text, "architectures": config.get("architectures") or text.get("architectures")}
     return config
 
 
@@ -93,14 +132,16 @@ def _safetensors_tensors(path: Path) -> dict[str, Lazy]:
 
         def rows(start: int, stop: int, info=info, dtype=dtype, shape=shape, width=width,
                  bf16=info.dtype == "BF16") -> np.ndarray:
-            row_bytes = int(np.prod(shape[1:])) * width if len(shape) > 1 else width
+            """Rows of the tensor seen as a matrix of shape[-1] columns."""
+            cols = shape[-1] if shape else 1
             raw = np.memmap(info.data_range.filename, mode="r", dtype=np.uint8,
-                            offset=info.data_range.offset + start * row_bytes, shape=((stop - start) * row_bytes,))
-            data = raw.view(dtype).reshape((stop - start, *shape[1:]))
+                            offset=info.data_range.offset + start * cols * width, shape=((stop - start) * cols * width,))
+            data = raw.view(dtype).reshape((stop - start, cols))
             return bf16_to_f32(data) if bf16 else data
 
-        n_rows = shape[0] if shape else 1
-        out[name] = Lazy(shape, lambda rows=rows, n=n_rows, shape=shape: rows(0, n).reshape(shape), rows)
+        n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        out[name] = Lazy(shape, lambda rows=rows, n=n_rows, shape=shape: rows(0, n).reshape(shape),
+                         rows if len(shape) > 1 else None)
     return out
 
 

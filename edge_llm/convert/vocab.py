@@ -41,15 +41,32 @@ KNOWN_PRE_HASHES = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo
     "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
     "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
+    "877081d19cf6996e2c4ff0e1236341e9b7bde288f5311a56a937f0afbbb3aeb5": "deepseek-v3",
+    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",  # starcoder2-3b
+    "6221ad2852e85ce96f791f476e0b390cf9b474c9e3d1362f53a24a06dc8220ff": "refact",
+    "a8594e3edff7c29c003940395316294b2c623e09894deebbc65f33f1515df79e": "dbrx",
+    "7dec86086fcc38b66b7bc1575a160ae21cf705be7718b9d5598190d7c12db76f": "superbpe",  # OLMo2-8B-SuperBPE
+    "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",  # o200k (Phi-4-mini)
+    "b6e8e1518dc4305be2fe39c313ed643381c4da5db34a98f6a04c093f8afbe99b": "chatglm-bpe",  # glm-4-9b-chat
+    "81d72c7348a9f0ebe86f23298d37debe0a5e71149e29bd283904c02262b27516": "chatglm-bpe",
+    "a1336059768a55c99a734006ffb02203cd450fed003e9a71886c88acf24fdbc2": "glm4",  # glm-4-9b-hf
+    "9ca2dd618e8afaf09731a7cf6e2105b373ba6a1821559f258b272fe83e6eb902": "glm4",
+    "cdf5f35325780597efd76153d4d1c16778f766173908894c04afc20108536267": "glm4",
+    "9e454714343b69b99b71795c1d27a68c2a1d15dab111f4d353109f966af29da7": "lfm2",
+    "169bf0296a13c4d9b7672313f749eb36501d931022de052aad6e36f2bf34dd51": "lfm2",
 }
 
 # When the hash is not in the table (a fine-tune with edited special tokens changes the ids), the
 # split regex itself still says which pre-tokenizer llama.cpp must run.
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 KNOWN_PRE_REGEXES = {
     _LLAMA3_REGEX: "llama-bpe",
     _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2",
+    _GPT4O_REGEX: "gpt-4o",  # o200k: Phi-4-mini, gpt-oss
 }
 
 
@@ -74,13 +91,29 @@ def add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, pre
     raise CheckpointError(f"{hf_dir}: no tokenizer (tokenizer.model or tokenizer.json)")
 
 
-def _tokenizer_config(hf_dir: Path) -> dict:
+def tokenizer_config(hf_dir: Path) -> dict:
     path = hf_dir / "tokenizer_config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
 
 
-def add_sentencepiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None,
-                            fix_piece=None) -> None:
+def special_vocab(hf_dir: Path, n_vocab: int | None = None, **kwargs) -> gguf.SpecialVocab:
+    """Special token ids, add_bos/add_eos and the chat template (gguf-py reads tokenizer_config.json,
+    tokenizer.json, config.json and chat_template.jinja/.json). gguf-py's warnings about post-processor
+    details llama.cpp does not use are not the user's concern: shown with -v only."""
+    gguf_logger = logging.getLogger("gguf.vocab")
+    level = gguf_logger.level
+    if not logger.isEnabledFor(logging.INFO):
+        gguf_logger.setLevel(logging.ERROR)
+    try:
+        return gguf.SpecialVocab(hf_dir, n_vocab=n_vocab, **kwargs)
+    finally:
+        gguf_logger.setLevel(level)
+
+
+def load_sentencepiece(hf_dir: Path):
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
@@ -91,47 +124,89 @@ def add_sentencepiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: i
         sp.LoadFromFile(str(hf_dir / "tokenizer.model"))
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"{hf_dir / 'tokenizer.model'}: not a SentencePiece model ({exc})") from None
+    return sp
+
+
+def sentencepiece_tokens(hf_dir: Path, vocab_size: int | None, added: str = "llama", fix_piece=None):
+    """(tokens, scores, types) of a SentencePiece vocabulary with the checkpoint's added tokens.
+
+    `added` is how llama.cpp's converter types the tokens of tokenizer_config.json's
+    added_tokens_decoder: "llama" (most families: special, or looking special, is CONTROL; the
+    others are USER_DEFINED with "\u2581" pre-normalized to a space) or "strict" (Phi-3, InternLM2:
+    CONTROL only when marked special, text as is, and tokenizer.json's added tokens too)."""
+    sp = load_sentencepiece(hf_dir)
     n = vocab_size or sp.vocab_size()
     tokens = [f"[PAD{i}]".encode() for i in range(n)]
     scores = [-10000.0] * n
     types = [gguf.TokenType.UNUSED] * n
     for i in range(min(n, sp.vocab_size())):
         piece = sp.IdToPiece(i)
-        tokens[i] = fix_piece(piece).encode() if fix_piece else piece.encode()
-        scores[i] = sp.GetScore(i)
         types[i] = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
                     else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
                     else gguf.TokenType.NORMAL)
+        tokens[i], scores[i] = piece.encode(), sp.GetScore(i)
+        if fix_piece:
+            tokens[i], types[i] = fix_piece(piece, types[i])
 
     added_file = hf_dir / "added_tokens.json"
     if added_file.is_file():
         for text, tid in json.loads(added_file.read_text(encoding="utf-8")).items():
-            if tid < n:
+            if isinstance(tid, int) and 0 <= tid < n:
                 tokens[tid], scores[tid], types[tid] = text.encode(), -1000.0, gguf.TokenType.USER_DEFINED
-    for tid, data in _tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items():
-        tid, text = int(tid), data["content"]
-        if tid >= n:
+    for tid, data in _added_token_entries(hf_dir, with_tokenizer_json=added == "strict"):
+        text = data["content"]
+        if not 0 <= tid < n:
             continue
-        if data.get("special") or does_token_look_special(text):
+        if added == "strict":
+            types[tid] = gguf.TokenType.CONTROL if data.get("special") else gguf.TokenType.USER_DEFINED
+        elif data.get("special") or does_token_look_special(text):
             types[tid] = gguf.TokenType.CONTROL
         else:
             text = text.replace("\u2581", " ")  # llama.cpp expects user-defined tokens pre-normalized
             types[tid] = gguf.TokenType.USER_DEFINED
         tokens[tid], scores[tid] = text.encode(), -1000.0
+    return tokens, scores, types, sp
 
+
+def _added_token_entries(hf_dir: Path, with_tokenizer_json: bool) -> list[tuple[int, dict]]:
+    entries = [(int(tid), data) for tid, data in tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items()]
+    if with_tokenizer_json and (hf_dir / "tokenizer.json").is_file():
+        data = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        entries += [(int(t["id"]), t) for t in data.get("added_tokens", [])]
+    return entries
+
+
+def added_tokens(hf_dir: Path) -> list[tuple[int, str]]:
+    """(id, text) of the added tokens of tokenizer_config.json and tokenizer.json, in that order."""
+    return [(tid, data["content"]) for tid, data in _added_token_entries(hf_dir, with_tokenizer_json=True)]
+
+
+def add_sentencepiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, *,
+                            added: str = "llama", space_prefix: bool | str | None = None, fix_piece=None,
+                            special: bool = True) -> int:
+    """Write a SentencePiece vocabulary (`tokenizer.ggml.model` "llama"); returns its size.
+
+    `space_prefix`: None writes `add_space_prefix` false only for a model trained without the dummy
+    "\u2581" prefix (Baichuan2, InternLM2: llama.cpp would otherwise add a space its tokenizer does
+    not); "model" writes the model's own setting either way; a bool writes that value.
+    `special=False` leaves the special tokens to the caller."""
+    tokens, scores, types, sp = sentencepiece_tokens(hf_dir, vocab_size, added, fix_piece)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
-    if not sp.EncodeAsPieces("x")[0].startswith("\u2581"):
-        # Trained with add_dummy_prefix=false (Baichuan2, InternLM2): llama.cpp must not add the
-        # leading space it adds by default for SentencePiece vocabularies.
-        writer.add_add_space_prefix(False)
+    adds_prefix = sp.EncodeAsPieces("x")[0].startswith("\u2581")
+    if space_prefix == "model" or space_prefix is None and not adds_prefix:
+        space_prefix = adds_prefix
+    if space_prefix is not None:
+        writer.add_add_space_prefix(space_prefix)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(hf_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    if special:
+        special_vocab(hf_dir, len(tokens)).add_to_gguf(writer, quiet=True)
+    return len(tokens)
 
 
-def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
+def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict, regex_pre: dict[str, str] | None = None) -> str:
     """llama.cpp's name for this tokenizer's pre-tokenizer (`tokenizer.ggml.pre`)."""
     digest = sha256(str(tokenizer.encode(CHKTXT).ids).encode()).hexdigest()
     if digest in KNOWN_PRE_HASHES:
@@ -141,7 +216,7 @@ def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
     for step in steps:
         regex = (step.get("pattern") or {}).get("Regex")
         if step.get("type") == "Split" and regex in KNOWN_PRE_REGEXES:
-            return KNOWN_PRE_REGEXES[regex]
+            return (regex_pre or {}).get(KNOWN_PRE_REGEXES[regex], KNOWN_PRE_REGEXES[regex])
     kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex")) for s in steps]
     if kinds == [("ByteLevel", None, True)]:
         return "gpt-2"
@@ -151,7 +226,12 @@ def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
                           "tokenize this model's text correctly, so it is not converted")
 
 
-def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None) -> None:
+def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, *, special: bool = True,
+                  regex_pre: dict[str, str] | None = None) -> int:
+    """Write a byte-level BPE vocabulary (`tokenizer.ggml.model` "gpt2") with its merges; returns its
+    size. `regex_pre` renames what the split regex alone says, for a family whose own name llama.cpp
+    treats differently (e.g. GLM-4's cl100k regex is "glm4", not "llama-bpe"), when the hash is
+    unknown. `special=False` leaves the special tokens to the caller."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -168,14 +248,14 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None)
         raise CheckpointError(f"{path}: only byte-level BPE tokenizers (GPT-2 style) are supported from "
                               f"tokenizer.json; this one is {model.get('type')} with byte_fallback="
                               f"{model.get('byte_fallback')}")
-    pre = bpe_pre_tokenizer(tokenizer, data)
+    pre = bpe_pre_tokenizer(tokenizer, data, regex_pre or {})
 
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     n = vocab_size or (max(vocab.values()) + 1)
     if max(vocab.values()) >= n:
         raise CheckpointError(f"{path}: token id {max(vocab.values())} does not fit vocab_size {n} of config.json")
     added = {t["id"]: t for t in data.get("added_tokens", [])}
-    for tid, info in _tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items():
+    for tid, info in tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items():
         added.setdefault(int(tid), {"content": info["content"], "special": info.get("special", False)})
     reverse = {tid: text for text, tid in vocab.items()}
     tokens, types = [], []
@@ -199,4 +279,6 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    if special:
+        special_vocab(hf_dir, len(tokens), load_merges=True).add_to_gguf(writer, quiet=True)
+    return len(tokens)
