@@ -15,7 +15,7 @@ import re
 import sys
 
 from edge_llm.errors import EdgeLLMError
-from edge_llm.options import add_model_flags, load_options
+from edge_llm.options import add_cache_flags, add_model_flags, load_options
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for a slot, per model, beyond which the server answers 503")
     g.add_argument("--max-body-size", default="8M", help="largest request body (default 8M)")
     add_model_flags(parser, parallel_default=4)
+    add_cache_flags(parser)
     return parser
 
 
