@@ -1,0 +1,275 @@
+"""What the benchmark scripts share: the servers they compare, each in a process of its own with
+a clean environment, and the load scenarios.
+
+- `llama_server_binary()`: llama.cpp's `llama-server`, built once from the llama.cpp that the
+  pinned llama-cpp-python sdist vendors (so both sides run the same llama.cpp), into
+  ~/.cache/edge-llm/llama-server-<version>/; or a binary the caller names (`--llama-server`).
+- `edge_llm_spec`, `llama_server_spec`, `llama_cpp_python_spec`: how to start each server.
+- `running(spec)`: start one, wait until it answers its health route, stop it afterwards.
+- `busy_core()`: the contended scenario, a busy loop pinned to one core for the whole run.
+
+Every server starts from `clean_env()`: PATH, HOME and LANG only. Nothing the caller's shell
+holds (OMP_*, GOMP_*, LLAMA_ARG_*, PYTHONPATH, ...) and nothing edge-llm sets in its own
+process can reach a baseline, so a baseline runs as a user would start it.
+
+    from bench_servers import edge_llm_spec, llama_server_binary, llama_server_spec, running
+    with running(llama_server_spec(llama_server_binary(), model, parallel=8, ctx=8192, threads=2)) as url:
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_CPP_PYTHON = "llama-cpp-python"
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A minimal environment built from scratch, plus `extra` (a setting under test)."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8"}
+    return {**env, **(extra or {})}
+
+
+def demo_model() -> Path:
+    sys.path.insert(0, str(ROOT))
+    from edge_llm.registry import load_registry, resolve
+
+    return resolve(None, load_registry()).path
+
+
+def resolve_model(ref: str | None) -> Path:
+    """A .gguf path for a model reference (default: the bundled demo model)."""
+    if ref is None:
+        return demo_model()
+    from edge_llm.registry import load_registry, resolve
+
+    return resolve(ref, load_registry()).path
+
+
+# -- llama-server, built from the pinned sdist -----------------------------------------------------
+
+
+def pinned_version() -> str:
+    """The llama-cpp-python version installed here: the one edge-llm pins."""
+    return importlib.metadata.version(LLAMA_CPP_PYTHON)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edge-llm"
+
+
+def llama_server_binary(path: str | Path | None = None, *, jobs: int | None = None) -> Path:
+    """`path` if given; else llama-server from the cache, built there first if missing
+    (pip download of the sdist, then cmake: about 10 minutes on 2 cores, once)."""
+    if path is not None:
+        binary = Path(path)
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise SystemExit(f"--llama-server {binary}: not an executable file")
+        return binary
+    version = pinned_version()
+    home = cache_dir() / f"llama-server-{version}"
+    binary = home / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    home.mkdir(parents=True, exist_ok=True)
+    source = home / "src"
+    if not (source / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+        _download_sdist(version, source)
+    llama_cpp_dir = source / "vendor" / "llama.cpp"
+    build = home / "build"
+    print(f"building llama-server {version} in {build} (once)...", file=sys.stderr, flush=True)
+    _run(["cmake", "-S", str(llama_cpp_dir), "-B", str(build), "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"])
+    _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 1)])
+    if not binary.is_file():
+        raise SystemExit(f"the build finished but {binary} is missing")
+    shutil.rmtree(source)  # ~200 MB; the binary needs only the build folder's libraries
+    return binary
+
+
+def _download_sdist(version: str, source: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+              f"{LLAMA_CPP_PYTHON}=={version}", "-d", tmp])
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if len(archives) != 1:
+            raise SystemExit(f"expected one sdist from pip download, got {archives}")
+        unpacked = Path(tmp) / "unpacked"
+        with tarfile.open(archives[0]) as tar:
+            tar.extractall(unpacked, filter="data")
+        (top,) = unpacked.iterdir()
+        if source.exists():
+            shutil.rmtree(source)
+        shutil.move(str(top), source)
+
+
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}")
+
+
+# -- servers ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server; `{port}` in argv is replaced by the port it gets."""
+
+    name: str
+    argv: tuple[str, ...]
+    health: str
+    env: dict[str, str] = field(default_factory=dict)  # on top of clean_env(): only a setting under test
+    cwd: Path | None = None
+
+
+def edge_llm_spec(model: Path, *, parallel: int, ctx: int, threads: int | None, name: str = "edge-llm",
+                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> ServerSpec:
+    """`edge-llm serve` with this interpreter, run from the repository (so this checkout is what runs).
+    threads=None leaves -t to edge-llm's own default."""
+    argv = [sys.executable, "-m", "edge_llm", "serve", str(model), "--host", "127.0.0.1", "--port", "{port}",
+            "-np", str(parallel), "-c", str(ctx), *(["-t", str(threads)] if threads else []), *extra_args]
+    return ServerSpec(name, tuple(argv), "/health", env or {}, ROOT)
+
+
+def llama_server_spec(binary: Path, model: Path, *, parallel: int, ctx: int, threads: int,
+                      name: str = "llama-server", extra_args: tuple[str, ...] = ()) -> ServerSpec:
+    argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", "{port}", "-np", str(parallel),
+            "-c", str(ctx), "-t", str(threads), "--no-webui", *extra_args]
+    return ServerSpec(name, tuple(argv), "/health")
+
+
+def llama_cpp_python_spec(model: Path, *, ctx: int, threads: int,
+                          name: str = "llama-cpp-python server") -> ServerSpec:
+    """llama-cpp-python's own server: one request at a time. `ctx` is one request's context;
+    --interrupt_requests False, or each new request would cut the running stream short."""
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+            "--port", "{port}", "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch",
+            str(threads), "--interrupt_requests", "False", "--verbose", "False"]
+    return ServerSpec(name, tuple(argv), "/v1/models")
+
+
+@dataclass
+class RunningServer:
+    spec: ServerSpec
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far, all its threads."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def running(spec: ServerSpec, *, port: int | None = None,
+            timeout: float = START_TIMEOUT_S) -> Iterator[RunningServer]:
+    """Start the server in its own process (and session), wait for health; stop it on exit."""
+    port = port or free_port()
+    argv = [a.replace("{port}", str(port)) for a in spec.argv]
+    with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=clean_env(spec.env), cwd=spec.cwd, start_new_session=True)
+    server = RunningServer(spec, f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        _wait_healthy(server, timeout)
+        yield server
+    finally:
+        _stop(process)
+        log_path.unlink(missing_ok=True)
+
+
+def _wait_healthy(server: RunningServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise SystemExit(f"{server.spec.name} exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(server.url + server.spec.health, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{server.spec.name} did not become healthy in {timeout:.0f} s:\n{server.log_tail()}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group (it started it), then SIGKILL if it lingers."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+# -- the contended scenario -------------------------------------------------------------------------
+
+_BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+@contextlib.contextmanager
+def busy_core(cpu: int | None = None, *, max_seconds: float = 1800.0) -> Iterator[int]:
+    """Another program competing for the cores: a busy loop pinned to one core (by default the
+    first this process may use) while the block runs. It is stopped on exit and ends by itself
+    after `max_seconds` even if this process dies first. Yields the core it occupies."""
+    if cpu is None:
+        cpu = min(os.sched_getaffinity(0))
+    process = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP.format(seconds=float(max_seconds))],
+                               stdin=subprocess.DEVNULL, env=clean_env(), start_new_session=True,
+                               preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    try:
+        time.sleep(0.2)  # let it reach the loop before anything is measured
+        if process.poll() is not None:
+            raise SystemExit(f"the busy loop on core {cpu} exited with {process.returncode}")
+        yield cpu
+    finally:
+        _stop(process)
+
+
+def scenario(name: str) -> contextlib.AbstractContextManager:
+    """'quiet': nothing added; 'contended': busy_core() for the duration."""
+    if name == "quiet":
+        return contextlib.nullcontext()
+    if name == "contended":
+        return busy_core()
+    raise ValueError(f"unknown scenario {name!r}: quiet or contended")
