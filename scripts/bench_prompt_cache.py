@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from openai import AsyncOpenAI
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_servers import (  # noqa: E402
     ROOT,
+    RunningServer,
     ServerSpec,
     edge_llm_spec,
     llama_server_binary,
@@ -65,6 +67,7 @@ class Run:
     name: str
     first: list[Turn] = field(default_factory=list)
     second: list[Turn] = field(default_factory=list)
+    rounds_s: list[float] = field(default_factory=list)  # wall time of each round of turns
     wall_s: float = 0.0
     note: str = ""
 
@@ -79,7 +82,8 @@ class Run:
                     "prompt_tokens_median": _median([t.prompt_tokens for t in turns]),
                     "cached_tokens_median": _median([t.cached_tokens for t in turns])}
         return {"name": self.name, "first": stats(self.first), "second": stats(self.second),
-                "second_over_first": round(self.ratio, 3), "wall_s": round(self.wall_s, 2), "note": self.note}
+                "second_over_first": round(self.ratio, 3), "rounds_s": [round(r, 2) for r in self.rounds_s],
+                "wall_s": round(self.wall_s, 2), "note": self.note}
 
 
 def _median(values: list[int | None]) -> float | None:
@@ -117,7 +121,10 @@ async def chat_turn(client: AsyncOpenAI, messages: list[dict], max_tokens: int) 
 async def one_round(url: str, conversations: list[list[dict]], parallel: int, max_tokens: int) -> list[Turn]:
     """Each conversation's next turn, `parallel` at a time, in order; answers are appended."""
     gate = asyncio.Semaphore(parallel)
-    async with AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=600, max_retries=0) as client:
+    # A fresh connection per request: a kept-alive one that the server closes just as the next
+    # request goes out fails that request (seen with llama-server), and no retry hides it here.
+    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=600)
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, http_client=http) as client:
         async def run(messages: list[dict]) -> Turn:
             async with gate:
                 turn = await chat_turn(client, messages, max_tokens)
@@ -149,17 +156,27 @@ def measure(name: str, specs: list[ServerSpec], texts: list[str], args: argparse
     run = Run(name)
     conversations = fresh_conversations(texts)
     start = time.perf_counter()
+    def timed_round(server: RunningServer) -> list[Turn]:
+        t0 = time.perf_counter()
+        try:
+            turns = asyncio.run(one_round(server.url, conversations, args.parallel, args.max_tokens))
+        except Exception:
+            print(f"{name}: a round failed; the server's log ends with:\n{server.log_tail()}", file=sys.stderr)
+            raise
+        run.rounds_s.append(time.perf_counter() - t0)
+        return turns
+
     with running(specs[0]) as server:
         warm_up(server.url)
-        run.first = asyncio.run(one_round(server.url, conversations, args.parallel, args.max_tokens))
+        run.first = timed_round(server)
         ask_again(conversations)
         if len(specs) == 1:
-            run.second = asyncio.run(one_round(server.url, conversations, args.parallel, args.max_tokens))
+            run.second = timed_round(server)
             run.note = _cache_note(server.url)
     if len(specs) == 2:
         with running(specs[1]) as server:
             warm_up(server.url)
-            run.second = asyncio.run(one_round(server.url, conversations, args.parallel, args.max_tokens))
+            run.second = timed_round(server)
             run.note = _cache_note(server.url)
     run.wall_s = time.perf_counter() - start
     print(f"  {name}: second/first TTFT {run.ratio:.3f}  ({run.wall_s:.1f} s)", file=sys.stderr, flush=True)
@@ -190,6 +207,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--scenario", choices=["quiet", "contended"], default="quiet")
     parser.add_argument("--only", default=None, help="comma-separated run names to do (default: all)")
+    parser.add_argument("--repeat", type=int, default=1, help="do the whole list this many times, interleaved")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -197,15 +215,16 @@ def main() -> int:
     binary = llama_server_binary(args.llama_server)
     texts = passages(args.conversations, args.words)
     common = dict(parallel=args.parallel, ctx=args.ctx, threads=args.threads)
-    cache_dir = Path(tempfile.mkdtemp(prefix="bench-prompt-cache-"))
     edge = edge_llm_spec(model, **common)
-    edge_disk = edge_llm_spec(model, **common, extra_args=("--cache-dir", str(cache_dir)))
+    # Each repeat gets an empty cache folder: the restart run must not find the last repeat's turns.
+    cache_dirs = [Path(tempfile.mkdtemp(prefix="bench-prompt-cache-")) for _ in range(args.repeat)]
+    edge_disk = [edge_llm_spec(model, **common, extra_args=("--cache-dir", str(d))) for d in cache_dirs]
     plans = {
         "edge-llm": [edge],
         "llama-server": [llama_server_spec(binary, model, **common)],
         "edge-llm --cache-ram 0": [edge_llm_spec(model, **common, extra_args=("--cache-ram", "0"))],
         "edge-llm -kvu": [edge_llm_spec(model, **common, extra_args=("-kvu",))],
-        "edge-llm restart --cache-dir": [edge_disk, edge_disk],
+        "edge-llm restart --cache-dir": None,  # one folder per repeat, below
         "llama-server restart": [llama_server_spec(binary, model, **common)] * 2,
     }
     wanted = args.only.split(",") if args.only else list(plans)
@@ -213,19 +232,23 @@ def main() -> int:
           f"{args.scenario}; model {model.name}", file=sys.stderr)
     runs = []
     with scenario(args.scenario):
-        for name in wanted:
-            runs.append(measure(name, plans[name], texts, args))
+        for repeat in range(args.repeat):
+            for name in wanted:
+                specs = plans[name] or [edge_disk[repeat]] * 2
+                runs.append(measure(name, specs, texts, args))
 
     print("\n| run | first turn: prompt tokens | TTFT median | second turn: prompt / cached tokens | "
-          "TTFT median | second / first |")
-    print("|---|---|---|---|---|---|")
+          "TTFT median | second / first | rounds (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for d in cache_dirs:
+        shutil.rmtree(d, ignore_errors=True)
     for run in runs:
         s = run.summary()
         f, t = s["first"], s["second"]
         cached = "?" if t["cached_tokens_median"] is None else f"{t['cached_tokens_median']:.0f}"
         print(f"| {run.name} | {f['prompt_tokens_median']:.0f} | {f['ttft_median_s'] * 1000:.0f} ms | "
               f"{t['prompt_tokens_median']:.0f} / {cached} | {t['ttft_median_s'] * 1000:.0f} ms | "
-              f"**{s['second_over_first']:.3f}** |")
+              f"**{s['second_over_first']:.3f}** | {' + '.join(f'{r:.1f}' for r in run.rounds_s)} |")
     result = {"bench": "prompt_cache", "conversations": args.conversations, "parallel": args.parallel,
               "ctx": args.ctx, "threads": args.threads, "scenario": args.scenario, "model": model.name,
               "runs": [r.summary() for r in runs]}
