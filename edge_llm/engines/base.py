@@ -78,7 +78,7 @@ class LoadOptions:
     cache_ram: int | None = None
     cache_dir: str | None = None
     cache_disk: int | None = None
-    kv_unified: bool = False
+    kv_unified: bool | None = None  # None: off
     chat_format: str | None = None
     in_prefix: str | None = None
     in_suffix: str | None = None

@@ -127,7 +127,7 @@ class LlamaCppEngine(PromptTokens):
         # By default each sequence gets its own n_ctx / n_parallel cells: a request's attention
         # never runs over other requests' cells, so its output does not depend on what else is
         # running. -kvu: one pool of n_ctx cells that any sequence may fill (scheduler.py).
-        ctx_params.kv_unified = options.kv_unified
+        ctx_params.kv_unified = bool(options.kv_unified)
         ctx_params.n_threads = self.n_threads
         ctx_params.n_threads_batch = options.n_threads_batch or self.n_threads
         fa = options.flash_attn if options.flash_attn else (spec.flash_attn or "auto")
@@ -144,7 +144,7 @@ class LlamaCppEngine(PromptTokens):
             raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path} "
                                  "(out of memory, or an unsupported cache type / flash-attention setting)") from None
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx.ctx)
-        self.kv_unified = options.kv_unified
+        self.kv_unified = bool(options.kv_unified)
         self.n_ctx_seq = self.n_ctx if self.kv_unified else self.n_ctx // self.n_parallel
         self.n_batch = ctx_params.n_batch
         self.flash_attn = fa

@@ -13,8 +13,15 @@ n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never 
 request's cells and greedy output does not depend on what else runs). A finished request leaves
 its tokens in its slot. A new request takes the idle slot whose cached tokens share the longest
 prefix with its prompt and evaluates only the rest; with no useful match it takes the least
-recently used idle slot. So up to n_parallel conversations stay cached at once, and the one
-evicted is the one idle longest.
+recently used idle slot. A slot given to another conversation is saved first to the prompt cache
+beyond the slots (prompt_cache.py: host memory, optionally a folder), and a prompt that a saved
+state covers better than any slot gets that state restored into a slot. Admission is all or
+nothing: what can fail for a request is built before any slot is touched.
+
+With -kvu (kv_unified = True) the slots share one pool of n_ctx cells: idle slots give their
+cells up (saved first) when a prompt or the running streams need them; a prompt that does not fit
+beside the running streams waits; when the running streams fill the pool, the newest ends with
+"length".
 
 `n > 1` choices take n slots: the prompt is evaluated once, then copied (llama_memory_seq_cp)
 into the other slots, each with its own sampler.
