@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             settings.continue_first = False  # a chat template has nothing to continue before a user turn
         if args.resume is not None:
             source = Path(args.resume) if args.resume else last_chat_file()
+            if not args.resume and not source.exists():
+                raise EdgeLLMError(f"no conversation to resume: an interactive chat keeps one at exit in {source}")
             conversation.load(source)
             screen.notice(f"[resumed {len(conversation.exchanges)} turns from {source}]")
         if interactive:

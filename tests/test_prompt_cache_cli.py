@@ -103,3 +103,9 @@ def test_serve_resumes_evicted_conversations_and_counts_them(demo_path, tmp_path
             assert cached > prompt - 20
         metrics = httpx.get(server.url + "/metrics").text
         assert metric_value(metrics, "edge_llm:prompt_cache_hits_total") == 2
+
+
+def test_resume_without_a_saved_conversation_is_one_line(tmp_path):
+    out = run_cli("chat", "--resume", input="", env={"XDG_DATA_HOME": str(tmp_path)})
+    assert out.returncode == 1
+    assert "no conversation to resume" in out.stderr and "Traceback" not in out.stderr
