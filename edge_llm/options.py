@@ -78,7 +78,7 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-disk", dest="cache_disk", type=_size, default=None, metavar="SIZE",
                    help="most bytes kept in --cache-dir (default 8G; least recently used files go first)")
     kvu = g.add_mutually_exclusive_group()
-    kvu.add_argument("-kvu", "--kv-unified", dest="kv_unified", action="store_true", default=False,
+    kvu.add_argument("-kvu", "--kv-unified", dest="kv_unified", action="store_true", default=None,
                      help="one KV pool: any conversation may use the whole -c while the others are idle")
     kvu.add_argument("-no-kvu", "--no-kv-unified", dest="kv_unified", action="store_false",
                      help="each slot gets -c / -np cells (the default)")

@@ -238,3 +238,27 @@ def test_the_model_digest_is_remembered_until_the_file_changes(tmp_path):
     model.write_bytes(b"GGUF" + b"b" * 1000)
     os.utime(model, ns=(1, 1))
     assert file_digest(model, tmp_path) != first
+
+
+def test_a_file_replaced_after_the_scan_cannot_make_the_reader_allocate_what_it_claims(tmp_path, caplog):
+    import json
+    import struct
+
+    from edge_llm.engines.prompt_cache import MAGIC
+
+    cache = disk_cache(tmp_path)
+    cache.store([1, 2, 3], state(4000))
+    cache.flush()
+    cache.close()
+    again = disk_cache(tmp_path, ram=0)
+    entry, n = again.lookup([1, 2, 3])
+    assert n == 3
+    # Swapped for a small file whose header claims a terabyte of state.
+    (path,) = tmp_path.glob("*" + SUFFIX)
+    header = json.dumps({"fingerprint": FP, "n_tokens": 3, "state_bytes": 2**40, "crc32": 0}).encode()
+    path.write_bytes(MAGIC + struct.pack("<I", len(header)) + header + np.array([1, 2, 3], "<i4").tobytes())
+    with caplog.at_level(logging.WARNING):
+        assert again.load(entry) is None
+    assert "truncated or overlong" in caplog.text
+    assert again.lookup([1, 2, 3]) == (None, 0) and again.stats.disk_errors == 1
+    again.close()

@@ -1,13 +1,15 @@
 """The prompt cache beyond the slots, on the real bundled model: a conversation that lost its slot
 resumes from host memory or, after a restart, from disk, and evaluates only its new tokens."""
 
+import json
 import logging
 import os
+import struct
 
 import pytest
 
 from edge_llm.engines.base import collect
-from edge_llm.engines.prompt_cache import SUFFIX
+from edge_llm.engines.prompt_cache import MAGIC, SUFFIX
 from edge_llm.sampling import SamplingParams
 
 pytestmark = pytest.mark.model
@@ -176,3 +178,72 @@ def test_a_corrupt_or_foreign_cache_file_is_ignored(demo_path, tmp_path, caplog)
     # Answered all the same, from the prompt read again; the corrupt file is gone.
     assert usage.restored_tokens == 0 and evaluated == len(prompt) and got
     assert len(list(tmp_path.glob("*" + SUFFIX))) == 2  # the foreign file stays, ours was rewritten at close
+
+
+def _rewrite(path, *, state=None, tokens=None, fingerprint=None):
+    """Rewrite a cache file as a forger would: a valid header and checksum around other contents."""
+    import zlib
+
+    import numpy as np
+
+    from edge_llm.engines.prompt_cache import _read_header, _read_tokens, _write_atomic
+
+    with open(path, "rb") as f:
+        header = _read_header(f)
+        ids = _read_tokens(f, header["n_tokens"])
+        old_state = f.read()
+    state = old_state if state is None else state
+    ids = ids if tokens is None else np.asarray(tokens, np.int32)
+    raw_ids = ids.astype("<i4").tobytes()
+    text = json.dumps({"fingerprint": fingerprint or header["fingerprint"], "n_tokens": len(ids),
+                       "state_bytes": len(state), "crc32": zlib.crc32(state, zlib.crc32(raw_ids))}).encode()
+    _write_atomic(path, [MAGIC, struct.pack("<I", len(text)), text, raw_ids, state])
+    return header["fingerprint"], old_state
+
+
+@pytest.mark.parametrize("forgery", ["garbage", "truncated", "mislabelled", "other_kv_type"])
+def test_a_forged_cache_file_with_a_valid_checksum_is_refused_and_the_prompt_read(demo_path, tmp_path, caplog,
+                                                                                   forgery):
+    # Files in --cache-dir are input like any other: one that passes the header, fingerprint and
+    # checksum checks may still hold bytes llama.cpp cannot use, or a state for fewer tokens
+    # than it claims. Restoring it must fail cleanly: the prompt is read instead, the answer is
+    # the from-scratch one, the file is deleted, and the engine serves on.
+    history = make(demo_path, flash_attn="off", cache_dir=str(tmp_path))
+    prompt = history.tokenize(history.chat_prompt([{"role": "user", "content": "Name three rivers of Europe."}]))
+    collect(history.stream(prompt[:-4], greedy(1)))
+    history.close()
+    (path,) = tmp_path.glob("*" + SUFFIX)
+    if forgery == "garbage":
+        ours, state = _rewrite(path)
+        _rewrite(path, state=os.urandom(len(state)))
+    elif forgery == "truncated":
+        ours, state = _rewrite(path)
+        _rewrite(path, state=state[: len(state) // 2])
+    elif forgery == "mislabelled":  # claims the whole prompt; holds the cells of prompt[:-4]
+        ours, _ = _rewrite(path, tokens=prompt)
+    else:  # a state made with a q8_0 K cache, relabelled as this engine's
+        ours, _ = _rewrite(path)
+        path.unlink()
+        other = make(demo_path, flash_attn="off", cache_dir=str(tmp_path), cache_type_k="q8_0")
+        collect(other.stream(prompt[:-4], greedy(1)))
+        other.close()
+        (path,) = tmp_path.glob("*" + SUFFIX)
+        _rewrite(path, fingerprint=ours)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        engine = make(demo_path, flash_attn="off", cache_dir=str(tmp_path), cache_ram=0)
+        assert engine.prompt_cache.lookup(prompt)[1] >= len(prompt) - 4  # it passed every file check
+        got, usage, evaluated = second_turn(engine, prompt)
+        again, _, _ = second_turn(engine, prompt)  # the model still serves
+        engine.prompt_cache.flush()
+        stats = engine.prompt_cache.stats
+        engine.close()
+    assert "could not restore" in caplog.text
+    assert usage.restored_tokens == 0 and evaluated == len(prompt) and stats.hits == 0
+    assert not path.exists()  # refused once, then forgotten
+
+    scratch = make(demo_path, flash_attn="off", cache_ram=0)
+    reference, _, _ = second_turn(scratch, prompt)
+    scratch.close()
+    assert got == reference and again == reference

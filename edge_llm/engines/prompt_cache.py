@@ -116,7 +116,7 @@ def fingerprint(model_digest: str, settings: dict[str, object]) -> str:
 
 
 def _write_atomic(target: Path, data: bytes | list) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
     try:
         with open(tmp, "wb") as f:
             for part in data if isinstance(data, list) else [data]:
@@ -222,6 +222,10 @@ class DiskStore:
                 header = _read_header(f)
                 if header["fingerprint"] != self.fingerprint:
                     raise CacheFileError("made for another model or settings")
+                # The header's sizes are checked against the file before anything is allocated:
+                # a file replaced since the scan may claim any size.
+                if os.fstat(f.fileno()).st_size != _file_size(header):
+                    raise CacheFileError("truncated or overlong")
                 ids = f.read(4 * header["n_tokens"])
                 if len(ids) != 4 * header["n_tokens"] or not np.array_equal(np.frombuffer(ids, "<i4"), tokens):
                     raise CacheFileError("its token ids changed")
@@ -411,11 +415,17 @@ class PromptCache:
             return self.disk.read(disk.path, entry.tokens)
         except CacheFileError as exc:
             log.warning("prompt cache: skipped %s (%s)", disk.path, exc)
-            self.stats.disk_errors += 1
-            with self._lock:
-                self._entries.pop(entry.key, None)
-            self._writes.put(("delete", disk.path))
+            self.discard(entry)
             return None
+
+    def discard(self, entry: CacheEntry) -> None:
+        """Forget an entry whose state turned out unusable (its file is deleted), so no later
+        request tries it again."""
+        with self._lock:
+            if entry.disk is not None:
+                self.stats.disk_errors += 1
+            if self._entries.get(entry.key) is entry:
+                self._drop(entry)
 
     def note_restore(self, n_tokens: int) -> None:
         self.stats.hits += 1

@@ -411,14 +411,16 @@ class Scheduler:
                     self._save(target)
                     if self._restore(target, state, entry.tokens.tolist()):
                         self._truncate(target, found)
+                        found = len(target.cached)  # less if the tail could not be cut
                         self.cache.note_restore(found)
                         return target, found, found
+                    self.cache.discard(entry)
                     if target is main:
                         reuse = 0
         if reuse < len(main.cached):
             self._save(main)
         self._truncate(main, reuse)
-        return main, reuse, 0
+        return main, len(main.cached), 0
 
     def _make_choices(self, request: Request) -> list[Choice]:
         choices: list[Choice] = []
@@ -564,6 +566,13 @@ class Scheduler:
             else ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
         read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, src, len(state), slot.seq_id)
         del src
+        # A state read from a file is checked like any input: llama.cpp rejects bytes it cannot
+        # parse (read != size); the cells it restored must also be exactly positions 0..n-1, or
+        # the state does not stand for these tokens (a forged or mislabelled file).
+        if read == len(state) and not (llama_cpp.llama_memory_seq_pos_min(self.memory, slot.seq_id) == 0
+                                       and llama_cpp.llama_memory_seq_pos_max(self.memory, slot.seq_id)
+                                       == len(tokens) - 1):
+            read = 0
         if read != len(state):
             log.warning("prompt cache: llama.cpp could not restore a state of %d tokens; evaluating instead",
                         len(tokens))
