@@ -157,6 +157,11 @@ class LineReader:
             self.screen.error(f"could not save the input history to {self.history_file}: {exc.strerror}")
 
 
+def last_chat_file() -> Path:
+    """Where an interactive chat is kept at exit for `chat --resume`: beside the input history."""
+    return default_history_file().with_name("last_chat.json")
+
+
 def default_history_file() -> Path:
     """chat_history in the user's data dir: platformdirs' choice where installed, else XDG's."""
     try:

@@ -70,6 +70,36 @@ def add_model_flags(parser: argparse.ArgumentParser, *, parallel_default: int = 
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log")
 
 
+# -- the prompt cache and unified KV (chat, serve) ---------------------------------------------------
+
+CACHE_OPTIONS = ("cache_ram", "cache_dir", "cache_disk", "kv_unified")
+
+
+def add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("prompt cache (llama.cpp engine)")
+    g.add_argument("-cram", "--cache-ram", dest="cache_ram", type=_size, default=None, metavar="SIZE",
+                   help="host memory for the KV states of conversations that lost their slot, e.g. 2G "
+                        "(default: a quarter of RAM, at most 8G; 0 = off)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="also keep them in DIR, so a restart or `chat --resume` continues without re-reading")
+    g.add_argument("--cache-disk", dest="cache_disk", type=_size, default=None, metavar="SIZE",
+                   help="most bytes kept in --cache-dir (default 8G; least recently used files go first)")
+    kvu = g.add_mutually_exclusive_group()
+    kvu.add_argument("-kvu", "--kv-unified", dest="kv_unified", action="store_true", default=None,
+                     help="one KV pool: any conversation may use the whole -c while the others are idle")
+    kvu.add_argument("-no-kvu", "--no-kv-unified", dest="kv_unified", action="store_false",
+                     help="each slot gets -c / -np cells (the default)")
+
+
+def _size(text: str) -> int:
+    from edge_llm.server.serve import parse_size
+
+    try:
+        return parse_size(text)
+    except Exception as exc:
+        raise argparse.ArgumentTypeError(getattr(exc, "message", str(exc))) from None
+
+
 def _engine_arg(text: str) -> tuple[str, object]:
     """KEY=VALUE; the value is read as JSON where it is JSON (true, 0.9, 4), else kept as text."""
     import json
@@ -115,6 +145,9 @@ def load_options(args: argparse.Namespace, **overrides: object) -> LoadOptions:
         "cache_type_v", "n_parallel", "use_mmap", "verbose", "chat_format", "split_mode", "tensor_split",
         "main_gpu", "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "quantization",
         "dtype", "distributed_executor_backend") if hasattr(args, name)}
+    values.update({name: getattr(args, name) for name in CACHE_OPTIONS if hasattr(args, name)})
+    if not hasattr(args, "cache_ram"):
+        values["cache_ram"] = 0  # one-shot commands (generate, batch, perplexity) never revisit a prompt
     engine_args = getattr(args, "engine_args", None)
     values["extra"] = dict(engine_args) if engine_args else None
     values["use_mlock"] = getattr(args, "mlock", None)

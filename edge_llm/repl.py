@@ -21,12 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_llm.chat_format import PrefixChatFormatter, unescape
-from edge_llm.console import LineReader, Screen, default_history_file
+from edge_llm.console import LineReader, Screen, default_history_file, last_chat_file
 from edge_llm.conversation import Answer, Conversation, PrefixConversation, Prompt, TemplateConversation
 from edge_llm.engines.base import Engine, Usage, load_engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.generate_command import read_prompt_file
-from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
+from edge_llm.options import (
+    add_cache_flags,
+    add_model_flags,
+    add_sampling_flags,
+    load_options,
+    sampling_params,
+)
 from edge_llm.reasoning import ReasoningSplitter, prompt_opens_thinking, template_has_reasoning
 from edge_llm.sampling import SamplingParams
 
@@ -69,12 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-r", "--reverse-prompt", action="append", default=[],
                    help="stop the answer when this text appears and give the turn back (repeatable)")
     g.add_argument("-co", "--color", action="store_true", help="colour the user's input and the notices")
-    g.add_argument("--stats", action="store_true", help="token counts and speed after each answer")
+    g.add_argument("--stats", action="store_true",
+                   help="token counts (evaluated, cached, restored from the prompt cache) and speed after each answer")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="FILE",
+                   help="continue the conversation saved in FILE (default: the one the last interactive chat "
+                        "left); with --cache-dir its history is restored, not read again")
     g.add_argument("--verbose-prompt", action="store_true",
                    help="print the token ids (and their text) sent to the engine for each turn")
     g.add_argument("--history-file", default=None,
                    help="input history file (default: chat_history in the user's data dir; '' = none)")
     add_model_flags(parser, parallel_default=1)
+    add_cache_flags(parser)
     add_sampling_flags(parser, n_predict=-1)
     return parser
 
@@ -309,7 +320,8 @@ def _stats_line(prompt: Prompt, answer: Answer, usage: Usage | None, speed: floa
         return f"[prompt: {len(prompt.tokens)} tokens | answer: {len(answer.token_ids)} tokens, stopped]"
     evaluated = usage.prompt_tokens - usage.cached_tokens
     rebuilt = ", conversation re-tokenized" if prompt.rebuilt else ""
-    return (f"[prompt: {usage.prompt_tokens} tokens, {usage.cached_tokens} cached, {evaluated} evaluated"
+    restored = f" ({usage.restored_tokens} restored from the prompt cache)" if usage.restored_tokens else ""
+    return (f"[prompt: {usage.prompt_tokens} tokens, {usage.cached_tokens} cached{restored}, {evaluated} evaluated"
             f"{rebuilt} | answer: {usage.completion_tokens} tokens, {speed:.1f} tokens/s]")
 
 
@@ -362,10 +374,17 @@ def main(argv: list[str] | None = None) -> int:
                             reverse_prompts=tuple(unescape(r) for r in args.reverse_prompt))
     screen = Screen(interactive, settings.color)
     engine = load_engine(args.model, engine=args.engine, options=load_options(args, **overrides), config=args.config)
+    conversation = None
     try:
         conversation = make_conversation(engine, args)
         if settings.continue_first and not isinstance(conversation, PrefixConversation):
             settings.continue_first = False  # a chat template has nothing to continue before a user turn
+        if args.resume is not None:
+            source = Path(args.resume) if args.resume else last_chat_file()
+            if not args.resume and not source.exists():
+                raise EdgeLLMError(f"no conversation to resume: an interactive chat keeps one at exit in {source}")
+            conversation.load(source)
+            screen.notice(f"[resumed {len(conversation.exchanges)} turns from {source}]")
         if interactive:
             mode = "prefix mode" if isinstance(conversation, PrefixConversation) else "chat template"
             screen.notice(f"edge-llm chat: {engine.model_name} ({mode}, context {conversation.limit} tokens). "
@@ -374,4 +393,16 @@ def main(argv: list[str] | None = None) -> int:
         reader = LineReader(screen, history if interactive and args.history_file != "" else None)
         return ChatSession(engine, conversation, params, settings, screen).run(reader)
     finally:
+        if interactive and conversation is not None and conversation.exchanges:
+            _autosave(conversation, engine, screen)
         engine.close()
+
+
+def _autosave(conversation: Conversation, engine: Engine, screen: Screen) -> None:
+    """An interactive chat is kept for `chat --resume`, as the input history is."""
+    target = last_chat_file()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        conversation.save(target, model=getattr(engine, "model_name", ""))
+    except (OSError, EdgeLLMError) as exc:
+        screen.error(f"could not keep the conversation for --resume: {getattr(exc, 'message', exc)}")

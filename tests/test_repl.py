@@ -21,8 +21,8 @@ from edge_llm.sampling import SamplingParams
 
 CHATML_PREFIX = "<|im_start|>user\n"
 CHATML_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
-STATS = re.compile(r"\[prompt: (\d+) tokens, (\d+) cached, (\d+) evaluated(, conversation re-tokenized)? "
-                   r"\| answer: (\d+) tokens")
+STATS = re.compile(r"\[prompt: (\d+) tokens, (\d+) cached(?: \(\d+ restored from the prompt cache\))?, (\d+) "
+                   r"evaluated(, conversation re-tokenized)? \| answer: (\d+) tokens")
 PROMPT_IDS = re.compile(r"\[prompt\] (\d+) tokens, (\d+) new: (\[[\d, ]*\])")
 PROMPT_TEXT = re.compile(r"\[prompt\] text: (.*)\r\n")
 

@@ -141,3 +141,27 @@ def test_a_dropped_stream_is_cancelled(engine8):
     while engine8.scheduler.running and time.time() < deadline:
         time.sleep(0.05)
     assert engine8.scheduler.running == 0
+
+
+def test_a_request_that_fails_admission_spares_the_running_streams(engine8):
+    # A grammar that does not parse fails while the request is being admitted; the streams
+    # already running on the model must go on and end normally, and only the bad request fails.
+    from edge_llm.errors import InvalidParameterError
+
+    solo = [collect(engine8.stream(p, greedy(40)))[0].token_ids for p in PROMPTS[:2]]
+    streams = [engine8.stream(p, greedy(40)) for p in PROMPTS[:2]]
+    got = [[], []]
+    for i, s in enumerate(streams):
+        got[i] += next(s).token_ids
+    bad = engine8.stream(PROMPTS[2], greedy(8, grammar='root ::= "a\\"b'))
+    with pytest.raises(InvalidParameterError, match="grammar"):
+        list(bad)
+    finish = [None, None]
+    for i, s in enumerate(streams):
+        for delta in s:
+            got[i] += delta.token_ids
+            finish[i] = delta.finish_reason or finish[i]
+    assert got == solo
+    assert finish == ["length", "length"]
+    # The slot the bad request was given is not left half-admitted: the model serves on.
+    assert collect(engine8.stream(PROMPTS[0], greedy(40)))[0].token_ids == solo[0]

@@ -27,6 +27,9 @@ class Usage:
     completion_tokens: int = 0
     # Prompt tokens that came from the prompt cache instead of being evaluated again.
     cached_tokens: int = 0
+    # Of those, the ones restored from a saved state (host memory or disk) rather than found
+    # still in the request's slot.
+    restored_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -75,6 +78,13 @@ class LoadOptions:
     seed: int | None = None
     n_parallel: int | None = None
     max_queue: int | None = None  # waiting requests beyond this are refused (HTTP 503)
+    # The prompt cache beyond the slots (engines/prompt_cache.py): host-memory budget in bytes
+    # (None: a quarter of RAM, at most 8 GiB; 0: off), a folder that keeps it across restarts,
+    # and that folder's budget. kv_unified: one KV pool that any slot may fill up to n_ctx.
+    cache_ram: int | None = None
+    cache_dir: str | None = None
+    cache_disk: int | None = None
+    kv_unified: bool | None = None  # None: off
     chat_format: str | None = None
     in_prefix: str | None = None
     in_suffix: str | None = None

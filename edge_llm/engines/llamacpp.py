@@ -115,9 +115,10 @@ class LlamaCppEngine(PromptTokens):
         ctx_params.n_batch = min(options.n_batch, n_ctx)
         ctx_params.n_ubatch = min(options.n_batch, n_ctx)
         ctx_params.n_seq_max = self.n_parallel
-        # Each sequence gets its own n_ctx / n_parallel cells: a request's attention never runs
-        # over other requests' cells, so its output does not depend on what else is running.
-        ctx_params.kv_unified = False
+        # By default each sequence gets its own n_ctx / n_parallel cells: a request's attention
+        # never runs over other requests' cells, so its output does not depend on what else is
+        # running. -kvu: one pool of n_ctx cells that any sequence may fill (scheduler.py).
+        ctx_params.kv_unified = bool(options.kv_unified)
         ctx_params.n_threads = self.n_threads
         ctx_params.n_threads_batch = options.n_threads_batch or self.n_threads
         fa = options.flash_attn
@@ -134,7 +135,8 @@ class LlamaCppEngine(PromptTokens):
             raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path} "
                                  "(out of memory, or an unsupported cache type / flash-attention setting)") from None
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx.ctx)
-        self.n_ctx_seq = self.n_ctx // self.n_parallel
+        self.kv_unified = bool(options.kv_unified)
+        self.n_ctx_seq = self.n_ctx if self.kv_unified else self.n_ctx // self.n_parallel
         self.n_batch = ctx_params.n_batch
         self.flash_attn = fa
         self.n_gpu_layers = ngl
@@ -157,9 +159,19 @@ class LlamaCppEngine(PromptTokens):
         self._embed_ctx: _internals.LlamaContext | None = None
         self._embed_lock = threading.Lock()
 
+        from edge_llm.engines.prompt_cache import open_prompt_cache
         from edge_llm.engines.scheduler import Scheduler
 
-        self.scheduler = Scheduler(self, max_waiting=options.max_queue)
+        try:
+            self.prompt_cache = open_prompt_cache(
+                self.path, {"n_ctx": self.n_ctx, "n_parallel": self.n_parallel, "kv_unified": self.kv_unified,
+                            "cache_type_k": options.cache_type_k, "cache_type_v": options.cache_type_v,
+                            "flash_attn": fa, "llama_cpp": llama_cpp.__version__},
+                ram_budget=options.cache_ram, cache_dir=options.cache_dir, disk_budget=options.cache_disk)
+        except BaseException:
+            self.close()
+            raise
+        self.scheduler = Scheduler(self, max_waiting=options.max_queue, cache=self.prompt_cache)
 
     # -- vocabulary -----------------------------------------------------------------------------
 
@@ -267,6 +279,8 @@ class LlamaCppEngine(PromptTokens):
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.close()
+        if getattr(self, "prompt_cache", None) is not None:
+            self.prompt_cache.close()  # after the scheduler has handed it the slots' states
         if getattr(self, "formatter", None) is not None:
             self.formatter.close()  # the chat template's sandbox process
         if getattr(self, "_embed_ctx", None) is not None:

@@ -13,8 +13,15 @@ n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never 
 request's cells and greedy output does not depend on what else runs). A finished request leaves
 its tokens in its slot. A new request takes the idle slot whose cached tokens share the longest
 prefix with its prompt and evaluates only the rest; with no useful match it takes the least
-recently used idle slot. So up to n_parallel conversations stay cached at once, and the one
-evicted is the one idle longest.
+recently used idle slot. A slot given to another conversation is saved first to the prompt cache
+beyond the slots (prompt_cache.py: host memory, optionally a folder), and a prompt that a saved
+state covers better than any slot gets that state restored into a slot. Admission is all or
+nothing: what can fail for a request is built before any slot is touched.
+
+With -kvu (kv_unified = True) the slots share one pool of n_ctx cells: idle slots give their
+cells up (saved first) when a prompt or the running streams need them; a prompt that does not fit
+beside the running streams waits; when the running streams fill the pool, the newest ends with
+"length".
 
 `n > 1` choices take n slots: the prompt is evaluated once, then copied (llama_memory_seq_cp)
 into the other slots, each with its own sampler.
@@ -23,6 +30,7 @@ into the other slots, each with its own sampler.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import logging
 import queue
@@ -39,6 +47,7 @@ from llama_cpp import _internals
 
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
+from edge_llm.engines.prompt_cache import PromptCache
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
@@ -50,6 +59,9 @@ log = logging.getLogger(__name__)
 _END = object()
 # A cached prefix shorter than this is not worth evicting a better-matching slot's cache for.
 MIN_USEFUL_PREFIX = 1
+# Restoring a saved state copies the whole entry (and may read a file); a few tokens more than the
+# best idle slot offers are cheaper to evaluate.
+MIN_RESTORE_GAIN = 4
 
 
 @dataclass
@@ -235,6 +247,7 @@ class Choice:
     text: TextAssembler
     n_prompt: int
     n_cached: int
+    n_restored: int = 0  # of the cached tokens, those restored from the prompt cache
     generated: int = 0
     pending: int | None = None  # sampled token not yet decoded
     done: bool = False
@@ -255,11 +268,13 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64) -> None:
+    def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64, cache: PromptCache | None = None) -> None:
         self.engine = engine
+        self.cache = cache  # states of conversations that lost their slot (prompt_cache.py)
         self.ctx = engine._ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.n_ctx_seq = engine.n_ctx_seq
+        self.unified = getattr(engine, "kv_unified", False)
         self.n_batch = engine.n_batch
         self.max_waiting = max_waiting
         self.slots = [Slot(i) for i in range(engine.n_parallel)]
@@ -332,14 +347,18 @@ class Scheduler:
             self._cond.notify()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self._persist_idle()  # the engine thread is gone: the slots can be read here
         self._batch.close()
 
     # -- engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
+            if self._nothing_to_do():
+                self._persist_idle()
             with self._cond:
-                while not self._closed and not self._waiting and all(s.idle for s in self.slots):
+                while self._nothing_to_do():
                     self._cond.wait()
                 if self._closed:
                     break
@@ -354,6 +373,9 @@ class Scheduler:
         for request in waiting:
             request.put(EdgeLLMError("the engine was closed"))
             request.put(_END)
+
+    def _nothing_to_do(self) -> bool:
+        return not self._closed and not self._waiting and all(s.idle for s in self.slots)
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -424,6 +446,8 @@ class Scheduler:
     # -- admission ------------------------------------------------------------------------------
 
     def _admit(self) -> None:
+        if self.unified:
+            self._keep_decode_room()
         while True:
             with self._cond:
                 if not self._waiting:
@@ -436,6 +460,10 @@ class Scheduler:
             if request.cancelled.is_set():
                 request.put(_END)
                 continue
+            if self.unified and not self._make_room(request.tokens, idle):
+                with self._cond:  # the running streams hold the pool: wait for them to end
+                    self._waiting.appendleft(request)
+                return
             try:
                 self._start(request, idle)
             except Exception as exc:
@@ -443,20 +471,19 @@ class Scheduler:
                 request.put(_END)
 
     def _start(self, request: Request, idle: list[Slot]) -> None:
+        """Admit a request into idle slots, all or nothing: everything that can fail for a bad
+        request (its samplers, where a grammar is parsed) is built before any slot is touched,
+        so a failure leaves the slots, and the streams running beside them, as they were."""
         tokens, params = request.tokens, request.params
-        main = max(idle, key=lambda s: (_common_prefix(s.cached, tokens), -s.last_used))
-        reuse = _common_prefix(main.cached, tokens)
-        # At least the last prompt token must be evaluated to get logits for the first sample.
-        reuse = min(reuse, len(tokens) - 1)
-        if reuse < MIN_USEFUL_PREFIX:
-            main = min(idle, key=lambda s: s.last_used)
-            reuse = 0
-        self._truncate(main, reuse)
-        main.prefill = tokens[reuse:]
-        # Extra choices overwrite the least recently used caches.
+        choices = self._make_choices(request)
+        main, reuse, restored = self._place(tokens, idle)
+        # Extra choices overwrite the least recently used caches: keep those first.
         others = sorted((s for s in idle if s is not main), key=lambda s: s.last_used)[: params.n - 1]
-        choices = [self._make_choice(request, i, len(tokens), reuse) for i in range(params.n)]
+        for slot in others:
+            self._save(slot)
+        main.prefill = tokens[reuse:]
         for slot, choice in zip([main, *others], choices, strict=False):
+            choice.n_cached, choice.n_restored = reuse, restored
             slot.choice = choice
             slot.last_used = time.monotonic()
         main.copies = others
@@ -465,6 +492,51 @@ class Scheduler:
         self.stats.prompt_tokens_evaluated += len(tokens) - reuse
         self.stats.prompt_tokens_cached += reuse
         self.stats.prefix_cache_hits += reuse > 0
+
+    def _place(self, tokens: list[int], idle: list[Slot]) -> tuple[Slot, int, int]:
+        """Pick the slot for a prompt and make it hold the longest cached prefix there is: its
+        own, or a saved state restored from the prompt cache. Returns the slot, how many prompt
+        tokens it holds, and how many of those were restored."""
+        main = max(idle, key=lambda s: (_common_prefix(s.cached, tokens), -s.last_used))
+        # At least the last prompt token must be evaluated to get logits for the first sample.
+        reuse = min(_common_prefix(main.cached, tokens), len(tokens) - 1)
+        if reuse < MIN_USEFUL_PREFIX:
+            main = min(idle, key=lambda s: s.last_used)
+            reuse = 0
+        if self.cache is not None:
+            entry, found = self.cache.lookup(tokens)
+            found = min(found, len(tokens) - 1)
+            if entry is not None and found >= reuse + MIN_RESTORE_GAIN:
+                # The least recently used idle slot is the cheapest to give up; it is saved first.
+                target = min(idle, key=lambda s: s.last_used)
+                # With -kvu the whole entry must fit in the pool before it is cut to the prompt.
+                fits = not self.unified or entry.n_tokens <= self._free_cells() + len(target.cached)
+                state = self.cache.load(entry) if fits else None
+                if state is not None:
+                    self._save(target)
+                    if self._restore(target, state, entry.tokens.tolist()):
+                        self._truncate(target, found)
+                        found = len(target.cached)  # less if the tail could not be cut
+                        self.cache.note_restore(found)
+                        return target, found, found
+                    self.cache.discard(entry)
+                    if target is main:
+                        reuse = 0
+        if reuse < len(main.cached):
+            self._save(main)
+        self._truncate(main, reuse)
+        return main, len(main.cached), 0
+
+    def _make_choices(self, request: Request) -> list[Choice]:
+        choices: list[Choice] = []
+        try:
+            for i in range(request.params.n):
+                choices.append(self._make_choice(request, i, len(request.tokens), 0))
+        except BaseException:
+            for choice in choices:
+                choice.sampler.close()
+            raise
+        return choices
 
     def _make_choice(self, request: Request, index: int, n_prompt: int, n_cached: int) -> Choice:
         params = request.params
@@ -486,6 +558,7 @@ class Scheduler:
         if params.grammar:
             grammar = llama_cpp.llama_sampler_init_grammar(engine.vocab, params.grammar.encode(), b"root")
             if not grammar:
+                sampler.close()
                 raise InvalidParameterError("the grammar does not parse (llama.cpp GBNF)", param="grammar")
             llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
         if params.ignore_eos and engine.eog_ids:
@@ -521,6 +594,105 @@ class Scheduler:
             llama_cpp.llama_memory_seq_rm(self.memory, target.seq_id, -1, -1)
             llama_cpp.llama_memory_seq_cp(self.memory, slot.seq_id, target.seq_id, -1, -1)
             target.cached = list(slot.cached)
+
+    # -- unified KV (-kvu): one pool of n_ctx cells for every slot ------------------------------
+
+    def _free_cells(self) -> int:
+        """Cells of the pool not yet promised: every slot's cached tokens and the prompt tokens it
+        still has to evaluate count (n > 1 copies share cells, so this errs on the safe side)."""
+        return self.engine.n_ctx - sum(len(s.cached) + len(s.prefill) for s in self.slots)
+
+    def _evict(self, slot: Slot) -> None:
+        """Free an idle slot's cells; what it held goes to the prompt cache first."""
+        self._save(slot)
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        slot.cached = []
+
+    def _make_room(self, tokens: list[int], idle: list[Slot]) -> bool:
+        """Free idle slots' cells, least recently used first, until the prompt and one more
+        token per running stream fit. The idle slot that shares most with the prompt goes last."""
+        need = len(tokens) + sum(1 for s in self.slots if not s.idle)
+        best = max(idle, key=lambda s: _common_prefix(s.cached, tokens))
+        victims = sorted((s for s in idle if s.cached and s is not best), key=lambda s: s.last_used)
+        for slot in [*victims, best]:
+            if self._free_cells() >= need:
+                break
+            if slot.cached:
+                self._evict(slot)
+        return self._free_cells() >= need
+
+    def _keep_decode_room(self) -> None:
+        """Each generating slot takes one more cell this step. When the pool is short, idle
+        slots give theirs up; when only running streams are left, the newest one ends with
+        finish_reason "length", as a full slot does without -kvu."""
+        while True:
+            need = sum(1 for s in self.slots if s.choice is not None and not s.choice.done)
+            if self._free_cells() >= need:
+                return
+            idle = sorted((s for s in self.slots if s.idle and s.cached), key=lambda s: s.last_used)
+            if idle:
+                self._evict(idle[0])
+                continue
+            running = [s for s in self.slots if s.choice is not None and not s.choice.done]
+            if not running:
+                return
+            newest = max(running, key=lambda s: (s.choice.request.id, s.choice.index))
+            self._finish(newest, "length")
+
+    # -- the prompt cache beyond the slots ------------------------------------------------------
+
+    def _save(self, slot: Slot, *, in_memory: bool = True) -> None:
+        """Keep what a slot holds in the prompt cache before it is given to another conversation
+        (or, `in_memory=False`, only write it to the disk tier)."""
+        if self.cache is None or not slot.cached:
+            return
+        if self.cache.covers(slot.cached, tier="ram" if in_memory else "disk"):
+            return
+        state = self._read_state(slot.seq_id)
+        if state is not None:
+            self.cache.store(slot.cached, state, in_memory=in_memory)
+
+    def _read_state(self, seq_id: int) -> bytearray | None:
+        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, seq_id)
+        state = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(state)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, view, size, seq_id)
+        del view  # release the export so the bytearray is an ordinary buffer again
+        if written != size:
+            log.warning("prompt cache: llama.cpp wrote %d of %d state bytes; not cached", written, size)
+            return None
+        return state
+
+    def _restore(self, slot: Slot, state: bytes | bytearray, tokens: list[int]) -> bool:
+        """Put a saved state into a slot: afterwards the slot holds exactly `tokens`."""
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        slot.cached = []
+        src = (ctypes.c_uint8 * len(state)).from_buffer(state) if isinstance(state, bytearray) \
+            else ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+        read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, src, len(state), slot.seq_id)
+        del src
+        # A state read from a file is checked like any input: llama.cpp rejects bytes it cannot
+        # parse (read != size); the cells it restored must also be exactly positions 0..n-1, or
+        # the state does not stand for these tokens (a forged or mislabelled file).
+        if read == len(state) and not (llama_cpp.llama_memory_seq_pos_min(self.memory, slot.seq_id) == 0
+                                       and llama_cpp.llama_memory_seq_pos_max(self.memory, slot.seq_id)
+                                       == len(tokens) - 1):
+            read = 0
+        if read != len(state):
+            log.warning("prompt cache: llama.cpp could not restore a state of %d tokens; evaluating instead",
+                        len(tokens))
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            return False
+        slot.cached = list(tokens)
+        return True
+
+    def _persist_idle(self) -> None:
+        """With a disk tier, write what the idle slots hold while nothing else runs: a server or
+        REPL that is killed rather than closed still resumes from its last finished turn."""
+        if self.cache is not None and self.cache.persistent:
+            for slot in self.slots:
+                if slot.idle:
+                    self._save(slot, in_memory=False)
 
     # -- sampling and output --------------------------------------------------------------------
 
@@ -594,7 +766,7 @@ class Scheduler:
         choice = slot.choice
         choice.done = True
         usage = Usage(prompt_tokens=choice.n_prompt, completion_tokens=choice.generated,
-                      cached_tokens=choice.n_cached)
+                      cached_tokens=choice.n_cached, restored_tokens=choice.n_restored)
         request = choice.request
         request.put(Delta(text=text, token_ids=token_ids or [], index=choice.index, logprobs=logprobs,
                           finish_reason=reason, usage=usage))

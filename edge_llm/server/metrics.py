@@ -40,6 +40,12 @@ class ServerMetrics:
                                          LABEL, registry=r)
         self.prefix_cache_hit_requests = Counter(PREFIX + "prefix_cache_hit_requests", "Requests that reused "
                                                  "a cached prompt prefix", LABEL, registry=r)
+        self.prompt_cache_hits = Counter(PREFIX + "prompt_cache_hits", "Requests that resumed from a KV state saved "
+                                         "in host memory or on disk (the prompt cache beyond the slots)", LABEL,
+                                         registry=r)
+        self.prompt_cache_restored_tokens = Counter(PREFIX + "prompt_cache_restored_tokens", "Prompt tokens "
+                                                    "restored from the prompt cache instead of evaluated", LABEL,
+                                                    registry=r)
         self.request_success = Counter(PREFIX + "request_success", "Finished requests by finish reason",
                                        [*LABEL, "finished_reason"], registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from request to first token",
@@ -91,6 +97,9 @@ class RequestObserver:
                     m.prefix_cache_hits.labels(self.model).inc(usage.cached_tokens)
                     if usage.cached_tokens:
                         m.prefix_cache_hit_requests.labels(self.model).inc()
+                    if usage.restored_tokens:
+                        m.prompt_cache_hits.labels(self.model).inc()
+                        m.prompt_cache_restored_tokens.labels(self.model).inc(usage.restored_tokens)
 
     def finish(self) -> None:
         if self._done:
@@ -121,7 +130,26 @@ class _EngineStateCollector:
                                     "while other programs keep cores busy)", labels=LABEL)
         yielded = CounterMetricFamily(PREFIX + "decodes_with_fewer_threads", "Decodes run with fewer threads than "
                                       "cores because other programs kept cores busy", labels=LABEL)
+        tier = [*LABEL, "tier"]
+        held = GaugeMetricFamily(PREFIX + "prompt_cache_bytes", "Bytes of KV states held by the prompt cache",
+                                 labels=tier)
+        budget = GaugeMetricFamily(PREFIX + "prompt_cache_budget_bytes", "The prompt cache's byte budget (--cache-ram, "
+                                   "--cache-disk)", labels=tier)
+        evictions = CounterMetricFamily(PREFIX + "prompt_cache_evictions", "KV states dropped for the budget since "
+                                        "the model was loaded", labels=tier)
         engines = self.manager.loaded()
+        for name, engine in engines.items():
+            cache = getattr(engine, "prompt_cache", None)
+            if cache is None:
+                continue
+            held.add_metric([name, "ram"], float(cache.ram_bytes))
+            budget.add_metric([name, "ram"], float(cache.ram_budget))
+            evictions.add_metric([name, "ram"], float(cache.stats.evictions))
+            if cache.disk is not None:
+                held.add_metric([name, "disk"], float(cache.disk_bytes))
+                budget.add_metric([name, "disk"], float(cache.disk.budget))
+                evictions.add_metric([name, "disk"], float(cache.stats.disk_evictions))
+        yield from (held, budget, evictions)
         for name in self.manager.models:
             engine = engines.get(name)
             scheduler = getattr(engine, "scheduler", None)

@@ -15,7 +15,7 @@ import re
 import sys
 
 from edge_llm.errors import EdgeLLMError
-from edge_llm.options import add_model_flags, load_options
+from edge_llm.options import add_cache_flags, add_model_flags, load_options
 from edge_llm.reasoning import REASONING_FORMATS
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="<think> text: auto = split off as reasoning when the chat template knows the tags, "
                         "deepseek = always split, none = leave it inline in the answer (llama-server's flag)")
     add_model_flags(parser, parallel_default=4)
+    add_cache_flags(parser)
     return parser
 
 
@@ -112,8 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     from edge_llm.server.models import ModelManager
 
     keys = api_keys(args)
+    refs = model_refs(args)
+    overrides: dict[str, object] = {"max_queue": args.max_queue}
+    if args.cache_ram is None and len(refs) > 1:
+        from edge_llm.engines.prompt_cache import default_ram_budget
+
+        overrides["cache_ram"] = default_ram_budget() // len(refs)  # the default is for the whole server
     manager = ModelManager.from_refs(
-        model_refs(args), config=args.config, engine=args.engine, options=load_options(args, max_queue=args.max_queue),
+        refs, config=args.config, engine=args.engine, options=load_options(args, **overrides),
         keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
         memory_budget=parse_size(args.memory_budget) if args.memory_budget else None)
     app = create_app(manager, api_keys=keys, max_body_bytes=parse_size(args.max_body_size), preload=args.preload,
