@@ -165,7 +165,7 @@ def test_every_registry_setting_fills_only_unset_options(tmp_path):
                      chat_format="chatml", in_prefix="U: ", in_suffix="A: ")
     # Every load setting a registry entry can carry is resolved, none is forgotten.
     load_settings = set(ModelSpec.model_fields) - {"name", "description", "source", "repo", "file", "path",
-                                                    "format", "quant", "engines"}
+                                                    "format", "quant", "engines", "architecture"}
     assert load_settings == set(REGISTRY_FIELDS)
     parser = argparse.ArgumentParser()
     add_model_flags(parser)

@@ -153,7 +153,7 @@ def test_a_request_that_fails_admission_spares_the_running_streams(engine8):
     got = [[], []]
     for i, s in enumerate(streams):
         got[i] += next(s).token_ids
-    bad = engine8.stream(PROMPTS[2], greedy(8, grammar='root ::= "a\\"b'))
+    bad = engine8.stream(PROMPTS[2], SamplingParams.create(temperature=0, max_tokens=8, grammar='root ::= "a\\"b'))
     with pytest.raises(InvalidParameterError, match="grammar"):
         list(bad)
     finish = [None, None]

@@ -13,11 +13,14 @@ used by OpenMP builds. Measured on a 2-core box, single stream (scripts/bench_en
 - One thread has no barriers: under that contention it decodes ~6x faster than two spinning
   threads, and 1.3x faster than two passive ones.
 
-So edge-llm spins briefly (GOMP_SPINCOUNT=10000, about 0.1 ms: long enough to bridge the gap
-between two ops, short enough that idle threads sleep at once between steps and an idle server
-burns nothing), and `ThreadGovernor` uses all the cores while they are free and yields a core
-to other programs while they keep it busy. The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT and
--t / -tb always win (an explicit -t keeps that many threads, busy machine or not).
+So edge-llm keeps libgomp's spinning while the cores are free and lets `ThreadGovernor` yield a
+core to other programs while they keep it busy (one thread has no barriers to spin at). The count is
+set explicitly (GOMP_SPINCOUNT=300000, libgomp's own default; `edge-llm doctor` shows it): a shorter
+spin (10000, tried first) cost 5-10% single-stream on a quiet machine (0.90x against 0.98x
+llama-server in the same run of scripts/bench_serving.py) and bought nothing under contention,
+where the governor already decodes on one thread; an idle server burns nothing either way (threads
+sleep after the spin). The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT and -t / -tb always win (an
+explicit -t keeps that many threads, busy machine or not).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
-SPIN_COUNT = "10000"
+SPIN_COUNT = "300000"
 # Other programs' CPU use (in cores) above which the governor gives up a core, and below which
 # it takes one back: apart, so that it does not flap around one value.
 YIELD_ABOVE = 0.25
