@@ -203,7 +203,7 @@ def test_registry_gpu_layers_and_flash_attn_apply_through_the_api(tmp_path, demo
 
 @pytest.mark.model
 def test_registry_settings_apply_through_the_cli(tmp_path, demo_path, monkeypatch):
-    from edge_llm import generate
+    from edge_llm import generate_command
     from edge_llm.engines.base import load_engine
 
     cfg = _registry_entry(tmp_path, demo_path, n_gpu_layers=-1, flash_attn="off", n_ctx=512)
@@ -213,10 +213,10 @@ def test_registry_settings_apply_through_the_cli(tmp_path, demo_path, monkeypatc
         loaded.append(load_engine(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(generate, "load_engine", keep)
-    assert generate.main(["-m", "mine", "--config", str(cfg), "-p", "Hi", "-n", "1"]) == 0
+    monkeypatch.setattr(generate_command, "load_engine", keep)
+    assert generate_command.main(["-m", "mine", "--config", str(cfg), "-p", "Hi", "-n", "1"]) == 0
     assert (loaded[-1].n_gpu_layers, loaded[-1].flash_attn, loaded[-1].n_ctx) == (-1, "off", 512)
-    assert generate.main(["-m", "mine", "--config", str(cfg), "-p", "Hi", "-n", "1", "-ngl", "0", "-fa"]) == 0
+    assert generate_command.main(["-m", "mine", "--config", str(cfg), "-p", "Hi", "-n", "1", "-ngl", "0", "-fa"]) == 0
     assert (loaded[-1].n_gpu_layers, loaded[-1].flash_attn) == (0, "on")
     # As a user sees it: the entry's flash_attn = "off" refuses a quantized V cache unless -fa says otherwise.
     out = run_cli("generate", "-m", "mine", "--config", str(cfg), "-p", "Hi", "-n", "1", "-ctv", "q8_0")
