@@ -526,7 +526,7 @@ class PromptCache:
 
     def _write_forever(self) -> None:
         assert self.disk is not None
-        disk = self.disk
+        failed = False  # the disk failed: the tier is off, queued writes are only released
         while True:
             op, arg = self._writes.get()
             if op == "stop":
@@ -534,10 +534,12 @@ class PromptCache:
             if op == "signal":
                 arg.set()
             elif op == "delete":
-                disk.remove(arg)
-            elif op == "write" and not self._write_entry(arg):
-                self._drain_after_failure()
-                return
+                self.disk.remove(arg)
+            elif op == "write" and failed:
+                with self._lock:
+                    self._settle(arg)
+            elif op == "write":
+                failed = not self._write_entry(arg)
 
     def _write_entry(self, entry: CacheEntry) -> bool:
         """Write one entry's file; False when the disk failed and the tier is now off."""
@@ -578,21 +580,6 @@ class PromptCache:
             entry.pending = None
         if not entry.available and self._entries.get(entry.key) is entry:
             self._entries.pop(entry.key, None)
-
-    def _drain_after_failure(self) -> None:
-        """The disk tier is off: release what is still queued, keep deleting what was asked."""
-        assert self.disk is not None
-        while True:
-            op, arg = self._writes.get()
-            if op == "stop":
-                return
-            if op == "signal":
-                arg.set()
-            elif op == "delete":
-                self.disk.remove(arg)
-            elif op == "write":
-                with self._lock:
-                    self._settle(arg)
 
 
 # -- construction -----------------------------------------------------------------------------------
