@@ -46,14 +46,38 @@ def partial_tag(text: str, tag: str) -> int:
     return 0
 
 
+class TrimmedText:
+    """One part of a streamed answer (the thinking, the content around tool calls) sent without the
+    whitespace at its ends: leading whitespace is dropped, trailing whitespace is held back and sent
+    only if more text of the part follows."""
+
+    def __init__(self) -> None:
+        self._started = False
+        self.held = ""  # whitespace after the text sent so far
+
+    def feed(self, text: str) -> str:
+        """What of `text` can be sent now ("" when nothing)."""
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        body = text.rstrip()
+        out = self.held + body if body else ""
+        if body:
+            self.held = ""
+        self.held += text[len(body):]
+        return out
+
+
 class ReasoningSplitter:
     """feed(text) -> [(kind, text), ...]; finish() flushes what was held back."""
 
     def __init__(self, *, open: bool = False) -> None:
         self._state = "thinking" if open else "start"
         self._buffer = ""
-        self._pending_space = ""  # whitespace inside the thinking, sent only if more thinking follows
-        self._lead = True  # at the start of a part: leading whitespace is dropped
+        self._thinking = TrimmedText()
+        self._content_lead = False  # the content follows </think>: its leading whitespace is dropped
 
     @property
     def thinking(self) -> bool:
@@ -78,38 +102,31 @@ class ReasoningSplitter:
                     continue
                 if not final and THINK_OPEN.startswith(stripped):
                     return out  # empty, or the tag so far: wait for more
-                self._state, self._lead = "content", False
+                self._state = "content"
                 continue
             if self._state == "thinking":
                 end = self._buffer.find(THINK_CLOSE)
                 if end >= 0:
                     self._think(self._buffer[:end], out)
                     self._buffer = self._buffer[end + len(THINK_CLOSE):]
-                    self._pending_space, self._state, self._lead = "", "content", True
+                    self._state, self._content_lead = "content", True
                     continue
                 keep = 0 if final else partial_tag(self._buffer, THINK_CLOSE)
                 self._think(self._buffer[:len(self._buffer) - keep], out)
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 return out
             # content: everything passes, but the whitespace right after </think>
-            if self._lead:
+            if self._content_lead:
                 self._buffer = self._buffer.lstrip()
                 if not self._buffer:
                     return out
-                self._lead = False
+                self._content_lead = False
             if self._buffer:
                 out.append(("content", self._buffer))
                 self._buffer = ""
             return out
 
     def _think(self, text: str, out: list[tuple[Kind, str]]) -> None:
-        if self._lead:
-            text = text.lstrip()
-            if not text:
-                return
-            self._lead = False
-        body = text.rstrip()
-        if body:
-            out.append(("reasoning", self._pending_space + body))
-            self._pending_space = ""
-        self._pending_space += text[len(body):]
+        piece = self._thinking.feed(text)
+        if piece:
+            out.append(("reasoning", piece))

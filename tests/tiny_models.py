@@ -504,8 +504,9 @@ def build_glm(folder: Path, tokenizer_dir: Path, version: str) -> TinyModel:
 
 
 # ChatGLM3's tokenizer is remote code (tokenization_chatglm.py) that edge-llm never runs; llama.cpp's
-# converter runs it (trust_remote_code=True). The fixture ships this minimal re-implementation of
-# the parts that converter uses, so the reference can be built; edge-llm reads tokenizer.model itself.
+# converter loads it through transformers' remote-code loading. For the reference conversion only,
+# the fixture folder holds this minimal re-implementation written here (no code from a hub runs);
+# edge-llm reads tokenizer.model itself.
 _CHATGLM3_TOKENIZER = '''
 import sentencepiece
 from transformers import PreTrainedTokenizer

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_llm.reasoning import partial_tag
+from edge_llm.reasoning import TrimmedText, partial_tag
 from edge_llm.server.grammars import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 # The start of a call written name-first, up to the arguments object or string.
@@ -73,8 +73,7 @@ class ToolCallParser:
     def __init__(self) -> None:
         self._buffer = ""
         self._state = "text"  # text | head (after <tool_call>) | arguments (streaming an object)
-        self._space = ""  # whitespace after content, sent only if more content follows
-        self._started = False  # content has begun (leading whitespace is dropped)
+        self._text = TrimmedText()  # the content before, between and after calls
         self._calls = 0
         self._raw = ""  # the current call as written so far
         self._arguments = ""
@@ -98,7 +97,7 @@ class ToolCallParser:
                     self._buffer = self._buffer[len(self._buffer) - keep:]
                     return out
                 self._content(self._buffer[:start], out)
-                self._space = ""  # whitespace before a call is not content
+                self._text.held = ""  # whitespace before a call is not content
                 self._buffer = self._buffer[start + len(TOOL_CALL_OPEN):]
                 self._state, self._raw, self._arguments, self._opened = "head", TOOL_CALL_OPEN, "", False
             elif self._state == "head":
@@ -132,16 +131,9 @@ class ToolCallParser:
                 self._close(out)
 
     def _content(self, text: str, out: list[Event]) -> None:
-        if not self._started:
-            text = text.lstrip()
-            if not text:
-                return
-            self._started = True
-        body = text.rstrip()
-        if body:
-            out.append(Text(self._space + body))
-            self._space = ""
-        self._space += text[len(body):]
+        piece = self._text.feed(text)
+        if piece:
+            out.append(Text(piece))
 
     def _held_tail(self, text: str) -> int:
         """What could still be the call's end: `}`, whitespace, a partial `</tool_call>`."""
@@ -164,7 +156,7 @@ class ToolCallParser:
     def _close(self, out: list[Event]) -> None:
         out.append(CallEnd(self._calls, self._arguments, self._raw))
         self._calls += 1
-        self._state, self._started, self._space = "text", False, ""
+        self._state, self._text = "text", TrimmedText()
 
     def _whole_call(self, payload: str, out: list[Event]) -> None:
         call = _as_call(payload)
