@@ -4,7 +4,8 @@ A model's own template renders in its sandbox process (edge_llm/template_sandbox
 time and memory; a worker thread waits for it. At most one render per engine is in flight here,
 so a model whose template is slow or hostile holds one thread, never the pool that tokenize,
 completions and the other models need. A request that cannot start its render within one
-worst-case render time gets a 503 with Retry-After instead of waiting behind the others.
+worst-case render time gets a 503 with Retry-After instead of waiting behind the others. The
+request pipeline (pipeline.py) holds `rendering(engine)` while its `prepare` renders.
 """
 
 from __future__ import annotations
@@ -46,8 +47,3 @@ async def rendering(engine: Engine) -> AsyncIterator[None]:
     finally:
         gate.release()
 
-
-async def chat_prompt(engine: Engine, messages: list[dict], *, tools: list[dict] | None = None) -> str:
-    """`engine.chat_prompt(messages, tools=tools)`, one render per engine at a time."""
-    async with rendering(engine):
-        return await asyncio.to_thread(engine.chat_prompt, messages, tools=tools)
