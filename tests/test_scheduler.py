@@ -3,6 +3,7 @@
 import random
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -60,6 +61,37 @@ def test_eight_concurrent_greedy_requests_equal_their_solo_outputs(engine8):
     assert [r.token_ids for r in together] == solo
     # They really were decoded together: far fewer llama_decode calls than 8 x 32 tokens.
     assert engine8.scheduler.stats.decode_calls - calls_before < 8 * 32 / 2
+
+
+def test_prompts_that_arrive_together_are_read_one_per_decode_shortest_first(engine8, monkeypatch):
+    # On a CPU prefill is compute-bound, so packing two prompts into one decode only makes the
+    # short one wait for the long one's tokens: the short prompt is read alone, first, and the
+    # long one in the next decode (with the short one's first generated token beside it).
+    import llama_cpp
+
+    long_prompt = engine8.tokenize("Zebras graze on the open plains of Africa. " * 20)
+    short_prompt = engine8.tokenize("Owls hunt at night; their soft feathers let them fly without a "
+                                    "sound, and their eyes see well in the dark.")
+    decodes = []
+    real_decode = llama_cpp.llama_decode
+
+    def recording(ctx, batch):
+        decodes.append(Counter(batch.seq_id[j][0] for j in range(batch.n_tokens)))
+        return real_decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    with engine8.scheduler._cond:  # both wait before the engine thread looks
+        streams = [engine8.stream(p, greedy(4)) for p in (long_prompt, short_prompt)]
+    results = [collect(s)[0] for s in streams]
+    monkeypatch.undo()
+    long_read, short_read = (len(p) - r.usage.cached_tokens for p, r in zip((long_prompt, short_prompt), results, strict=True))
+    assert 16 <= short_read < long_read
+    assert len(decodes[0]) == 1 and list(decodes[0].values()) == [short_read]
+    short_seq = next(iter(decodes[0]))
+    assert decodes[1][short_seq] == 1 and sum(decodes[1].values()) == 1 + long_read
+    # Read apart or together, greedy output is each prompt's own.
+    assert [r.token_ids for r in results] == [collect(engine8.stream(p, greedy(4)))[0].token_ids
+                                              for p in (long_prompt, short_prompt)]
 
 
 def test_requests_join_and_leave_at_random_steps(engine8):

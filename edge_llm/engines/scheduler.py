@@ -4,7 +4,9 @@ One engine thread owns the llama_context and every sampler (neither is thread-sa
 step it builds one llama_batch holding
   - one token for every sequence that is generating, and
   - prompt chunks of newly admitted requests, within a per-step token budget (n_batch), so a
-    long prompt is spread over several steps and never stalls the running streams,
+    long prompt is spread over several steps and never stalls the running streams; shortest
+    prompt first, and one prompt finished per step (prefill on a CPU is compute-bound, so
+    reading prompts together only delays every first token to the last one's),
 then calls llama_decode once (ctypes releases the GIL, so an asyncio server stays responsive)
 and samples every sequence that produced logits.
 
@@ -62,6 +64,9 @@ MIN_USEFUL_PREFIX = 1
 # Restoring a saved state copies the whole entry (and may read a file); a few tokens more than the
 # best idle slot offers are cheaper to evaluate.
 MIN_RESTORE_GAIN = 4
+# Below this many tokens a decode costs clearly more per token (measured on 2 cores), so a step
+# that finished one prompt still takes the next short ones.
+MIN_STEP_TOKENS = 16
 
 
 @dataclass
@@ -389,8 +394,11 @@ class Scheduler:
                 outputs.append((slot, self._add(slot, [choice.pending], logits=True)))
         budget = self.n_batch - batch.batch.n_tokens
         prefilled: list[Slot] = []
-        for slot in sorted((s for s in self.slots if s.prefill), key=lambda s: s.choice.request.id):
-            if budget <= 0:
+        # Shortest prompt first, and one prompt finished per step once the batch is big enough to
+        # use the cores: on a CPU, prefill is compute-bound from a few tokens, so packing several
+        # prompts into one decode saves nothing and only makes each wait for the others' tokens.
+        for slot in sorted((s for s in self.slots if s.prefill), key=lambda s: (len(s.prefill), s.choice.request.id)):
+            if budget <= 0 or (prefilled and batch.batch.n_tokens >= MIN_STEP_TOKENS):
                 break
             chunk = slot.prefill[:budget]
             last = len(chunk) == len(slot.prefill)
