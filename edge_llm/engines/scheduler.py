@@ -531,13 +531,14 @@ class Scheduler:
                         return target, found, found
                     self.cache.discard(entry)
         main = self._beside_running(idle, prefer=source)
-        if main is not source and prefix(source) >= prefix(main) + MIN_COPY_GAIN:
+        copied = main is not source and prefix(source) >= prefix(main) + MIN_COPY_GAIN
+        if copied:
             self._save(main)
             self._copy_sequence(source, main)
         reuse = prefix(main)
         if reuse < MIN_USEFUL_PREFIX:
             reuse = 0
-        if reuse < len(main.cached):
+        if reuse < len(main.cached) and not copied:  # a copy's tail is still in its source slot
             self._save(main)
         self._truncate(main, reuse)
         return main, len(main.cached), 0
