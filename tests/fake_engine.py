@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
 from edge_llm.chat_format import NAMED_TEMPLATES, JinjaChatFormatter
-from edge_llm.engines.base import Delta, PromptTokens, TokenLogprob, Usage
+from edge_llm.engines.base import Delta, Engine, TokenLogprob, Usage
 from edge_llm.engines.textstream import TextAssembler
-from edge_llm.errors import ContextLengthError, InvalidParameterError
+from edge_llm.errors import InvalidParameterError
 from edge_llm.sampling import SamplingParams
 
 SPECIALS = ("<s>", "<|im_start|>", "<|im_end|>")
@@ -43,7 +44,7 @@ THINK_TOOLS_TEMPLATE = (
 )
 
 
-class FakeEngine(PromptTokens):
+class FakeEngine(Engine):
     name = "fake"
     n_vocab = BYTE0 + 256
     eog_ids = frozenset({EOG})
@@ -56,12 +57,15 @@ class FakeEngine(PromptTokens):
         self.formatter = JinjaChatFormatter(template)
         self.n_ctx = n_ctx
         self.n_parallel = n_parallel
-        self.n_ctx_seq = n_ctx // n_parallel
         self.model_name = model_name
         self.delay = delay
         self.prompts: list[list[int]] = []  # every prompt generated from, for tests to check
         self.running = 0
         self._lock = threading.Lock()
+
+    @property
+    def n_ctx_seq(self) -> int:
+        return self.n_ctx // self.n_parallel
 
     # -- vocabulary -------------------------------------------------------------------------------
 
@@ -86,72 +90,42 @@ class FakeEngine(PromptTokens):
             return SPECIALS[token]
         return self.token_piece(token).decode("utf-8", errors="replace")
 
-    def detokenize(self, tokens: list[int]) -> str:
-        self.check_token_ids(tokens)
-        return b"".join(self.token_piece(t) for t in tokens).decode("utf-8", errors="replace")
-
     # -- generation -------------------------------------------------------------------------------
 
-    def _validate(self, tokens: list[int], params: SamplingParams) -> None:
-        if not tokens:
-            raise InvalidParameterError("the prompt is empty", param="prompt")
-        if len(tokens) >= self.n_ctx_seq:
-            raise ContextLengthError(f"the prompt has {len(tokens)} tokens; a request holds at most "
-                                     f"{self.n_ctx_seq}", param="prompt")
-        if params.n > self.n_parallel:
+    def validate(self, tokens: list[int], params: SamplingParams) -> None:
+        super().validate(tokens, params)
+        if params.n > self.n_parallel:  # as llama.cpp's scheduler: each choice takes a slot
             raise InvalidParameterError(f"n={params.n} exceeds the {self.n_parallel} parallel slots", param="n")
-        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
+        self.prompts.append(tokens)
 
-    def _choice(self, index: int, n_prompt: int, params: SamplingParams) -> Iterator[Delta]:
-        """One choice's deltas, one per token."""
+    def _deltas(self, tokens: list[int], params: SamplingParams) -> Iterator[Delta]:
         answer = self.tokenize(self.answer, special=False)
-        room = self.n_ctx_seq - n_prompt
-        limit = min(params.max_tokens or room, room)
-        text = TextAssembler(params.stop, params.include_stop_str_in_output)
-        for generated in range(1, limit + 1):
-            k = generated - 1
-            token = answer[k % len(answer)] if params.ignore_eos or k < len(answer) else EOG
-            logprobs = [self._logprob(token, params.logprobs)] if params.logprobs is not None else None
-            if token in self.eog_ids or token in params.stop_token_ids:
-                out, reason = text.finish(), "stop"
-            else:
-                out = text.push(self.token_piece(token))
-                reason = "stop" if text.stopped else "length" if generated == limit else None
-                if reason == "length":
-                    out += text.finish()
-            usage = Usage(n_prompt, generated) if reason else None
-            yield Delta(out, [token], index, logprobs, reason, usage)
-            if reason:
-                return
+        for index in range(params.n):
+            text = TextAssembler(params.stop, params.include_stop_str_in_output)
+            for generated in itertools.count(1):
+                k = generated - 1
+                token = answer[k % len(answer)] if params.ignore_eos or k < len(answer) else EOG
+                out = "" if self.ends_text(token, params) else text.push(self.token_piece(token))
+                logprobs = [self._logprob(token, params.logprobs)] if params.logprobs is not None else None
+                reason = self.finish_reason(token, params, text, len(tokens), generated)
+                if reason is not None:
+                    yield Delta(out + text.finish(), [token], index, logprobs, reason, Usage(len(tokens), generated))
+                    break
+                yield Delta(out, [token], index, logprobs)
 
     def _logprob(self, token: int, top_n: int) -> TokenLogprob:
         top = [(self.token_text(t), math.log(0.5 / (r + 1))) for r, t in enumerate([token, EOG, BYTE0 + 32][:top_n])]
         return TokenLogprob(token, self.token_text(token), math.log(0.5), top)
 
-    def _deltas(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
-        tokens = self.prompt_tokens(prompt)
-        self._validate(tokens, params)
-        self.prompts.append(tokens)
-        for index in range(params.n):
-            yield from self._choice(index, len(tokens), params)
-
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
-        deltas = self._deltas(prompt, params)
-        first = next(deltas)  # prompt errors are raised here, as by the real engines
-
-        def run() -> Iterator[Delta]:
-            with self._counted():
-                yield first
-                for delta in deltas:
-                    time.sleep(self.delay)
-                    yield delta
-
-        return run()
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        deltas = self._deltas(prompt, params)
+    def _stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Delta]:
         with self._counted():
-            for delta in deltas:
+            for delta in self._deltas(tokens, params):
+                time.sleep(self.delay)
+                yield delta
+
+    async def _generate(self, tokens: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        with self._counted():
+            for delta in self._deltas(tokens, params):
                 await asyncio.sleep(self.delay)
                 yield delta
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from edge_llm.engines.base import PromptTokens
+from edge_llm.engines.base import Engine
 
 
 @lru_cache(maxsize=1)
@@ -84,7 +84,7 @@ class TokenBytes:
         return self._tokenizer.decode([token], skip_special_tokens=True).encode("utf-8")
 
 
-class HFVocabulary(PromptTokens):
+class HFVocabulary(Engine):
     """Tokenizer-side methods shared by the engines that run HF checkpoints (transformers,
     vLLM, LMDeploy): the same token ids, streaming bytes and chat rendering for all of them."""
 
@@ -116,19 +116,10 @@ class HFVocabulary(PromptTokens):
             add_bos = not (special and bos and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add_bos, split_special_tokens=not special)["input_ids"])
 
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.detokenize_bytes(tokens).decode("utf-8", errors="replace")
-
-    def detokenize_bytes(self, tokens: list[int]) -> bytes:
-        self.check_token_ids(tokens)
-        return b"".join(self._pieces.piece(t) for t in tokens)
-
     def token_piece(self, token: int) -> bytes:
-        """The bytes of one token; special tokens (e.g. <|im_end|>) render as nothing."""
         return self._pieces.piece(token)
 
     def token_text(self, token: int) -> str:
-        """The token's own text, special tokens included (for logprobs)."""
         if self._pieces.is_special(token):
             return self.tokenizer.convert_ids_to_tokens(token) or ""
         return self._pieces.piece(token).decode("utf-8", errors="replace")

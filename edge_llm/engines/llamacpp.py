@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType  # noqa: E402
 from llama_cpp import _internals  # noqa: E402
 
 from edge_llm.chat_format import ChatFormatter, select_formatter  # noqa: E402
-from edge_llm.engines.base import Delta, LoadOptions, PromptTokens, collect  # noqa: E402
+from edge_llm.engines.base import Delta, Engine, LoadOptions  # noqa: E402
 from edge_llm.engines.llama_log import set_verbose  # noqa: E402
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, ModelLoadError  # noqa: E402
 from edge_llm.registry import ResolvedModel  # noqa: E402
@@ -67,7 +67,7 @@ def check_gguf_file(path: Path) -> None:
                              "convert HF checkpoints with `edge-llm convert`")
 
 
-class LlamaCppEngine(PromptTokens):
+class LlamaCppEngine(Engine):
     name = "llama.cpp"
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
@@ -136,7 +136,6 @@ class LlamaCppEngine(PromptTokens):
                                  "(out of memory, or an unsupported cache type / flash-attention setting)") from None
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx.ctx)
         self.kv_unified = bool(options.kv_unified)
-        self.n_ctx_seq = self.n_ctx if self.kv_unified else self.n_ctx // self.n_parallel
         self.n_batch = ctx_params.n_batch
         self.flash_attn = fa
         self.n_gpu_layers = ngl
@@ -173,6 +172,11 @@ class LlamaCppEngine(PromptTokens):
             raise
         self.scheduler = Scheduler(self, max_waiting=options.max_queue, cache=self.prompt_cache)
 
+    @property
+    def n_ctx_seq(self) -> int:
+        """One request's share of the context: all of it with one KV pool (-kvu), else its slot's."""
+        return self.n_ctx if self.kv_unified else self.n_ctx // self.n_parallel
+
     # -- vocabulary -----------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool = True, add_bos: bool | None = None) -> list[int]:
@@ -185,15 +189,7 @@ class LlamaCppEngine(PromptTokens):
             return [self.bos_id] if add_bos else []
         return self._model.tokenize(data, add_bos, special)
 
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.detokenize_bytes(tokens).decode("utf-8", errors="replace")
-
-    def detokenize_bytes(self, tokens: list[int]) -> bytes:
-        self.check_token_ids(tokens)
-        return b"".join(self.token_piece(t) for t in tokens)
-
     def token_piece(self, token: int) -> bytes:
-        """The bytes of one token; special tokens (e.g. <|im_end|>) render as nothing."""
         piece = self._pieces.get(token)
         if piece is None:
             piece = _token_to_piece(self.vocab, token, special=False)
@@ -201,20 +197,17 @@ class LlamaCppEngine(PromptTokens):
         return piece
 
     def token_text(self, token: int) -> str:
-        """The token's own text, special tokens included (for templates and logprobs)."""
         if token < 0 or token >= self.n_vocab:
             return ""
         return _token_to_piece(self.vocab, token, special=True).decode("utf-8", errors="replace")
 
     # -- generation -----------------------------------------------------------------------------
 
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
-        """Generate synchronously; closing the iterator cancels the request."""
-        return self.scheduler.stream(self.prompt_tokens(prompt), params)
+    def _stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Delta]:
+        return self.scheduler.stream(tokens, params)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Generate from asyncio; closing the iterator (client gone) cancels the request."""
-        request = self.scheduler.submit(self.prompt_tokens(prompt), params)
+    async def _generate(self, tokens: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        request = self.scheduler.submit(tokens, params)
         try:
             while True:
                 delta = await request.next_async()
@@ -223,10 +216,6 @@ class LlamaCppEngine(PromptTokens):
                 yield delta
         finally:
             request.cancel()
-
-    def complete(self, prompt: str | list[int], params: SamplingParams) -> list[Delta]:
-        """All choices, each as one Delta with the full text (for non-streaming callers)."""
-        return collect(self.stream(prompt, params), params.n)
 
     # -- embeddings -----------------------------------------------------------------------------
 
@@ -276,10 +265,9 @@ class LlamaCppEngine(PromptTokens):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        scheduler = getattr(self, "scheduler", None)
-        if scheduler is not None:
-            scheduler.close()
-        if getattr(self, "prompt_cache", None) is not None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self.prompt_cache is not None:
             self.prompt_cache.close()  # after the scheduler has handed it the slots' states
         if getattr(self, "formatter", None) is not None:
             self.formatter.close()  # the chat template's sandbox process
@@ -290,12 +278,6 @@ class LlamaCppEngine(PromptTokens):
             self._ctx.close()
         if getattr(self, "_model", None) is not None:
             self._model.close()
-
-    def __enter__(self) -> LlamaCppEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _token_to_piece(vocab: llama_cpp.llama_vocab_p, token: int, special: bool) -> bytes:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage, collect
+from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage
 from edge_llm.engines.hf_tokens import HFVocabulary
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import iterate_in_thread
@@ -65,6 +65,7 @@ def needs_remote_code(path: Path) -> str | None:
 
 class TransformersEngine(HFVocabulary):
     name = "transformers"
+    grammars = False
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = (options or LoadOptions()).resolve(model.spec)
@@ -139,37 +140,17 @@ class TransformersEngine(HFVocabulary):
         ids.update(vocab[text] for text in EOG_TEXTS if text in vocab)
         return {i for i in ids if 0 <= i < self.n_vocab}
 
-    def validate(self, tokens: list[int], params: SamplingParams) -> None:
-        if not tokens:
-            raise InvalidParameterError("the prompt is empty", param="prompt")
-        if len(tokens) >= self.n_ctx:
-            raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the context holds at most "
-                                     f"{self.n_ctx}; shorten it or raise -c", param="messages")
-        if params.grammar:
-            raise InvalidParameterError("the transformers engine does not support grammars / JSON schemas; "
-                                        "use the llama.cpp engine (or vLLM) for constrained output",
-                                        param="grammar")
-        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
-
     # -- generation -----------------------------------------------------------------------------
 
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
-        """Generate synchronously; closing the iterator stops generation at the next token."""
-        tokens = self.prompt_tokens(prompt)
-        self.validate(tokens, params)
-        return self._generate(tokens, params, threading.Event())
+    def _stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Delta]:
+        return self._decode(tokens, params, threading.Event())
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Generate from asyncio in a worker thread; closing the iterator stops generation."""
-        tokens = self.prompt_tokens(prompt)
-        self.validate(tokens, params)
-        async for delta in iterate_in_thread(lambda cancel: self._generate(tokens, params, cancel)):
+    async def _generate(self, tokens: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        # In a worker thread; closing the iterator stops generation at the next token.
+        async for delta in iterate_in_thread(lambda cancel: self._decode(tokens, params, cancel)):
             yield delta
 
-    def complete(self, prompt: str | list[int], params: SamplingParams) -> list[Delta]:
-        return collect(self.stream(prompt, params), params.n)
-
-    def _generate(self, tokens: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
+    def _decode(self, tokens: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
         torch = self._torch
         with self._lock, torch.inference_mode():
             if cancel.is_set():
@@ -200,20 +181,8 @@ class TransformersEngine(HFVocabulary):
             logprobs = None
             if params.logprobs is not None:  # of the model's own distribution, as llama.cpp reports
                 logprobs = [self._token_logprob(log_softmax(logits), token, params.logprobs)]
-            finish = None
-            piece = ""
-            if token in self.eog_ids and not params.ignore_eos:
-                finish = "stop"
-            elif token in params.stop_token_ids:
-                finish = "stop"
-            else:
-                piece = text.push(self._pieces.piece(token))
-                if text.stopped:
-                    finish = "stop"
-                elif params.max_tokens is not None and len(sampler.generated) >= params.max_tokens:
-                    finish = "length"
-                elif len(tokens) + len(sampler.generated) >= self.n_ctx:
-                    finish = "length"  # the context is full
+            piece = "" if self.ends_text(token, params) else text.push(self._pieces.piece(token))
+            finish = self.finish_reason(token, params, text, len(tokens), len(sampler.generated))
             if finish is not None:
                 piece += text.finish()
                 usage = Usage(prompt_tokens=len(tokens), completion_tokens=len(sampler.generated))
@@ -262,12 +231,6 @@ class TransformersEngine(HFVocabulary):
                 self.model = None
             if self.device != "cpu":
                 self._torch.cuda.empty_cache()
-
-    def __enter__(self) -> TransformersEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _refuse_unsupported_options(options: LoadOptions) -> None:

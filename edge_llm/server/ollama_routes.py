@@ -456,7 +456,8 @@ async def show(body: ShowRequest, request: Request) -> dict:
         raise InvalidParameterError(f"{name!r} is served by a peer: ask it", param="model")
     model = manager.models[name]
     details, model_info, template = await asyncio.to_thread(model_details, model.path)
-    template = template or getattr(getattr(model.engine, "formatter", None), "template", None)
+    if not template and model.engine is not None:  # not in the file: the template the engine renders with
+        template = model.engine.formatter.template
     capabilities = ["completion"]
     if template and "tools" in template:
         capabilities.append("tools")

@@ -384,11 +384,7 @@ def embed_all(engine: Engine, inputs: list[str | list[int]]) -> tuple[list[list[
             # llama.cpp's embedding decode of zero tokens corrupts memory and aborts the process.
             raise InvalidParameterError(f"input {i} has no tokens to embed", param="input")
         n_tokens += count
-    embed = getattr(engine, "embed", None)
-    try:
-        return embed(texts), n_tokens
-    except (NotImplementedError, TypeError):
-        raise InvalidParameterError(f"the {engine.name} engine does not make embeddings", param="model") from None
+    return engine.embed(texts), n_tokens
 
 
 @router.post("/v1/embeddings", tags=["openai"], response_model=EmbeddingResponse, responses=ERRORS)
@@ -426,10 +422,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     add_special = body.add_special_tokens if body.add_special_tokens is not None else body.add_special
 
     def work(name: str, engine: Engine) -> dict:
-        try:
-            tokens = engine.tokenize(text, special=True, add_bos=add_special)
-        except TypeError:  # an engine without the add_bos option
-            tokens = engine.tokenize(text, special=True)
+        tokens = engine.tokenize(text, special=True, add_bos=add_special)
         items = token_pieces_json(engine, tokens) if body.with_pieces else tokens
         return {"tokens": items, "count": len(tokens), "max_model_len": context_size(engine)}
 
@@ -461,10 +454,7 @@ def token_pieces_json(engine: Engine, tokens: list[int]) -> RawJSON:
 
 def token_piece(engine: Engine, token: int) -> str | list[int]:
     """The token's text, or its bytes when they are not whole UTF-8 (llama-server's convention)."""
-    piece = getattr(engine, "token_piece", None)
-    if piece is None:
-        return engine.detokenize([token])
-    data = piece(token)
+    data = engine.token_piece(token)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.server.generation import StreamResponse, tokenize_prompt
+from edge_llm.server.generation import StreamResponse
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.openai_routes import ERRORS, sse_error
 from edge_llm.server.pipeline import Choice, Job, Run, TextPart, handle, server_state, with_engine
@@ -119,6 +119,6 @@ async def _prompt_length(request: Request, model: str | None, messages: list[dic
     if manager.peer_url(manager.resolve_name(model)) is not None:
         return 0  # the peer applies max_length itself
     length = await with_engine(request, model,
-                               lambda name, engine: len(tokenize_prompt(engine, engine.chat_prompt(messages))),
+                               lambda name, engine: len(engine.prompt_tokens(engine.chat_prompt(messages))),
                                renders_template=True)
     return length if isinstance(length, int) else 0
