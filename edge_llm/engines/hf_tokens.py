@@ -11,10 +11,40 @@ Any other tokenizer falls back to decoding the token alone.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from edge_llm.engines.base import Engine
+from edge_llm.errors import EdgeLLMError, ModelLoadError
+from edge_llm.registry import ResolvedModel
+
+
+def needs_remote_code(path: Path) -> str | None:
+    """The file that asks for custom Python code (an `auto_map`), or None."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("auto_map"):
+                return name
+    return None
+
+
+def checkpoint_folder(model: ResolvedModel, engine: str, gguf_hint: str, remote_hint: str = "") -> Path:
+    """The HF checkpoint folder an engine may load: not a GGUF file, and no custom Python code
+    (edge-llm never runs trust_remote_code)."""
+    if model.is_gguf:
+        raise EdgeLLMError(f"{model.path} is a GGUF file; the {engine} engine reads HF checkpoint folders {gguf_hint}")
+    path = Path(model.path)
+    if (remote := needs_remote_code(path)) is not None:
+        raise ModelLoadError(f"{path}: {remote} asks for the model's own Python code (auto_map); edge-llm never runs "
+                             f"trust_remote_code. {remote_hint}".rstrip())
+    return path
 
 
 @lru_cache(maxsize=1)

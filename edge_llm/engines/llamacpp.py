@@ -40,10 +40,10 @@ class LlamaCppEngine(Engine):
         self.vocab = self._model.vocab
         self.n_vocab = self._model.n_vocab()
         self.metadata = self._model.metadata()
-        self.n_ctx_train = self._model.n_ctx_train()
+        n_ctx_train = self._model.n_ctx_train()
 
         self.n_parallel = max(1, options.n_parallel)
-        n_ctx = options.n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train)
+        n_ctx = options.n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
         if n_ctx < 16:
             raise InvalidParameterError(f"context size {n_ctx} is too small", param="n_ctx")
         self.n_threads = options.n_threads or default_threads()

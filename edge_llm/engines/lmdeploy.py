@@ -19,7 +19,7 @@ from typing import Any
 
 from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage
 from edge_llm.engines.hf_tokens import load_hf_tokenizer
-from edge_llm.engines.loop_engine import LoopEngine
+from edge_llm.engines.loop_engine import LoopEngine, gpu_kv_cache
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.transformers import EOG_TEXTS
 from edge_llm.errors import (
@@ -48,19 +48,7 @@ def _import_lmdeploy() -> tuple[Any, Any]:
 
 def backend_config(options: LoadOptions, n_ctx: int | None) -> tuple[str, dict[str, Any]]:
     """LoadOptions -> (backend name, TurbomindEngineConfig / PytorchEngineConfig keywords)."""
-    if options.cache_type_k != options.cache_type_v:
-        raise InvalidParameterError("LMDeploy quantizes K and V alike: give -ctk and -ctv the same value",
-                                    param="cache_type_v")
-    policy = KV_QUANT_POLICY.get(options.cache_type_k.lower())
-    if policy is None:
-        raise InvalidParameterError(f"LMDeploy's KV cache takes {', '.join(KV_QUANT_POLICY)}; "
-                                    f"got {options.cache_type_k!r}", param="cache_type_k")
-    if options.n_gpu_layers not in (None, 0, -1):
-        raise InvalidParameterError("LMDeploy puts the whole model on the GPU(s): -ngl takes no layer count "
-                                    "here (use --tp to spread it)", param="n_gpu_layers")
-    if options.tensor_split is not None or options.split_mode != "layer":
-        raise InvalidParameterError("--split-mode/--tensor-split are llama.cpp options; LMDeploy splits by --tp",
-                                    param="split_mode")
+    policy = gpu_kv_cache(options, "LMDeploy", KV_QUANT_POLICY, splits_by="--tp")
     if options.pipeline_parallel_size != 1 or options.distributed_executor_backend:
         raise InvalidParameterError("--pp / --distributed-executor-backend are vLLM options", param="pipeline_parallel_size")
     extra = dict(options.extra)
@@ -120,7 +108,6 @@ class LMDeployEngine(LoopEngine):
         lmdeploy, async_engine_class = _import_lmdeploy()
         self._lmdeploy = lmdeploy
         self.seed = options.seed
-        self.backend = backend
         self.tokenizer = load_hf_tokenizer(path, "lmdeploy")
         config_class = lmdeploy.TurbomindEngineConfig if backend == "turbomind" else lmdeploy.PytorchEngineConfig
 

@@ -12,12 +12,30 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edge_llm.engines.base import Delta, LoadOptions
-from edge_llm.engines.hf_tokens import HFVocabulary
+from edge_llm.engines.hf_tokens import HFVocabulary, checkpoint_folder
 from edge_llm.engines.threadbridge import LoopThread
-from edge_llm.engines.transformers import needs_remote_code
-from edge_llm.errors import EdgeLLMError, ModelLoadError
+from edge_llm.errors import InvalidParameterError, ModelLoadError
 from edge_llm.registry import ResolvedModel
 from edge_llm.sampling import SamplingParams
+
+
+def gpu_kv_cache(options: LoadOptions, library: str, kv_types: dict[str, Any], *, splits_by: str) -> Any:
+    """The KV cache type (-ctk, -ctv) in the library's terms; the llama.cpp-only options refused:
+    these libraries put the whole model on the GPU(s) and split it by --tp (and --pp)."""
+    if options.cache_type_k != options.cache_type_v:
+        raise InvalidParameterError(f"{library} uses one KV cache type for K and V: give -ctk and -ctv the same "
+                                    "value", param="cache_type_v")
+    kv = kv_types.get(options.cache_type_k.lower())
+    if kv is None:
+        raise InvalidParameterError(f"{library}'s KV cache takes {', '.join(kv_types)}; "
+                                    f"got {options.cache_type_k!r}", param="cache_type_k")
+    if options.n_gpu_layers not in (None, 0, -1):
+        raise InvalidParameterError(f"{library} puts the whole model on the GPU(s): -ngl takes no layer count here "
+                                    "(use --tp to spread it over GPUs)", param="n_gpu_layers")
+    if options.tensor_split is not None or options.split_mode != "layer":
+        raise InvalidParameterError(f"--split-mode/--tensor-split are llama.cpp options; {library} splits by "
+                                    f"{splits_by}", param="split_mode")
+    return kv
 
 
 class LoopEngine(HFVocabulary):
@@ -28,17 +46,10 @@ class LoopEngine(HFVocabulary):
 
     def _open(self, model: ResolvedModel, options: LoadOptions) -> Path:
         """Check the checkpoint before the library sees it; the path to load."""
-        if model.is_gguf:
-            raise EdgeLLMError(f"{model.path} is a GGUF file; the {self.library} engine reads HF checkpoint "
-                               "folders (pull the original repo, or a GPTQ/AWQ one)")
-        path = Path(model.path)
-        if (remote := needs_remote_code(path)) is not None:
-            raise ModelLoadError(f"{path}: {remote} asks for custom Python code; edge-llm never runs "
-                                 "trust_remote_code")
+        path = checkpoint_folder(model, self.library, "(pull the original repo, or a GPTQ/AWQ one)")
         self.model_name = model.name
         self.path = path
         self.options = options
-        self.tensor_parallel_size = options.tensor_parallel_size
         return path
 
     def _start(self, start: Callable[[], Awaitable[Any]]) -> None:

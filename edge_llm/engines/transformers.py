@@ -12,20 +12,17 @@ custom code is refused with a clear error.
 from __future__ import annotations
 
 import copy
-import json
 import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage
-from edge_llm.engines.hf_tokens import HFVocabulary
+from edge_llm.engines.hf_tokens import HFVocabulary, checkpoint_folder
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import iterate_in_thread
 from edge_llm.errors import (
     ContextLengthError,
-    EdgeLLMError,
     InvalidParameterError,
     MissingExtraError,
     ModelLoadError,
@@ -49,34 +46,14 @@ def _import_torch_transformers() -> tuple[Any, Any]:
     return torch, transformers
 
 
-def needs_remote_code(path: Path) -> str | None:
-    """The file that asks for custom Python code (an `auto_map`), or None."""
-    for name in ("config.json", "tokenizer_config.json"):
-        file = path / name
-        if file.is_file():
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and data.get("auto_map"):
-                return name
-    return None
-
-
 class TransformersEngine(HFVocabulary):
     name = "transformers"
     grammars = False
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = (options or LoadOptions()).resolve(model.spec)
-        if model.is_gguf:
-            raise EdgeLLMError(f"{model.path} is a GGUF file; the transformers engine reads HF checkpoint "
-                               "folders (config.json + safetensors): use the llama.cpp engine for GGUF")
-        path = Path(model.path)
-        if (remote := needs_remote_code(path)) is not None:
-            raise ModelLoadError(f"{path}: {remote} asks for the model's own Python code (auto_map); edge-llm "
-                                 "never runs trust_remote_code. Use an architecture transformers ships, or "
-                                 "convert it to GGUF for llama.cpp")
+        path = checkpoint_folder(model, self.name, "(config.json + safetensors): use the llama.cpp engine for "
+                                 "GGUF", "Use an architecture transformers ships, or convert it to GGUF for llama.cpp")
         _refuse_unsupported_options(options)
         torch, transformers = _import_torch_transformers()
         self.model_name = model.name
@@ -110,10 +87,8 @@ class TransformersEngine(HFVocabulary):
         except (ValueError, OSError, ImportError, KeyError) as exc:
             raise ModelLoadError(f"transformers could not load {path}: {_first_line(exc)}") from None
         self.model.to(self.device).eval()
-        self.dtype = str(dtype).replace("torch.", "")
         self.n_vocab = int(self.model.get_input_embeddings().num_embeddings)
         n_ctx_train = int(getattr(config, "max_position_embeddings", 0) or DEFAULT_N_CTX)
-        self.n_ctx_train = n_ctx_train
         self.n_ctx = options.n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
         if self.n_ctx < 16:
             raise InvalidParameterError(f"context size {self.n_ctx} is too small", param="n_ctx")

@@ -15,7 +15,7 @@ from typing import Any
 
 from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage
 from edge_llm.engines.hf_tokens import load_hf_tokenizer
-from edge_llm.engines.loop_engine import LoopEngine
+from edge_llm.engines.loop_engine import LoopEngine, gpu_kv_cache
 from edge_llm.errors import (
     InvalidParameterError,
     MissingExtraError,
@@ -40,19 +40,7 @@ def _import_vllm() -> Any:
 
 def engine_args(path: Path, options: LoadOptions, n_ctx: int | None) -> dict[str, Any]:
     """LoadOptions -> vLLM's AsyncEngineArgs keywords; llama.cpp-only options are refused."""
-    if options.cache_type_k != options.cache_type_v:
-        raise InvalidParameterError("vLLM uses one KV cache dtype: give -ctk and -ctv the same value",
-                                    param="cache_type_v")
-    kv = KV_CACHE_DTYPES.get(options.cache_type_k.lower())
-    if kv is None:
-        raise InvalidParameterError(f"vLLM's KV cache takes {', '.join(KV_CACHE_DTYPES)}; "
-                                    f"got {options.cache_type_k!r}", param="cache_type_k")
-    if options.n_gpu_layers not in (None, 0, -1):
-        raise InvalidParameterError("vLLM puts the whole model on the GPU(s): -ngl takes no layer count here "
-                                    "(use --tp to spread it over GPUs)", param="n_gpu_layers")
-    if options.tensor_split is not None or options.split_mode != "layer":
-        raise InvalidParameterError("--split-mode/--tensor-split are llama.cpp options; vLLM splits by --tp/--pp",
-                                    param="split_mode")
+    kv = gpu_kv_cache(options, "vLLM", KV_CACHE_DTYPES, splits_by="--tp/--pp")
     args: dict[str, Any] = dict(
         model=str(path), tokenizer=str(path), trust_remote_code=False,
         tensor_parallel_size=options.tensor_parallel_size, pipeline_parallel_size=options.pipeline_parallel_size,

@@ -33,16 +33,7 @@ from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.generation import StreamResponse, context_size
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.openai_routes import embed_all
-from edge_llm.server.pipeline import (
-    Choice,
-    Finish,
-    Job,
-    Run,
-    TextPart,
-    handle,
-    server_state,
-    with_engine,
-)
+from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state, with_engine
 from edge_llm.server.schemas import MAX_EMBEDDING_INPUTS, _Body
 from edge_llm.server.tool_calls import CallEnd, CallStart
 

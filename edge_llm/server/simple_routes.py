@@ -24,7 +24,7 @@ from edge_llm.engines.base import Engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.generation import StreamResponse
 from edge_llm.server.jsonio import dumps
-from edge_llm.server.openai_routes import ERRORS, sse_error
+from edge_llm.server.openai_routes import ERRORS, sampling_fields, sse_error
 from edge_llm.server.pipeline import Choice, Job, Run, TextPart, handle, server_state, with_engine
 from edge_llm.server.schemas import (
     DemoChatRequest,
@@ -46,11 +46,7 @@ router = APIRouter(tags=["simple APIs"])
 async def vllm_generate(body: VLLMGenerateRequest, request: Request) -> Any:
     if body.use_beam_search:
         raise InvalidParameterError("beam search is not supported", param="use_beam_search")
-    sampling = dict(
-        n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty, stop=body.stop, stop_token_ids=body.stop_token_ids,
-        ignore_eos=body.ignore_eos, seed=body.seed)
+    sampling = sampling_fields(body)
 
     def reply(run: Run, choices: list[Choice]) -> dict:
         return {"text": [body.prompt + c.content for c in choices]}
