@@ -71,6 +71,10 @@ NAMED_TEMPLATES["qwen"] = NAMED_TEMPLATES["chatml"]
 
 
 class ChatFormatter(Protocol):
+    # The Jinja template text (what the server reads to know whether tools and thinking are
+    # supported); None for a formatter with no template.
+    template: str | None
+
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                tools: list[dict] | None = None) -> str: ...
 
@@ -143,6 +147,7 @@ class PrefixChatFormatter:
     in_prefix: str = ""
     in_suffix: str = ""
     assistant_suffix: str = ""
+    template: None = None
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                tools: list[dict] | None = None) -> str:

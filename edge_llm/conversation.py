@@ -74,8 +74,8 @@ class Conversation(ABC):
         self.system = system or None
         self.exchanges: list[Exchange] = []
         # A slot's size: the prompt and the answer must fit in it.
-        self.limit = limit or getattr(engine, "n_ctx_seq", engine.n_ctx)
-        self._eog_ids: frozenset[int] = frozenset(getattr(engine, "eog_ids", ()))
+        self.limit = limit or engine.n_ctx_seq
+        self._eog_ids = engine.eog_ids
 
     # -- editing --------------------------------------------------------------------------------
 

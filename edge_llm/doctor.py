@@ -13,8 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 
 def system_report() -> dict:
-    from edge_llm.engines.cpu_threads import openmp_waiting
-    from edge_llm.engines.llamacpp import default_threads, llama_cpp
+    from edge_llm.engines.cpu_threads import default_threads, openmp_waiting
+    from edge_llm.engines.llama_runtime import llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
     features = sorted({part.split("=")[0].strip() for part in info.split("|")

@@ -35,9 +35,14 @@ class ModelNotFoundError(EdgeLLMError):
     code = "model_not_found"
 
 
-class ModelLoadError(EdgeLLMError):
+class ServerSideError(EdgeLLMError):
+    """Not the request's fault: the server's state or setup (HTTP 5xx, OpenAI's "server_error")."""
+
     status = 500
     type = "server_error"
+
+
+class ModelLoadError(ServerSideError):
     code = "model_load_failed"
 
 
@@ -45,19 +50,16 @@ class ContextLengthError(EdgeLLMError):
     code = "context_length_exceeded"
 
 
-class OverloadedError(EdgeLLMError):
+class OverloadedError(ServerSideError):
     """The engine's queue is full; the server answers 503 with Retry-After."""
 
     status = 503
-    type = "server_error"
     code = "overloaded"
 
 
-class MissingExtraError(EdgeLLMError):
+class MissingExtraError(ServerSideError):
     """An optional dependency is not installed."""
 
-    status = 500
-    type = "server_error"
     code = "missing_dependency"
 
     def __init__(self, package: str, extra: str) -> None:

@@ -77,9 +77,9 @@ def _ggml_libraries() -> tuple[Any, Any] | None:
 
 def backend_devices() -> list[Device]:
     """Every ggml backend device of this llama-cpp-python build (the CPU is one of them)."""
-    from edge_llm.engines.llamacpp import _init_backend
+    from edge_llm.engines.llama_runtime import init_backend
 
-    _init_backend()  # loads the dynamic backends, so the device list is complete
+    init_backend()  # loads the dynamic backends, so the device list is complete
     libs = _ggml_libraries()
     if libs is None:
         return []
@@ -139,9 +139,8 @@ def offload_report(model_path: Path, options: Any) -> OffloadReport:
     try:
         after = {d.name: d.free_mib for d in gpu_devices()}
         offloaded, total, buffers = parse_load_log("".join(lines))
-        n_layer = int(llama_cpp.llama_model_n_layer(engine._model.model))
         return OffloadReport(
-            n_gpu_layers=engine.n_gpu_layers, layers_offloaded=offloaded, layers_total=total or n_layer + 1,
+            n_gpu_layers=engine.n_gpu_layers, layers_offloaded=offloaded, layers_total=total or engine.n_layer + 1,
             model_buffers_mib=buffers,
             vram_used_mib={name: max(0, before[name] - after.get(name, before[name])) for name in before},
         )

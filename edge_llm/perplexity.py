@@ -132,49 +132,34 @@ class PerplexityContext:
     def __init__(self, engine: LlamaCppEngine, n_ctx: int, *, n_threads: int | None = None,
                  cache_type_k: str | None = None, cache_type_v: str | None = None,
                  flash_attn: str | None = None) -> None:
-        import llama_cpp
-        from llama_cpp import _internals
-
-        from edge_llm.engines.llamacpp import FLASH_ATTN, _kv_type
+        from edge_llm.engines import llama_runtime as rt
 
         options = engine.options
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_ctx  # one llama_decode per chunk, as llama-perplexity with n_batch >= n_ctx
-        params.n_ubatch = min(n_ctx, 512)
-        params.n_seq_max = 1
-        params.n_threads = n_threads or engine.n_threads
-        params.n_threads_batch = options.n_threads_batch or params.n_threads
-        params.flash_attn_type = FLASH_ATTN[flash_attn or engine.flash_attn]
-        params.type_k = _kv_type(cache_type_k or options.cache_type_k, "cache_type_k")
-        params.type_v = _kv_type(cache_type_v or options.cache_type_v, "cache_type_v")
-        params.no_perf = True
+        threads = n_threads or engine.n_threads
+        # n_batch = n_ctx: one llama_decode per chunk, as llama-perplexity with n_batch >= n_ctx.
+        params = rt.context_params(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), n_seq_max=1,
+                                   n_threads=threads, n_threads_batch=options.n_threads_batch or threads,
+                                   flash_attn=flash_attn or engine.flash_attn,
+                                   cache_type_k=cache_type_k or options.cache_type_k,
+                                   cache_type_v=cache_type_v or options.cache_type_v)
         self.engine = engine
         self.n_ctx = n_ctx
         self.n_vocab = engine.n_vocab
-        try:
-            self.ctx = _internals.LlamaContext(model=engine._model, params=params, verbose=options.verbose)
-        except ValueError:
-            raise EdgeLLMError(f"llama.cpp could not create a perplexity context of {n_ctx} tokens") from None
-        if llama_cpp.llama_n_ctx(self.ctx.ctx) < n_ctx:
-            raise EdgeLLMError(f"llama.cpp gave a context of {llama_cpp.llama_n_ctx(self.ctx.ctx)} < {n_ctx}")
-        self.batch = _internals.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1)
+        self.ctx = engine.new_context(params, what="a perplexity context")
+        if rt.n_ctx_of(self.ctx) < n_ctx:
+            raise EdgeLLMError(f"llama.cpp gave a context of {rt.n_ctx_of(self.ctx)} < {n_ctx}")
+        self.batch = rt.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1)
 
     def logits(self, tokens: list[int], first: int, last: int) -> np.ndarray:
         """Evaluate `tokens` (positions 0..) from an empty cache; the logits at positions
         first..last inclusive, one row per position."""
-        import llama_cpp
+        from edge_llm.engines import llama_runtime as rt
+        from edge_llm.engines.llama_runtime import llama_cpp
 
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ctx), True)
-        b = self.batch.batch
-        for i, token in enumerate(tokens):
-            b.token[i] = token
-            b.pos[i] = i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = first <= i <= last
-        b.n_tokens = len(tokens)
-        status = llama_cpp.llama_decode(self.ctx.ctx, b)
+        rt.clear_memory(self.ctx)
+        self.batch.reset()
+        rt.add_tokens(self.batch, tokens, pos=0, seq_id=0, logits=lambda i: first <= i <= last)
+        status = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
         if status != 0:
             raise EdgeLLMError(f"llama_decode failed with status {status}")
         rows = last - first + 1

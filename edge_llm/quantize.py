@@ -49,10 +49,9 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
 
     `imatrix`: an importance matrix from llama-imatrix (GGUF or legacy .dat); `progress(done, total,
     tensor)` is called as llama.cpp reports each tensor."""
-    import llama_cpp
     from llama_cpp._logger import set_verbose
 
-    from edge_llm.engines.llamacpp import _init_backend, check_gguf_file
+    from edge_llm.engines.llama_runtime import check_gguf_file, init_backend, llama_cpp
 
     src, dst = Path(src), Path(dst)
     types = quant_types()
@@ -72,7 +71,7 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
         raise InvalidParameterError("the output would overwrite the input; name another (-o)", param="outfile")
     check_output_path(dst)
     set_verbose(verbose)  # llama.cpp logs every tensor otherwise
-    _init_backend()
+    init_backend()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or 0  # 0: llama.cpp uses every core

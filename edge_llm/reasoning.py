@@ -11,7 +11,10 @@ split across tokens is never shown.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from edge_llm.engines.base import Engine
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -22,12 +25,12 @@ REASONING_FORMATS = ("auto", "deepseek", "none")
 Kind = Literal["reasoning", "content"]
 
 
-def template_has_reasoning(engine: Any) -> bool:
-    template = getattr(getattr(engine, "formatter", None), "template", None)
-    return isinstance(template, str) and THINK_CLOSE in template
+def template_has_reasoning(engine: Engine) -> bool:
+    template = engine.formatter.template
+    return template is not None and THINK_CLOSE in template
 
 
-def splits_reasoning(engine: Any, reasoning_format: str) -> bool:
+def splits_reasoning(engine: Engine, reasoning_format: str) -> bool:
     """Whether this engine's output is split into thinking and answer under `reasoning_format`."""
     if reasoning_format == "none":
         return False

@@ -219,7 +219,7 @@ class ChatSession:
             if not arg:
                 self.screen.error("usage: /save FILE")
             else:
-                self.conversation.save(arg, model=getattr(self.engine, "model_name", ""))
+                self.conversation.save(arg, model=self.engine.model_name)
                 self.screen.info(f"[saved {len(self.conversation.exchanges)} turns to {arg}]")
         elif name == "/load":
             if not arg:
@@ -326,11 +326,8 @@ def _stats_line(prompt: Prompt, answer: Answer, usage: Usage | None, speed: floa
 
 
 def _token_bytes(engine: Engine, token: int) -> bytes:
-    piece = getattr(engine, "token_piece", None)
-    data = piece(token) if piece is not None else engine.detokenize([token]).encode("utf-8")
-    if not data and hasattr(engine, "token_text"):  # a special token: show its name
-        data = engine.token_text(token).encode("utf-8")
-    return data
+    # a special token renders as nothing: show its name
+    return engine.token_piece(token) or engine.token_text(token).encode("utf-8")
 
 
 def _plural(n: int, word: str) -> str:
@@ -346,7 +343,7 @@ def make_conversation(engine: Engine, args: argparse.Namespace) -> Conversation:
         initial = read_prompt_file(args.file)
     elif args.prompt is not None:
         initial = unescape(args.prompt)
-    formatter = getattr(engine, "formatter", None)
+    formatter = engine.formatter
     # The engine has a prefix formatter when --in-prefix/--in-suffix or the registry entry give
     # prefixes; -f / -p alone mean prefix mode with empty ones.
     prefixes = isinstance(formatter, PrefixChatFormatter)
@@ -403,6 +400,6 @@ def _autosave(conversation: Conversation, engine: Engine, screen: Screen) -> Non
     target = last_chat_file()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        conversation.save(target, model=getattr(engine, "model_name", ""))
+        conversation.save(target, model=engine.model_name)
     except (OSError, EdgeLLMError) as exc:
         screen.error(f"could not keep the conversation for --resume: {getattr(exc, 'message', exc)}")

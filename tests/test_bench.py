@@ -31,6 +31,8 @@ def test_parse_llama_log_takes_the_first_context():
     assert parse_llama_log(log) == {"kv_mib_llama": 18.28, "compute_buffer_mib": 98.25}
 
 
+@pytest.mark.model  # rebuilds the bundled model as an HF checkpoint
+@pytest.mark.slow
 def test_an_hf_checkpoint_is_converted_to_f16_first(tmp_path, smollm2_hf_dir):
     from edge_llm.bench import source_gguf
     from edge_llm.info import read_gguf_info

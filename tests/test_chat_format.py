@@ -123,6 +123,7 @@ def render_or_hang(formatter, messages=None):
     return outcome
 
 
+@pytest.mark.slow  # each waits out the sandbox's time limit
 @pytest.mark.parametrize("name", list(EXPENSIVE_TEMPLATES))
 def test_expensive_templates_fail_with_a_clear_400(name):
     formatter = JinjaChatFormatter(EXPENSIVE_TEMPLATES[name])
@@ -155,6 +156,7 @@ def test_the_sandbox_renders_exactly_as_in_process():
         sandboxed.close()
 
 
+@pytest.mark.slow  # waits out the sandbox's time limit
 def test_a_stuck_sandbox_process_is_killed_and_replaced():
     sandbox = TemplateSandbox("{{ messages[0].content }}", seconds=0.2)
     try:

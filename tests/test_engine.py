@@ -232,10 +232,9 @@ def test_n_beyond_parallel_slots_is_refused(engine):
 
 QUIET_RUN = """
 import sys
-from edge_llm.api import load
-from edge_llm.sampling import SamplingParams
+from edge_llm.api import generate, load
 engine = load(None, n_ctx=512, n_parallel=2, verbose=sys.argv[1] == "verbose")
-engine.complete("Hello", SamplingParams.create(max_tokens=2))
+generate(engine, "Hello", max_tokens=2)
 engine.embed(["a cat"])
 engine.chat_prompt([{"role": "user", "content": "Hi"}])
 engine.close()

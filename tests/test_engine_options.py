@@ -38,15 +38,15 @@ def test_cli_flags_reach_load_options():
 def test_tensor_split_array_for_llamacpp():
     import llama_cpp
 
-    from edge_llm.engines.llamacpp import _tensor_split_array
+    from edge_llm.engines.llama_runtime import tensor_split_array
 
-    array = _tensor_split_array((3.0, 1.0))
+    array = tensor_split_array((3.0, 1.0))
     assert len(array) == llama_cpp.llama_max_devices()
     assert list(array[:3]) == [3.0, 1.0, 0.0]
     with pytest.raises(InvalidParameterError, match="tensor-split"):
-        _tensor_split_array((0.0, 0.0))
+        tensor_split_array((0.0, 0.0))
     with pytest.raises(InvalidParameterError, match="tensor-split"):
-        _tensor_split_array(tuple([1.0] * (llama_cpp.llama_max_devices() + 1)))
+        tensor_split_array(tuple([1.0] * (llama_cpp.llama_max_devices() + 1)))
 
 
 def test_llamacpp_accepts_split_options_on_cpu(demo_path):

@@ -160,12 +160,12 @@ def test_parser_passes_text_through_when_nothing_is_parsed():
 def test_repl_shows_thinking_dimmed():
     import io
 
-    from scripted_engine import ScriptedEngine
+    from fake_engine import THINK_TOOLS_TEMPLATE, FakeEngine
 
     from edge_llm.console import Screen
     from edge_llm.repl import answer_printer
 
-    engine = ScriptedEngine("")
+    engine = FakeEngine(template=THINK_TOOLS_TEMPLATE)
     for interactive, color, expected in [
         (True, True, Screen.DIM + "Hm" + Screen.RESET + Screen.DIM + "m." + Screen.RESET + "\nHello!"),
         (True, False, "Hmm.\nHello!"),
@@ -177,6 +177,6 @@ def test_repl_shows_thinking_dimmed():
             show(piece, final)
         assert out.getvalue() == expected, (interactive, color)
     plain = io.StringIO()  # a template without thinking: the text as it comes
-    show = answer_printer(ScriptedEngine("", template="{{ messages }}"), Screen(True, True, out=plain), "")
+    show = answer_printer(FakeEngine(template="{{ messages }}"), Screen(True, True, out=plain), "")
     show("<think>x</think>y", True)
     assert plain.getvalue() == "<think>x</think>y"

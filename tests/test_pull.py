@@ -83,6 +83,7 @@ def test_pull_registry_name(tmp_path):
     assert "qwen2-7b" in models.stdout
 
 
+@pytest.mark.slow  # converts the pulled checkpoint
 def test_pull_checkpoint_snapshot_with_include_then_convert(tmp_path):
     """A checkpoint snapshot (only the files asked for), resolved offline, converted to GGUF."""
     from tiny_models import build_llama, train_sentencepiece

@@ -337,7 +337,7 @@ class TemplateEngine:
 
         self._engine = engine
         self.formatter = JinjaChatFormatter(template)
-        self.n_ctx = engine.n_ctx_seq
+        self.n_ctx = self.n_ctx_seq = engine.n_ctx_seq
         self.eog_ids = engine.eog_ids
 
     def tokenize(self, text, *, special=True, add_bos=None):

@@ -1,4 +1,4 @@
-"""The Engine protocol every front end talks to, and the registry of engines.
+"""The Engine base every front end talks to, and the registry of engines.
 
 The server, the REPL and the batch runner only see this interface, so swapping llama.cpp for
 transformers or vLLM changes nothing above it.
@@ -7,15 +7,19 @@ transformers or vLLM changes nothing above it.
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from edge_llm.errors import EdgeLLMError, InvalidParameterError, MissingExtraError
+from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, MissingExtraError
 from edge_llm.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from edge_llm.chat_format import ChatFormatter
+    from edge_llm.engines.prompt_cache import PromptCache
+    from edge_llm.engines.scheduler import Scheduler
+    from edge_llm.engines.textstream import TextAssembler
     from edge_llm.registry import ModelSpec
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -130,25 +134,139 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
-@runtime_checkable
-class Engine(Protocol):
-    name: str
+class Engine(ABC):
+    """What the front ends (server, REPL, batch, bench) use of an engine, and what engines share.
+
+    An engine writes its vocabulary (`tokenize`, `token_piece`, `token_text`), its decoding
+    (`_stream`, `_generate`: prompt tokens already checked) and `close`; the prompt checks, chat
+    rendering, stream/generate glue and the finish-reason rule are here, written once."""
+
+    name: ClassVar[str]
     model_name: str
-    n_ctx: int
+    n_ctx: int  # the whole context, in tokens
+    n_vocab: int
+    eog_ids: frozenset[int] = frozenset()  # tokens that end a generation
+    formatter: ChatFormatter  # renders chat messages to the prompt text
+    n_parallel: int = 1  # requests decoded at once (llama.cpp's slots)
+    kv_unified: bool = False  # one KV pool any request may fill (llama.cpp -kvu)
+    # llama.cpp's continuous-batching scheduler and prompt cache; None elsewhere (read by /metrics).
+    scheduler: Scheduler | None = None
+    prompt_cache: PromptCache | None = None
+    grammars: ClassVar[bool] = True  # honours SamplingParams.grammar
+    # The flag that raises the context, named in the error for a prompt that does not fit.
+    context_flag: ClassVar[str] = "-c"
 
-    def tokenize(self, text: str, *, special: bool = True) -> list[int]: ...
+    @property
+    def n_ctx_seq(self) -> int:
+        """Tokens one request may hold (prompt + output)."""
+        return self.n_ctx
 
-    def detokenize(self, tokens: list[int]) -> str: ...
+    # -- vocabulary -------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None) -> str: ...
+    @abstractmethod
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool | None = None) -> list[int]:
+        """Text to token ids; add_bos None: the beginning-of-sequence token where the model wants it."""
 
-    def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]: ...
+    @abstractmethod
+    def token_piece(self, token: int) -> bytes:
+        """The bytes of one token; special tokens (e.g. <|im_end|>) render as nothing."""
 
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]: ...
+    @abstractmethod
+    def token_text(self, token: int) -> str:
+        """The token's own text, special tokens included (for templates and logprobs)."""
 
-    def embed(self, texts: list[str]) -> list[list[float]]: ...
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.detokenize_bytes(tokens).decode("utf-8", errors="replace")
 
+    def detokenize_bytes(self, tokens: list[int]) -> bytes:
+        self.check_token_ids(tokens)
+        return b"".join(self.token_piece(t) for t in tokens)
+
+    def check_token_ids(self, tokens: list[int], *, param: str = "prompt") -> None:
+        # Checked before any engine sees them: llama.cpp aborts the whole process on an
+        # out-of-range id inside llama_decode.
+        for t in tokens:
+            if not isinstance(t, int) or t < 0 or t >= self.n_vocab:
+                raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param=param)
+
+    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        return self.formatter.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        tokens = list(prompt)
+        self.check_token_ids(tokens)
+        return tokens
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def validate(self, tokens: list[int], params: SamplingParams) -> None:
+        """Refuse, before any work, a request this engine cannot run as asked."""
+        if not tokens:
+            raise InvalidParameterError("the prompt is empty", param="prompt")
+        if len(tokens) >= self.n_ctx_seq:
+            share = f" (context {self.n_ctx} / {self.n_parallel} parallel slots)" if self.n_ctx_seq < self.n_ctx else ""
+            raise ContextLengthError(f"the prompt has {len(tokens)} tokens but a request holds at most "
+                                     f"{self.n_ctx_seq}{share}; shorten it or raise {self.context_flag}",
+                                     param="messages")
+        if params.grammar and not self.grammars:
+            raise InvalidParameterError(f"the {self.name} engine does not support grammars / JSON schemas; use "
+                                        "the llama.cpp engine (or vLLM) for constrained output", param="grammar")
+        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
+
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
+        """Generate synchronously; closing the iterator cancels the request. Prompt errors are
+        raised here, before the first delta."""
+        tokens = self.prompt_tokens(prompt)
+        self.validate(tokens, params)
+        return self._stream(tokens, params)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Generate from asyncio; closing the iterator (client gone) cancels the request."""
+        tokens = self.prompt_tokens(prompt)
+        self.validate(tokens, params)
+        async for delta in self._generate(tokens, params):
+            yield delta
+
+    @abstractmethod
+    def _stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Delta]: ...
+
+    @abstractmethod
+    def _generate(self, tokens: list[int], params: SamplingParams) -> AsyncIterator[Delta]: ...
+
+    def finish_reason(self, token: int, params: SamplingParams, text: TextAssembler, n_prompt: int,
+                      n_generated: int) -> FinishReason | None:
+        """Whether the choice ends with `token` (its bytes already pushed to `text` unless it is an
+        end-of-generation or stop token): the rule of every engine that samples token by token."""
+        if (token in self.eog_ids and not params.ignore_eos) or token in params.stop_token_ids or text.stopped:
+            return "stop"
+        if params.max_tokens is not None and n_generated >= params.max_tokens:
+            return "length"
+        if n_prompt + n_generated >= self.n_ctx_seq:
+            return "length"  # the context is full
+        return None
+
+    def ends_text(self, token: int, params: SamplingParams) -> bool:
+        """The token is not text: an end-of-generation or stop token ends the choice unshown."""
+        return (token in self.eog_ids and not params.ignore_eos) or token in params.stop_token_ids
+
+    # -- embeddings and lifecycle -----------------------------------------------------------------
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised embeddings, one per text."""
+        raise InvalidParameterError(f"the {self.name} engine does not make embeddings; use the llama.cpp or "
+                                    "transformers engine", param="model")
+
+    @abstractmethod
     def close(self) -> None: ...
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def merge_delta(choices: list[Delta], delta: Delta) -> None:
@@ -176,31 +294,6 @@ async def collect_async(deltas: AsyncIterator[Delta], n: int = 1) -> list[Delta]
     async for delta in deltas:
         merge_delta(choices, delta)
     return choices
-
-
-class PromptTokens:
-    """Prompt handling shared by engines that have `n_vocab`, `formatter` and `tokenize`."""
-
-    n_vocab: int
-    formatter: ChatFormatter
-
-    def check_token_ids(self, tokens: list[int], *, param: str = "prompt") -> None:
-        # Checked before any engine sees them: llama.cpp aborts the whole process on an
-        # out-of-range id inside llama_decode.
-        for t in tokens:
-            if not isinstance(t, int) or t < 0 or t >= self.n_vocab:
-                raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param=param)
-
-    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        return self.formatter.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-
-    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenize(prompt)
-        tokens = list(prompt)
-        self.check_token_ids(tokens)
-        return tokens
 
 
 # name -> "module:Class"; modules are imported only when their engine is asked for, so the heavy

@@ -11,10 +11,40 @@ Any other tokenizer falls back to decoding the token alone.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from edge_llm.engines.base import PromptTokens
+from edge_llm.engines.base import Engine
+from edge_llm.errors import EdgeLLMError, ModelLoadError
+from edge_llm.registry import ResolvedModel
+
+
+def needs_remote_code(path: Path) -> str | None:
+    """The file that asks for custom Python code (an `auto_map`), or None."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("auto_map"):
+                return name
+    return None
+
+
+def checkpoint_folder(model: ResolvedModel, engine: str, gguf_hint: str, remote_hint: str = "") -> Path:
+    """The HF checkpoint folder an engine may load: not a GGUF file, and no custom Python code
+    (edge-llm never runs trust_remote_code)."""
+    if model.is_gguf:
+        raise EdgeLLMError(f"{model.path} is a GGUF file; the {engine} engine reads HF checkpoint folders {gguf_hint}")
+    path = Path(model.path)
+    if (remote := needs_remote_code(path)) is not None:
+        raise ModelLoadError(f"{path}: {remote} asks for the model's own Python code (auto_map); edge-llm never runs "
+                             f"trust_remote_code. {remote_hint}".rstrip())
+    return path
 
 
 @lru_cache(maxsize=1)
@@ -84,7 +114,7 @@ class TokenBytes:
         return self._tokenizer.decode([token], skip_special_tokens=True).encode("utf-8")
 
 
-class HFVocabulary(PromptTokens):
+class HFVocabulary(Engine):
     """Tokenizer-side methods shared by the engines that run HF checkpoints (transformers,
     vLLM, LMDeploy): the same token ids, streaming bytes and chat rendering for all of them."""
 
@@ -116,19 +146,10 @@ class HFVocabulary(PromptTokens):
             add_bos = not (special and bos and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add_bos, split_special_tokens=not special)["input_ids"])
 
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.detokenize_bytes(tokens).decode("utf-8", errors="replace")
-
-    def detokenize_bytes(self, tokens: list[int]) -> bytes:
-        self.check_token_ids(tokens)
-        return b"".join(self._pieces.piece(t) for t in tokens)
-
     def token_piece(self, token: int) -> bytes:
-        """The bytes of one token; special tokens (e.g. <|im_end|>) render as nothing."""
         return self._pieces.piece(token)
 
     def token_text(self, token: int) -> str:
-        """The token's own text, special tokens included (for logprobs)."""
         if self._pieces.is_special(token):
             return self.tokenizer.convert_ids_to_tokens(token) or ""
         return self._pieces.piece(token).decode("utf-8", errors="replace")

@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
-from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage, collect
-from edge_llm.engines.hf_tokens import HFVocabulary, load_hf_tokenizer
+from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage
+from edge_llm.engines.hf_tokens import load_hf_tokenizer
+from edge_llm.engines.loop_engine import LoopEngine, gpu_kv_cache
 from edge_llm.engines.textstream import TextAssembler
-from edge_llm.engines.threadbridge import LoopThread
-from edge_llm.engines.transformers import EOG_TEXTS, needs_remote_code
+from edge_llm.engines.transformers import EOG_TEXTS
 from edge_llm.errors import (
-    ContextLengthError,
-    EdgeLLMError,
     InvalidParameterError,
     MissingExtraError,
-    ModelLoadError,
 )
 from edge_llm.registry import ResolvedModel
 from edge_llm.sampling import SamplingParams
@@ -52,19 +48,7 @@ def _import_lmdeploy() -> tuple[Any, Any]:
 
 def backend_config(options: LoadOptions, n_ctx: int | None) -> tuple[str, dict[str, Any]]:
     """LoadOptions -> (backend name, TurbomindEngineConfig / PytorchEngineConfig keywords)."""
-    if options.cache_type_k != options.cache_type_v:
-        raise InvalidParameterError("LMDeploy quantizes K and V alike: give -ctk and -ctv the same value",
-                                    param="cache_type_v")
-    policy = KV_QUANT_POLICY.get(options.cache_type_k.lower())
-    if policy is None:
-        raise InvalidParameterError(f"LMDeploy's KV cache takes {', '.join(KV_QUANT_POLICY)}; "
-                                    f"got {options.cache_type_k!r}", param="cache_type_k")
-    if options.n_gpu_layers not in (None, 0, -1):
-        raise InvalidParameterError("LMDeploy puts the whole model on the GPU(s): -ngl takes no layer count "
-                                    "here (use --tp to spread it)", param="n_gpu_layers")
-    if options.tensor_split is not None or options.split_mode != "layer":
-        raise InvalidParameterError("--split-mode/--tensor-split are llama.cpp options; LMDeploy splits by --tp",
-                                    param="split_mode")
+    policy = gpu_kv_cache(options, "LMDeploy", KV_QUANT_POLICY, splits_by="--tp")
     if options.pipeline_parallel_size != 1 or options.distributed_executor_backend:
         raise InvalidParameterError("--pp / --distributed-executor-backend are vLLM options", param="pipeline_parallel_size")
     extra = dict(options.extra)
@@ -113,56 +97,34 @@ def gen_config_kwargs(params: SamplingParams, eog_ids: list[int], seed: int | No
     return kwargs
 
 
-class LMDeployEngine(HFVocabulary):
+class LMDeployEngine(LoopEngine):
     name = "lmdeploy"
+    library = "LMDeploy"
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = (options or LoadOptions()).resolve(model.spec)
-        if model.is_gguf:
-            raise EdgeLLMError(f"{model.path} is a GGUF file; LMDeploy reads HF checkpoint folders")
-        path = Path(model.path)
-        if (remote := needs_remote_code(path)) is not None:
-            raise ModelLoadError(f"{path}: {remote} asks for custom Python code; edge-llm never runs "
-                                 "trust_remote_code")
+        path = self._open(model, options)
         backend, config = backend_config(options, options.n_ctx)
         lmdeploy, async_engine_class = _import_lmdeploy()
         self._lmdeploy = lmdeploy
-        self.model_name = model.name
-        self.path = path
-        self.options = options
         self.seed = options.seed
-        self.backend = backend
         self.tokenizer = load_hf_tokenizer(path, "lmdeploy")
         config_class = lmdeploy.TurbomindEngineConfig if backend == "turbomind" else lmdeploy.PytorchEngineConfig
-        self._loop = LoopThread("edge-llm-lmdeploy")
 
         async def start() -> Any:
             return async_engine_class(str(path), backend=backend, backend_config=config_class(**config),
                                       trust_remote_code=False)
 
-        try:
-            self._engine = self._loop.run(start())
-        except Exception as exc:
-            self._loop.close()
-            text = str(exc).strip()
-            raise ModelLoadError(f"LMDeploy could not load {path}: "
-                                 f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+        self._start(start)
         self.n_ctx = int(self._engine.session_len)
         self.init_vocabulary(self.tokenizer, len(self.tokenizer), model, options)
         vocab = self.tokenizer.get_vocab()
         eos = self.tokenizer.eos_token_id
-        self.eog_ids = sorted({vocab[t] for t in EOG_TEXTS if t in vocab} | ({eos} if eos is not None else set()))
-        self.n_gpu_layers = -1
-        self.tensor_parallel_size = options.tensor_parallel_size
+        self.eog_ids = frozenset({vocab[t] for t in EOG_TEXTS if t in vocab} | ({eos} if eos is not None else set()))
 
     def validate(self, tokens: list[int], params: SamplingParams) -> None:
-        if not tokens:
-            raise InvalidParameterError("the prompt is empty", param="prompt")
-        if len(tokens) >= self.n_ctx:
-            raise ContextLengthError(f"the prompt has {len(tokens)} tokens but a session holds at most "
-                                     f"{self.n_ctx}; shorten it or raise -c", param="messages")
-        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
-        gen_config_kwargs(params, self.eog_ids, None)  # refuses unsupported parameters up front
+        super().validate(tokens, params)
+        gen_config_kwargs(params, sorted(self.eog_ids), None)  # refuses unsupported parameters up front
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -170,7 +132,7 @@ class LMDeployEngine(HFVocabulary):
                       out: asyncio.Queue) -> None:
         base = self.seed if params.seed is None else params.seed
         seed = None if base is None else base + index
-        gen_config = self._lmdeploy.GenerationConfig(**gen_config_kwargs(params, self.eog_ids, seed))
+        gen_config = self._lmdeploy.GenerationConfig(**gen_config_kwargs(params, sorted(self.eog_ids), seed))
         text = TextAssembler(params.stop, params.include_stop_str_in_output)
         generated = 0
         finish = None
@@ -231,35 +193,5 @@ class LMDeployEngine(HFVocabulary):
             out.append(TokenLogprob(token, self.token_text(token), float(entry.get(token, float("nan"))), top))
         return out
 
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
-        tokens = self.prompt_tokens(prompt)
-        self.validate(tokens, params)
-        return self._loop.stream(lambda: self._deltas(tokens, params))
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        tokens = self.prompt_tokens(prompt)
-        self.validate(tokens, params)
-        async for delta in self._loop.stream_async(lambda: self._deltas(tokens, params)):
-            yield delta
-
-    def complete(self, prompt: str | list[int], params: SamplingParams) -> list[Delta]:
-        return collect(self.stream(prompt, params), params.n)
-
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        raise EdgeLLMError("the LMDeploy engine serves generation only; for embeddings use the llama.cpp or "
-                           "transformers engine", param="input")
-
-    def close(self) -> None:
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            self._engine = None
-            engine.close()
-        loop = getattr(self, "_loop", None)
-        if loop is not None:
-            loop.close()
-
-    def __enter__(self) -> LMDeployEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _shut_down(self, engine: Any) -> None:
+        engine.close()

@@ -284,7 +284,7 @@ class Scheduler:
         self.ctx = engine._ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.n_ctx_seq = engine.n_ctx_seq
-        self.unified = getattr(engine, "kv_unified", False)
+        self.unified = engine.kv_unified
         self.n_batch = engine.n_batch
         self.max_waiting = max_waiting
         self.slots = [Slot(i) for i in range(engine.n_parallel)]

@@ -54,10 +54,7 @@ async def iterate_in_thread(produce: Callable[[threading.Event], Iterator[T]]) -
     thread = threading.Thread(target=work, name="edge-llm-generate", daemon=True)
     thread.start()
     try:
-        while True:
-            item = await items.get()
-            if _ended(item):
-                return
+        while not _ended(item := await items.get()):
             yield item
     finally:
         cancel.set()
@@ -87,10 +84,7 @@ class LoopThread:
         items: queue.SimpleQueue = queue.SimpleQueue()
         future = asyncio.run_coroutine_threadsafe(self._pump(agen_factory, items.put), self.loop)
         try:
-            while True:
-                item = items.get()
-                if _ended(item):
-                    return
+            while not _ended(item := items.get()):
                 yield item
         finally:
             future.cancel()  # CancelledError inside the generator: the engine aborts the request
@@ -108,10 +102,7 @@ class LoopThread:
 
         future = asyncio.run_coroutine_threadsafe(self._pump(agen_factory, put), self.loop)
         try:
-            while True:
-                item = await items.get()
-                if _ended(item):
-                    return
+            while not _ended(item := await items.get()):
                 yield item
         finally:
             future.cancel()

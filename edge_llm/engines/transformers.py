@@ -12,20 +12,17 @@ custom code is refused with a clear error.
 from __future__ import annotations
 
 import copy
-import json
 import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
-from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage, collect
-from edge_llm.engines.hf_tokens import HFVocabulary
+from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage
+from edge_llm.engines.hf_tokens import HFVocabulary, checkpoint_folder
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import iterate_in_thread
 from edge_llm.errors import (
     ContextLengthError,
-    EdgeLLMError,
     InvalidParameterError,
     MissingExtraError,
     ModelLoadError,
@@ -49,33 +46,14 @@ def _import_torch_transformers() -> tuple[Any, Any]:
     return torch, transformers
 
 
-def needs_remote_code(path: Path) -> str | None:
-    """The file that asks for custom Python code (an `auto_map`), or None."""
-    for name in ("config.json", "tokenizer_config.json"):
-        file = path / name
-        if file.is_file():
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and data.get("auto_map"):
-                return name
-    return None
-
-
 class TransformersEngine(HFVocabulary):
     name = "transformers"
+    grammars = False
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = (options or LoadOptions()).resolve(model.spec)
-        if model.is_gguf:
-            raise EdgeLLMError(f"{model.path} is a GGUF file; the transformers engine reads HF checkpoint "
-                               "folders (config.json + safetensors): use the llama.cpp engine for GGUF")
-        path = Path(model.path)
-        if (remote := needs_remote_code(path)) is not None:
-            raise ModelLoadError(f"{path}: {remote} asks for the model's own Python code (auto_map); edge-llm "
-                                 "never runs trust_remote_code. Use an architecture transformers ships, or "
-                                 "convert it to GGUF for llama.cpp")
+        path = checkpoint_folder(model, self.name, "(config.json + safetensors): use the llama.cpp engine for "
+                                 "GGUF", "Use an architecture transformers ships, or convert it to GGUF for llama.cpp")
         _refuse_unsupported_options(options)
         torch, transformers = _import_torch_transformers()
         self.model_name = model.name
@@ -109,10 +87,8 @@ class TransformersEngine(HFVocabulary):
         except (ValueError, OSError, ImportError, KeyError) as exc:
             raise ModelLoadError(f"transformers could not load {path}: {_first_line(exc)}") from None
         self.model.to(self.device).eval()
-        self.dtype = str(dtype).replace("torch.", "")
         self.n_vocab = int(self.model.get_input_embeddings().num_embeddings)
         n_ctx_train = int(getattr(config, "max_position_embeddings", 0) or DEFAULT_N_CTX)
-        self.n_ctx_train = n_ctx_train
         self.n_ctx = options.n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
         if self.n_ctx < 16:
             raise InvalidParameterError(f"context size {self.n_ctx} is too small", param="n_ctx")
@@ -139,37 +115,17 @@ class TransformersEngine(HFVocabulary):
         ids.update(vocab[text] for text in EOG_TEXTS if text in vocab)
         return {i for i in ids if 0 <= i < self.n_vocab}
 
-    def validate(self, tokens: list[int], params: SamplingParams) -> None:
-        if not tokens:
-            raise InvalidParameterError("the prompt is empty", param="prompt")
-        if len(tokens) >= self.n_ctx:
-            raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the context holds at most "
-                                     f"{self.n_ctx}; shorten it or raise -c", param="messages")
-        if params.grammar:
-            raise InvalidParameterError("the transformers engine does not support grammars / JSON schemas; "
-                                        "use the llama.cpp engine (or vLLM) for constrained output",
-                                        param="grammar")
-        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
-
     # -- generation -----------------------------------------------------------------------------
 
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
-        """Generate synchronously; closing the iterator stops generation at the next token."""
-        tokens = self.prompt_tokens(prompt)
-        self.validate(tokens, params)
-        return self._generate(tokens, params, threading.Event())
+    def _stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Delta]:
+        return self._decode(tokens, params, threading.Event())
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Generate from asyncio in a worker thread; closing the iterator stops generation."""
-        tokens = self.prompt_tokens(prompt)
-        self.validate(tokens, params)
-        async for delta in iterate_in_thread(lambda cancel: self._generate(tokens, params, cancel)):
+    async def _generate(self, tokens: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        # In a worker thread; closing the iterator stops generation at the next token.
+        async for delta in iterate_in_thread(lambda cancel: self._decode(tokens, params, cancel)):
             yield delta
 
-    def complete(self, prompt: str | list[int], params: SamplingParams) -> list[Delta]:
-        return collect(self.stream(prompt, params), params.n)
-
-    def _generate(self, tokens: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
+    def _decode(self, tokens: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
         torch = self._torch
         with self._lock, torch.inference_mode():
             if cancel.is_set():
@@ -200,20 +156,8 @@ class TransformersEngine(HFVocabulary):
             logprobs = None
             if params.logprobs is not None:  # of the model's own distribution, as llama.cpp reports
                 logprobs = [self._token_logprob(log_softmax(logits), token, params.logprobs)]
-            finish = None
-            piece = ""
-            if token in self.eog_ids and not params.ignore_eos:
-                finish = "stop"
-            elif token in params.stop_token_ids:
-                finish = "stop"
-            else:
-                piece = text.push(self._pieces.piece(token))
-                if text.stopped:
-                    finish = "stop"
-                elif params.max_tokens is not None and len(sampler.generated) >= params.max_tokens:
-                    finish = "length"
-                elif len(tokens) + len(sampler.generated) >= self.n_ctx:
-                    finish = "length"  # the context is full
+            piece = "" if self.ends_text(token, params) else text.push(self._pieces.piece(token))
+            finish = self.finish_reason(token, params, text, len(tokens), len(sampler.generated))
             if finish is not None:
                 piece += text.finish()
                 usage = Usage(prompt_tokens=len(tokens), completion_tokens=len(sampler.generated))
@@ -262,12 +206,6 @@ class TransformersEngine(HFVocabulary):
                 self.model = None
             if self.device != "cpu":
                 self._torch.cuda.empty_cache()
-
-    def __enter__(self) -> TransformersEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _refuse_unsupported_options(options: LoadOptions) -> None:

@@ -3,31 +3,22 @@
 vLLM brings paged attention, continuous batching, tensor parallelism (`--tp`), pipeline
 parallelism across nodes (`--pp`, with Ray: `--distributed-executor-backend ray`) and its
 quantized kernels (`--quantization awq|gptq|fp8 ...`). edge-llm adds nothing of its own to
-that: scale comes from vLLM.
-
-The AsyncLLMEngine lives on an event loop of its own (a `LoopThread`): vLLM ties its output
-handler to the loop it starts on, while edge-llm's callers are the server's loop, or blocking
-code. Prompts are tokenized here, with the checkpoint's tokenizer, so usage counts and chat
-rendering are the same as on every other engine.
+that: scale comes from vLLM. The loop, the checkpoint checks and the tokenizer: loop_engine.py.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage, collect
-from edge_llm.engines.hf_tokens import HFVocabulary, load_hf_tokenizer
-from edge_llm.engines.threadbridge import LoopThread
-from edge_llm.engines.transformers import needs_remote_code
+from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage
+from edge_llm.engines.hf_tokens import load_hf_tokenizer
+from edge_llm.engines.loop_engine import LoopEngine, gpu_kv_cache
 from edge_llm.errors import (
-    ContextLengthError,
-    EdgeLLMError,
     InvalidParameterError,
     MissingExtraError,
-    ModelLoadError,
 )
 from edge_llm.registry import ResolvedModel
 from edge_llm.sampling import SamplingParams
@@ -49,19 +40,7 @@ def _import_vllm() -> Any:
 
 def engine_args(path: Path, options: LoadOptions, n_ctx: int | None) -> dict[str, Any]:
     """LoadOptions -> vLLM's AsyncEngineArgs keywords; llama.cpp-only options are refused."""
-    if options.cache_type_k != options.cache_type_v:
-        raise InvalidParameterError("vLLM uses one KV cache dtype: give -ctk and -ctv the same value",
-                                    param="cache_type_v")
-    kv = KV_CACHE_DTYPES.get(options.cache_type_k.lower())
-    if kv is None:
-        raise InvalidParameterError(f"vLLM's KV cache takes {', '.join(KV_CACHE_DTYPES)}; "
-                                    f"got {options.cache_type_k!r}", param="cache_type_k")
-    if options.n_gpu_layers not in (None, 0, -1):
-        raise InvalidParameterError("vLLM puts the whole model on the GPU(s): -ngl takes no layer count here "
-                                    "(use --tp to spread it over GPUs)", param="n_gpu_layers")
-    if options.tensor_split is not None or options.split_mode != "layer":
-        raise InvalidParameterError("--split-mode/--tensor-split are llama.cpp options; vLLM splits by --tp/--pp",
-                                    param="split_mode")
+    kv = gpu_kv_cache(options, "vLLM", KV_CACHE_DTYPES, splits_by="--tp/--pp")
     args: dict[str, Any] = dict(
         model=str(path), tokenizer=str(path), trust_remote_code=False,
         tensor_parallel_size=options.tensor_parallel_size, pipeline_parallel_size=options.pipeline_parallel_size,
@@ -100,50 +79,26 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     return kwargs
 
 
-class VLLMEngine(HFVocabulary):
+class VLLMEngine(LoopEngine):
     name = "vllm"
+    library = "vLLM"
+    context_flag = "--max-model-len"
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = (options or LoadOptions()).resolve(model.spec)
-        if model.is_gguf:
-            raise EdgeLLMError(f"{model.path} is a GGUF file; the vLLM engine in edge-llm reads HF checkpoint "
-                               "folders (pull the original repo, or a GPTQ/AWQ one)")
-        path = Path(model.path)
-        if (remote := needs_remote_code(path)) is not None:
-            raise ModelLoadError(f"{path}: {remote} asks for custom Python code; edge-llm never runs "
-                                 "trust_remote_code")
+        path = self._open(model, options)
         args = engine_args(path, options, options.n_ctx)
         vllm = _import_vllm()
         self._vllm = vllm
-        self.model_name = model.name
-        self.path = path
-        self.options = options
         self.tokenizer = load_hf_tokenizer(path, "vllm")
-        self._loop = LoopThread("edge-llm-vllm")
 
         async def start() -> Any:
             return vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(**args))
 
-        try:
-            self._engine = self._loop.run(start())
-        except Exception as exc:
-            self._loop.close()
-            text = str(exc).strip()
-            raise ModelLoadError(f"vLLM could not load {path}: "
-                                 f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+        self._start(start)
         model_config = self._engine.model_config
         self.n_ctx = int(model_config.max_model_len)
         self.init_vocabulary(self.tokenizer, int(model_config.get_vocab_size()), model, options)
-        self.n_gpu_layers = -1
-        self.tensor_parallel_size = options.tensor_parallel_size
-
-    def validate(self, tokens: list[int], params: SamplingParams) -> None:
-        if not tokens:
-            raise InvalidParameterError("the prompt is empty", param="prompt")
-        if len(tokens) >= self.n_ctx:
-            raise ContextLengthError(f"the prompt has {len(tokens)} tokens but the context holds at most "
-                                     f"{self.n_ctx}; shorten it or raise --max-model-len", param="messages")
-        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         kwargs = vllm_sampling_kwargs(params)
@@ -209,35 +164,5 @@ class VLLMEngine(HFVocabulary):
                                     float(chosen.logprob) if chosen is not None else float("nan"), top))
         return out
 
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
-        tokens = self.prompt_tokens(prompt)
-        self.validate(tokens, params)
-        return self._loop.stream(lambda: self._deltas(tokens, params))
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        tokens = self.prompt_tokens(prompt)
-        self.validate(tokens, params)
-        async for delta in self._loop.stream_async(lambda: self._deltas(tokens, params)):
-            yield delta
-
-    def complete(self, prompt: str | list[int], params: SamplingParams) -> list[Delta]:
-        return collect(self.stream(prompt, params), params.n)
-
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        raise EdgeLLMError("the vLLM engine serves generation only; for embeddings use the llama.cpp or "
-                           "transformers engine", param="input")
-
-    def close(self) -> None:
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            self._engine = None
-            engine.shutdown()
-        loop = getattr(self, "_loop", None)
-        if loop is not None:
-            loop.close()
-
-    def __enter__(self) -> VLLMEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _shut_down(self, engine: Any) -> None:
+        engine.shutdown()

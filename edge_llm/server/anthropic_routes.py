@@ -27,7 +27,7 @@ from edge_llm.engines.base import Engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.errors import edge_error_body
-from edge_llm.server.generation import SSEResponse, tokenize_prompt
+from edge_llm.server.generation import SSEResponse
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state, with_engine
 from edge_llm.server.schemas import MaxTokens, Seed, TopK, TopP, _Body
@@ -230,7 +230,7 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> Any:
 
     def count(name: str, engine: Engine) -> dict:
         job = chat_job(engine, messages, options, sampling={}, max_tokens=None)
-        return {"input_tokens": len(tokenize_prompt(engine, job.prompts[0]))}
+        return {"input_tokens": len(engine.prompt_tokens(job.prompts[0]))}
 
     return await with_engine(request, body.model, count)
 

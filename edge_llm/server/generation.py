@@ -29,7 +29,7 @@ SEND_TIMEOUT_SECONDS = 120.0
 
 def context_size(engine: Engine) -> int:
     """Tokens one request may hold (prompt + output): one slot's share of the context."""
-    return int(getattr(engine, "n_ctx_seq", engine.n_ctx))
+    return engine.n_ctx_seq
 
 
 def capped_max_tokens(engine: Engine, n_prompt: int, requested: int | None, *, param: str) -> int:
@@ -48,15 +48,6 @@ def capped_max_tokens(engine: Engine, n_prompt: int, requested: int | None, *, p
     return min(requested, room)
 
 
-def tokenize_prompt(engine: Engine, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-        return engine.tokenize(prompt)
-    check = getattr(engine, "check_token_ids", None)
-    if check is not None:
-        check(prompt)
-    return list(prompt)
-
-
 class Generation:
     """Deltas of one engine request; closing it (or the client leaving) cancels the request.
 
@@ -70,9 +61,8 @@ class Generation:
         self.params = params
         self._closing = closing
         self.n_prompt = len(tokens)
-        check = getattr(engine, "check_token_ids", None)
-        if check is not None and params.stop_token_ids:  # the engine would name them "prompt"
-            check(list(params.stop_token_ids), param="stop_token_ids")
+        if params.stop_token_ids:  # checked here, the engine would name them "prompt"
+            engine.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
         self._source = engine.generate(tokens, params)
         self._observer = observer
         self._first: Delta | None = None

@@ -139,7 +139,7 @@ class _EngineStateCollector:
                                         "the model was loaded", labels=tier)
         engines = self.manager.loaded()
         for name, engine in engines.items():
-            cache = getattr(engine, "prompt_cache", None)
+            cache = engine.prompt_cache
             if cache is None:
                 continue
             held.add_metric([name, "ram"], float(cache.ram_bytes))
@@ -152,12 +152,12 @@ class _EngineStateCollector:
         yield from (held, budget, evictions)
         for name in self.manager.models:
             engine = engines.get(name)
-            scheduler = getattr(engine, "scheduler", None)
+            scheduler = engine.scheduler if engine is not None else None
             loaded.add_metric([name], 1.0 if engine is not None else 0.0)
             running.add_metric([name], float(scheduler.running) if scheduler is not None else 0.0)
             waiting.add_metric([name], float(scheduler.waiting) if scheduler is not None else 0.0)
             if engine is not None:
-                slots.add_metric([name], float(getattr(engine, "n_parallel", 1)))
+                slots.add_metric([name], float(engine.n_parallel))
             if getattr(scheduler, "threads", None) is not None:
                 threads.add_metric([name], float(scheduler.threads))
                 yielded.add_metric([name], float(scheduler.stats.decodes_with_fewer_threads))

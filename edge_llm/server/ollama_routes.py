@@ -33,16 +33,7 @@ from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.generation import StreamResponse, context_size
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.openai_routes import embed_all
-from edge_llm.server.pipeline import (
-    Choice,
-    Finish,
-    Job,
-    Run,
-    TextPart,
-    handle,
-    server_state,
-    with_engine,
-)
+from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state, with_engine
 from edge_llm.server.schemas import MAX_EMBEDDING_INPUTS, _Body
 from edge_llm.server.tool_calls import CallEnd, CallStart
 
@@ -456,7 +447,8 @@ async def show(body: ShowRequest, request: Request) -> dict:
         raise InvalidParameterError(f"{name!r} is served by a peer: ask it", param="model")
     model = manager.models[name]
     details, model_info, template = await asyncio.to_thread(model_details, model.path)
-    template = template or getattr(getattr(model.engine, "formatter", None), "template", None)
+    if not template and model.engine is not None:  # not in the file: the template the engine renders with
+        template = model.engine.formatter.template
     capabilities = ["completion"]
     if template and "tools" in template:
         capabilities.append("tools")

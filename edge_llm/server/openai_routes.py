@@ -12,6 +12,7 @@ import base64
 from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
@@ -92,19 +93,20 @@ async def list_models(request: Request) -> ModelList:
 # -- shared by chat and completions -------------------------------------------------------------------
 
 
+# Request fields that SamplingParams takes under the same name (max_tokens aside: the pipeline caps it).
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "seed")
+
+
+def sampling_fields(body: BaseModel) -> dict[str, Any]:
+    """The SamplingParams fields a request body has (vLLM's /generate body has fewer)."""
+    return {name: getattr(body, name) for name in SAMPLING_FIELDS if name in type(body).model_fields}
+
+
 def sampling_values(body: SamplingFields, **overrides: Any) -> dict[str, Any]:
-    """The request's SamplingParams fields (max_tokens aside: the pipeline caps it)."""
     if body.logit_bias:
         raise InvalidParameterError("logit_bias is not supported", param="logit_bias")
-    values = dict(
-        n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty, stop=body.stop, stop_token_ids=body.stop_token_ids,
-        include_stop_str_in_output=body.include_stop_str_in_output, ignore_eos=body.ignore_eos,
-        seed=body.seed,
-    )
-    values.update(overrides)
-    return values
+    return {**sampling_fields(body), **overrides}
 
 
 def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
@@ -231,6 +233,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return await handle(request, body.model, prepare, stream=body.stream, reply=reply, stream_reply=stream_reply)
 
 
+def stream_chunk(meta: dict, kind: str, choice: dict, include_usage: bool) -> str:
+    """One streamed chunk of one choice; with include_usage every chunk has "usage": null, as OpenAI's."""
+    body = {**meta, "object": kind, "choices": [choice]}
+    if include_usage:
+        body["usage"] = None
+    return dumps(body)
+
+
 def chat_meta(run: Run) -> dict:
     return {"id": f"chatcmpl-{run.id}", "created": run.created, "model": run.name}
 
@@ -239,11 +249,8 @@ async def chat_events(run: Run, include_usage: bool):
     meta = chat_meta(run)
 
     def chunk(index: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> str:
-        body = {**meta, "object": "chat.completion.chunk",
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
-        if include_usage:
-            body["usage"] = None
-        return dumps(body)
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return stream_chunk(meta, "chat.completion.chunk", choice, include_usage)
 
     finishes: list[Finish | None] = [None] * run.n
     for i in range(run.n):
@@ -275,18 +282,15 @@ async def chat_events(run: Run, include_usage: bool):
 # -- completions ----------------------------------------------------------------------------------
 
 
-def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
-    if not prompts:
-        raise InvalidParameterError("prompt must not be empty", param="prompt")
-    if len(prompts) > MAX_BATCH:
-        raise InvalidParameterError(f"at most {MAX_BATCH} prompts per request", param="prompt")
-    return prompts
+def listed(value: str | list[str] | list[int] | list[list[int]], *, param: str, limit: int) -> list[str | list[int]]:
+    """OpenAI's `prompt` / `input` forms (a text, token ids, or a list of either) as a list of them."""
+    items: list = [value] if isinstance(value, str) or (value and all(isinstance(v, int) for v in value)) \
+        else list(value)
+    if not items:
+        raise InvalidParameterError(f"{param} must not be empty", param=param)
+    if len(items) > limit:
+        raise InvalidParameterError(f"at most {limit} {param}s per request", param=param)
+    return items
 
 
 @router.post("/v1/completions", tags=["openai"], responses=ERRORS)
@@ -295,7 +299,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise InvalidParameterError("suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise InvalidParameterError("best_of must equal n (no server-side ranking)", param="best_of")
-    prompts = completion_prompts(body.prompt)
+    prompts = listed(body.prompt, param="prompt", limit=MAX_BATCH)
     sampling = sampling_values(body, logprobs=body.logprobs)
     top = body.logprobs or 0
 
@@ -327,11 +331,8 @@ async def completion_events(run: Run, top: int, include_usage: bool):
     meta, echoes, n = completion_meta(run), run.job.plan, run.n
 
     def chunk(index: int, text: str, reason: str | None = None, logprobs: dict | None = None) -> str:
-        body = {**meta, "object": "text_completion",
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
-        if include_usage:
-            body["usage"] = None
-        return dumps(body)
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return stream_chunk(meta, "text_completion", choice, include_usage)
 
     finishes: list[Finish | None] = [None] * (len(echoes) * n)
     offsets = [len(echoes[i // n]) for i in range(len(finishes))]
@@ -360,16 +361,7 @@ async def completion_events(run: Run, top: int, include_usage: bool):
 
 
 def embedding_inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    if isinstance(value, str):
-        inputs: list = [value]
-    elif value and all(isinstance(v, int) for v in value):
-        inputs = [value]
-    else:
-        inputs = list(value)
-    if not inputs:
-        raise InvalidParameterError("input must not be empty", param="input")
-    if len(inputs) > MAX_EMBEDDING_INPUTS:
-        raise InvalidParameterError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+    inputs = listed(value, param="input", limit=MAX_EMBEDDING_INPUTS)
     if any(len(i) == 0 for i in inputs):
         raise InvalidParameterError("an input is empty", param="input")
     return inputs
@@ -384,11 +376,7 @@ def embed_all(engine: Engine, inputs: list[str | list[int]]) -> tuple[list[list[
             # llama.cpp's embedding decode of zero tokens corrupts memory and aborts the process.
             raise InvalidParameterError(f"input {i} has no tokens to embed", param="input")
         n_tokens += count
-    embed = getattr(engine, "embed", None)
-    try:
-        return embed(texts), n_tokens
-    except (NotImplementedError, TypeError):
-        raise InvalidParameterError(f"the {engine.name} engine does not make embeddings", param="model") from None
+    return engine.embed(texts), n_tokens
 
 
 @router.post("/v1/embeddings", tags=["openai"], response_model=EmbeddingResponse, responses=ERRORS)
@@ -426,10 +414,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     add_special = body.add_special_tokens if body.add_special_tokens is not None else body.add_special
 
     def work(name: str, engine: Engine) -> dict:
-        try:
-            tokens = engine.tokenize(text, special=True, add_bos=add_special)
-        except TypeError:  # an engine without the add_bos option
-            tokens = engine.tokenize(text, special=True)
+        tokens = engine.tokenize(text, special=True, add_bos=add_special)
         items = token_pieces_json(engine, tokens) if body.with_pieces else tokens
         return {"tokens": items, "count": len(tokens), "max_model_len": context_size(engine)}
 
@@ -461,10 +446,7 @@ def token_pieces_json(engine: Engine, tokens: list[int]) -> RawJSON:
 
 def token_piece(engine: Engine, token: int) -> str | list[int]:
     """The token's text, or its bytes when they are not whole UTF-8 (llama-server's convention)."""
-    piece = getattr(engine, "token_piece", None)
-    if piece is None:
-        return engine.detokenize([token])
-    data = piece(token)
+    data = engine.token_piece(token)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -37,7 +37,6 @@ from edge_llm.server.generation import (
     Generation,
     capped_max_tokens,
     merged,
-    tokenize_prompt,
     until_disconnect,
 )
 from edge_llm.server.jsonio import json_response
@@ -303,7 +302,7 @@ async def start_run(request: Request, name: str, engine: Engine, job: Job) -> Ru
     generations: list[Generation] = []
     try:
         for prompt in job.prompts:
-            tokens = await asyncio.to_thread(tokenize_prompt, engine, prompt)
+            tokens = await asyncio.to_thread(engine.prompt_tokens, prompt)
             max_tokens = capped_max_tokens(engine, len(tokens), job.max_tokens, param=job.prompt_param)
             params = SamplingParams.create(**sampling, max_tokens=max_tokens)
             generations.append(Generation(engine, tokens, params, observer(name),

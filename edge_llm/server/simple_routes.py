@@ -22,9 +22,9 @@ from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.server.generation import StreamResponse, tokenize_prompt
+from edge_llm.server.generation import StreamResponse
 from edge_llm.server.jsonio import dumps
-from edge_llm.server.openai_routes import ERRORS, sse_error
+from edge_llm.server.openai_routes import ERRORS, sampling_fields, sse_error
 from edge_llm.server.pipeline import Choice, Job, Run, TextPart, handle, server_state, with_engine
 from edge_llm.server.schemas import (
     DemoChatRequest,
@@ -46,11 +46,7 @@ router = APIRouter(tags=["simple APIs"])
 async def vllm_generate(body: VLLMGenerateRequest, request: Request) -> Any:
     if body.use_beam_search:
         raise InvalidParameterError("beam search is not supported", param="use_beam_search")
-    sampling = dict(
-        n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty, stop=body.stop, stop_token_ids=body.stop_token_ids,
-        ignore_eos=body.ignore_eos, seed=body.seed)
+    sampling = sampling_fields(body)
 
     def reply(run: Run, choices: list[Choice]) -> dict:
         return {"text": [body.prompt + c.content for c in choices]}
@@ -119,6 +115,6 @@ async def _prompt_length(request: Request, model: str | None, messages: list[dic
     if manager.peer_url(manager.resolve_name(model)) is not None:
         return 0  # the peer applies max_length itself
     length = await with_engine(request, model,
-                               lambda name, engine: len(tokenize_prompt(engine, engine.chat_prompt(messages))),
+                               lambda name, engine: len(engine.prompt_tokens(engine.chat_prompt(messages))),
                                renders_template=True)
     return length if isinstance(length, int) else 0

@@ -19,7 +19,10 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge_llm.engines.base import Engine
 
 from edge_llm.reasoning import TrimmedText, partial_tag
 from edge_llm.server.grammars import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
@@ -61,10 +64,10 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def template_supports_tools(engine: Any) -> bool:
+def template_supports_tools(engine: Engine) -> bool:
     """A Jinja chat template that mentions `tools` renders them; others would drop them silently."""
-    template = getattr(getattr(engine, "formatter", None), "template", None)
-    return isinstance(template, str) and "tools" in template
+    template = engine.formatter.template
+    return template is not None and "tools" in template
 
 
 class ToolCallParser:
