@@ -531,14 +531,13 @@ class Scheduler:
                         return target, found, found
                     self.cache.discard(entry)
         main = self._beside_running(idle, prefer=source)
-        copied = main is not source and prefix(source) >= prefix(main) + MIN_COPY_GAIN
-        if copied:
+        if main is not source and prefix(source) >= prefix(main) + MIN_COPY_GAIN:
             self._save(main)
             self._copy_sequence(source, main)
         reuse = prefix(main)
         if reuse < MIN_USEFUL_PREFIX:
             reuse = 0
-        if reuse < len(main.cached) and not copied:  # a copy's tail is still in its source slot
+        if reuse < len(main.cached):
             self._save(main)
         self._truncate(main, reuse)
         return main, len(main.cached), 0
