@@ -94,50 +94,6 @@ def test_prompts_that_arrive_together_are_read_one_per_decode_shortest_first(eng
                                               for p in (long_prompt, short_prompt)]
 
 
-def test_a_new_stream_goes_beside_the_running_one_with_its_cached_prefix(demo_path, monkeypatch):
-    # llama.cpp decodes a batch over per-slot KV streams as one graph per run of consecutive
-    # sequence ids: streams in slots 0 and 2 cost two passes over the weights a step, in 0 and 1
-    # one. A conversation whose history sits in slot 2 while slot 0 runs is placed in slot 1,
-    # its history copied there, so it still reads only its new tokens.
-    import llama_cpp
-
-    from edge_llm.api import load
-
-    eng = load(str(demo_path), n_ctx=4 * 512, n_parallel=4)
-    try:
-        with eng.scheduler._cond:  # admitted together: four conversations in the four slots
-            streams = [eng.stream(eng.tokenize(prompt), greedy(8)) for prompt in PROMPTS[:4]]
-        for stream in streams:
-            collect(stream)
-        slots = eng.scheduler.slots
-        assert all(slot.cached for slot in slots)
-        more = eng.tokenize(" and then", add_bos=False)
-        first, second = list(slots[0].cached) + more, list(slots[2].cached) + more
-        solo = [collect(eng.stream(p, greedy(24)))[0].token_ids for p in (first, second)]
-        # Alone, each went back to its own slot (0 and 2), which now holds it and its answer.
-        assert [slots[i].cached[:len(p)] for i, p in ((0, first), (2, second))] == [first, second]
-
-        decodes = []
-        real_decode = llama_cpp.llama_decode
-
-        def recording(ctx, batch):
-            decodes.append(sorted({batch.seq_id[j][0] for j in range(batch.n_tokens)}))
-            return real_decode(ctx, batch)
-
-        monkeypatch.setattr(llama_cpp, "llama_decode", recording)
-        running = eng.stream(first, greedy(24))
-        got = [next(running).token_ids]
-        joined = collect(eng.stream(second, greedy(24)))[0]
-        got += [d.token_ids for d in running]
-        monkeypatch.undo()
-        assert [t for ids in got for t in ids] == solo[0] and joined.token_ids == solo[1]
-        assert joined.usage.cached_tokens == len(second) - 1  # its history came along: no re-reading
-        together = [ids for ids in decodes if len(ids) > 1]
-        assert together and all(ids == [0, 1] for ids in together)
-    finally:
-        eng.close()
-
-
 def test_requests_join_and_leave_at_random_steps(engine8):
     rng = random.Random(1234)
     jobs = [(p, greedy(rng.randint(4, 40)), rng.uniform(0, 0.5)) for p in PROMPTS]

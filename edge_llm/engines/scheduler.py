@@ -15,9 +15,7 @@ n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never 
 request's cells and greedy output does not depend on what else runs). A finished request leaves
 its tokens in its slot. A new request takes the idle slot whose cached tokens share the longest
 prefix with its prompt and evaluates only the rest; with no useful match it takes the least
-recently used idle slot. While other slots run, it goes beside them instead (llama.cpp decodes
-each run of consecutive sequence ids as its own graph), and the prefix is copied there from the
-slot that holds it. A slot given to another conversation is saved first to the prompt cache
+recently used idle slot. A slot given to another conversation is saved first to the prompt cache
 beyond the slots (prompt_cache.py: host memory, optionally a folder), and a prompt that a saved
 state covers better than any slot gets that state restored into a slot. Admission is all or
 nothing: what can fail for a request is built before any slot is touched.
@@ -66,9 +64,6 @@ MIN_USEFUL_PREFIX = 1
 # Restoring a saved state copies the whole entry (and may read a file); a few tokens more than the
 # best idle slot offers are cheaper to evaluate.
 MIN_RESTORE_GAIN = 4
-# Copying another idle slot's prefix into the slot beside the running ones costs a stream copy
-# (a few ms); a few tokens of prefix are worth it, as they are for a restore.
-MIN_COPY_GAIN = 4
 # Below this many tokens a decode costs clearly more per token (measured on 2 cores), so a step
 # that finished one prompt still takes the next short ones.
 MIN_STEP_TOKENS = 16
@@ -508,17 +503,20 @@ class Scheduler:
 
     def _place(self, tokens: list[int], idle: list[Slot]) -> tuple[Slot, int, int]:
         """Pick the slot for a prompt and make it hold the longest cached prefix there is: its
-        own, another idle slot's (copied), or a saved state restored from the prompt cache.
-        Returns the slot, how many prompt tokens it holds, and how many of those were restored."""
-        def prefix(slot: Slot) -> int:  # the last prompt token is always evaluated, for its logits
-            return min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
-
-        source = max(idle, key=lambda s: (prefix(s), -s.last_used))
+        own, or a saved state restored from the prompt cache. Returns the slot, how many prompt
+        tokens it holds, and how many of those were restored."""
+        main = max(idle, key=lambda s: (_common_prefix(s.cached, tokens), -s.last_used))
+        # At least the last prompt token must be evaluated to get logits for the first sample.
+        reuse = min(_common_prefix(main.cached, tokens), len(tokens) - 1)
+        if reuse < MIN_USEFUL_PREFIX:
+            main = min(idle, key=lambda s: s.last_used)
+            reuse = 0
         if self.cache is not None:
             entry, found = self.cache.lookup(tokens)
             found = min(found, len(tokens) - 1)
-            if entry is not None and found >= prefix(source) + MIN_RESTORE_GAIN:
-                target = self._beside_running(idle, prefer=None)
+            if entry is not None and found >= reuse + MIN_RESTORE_GAIN:
+                # The least recently used idle slot is the cheapest to give up; it is saved first.
+                target = min(idle, key=lambda s: s.last_used)
                 # With -kvu the whole entry must fit in the pool before it is cut to the prompt.
                 fits = not self.unified or entry.n_tokens <= self._free_cells() + len(target.cached)
                 state = self.cache.load(entry) if fits else None
@@ -530,35 +528,12 @@ class Scheduler:
                         self.cache.note_restore(found)
                         return target, found, found
                     self.cache.discard(entry)
-        main = self._beside_running(idle, prefer=source)
-        if main is not source and prefix(source) >= prefix(main) + MIN_COPY_GAIN:
-            self._save(main)
-            self._copy_sequence(source, main)
-        reuse = prefix(main)
-        if reuse < MIN_USEFUL_PREFIX:
-            reuse = 0
+                    if target is main:
+                        reuse = 0
         if reuse < len(main.cached):
             self._save(main)
         self._truncate(main, reuse)
         return main, len(main.cached), 0
-
-    def _beside_running(self, idle: list[Slot], *, prefer: Slot | None) -> Slot:
-        """The idle slot that keeps the running slots' sequence ids in the fewest runs of
-        consecutive ids: llama.cpp decodes a batch over per-slot KV streams as one graph per such
-        run (split_equal), so a slot apart from the others costs a pass over the weights every
-        step (4 streams in slots 0,2,4,6: 38-43 ms a step; in 0,1,2,3: 27 ms). `prefer` if it is
-        one of them, else the least recently used. With -kvu the pool is one stream: any slot."""
-        placed = idle
-        if not self.unified:
-            running = [s.seq_id for s in self.slots if not s.idle]
-
-            def gaps(slot: Slot) -> int:
-                ids = sorted([*running, slot.seq_id])
-                return sum(1 for a, b in zip(ids, ids[1:], strict=False) if b != a + 1)
-
-            fewest = min(gaps(s) for s in idle)
-            placed = [s for s in idle if gaps(s) == fewest]
-        return prefer if prefer in placed else min(placed, key=lambda s: s.last_used)
 
     def _make_choices(self, request: Request) -> list[Choice]:
         choices: list[Choice] = []
@@ -624,14 +599,9 @@ class Scheduler:
 
     def _copy_prompt(self, slot: Slot) -> None:
         for target in slot.copies:
-            self._copy_sequence(slot, target)
-
-    def _copy_sequence(self, source: Slot, target: Slot) -> None:
-        """Make `target` hold what `source` holds (with per-slot KV llama.cpp copies the whole
-        stream at the next decode: ~4.5 ms for 1,024 cells of the bundled model)."""
-        llama_cpp.llama_memory_seq_rm(self.memory, target.seq_id, -1, -1)
-        llama_cpp.llama_memory_seq_cp(self.memory, source.seq_id, target.seq_id, -1, -1)
-        target.cached = list(source.cached)
+            llama_cpp.llama_memory_seq_rm(self.memory, target.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self.memory, slot.seq_id, target.seq_id, -1, -1)
+            target.cached = list(slot.cached)
 
     # -- unified KV (-kvu): one pool of n_ctx cells for every slot ------------------------------
 
