@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--sort", action="store_true", help="rewrite the output in input order at the end")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add_model_flags(parser, parallel_default=4)
+    add_model_flags(parser, defaults={"n_parallel": 4})
     add_sampling_flags(parser)
     return parser
 
@@ -596,13 +596,16 @@ def main(argv: list[str] | None = None) -> int:
 
     check_output_path(out_path)  # before the model loads: a bad -o fails at once
     done = load_done(out_path)
-    if args.url:
+    options = load_options(args)
+    if args.url:  # -np: requests in flight at once
+        concurrency = options.resolve().n_parallel
         backend: Backend = HTTPBackend(args.url, model=args.model, api_key=args.api_key, timeout=args.timeout,
-                                       concurrency=args.n_parallel)
+                                       concurrency=concurrency)
     else:
-        backend = EngineBackend(load_engine(args.model, engine=args.engine, options=load_options(args),
-                                            config=args.config))
-    runner = BatchRunner(backend, base, explicit, concurrency=args.n_parallel)
+        engine = load_engine(args.model, engine=args.engine, options=options, config=args.config)
+        concurrency = engine.n_parallel
+        backend = EngineBackend(engine)
+    runner = BatchRunner(backend, base, explicit, concurrency=concurrency)
     writer = OutputWriter(out_path)
     # SIGTERM ends the run like Ctrl-C: finished records are on disk, the rest run on resume.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None

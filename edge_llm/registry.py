@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
 
 from edge_llm import hub
 from edge_llm.errors import EdgeLLMError, ModelNotFoundError
 from edge_llm.files import read_text
+from edge_llm.load_options import REGISTRY_FIELDS, LoadOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,10 +34,15 @@ DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_REGISTRY = Path(__file__).with_name("models.toml")
 
 
-class ModelSpec(BaseModel):
-    """One registry entry: where the weights come from and how to run them."""
+# The load settings an entry may carry (n_ctx, n_gpu_layers, flash_attn, chat_format ...): the
+# LoadOptions fields marked for the registry, with their types and ranges; unset (None) by default.
+_LoadSettings = create_model("_LoadSettings", __config__=ConfigDict(extra="forbid"),
+                             **{name: (LoadOptions.model_fields[name].annotation, LoadOptions.model_fields[name])
+                                for name in REGISTRY_FIELDS})
 
-    model_config = ConfigDict(extra="forbid")
+
+class ModelSpec(_LoadSettings):
+    """One registry entry: where the weights come from, and its load settings (_LoadSettings)."""
 
     name: str
     description: str = ""
@@ -47,13 +53,7 @@ class ModelSpec(BaseModel):
     format: Literal["gguf", "hf"] = "gguf"
     architecture: str | None = None  # an HF checkpoint's config.json `architectures[0]`
     quant: str | None = None
-    chat_format: str = "auto"
-    in_prefix: str | None = None
-    in_suffix: str | None = None
     engines: list[str] = Field(default_factory=lambda: ["llama.cpp"])
-    n_ctx: int | None = Field(default=None, ge=16)
-    n_gpu_layers: int | None = Field(default=None, ge=-1)
-    flash_attn: Literal["on", "off", "auto"] | None = None
 
     @model_validator(mode="after")
     def _where_is_complete(self) -> ModelSpec:
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.local and not where:
             continue
         source = spec.source if spec.source in ("demo", "local") else f"{spec.source}:{spec.repo}"
-        rows.append({"name": name, "quant": spec.quant or "-", "chat": spec.chat_format,
+        rows.append({"name": name, "quant": spec.quant or "-", "chat": spec.chat_format or "auto",
                      "engines": ",".join(spec.engines), "source": source, "convert": convertible(spec, where),
                      "local": where or f"- (edge-llm pull {name})"})
     if args.json:

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from edge_llm.engines.base import LoadOptions, engine_class
+from edge_llm.engines.base import engine_class
 from edge_llm.errors import InvalidParameterError, MissingExtraError
+from edge_llm.load_options import LoadOptions
 from edge_llm.sampling import SamplingParams
 from tests.conftest import run_cli
 
@@ -154,34 +155,6 @@ def _registry_entry(tmp_path, demo_path, **settings):
     cfg = tmp_path / "models.toml"
     cfg.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return cfg
-
-
-def test_every_registry_setting_fills_only_unset_options(tmp_path):
-    from edge_llm.engines.base import DEFAULTS, REGISTRY_FIELDS
-    from edge_llm.options import add_model_flags, load_options
-    from edge_llm.registry import ModelSpec
-
-    spec = ModelSpec(name="m", source="local", path="m.gguf", n_ctx=1024, n_gpu_layers=-1, flash_attn="off",
-                     chat_format="chatml", in_prefix="U: ", in_suffix="A: ")
-    # Every load setting a registry entry can carry is resolved, none is forgotten.
-    load_settings = set(ModelSpec.model_fields) - {"name", "description", "source", "repo", "file", "path",
-                                                    "format", "quant", "engines", "architecture"}
-    assert load_settings == set(REGISTRY_FIELDS)
-    parser = argparse.ArgumentParser()
-    add_model_flags(parser)
-    unset = load_options(parser.parse_args([])).resolve(spec)
-    assert {name: getattr(unset, name) for name in REGISTRY_FIELDS} == {
-        "n_ctx": 1024, "n_gpu_layers": -1, "flash_attn": "off", "chat_format": "chatml", "in_prefix": "U: ",
-        "in_suffix": "A: "}
-    flags = ["-c", "512", "-ngl", "0", "-fa", "auto", "--chat-format", "auto"]
-    given = load_options(parser.parse_args(flags)).resolve(spec)
-    assert (given.n_ctx, given.n_gpu_layers, given.flash_attn, given.chat_format) == (512, 0, "auto", "auto")
-    # With no registry entry: the built-in defaults, and resolving again changes nothing.
-    plain = LoadOptions(n_parallel=2).resolve()
-    assert plain.n_parallel == 2 and all(getattr(plain, k) == v for k, v in DEFAULTS.items() if k != "n_parallel")
-    assert plain.resolve() == plain and unset.resolve(spec) == unset
-    assert LoadOptions().resolve(spec, defaults={"n_gpu_layers": 5}).n_gpu_layers == -1  # the entry first
-    assert LoadOptions().resolve(defaults={"n_gpu_layers": 5}).n_gpu_layers == 5
 
 
 @pytest.mark.model
