@@ -19,9 +19,10 @@ from typing import Literal
 from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
 
 from edge_llm import hub
-from edge_llm.errors import EdgeLLMError, ModelNotFoundError
+from edge_llm.errors import EdgeLLMError, InvalidParameterError, ModelNotFoundError
 from edge_llm.files import read_text
 from edge_llm.load_options import REGISTRY_FIELDS, LoadOptions
+from edge_llm.sampling import MODEL_DEFAULT_FIELDS, SamplingParams
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,15 +35,17 @@ DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_REGISTRY = Path(__file__).with_name("models.toml")
 
 
-# The load settings an entry may carry (n_ctx, n_gpu_layers, flash_attn, chat_format ...): the
-# LoadOptions fields marked for the registry, with their types and ranges; unset (None) by default.
-_LoadSettings = create_model("_LoadSettings", __config__=ConfigDict(extra="forbid"),
-                             **{name: (LoadOptions.model_fields[name].annotation, LoadOptions.model_fields[name])
-                                for name in REGISTRY_FIELDS})
+# The settings an entry may carry, unset (None) unless it gives them: the LoadOptions fields marked
+# for the registry (n_ctx, n_gpu_layers, flash_attn, chat_format ...), with their types and ranges,
+# and sampling defaults (temperature, top_p ...), checked by SamplingParams (_sampling_in_range).
+_Settings = create_model(
+    "_Settings", __config__=ConfigDict(extra="forbid"),
+    **{name: (LoadOptions.model_fields[name].annotation, LoadOptions.model_fields[name]) for name in REGISTRY_FIELDS},
+    **{name: (SamplingParams.model_fields[name].annotation | None, None) for name in MODEL_DEFAULT_FIELDS})
 
 
-class ModelSpec(_LoadSettings):
-    """One registry entry: where the weights come from, and its load settings (_LoadSettings)."""
+class ModelSpec(_Settings):
+    """One registry entry: where the weights come from, and its settings (_Settings)."""
 
     name: str
     description: str = ""
@@ -54,6 +57,18 @@ class ModelSpec(_LoadSettings):
     architecture: str | None = None  # an HF checkpoint's config.json `architectures[0]`
     quant: str | None = None
     engines: list[str] = Field(default_factory=lambda: ["llama.cpp"])
+
+    def sampling_defaults(self) -> dict[str, object]:
+        """The sampling parameters this entry sets (engines fill a request's unset ones from them)."""
+        return {name: getattr(self, name) for name in MODEL_DEFAULT_FIELDS if getattr(self, name) is not None}
+
+    @model_validator(mode="after")
+    def _sampling_in_range(self) -> ModelSpec:
+        try:
+            SamplingParams.create(**self.sampling_defaults())
+        except InvalidParameterError as exc:
+            raise ValueError(exc.message) from None  # "invalid top_k: must be -1 (disabled) or >= 1 (got 0)"
+        return self
 
     @model_validator(mode="after")
     def _where_is_complete(self) -> ModelSpec:
@@ -109,7 +124,8 @@ def _first_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']}" if where else err["msg"]
+        message = err["msg"].removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
     return str(exc)
 
 

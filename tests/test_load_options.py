@@ -113,9 +113,12 @@ def test_resolution_order_flag_environment_entry_command_default_builtin():
 
 
 def test_every_registry_key_is_a_load_option_validated_like_its_flag(tmp_path):
-    load_keys = set(ModelSpec.model_fields) - {"name", "description", "source", "repo", "file", "path", "format",
-                                                "quant", "engines", "architecture"}
-    assert load_keys == set(REGISTRY_FIELDS)
+    from edge_llm.sampling import MODEL_DEFAULT_FIELDS
+
+    settings = set(ModelSpec.model_fields) - {"name", "description", "source", "repo", "file", "path", "format",
+                                              "quant", "engines", "architecture"}
+    assert settings == set(REGISTRY_FIELDS) | set(MODEL_DEFAULT_FIELDS)
+    load_keys = settings - set(MODEL_DEFAULT_FIELDS)
     assert {"n_ctx", "n_gpu_layers", "flash_attn", "chat_format", "in_prefix", "in_suffix", "cache_type_k",
             "n_batch", "n_threads", "split_mode"} <= load_keys
     assert not {"verbose", "cache_dir", "max_queue", "seed"} & load_keys  # per process, not per model
@@ -142,3 +145,21 @@ def test_the_python_api_names_a_bad_option_before_loading_anything():
         edge_llm.load("/nonexistent/model.gguf", n_parallel=0)
     with pytest.raises(InvalidParameterError, match="ctx_size: Extra inputs are not permitted"):
         edge_llm.load("/nonexistent/model.gguf", ctx_size=512)
+
+
+def test_a_registry_entry_gives_sampling_defaults_below_what_a_caller_sets(tmp_path):
+    from edge_llm.sampling import SamplingParams
+
+    entry = spec(temperature=0.2, top_k=20, top_p=0.8)
+    assert entry.sampling_defaults() == {"temperature": 0.2, "top_k": 20, "top_p": 0.8}
+    given = SamplingParams.create(temperature=0.9, max_tokens=8)
+    filled = given.with_defaults(entry.sampling_defaults())
+    assert (filled.temperature, filled.top_k, filled.top_p, filled.min_p) == (0.9, 20, 0.8, 0.05)
+    # A copy with changes keeps "not given" apart from "given": the REPL's /set, per-choice seeds.
+    changed = SamplingParams.create(top_p=0.5).replace(seed=3).with_defaults(entry.sampling_defaults())
+    assert (changed.temperature, changed.top_p, changed.seed) == (0.2, 0.5, 3)
+    cfg = tmp_path / "models.toml"
+    cfg.write_text('[models.mine]\nsource = "local"\npath = "m.gguf"\ntop_k = 0\n')
+    with pytest.raises(EdgeLLMError) as err:
+        load_registry(cfg)
+    assert str(err.value) == f"{cfg}: model 'mine': invalid top_k: must be -1 (disabled) or >= 1 (got 0)"

@@ -81,6 +81,8 @@ class Engine(ABC):
     grammars: ClassVar[bool] = True  # honours SamplingParams.grammar
     # The flag that raises the context, named in the error for a prompt that does not fit.
     context_flag: ClassVar[str] = "-c"
+    # The registry entry's sampling defaults (temperature ...), for what a request leaves unset.
+    sampling_defaults: dict[str, Any] = {}  # noqa: RUF012 (replaced, never changed in place)
 
     @property
     def n_ctx_seq(self) -> int:
@@ -146,12 +148,14 @@ class Engine(ABC):
         """Generate synchronously; closing the iterator cancels the request. Prompt errors are
         raised here, before the first delta."""
         tokens = self.prompt_tokens(prompt)
+        params = params.with_defaults(self.sampling_defaults)
         self.validate(tokens, params)
         return self._stream(tokens, params)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Generate from asyncio; closing the iterator (client gone) cancels the request."""
         tokens = self.prompt_tokens(prompt)
+        params = params.with_defaults(self.sampling_defaults)
         self.validate(tokens, params)
         async for delta in self._generate(tokens, params):
             yield delta
@@ -254,4 +258,6 @@ def load_engine(model: str | None = None, *, engine: str = "llama.cpp", options:
 
     resolved = resolve(model, load_registry(config))
     # Each engine resolves the options against the registry entry (LoadOptions.resolve).
-    return engine_class(engine)(resolved, options or LoadOptions())
+    loaded = engine_class(engine)(resolved, options or LoadOptions())
+    loaded.sampling_defaults = resolved.spec.sampling_defaults()
+    return loaded
