@@ -8,11 +8,21 @@ from __future__ import annotations
 
 
 class EdgeLLMError(Exception):
-    """An error the user can cause and fix; never shown with a traceback."""
+    """An error the user can cause and fix; never shown with a traceback.
+
+    A subclass states in its header only what differs from its parent, e.g.
+    `class ModelNotFoundError(EdgeLLMError, status=404, code="model_not_found")`."""
 
     status: int = 400
     type: str = "invalid_request_error"
     code: str | None = None
+
+    def __init_subclass__(cls, *, status: int | None = None, type: str | None = None,
+                          code: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, value in (("status", status), ("type", type), ("code", code)):
+            if value is not None:
+                setattr(cls, name, value)
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -20,47 +30,36 @@ class EdgeLLMError(Exception):
         self.param = param
 
 
-class InvalidParameterError(EdgeLLMError):
-    code = "invalid_parameter"
+class InvalidParameterError(EdgeLLMError, code="invalid_parameter"):
+    """A request field is out of range, malformed or not supported."""
 
 
-class ChatTemplateError(InvalidParameterError):
+class ChatTemplateError(InvalidParameterError, code="chat_template_error"):
     """A chat template failed, was refused by the sandbox, or was too expensive to render."""
 
-    code = "chat_template_error"
+
+class ModelNotFoundError(EdgeLLMError, status=404, code="model_not_found"):
+    """The model asked for is not served, registered or downloaded here."""
 
 
-class ModelNotFoundError(EdgeLLMError):
-    status = 404
-    code = "model_not_found"
+class ContextLengthError(EdgeLLMError, code="context_length_exceeded"):
+    """The input (with the tokens asked for) does not fit the context."""
 
 
-class ServerSideError(EdgeLLMError):
+class ServerSideError(EdgeLLMError, status=500, type="server_error"):
     """Not the request's fault: the server's state or setup (HTTP 5xx, OpenAI's "server_error")."""
 
-    status = 500
-    type = "server_error"
+
+class ModelLoadError(ServerSideError, code="model_load_failed"):
+    """A model could not be loaded: unreadable, corrupt or unsupported files, or not enough memory."""
 
 
-class ModelLoadError(ServerSideError):
-    code = "model_load_failed"
-
-
-class ContextLengthError(EdgeLLMError):
-    code = "context_length_exceeded"
-
-
-class OverloadedError(ServerSideError):
+class OverloadedError(ServerSideError, status=503, code="overloaded"):
     """The engine's queue is full; the server answers 503 with Retry-After."""
 
-    status = 503
-    code = "overloaded"
 
-
-class MissingExtraError(ServerSideError):
+class MissingExtraError(ServerSideError, code="missing_dependency"):
     """An optional dependency is not installed."""
-
-    code = "missing_dependency"
 
     def __init__(self, package: str, extra: str) -> None:
         super().__init__(f"{package} is not installed; run: pip install 'edge-llm[{extra}]'")

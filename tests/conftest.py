@@ -64,6 +64,55 @@ def read_only_folder(tmp_path):
     return folder, run
 
 
+# -- clients of a live server --------------------------------------------------------------------------
+# A server test module declares its live server, as `server` (yielding its base URL and app) or as
+# `url`, and where answers come from a real model a longer `client_timeout`; these fixtures build
+# the official clients over them.
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server[0]
+
+
+@pytest.fixture(scope="module")
+def client_timeout() -> float:
+    """Seconds a client waits for an answer: long enough for a fake engine, too short for a real model."""
+    return 30
+
+
+@pytest.fixture(scope="module")
+def http(url, client_timeout):
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=client_timeout) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def oa(url, client_timeout):
+    """The official OpenAI client."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=client_timeout)
+
+
+@pytest.fixture(scope="module")
+def claude(url, client_timeout):
+    """The official Anthropic client."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=client_timeout)
+
+
+@pytest.fixture(scope="module")
+def llama(url, client_timeout):
+    """The official Ollama client."""
+    import ollama
+
+    return ollama.Client(host=url, timeout=client_timeout)
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(demo_path, tmp_path_factory) -> Path:
     """The bundled SmolLM2 GGUF rebuilt as an HF checkpoint (float32 safetensors + tokenizer) by

@@ -46,19 +46,8 @@ def server(tmp_path_factory, demo_path):
 
 
 @pytest.fixture(scope="module")
-def url(server):
-    return server[0]
-
-
-@pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client_timeout():
+    return 120  # the real model answers
 
 
 def engine_of(app, name):
@@ -82,11 +71,11 @@ def metric(text: str, name: str, model: str) -> float:
 # -- OpenAI API through the official client ----------------------------------------------------------
 
 
-def test_models_and_chat(client):
-    ids = {m.id for m in client.models.list().data}
+def test_models_and_chat(oa):
+    ids = {m.id for m in oa.models.list().data}
     assert ids == {"demo-a", "demo-b"}
-    out = client.chat.completions.create(model="demo-a", messages=[{"role": "user", "content": "Say hello."}],
-                                         max_tokens=12, temperature=0)
+    out = oa.chat.completions.create(model="demo-a", messages=[{"role": "user", "content": "Say hello."}],
+                                     max_tokens=12, temperature=0)
     choice = out.choices[0]
     assert choice.message.role == "assistant" and choice.message.content.strip()
     assert choice.finish_reason in ("stop", "length")
@@ -94,10 +83,10 @@ def test_models_and_chat(client):
     assert out.model == "demo-a"
 
 
-def test_completion_stream_equals_non_stream_and_reports_usage(client):
+def test_completion_stream_equals_non_stream_and_reports_usage(oa):
     kw = dict(model="demo-b", prompt="The capital of France is", max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
-    whole = client.completions.create(**kw)
-    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    whole = oa.completions.create(**kw)
+    chunks = list(oa.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text and text.strip()
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
@@ -105,10 +94,10 @@ def test_completion_stream_equals_non_stream_and_reports_usage(client):
     assert whole.usage.completion_tokens == 10
 
 
-def test_chat_stream_with_usage(client):
-    stream = client.chat.completions.create(model="demo-a", messages=[{"role": "user", "content": "Count to five."}],
-                                            max_tokens=8, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+def test_chat_stream_with_usage(oa):
+    stream = oa.chat.completions.create(model="demo-a", messages=[{"role": "user", "content": "Count to five."}],
+                                        max_tokens=8, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -116,45 +105,45 @@ def test_chat_stream_with_usage(client):
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens > 0
 
 
-def test_n_2_gives_two_choices(client):
-    out = client.completions.create(model="demo-a", prompt="Once upon a time", n=2, max_tokens=6, temperature=1.0,
-                                    seed=7, extra_body={"ignore_eos": True})
+def test_n_2_gives_two_choices(oa):
+    out = oa.completions.create(model="demo-a", prompt="Once upon a time", n=2, max_tokens=6, temperature=1.0,
+                                seed=7, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in out.choices) == [0, 1]
     assert out.usage.completion_tokens == 12
-    chat = client.chat.completions.create(model="demo-a", messages=[{"role": "user", "content": "Hi"}], n=2,
-                                          max_tokens=4, seed=3)
+    chat = oa.chat.completions.create(model="demo-a", messages=[{"role": "user", "content": "Hi"}], n=2,
+                                      max_tokens=4, seed=3)
     assert len(chat.choices) == 2
 
 
-def test_stop_string_cuts_the_output(client):
+def test_stop_string_cuts_the_output(oa):
     kw = dict(model="demo-a", prompt="Count: 1, 2, 3,", max_tokens=20, temperature=0)
-    free = client.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
+    free = oa.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
     assert " 5," in free
-    cut = client.completions.create(**kw, stop=[" 5,"]).choices[0]
+    cut = oa.completions.create(**kw, stop=[" 5,"]).choices[0]
     assert cut.text == free[: free.index(" 5,")] and cut.finish_reason == "stop"
 
 
-def test_json_schema_output_parses_and_validates(client):
+def test_json_schema_output_parses_and_validates(oa):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer"}, "mood": {"enum": ["happy", "sad"]}},
               "required": ["name", "age", "mood"], "additionalProperties": False}
-    out = client.chat.completions.create(
+    out = oa.chat.completions.create(
         model="demo-a", messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=60,
         temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
     data = json.loads(out.choices[0].message.content)
     assert set(data) == {"name", "age", "mood"}
     assert isinstance(data["name"], str) and len(data["name"]) <= 20
     assert isinstance(data["age"], int) and data["mood"] in ("happy", "sad")
-    obj = client.chat.completions.create(
+    obj = oa.chat.completions.create(
         model="demo-b", messages=[{"role": "user", "content": 'Answer in JSON, like {"answer": "yes"}: is the sky blue?'}],
         max_tokens=150, temperature=0, response_format={"type": "json_object"})
     assert obj.choices[0].finish_reason == "stop", obj.choices[0].message.content
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
 
-def test_logprobs(client):
-    out = client.chat.completions.create(model="demo-a", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
-                                         temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+def test_logprobs(oa):
+    out = oa.chat.completions.create(model="demo-a", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                     temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
     content = out.choices[0].logprobs.content
     assert len(content) == 3
     for item in content:
@@ -163,8 +152,8 @@ def test_logprobs(client):
         assert item.top_logprobs[0].logprob == pytest.approx(item.logprob)
 
 
-def test_embeddings(client):
-    out = client.embeddings.create(model="demo-a", input=["a cat", "a cat", "quantum field theory"])
+def test_embeddings(oa):
+    out = oa.embeddings.create(model="demo-a", input=["a cat", "a cat", "quantum field theory"])
     a, b, c = (d.embedding for d in out.data)
     assert len(a) == len(c) > 100 and a == b
     assert sum(x * x for x in a) == pytest.approx(1.0, rel=1e-3)
@@ -172,12 +161,12 @@ def test_embeddings(client):
     assert out.usage.prompt_tokens > 0
 
 
-def test_two_models_serve_at_once(client, server):
+def test_two_models_serve_at_once(oa, server):
     results = {}
 
     def ask(name):
-        results[name] = client.completions.create(model=name, prompt="Hello", max_tokens=24, temperature=0,
-                                                  extra_body={"ignore_eos": True})
+        results[name] = oa.completions.create(model=name, prompt="Hello", max_tokens=24, temperature=0,
+                                              extra_body={"ignore_eos": True})
 
     threads = [threading.Thread(target=ask, args=(n,)) for n in ("demo-a", "demo-b")]
     for t in threads:
@@ -187,7 +176,7 @@ def test_two_models_serve_at_once(client, server):
     assert {r.model for r in results.values()} == {"demo-a", "demo-b"}
     # the same weights, greedy: two models, same answer
     assert results["demo-a"].choices[0].text == results["demo-b"].choices[0].text
-    assert {m.id for m in client.models.list().data if m.model_extra.get("loaded")} == {"demo-a", "demo-b"}
+    assert {m.id for m in oa.models.list().data if m.model_extra.get("loaded")} == {"demo-a", "demo-b"}
 
 
 def test_tokenize_round_trip(http):
@@ -275,15 +264,15 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                                 "city": {"type": "string", "maxLength": 30}}, "required": ["city"]}}}
 
 
-def test_forced_tool_call_with_a_tools_template(client, server):
+def test_forced_tool_call_with_a_tools_template(oa, server):
     from edge_llm.chat_format import JinjaChatFormatter
 
-    client.models.list()
+    oa.models.list()
     engine = engine_of(server[1], "demo-b") or pytest.fail("demo-b should be loaded by earlier tests")
     original = engine.formatter
     engine.formatter = JinjaChatFormatter(TOOLS_TEMPLATE)
     try:
-        out = client.chat.completions.create(
+        out = oa.chat.completions.create(
             model="demo-b", messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER],
             tool_choice="required", max_tokens=60, temperature=0)
         choice = out.choices[0]
@@ -291,7 +280,7 @@ def test_forced_tool_call_with_a_tools_template(client, server):
         call = choice.message.tool_calls[0]
         assert call.function.name == "get_weather" and call.id.startswith("call_")
         assert isinstance(json.loads(call.function.arguments)["city"], str)
-        stream = list(client.chat.completions.create(
+        stream = list(oa.chat.completions.create(
             model="demo-b", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=[WEATHER],
             tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=60, temperature=0,
             stream=True))
@@ -302,7 +291,7 @@ def test_forced_tool_call_with_a_tools_template(client, server):
         defs = {"type": "function", "function": {"name": "get_weather", "parameters": {
             "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
             "$defs": {"City": {"type": "string", "enum": ["Paris", "Rome"]}}}}}
-        out = client.chat.completions.create(
+        out = oa.chat.completions.create(
             model="demo-b", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=[defs],
             tool_choice="required", max_tokens=60, temperature=0)
         assert json.loads(out.choices[0].message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
@@ -348,10 +337,10 @@ def test_fastapi_demo_shape(http):
 # -- metrics, errors, cancellation ---------------------------------------------------------------------
 
 
-def test_metrics_count_tokens_and_latency(http, client):
+def test_metrics_count_tokens_and_latency(http, oa):
     before = http.get("/metrics").text
-    out = client.completions.create(model="demo-b", prompt="Metrics test prompt", max_tokens=5, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = oa.completions.create(model="demo-b", prompt="Metrics test prompt", max_tokens=5, temperature=0,
+                                extra_body={"ignore_eos": True})
     after = http.get("/metrics").text
     delta = {n: metric(after, n, "demo-b") - metric(before, n, "demo-b") for n in (
         "edge_llm:prompt_tokens_total", "edge_llm:generation_tokens_total",
@@ -367,9 +356,9 @@ def test_metrics_count_tokens_and_latency(http, client):
     assert "edge_llm:prefix_cache_hits_total" in after and "edge_llm:num_requests_waiting" in after
 
 
-def test_max_tokens_is_capped_by_the_context(client):
-    out = client.completions.create(model="demo-a", prompt="Hi", max_tokens=100_000, temperature=0,
-                                    extra_body={"ignore_eos": True})
+def test_max_tokens_is_capped_by_the_context(oa):
+    out = oa.completions.create(model="demo-a", prompt="Hi", max_tokens=100_000, temperature=0,
+                                extra_body={"ignore_eos": True})
     assert out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens + out.usage.completion_tokens == SLOT
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 
-import anthropic
 import httpx
 import ollama
-import openai
 import pytest
 from live_server import live_server
 from test_server import TOOLS_TEMPLATE, write_config
@@ -40,8 +38,8 @@ def server(tmp_path_factory, demo_path):
 
 
 @pytest.fixture(scope="module")
-def url(server):
-    return server[0]
+def client_timeout():
+    return 120  # the real model answers
 
 
 @contextlib.contextmanager
@@ -55,21 +53,6 @@ def template(server, text):
         yield
     finally:
         engine.formatter = original
-
-
-@pytest.fixture(scope="module")
-def oa(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def claude(url):
-    return anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def llama(url):
-    return ollama.Client(host=url, timeout=120)
 
 
 # -- OpenAI Responses ------------------------------------------------------------------------------------

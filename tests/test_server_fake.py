@@ -45,27 +45,6 @@ def url(engines):
         yield url
 
 
-@pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def oa(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def claude(url):
-    return anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def llama(url):
-    return ollama.Client(host=url, timeout=30)
-
-
 def chatml(*turns: tuple[str, str]) -> str:
     return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
 
