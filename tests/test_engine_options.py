@@ -175,6 +175,24 @@ def test_registry_gpu_layers_and_flash_attn_apply_through_the_api(tmp_path, demo
 
 
 @pytest.mark.model
+def test_registry_sampling_defaults_apply_below_the_request(tmp_path, demo_path):
+    import edge_llm
+
+    cfg = _registry_entry(tmp_path, demo_path, temperature=0, n_ctx=512)
+    engine = edge_llm.load("mine", config=str(cfg), n_parallel=1)
+    try:
+        prompt = "Once upon a time"
+        # The entry makes sampling greedy: the seed changes nothing, as with an explicit temperature 0.
+        greedy = {edge_llm.generate(engine, prompt, max_tokens=24, seed=seed) for seed in (1, 2, 3)}
+        assert greedy == {edge_llm.generate(engine, prompt, max_tokens=24, temperature=0)}
+        # A caller's own temperature outranks the entry's.
+        hot = {edge_llm.generate(engine, prompt, max_tokens=24, seed=seed, temperature=1.5) for seed in (1, 2, 3)}
+        assert len(hot) > 1
+    finally:
+        engine.close()
+
+
+@pytest.mark.model
 def test_registry_settings_apply_through_the_cli(tmp_path, demo_path, monkeypatch):
     from edge_llm import generate_command
     from edge_llm.engines.base import load_engine

@@ -515,3 +515,10 @@ def test_anthropic_stop_sequence_and_keys(scripted):
                                                             "message": "Incorrect API key provided"}}
     refused = httpx.get(f"{url}/api/tags")
     assert refused.status_code == 401 and set(refused.json()) == {"error"}
+
+
+def test_ollama_show_lists_the_models_sampling_defaults(engines, llama, monkeypatch):
+    monkeypatch.setattr(engines["demo-b"], "sampling_defaults", {"temperature": 0.2, "repetition_penalty": 1.1})
+    lines = llama.show("demo-b").parameters.splitlines()
+    assert [line.split() for line in lines] == [["temperature", "0.2"], ["repeat_penalty", "1.1"]]
+    assert not llama.show("demo").parameters
