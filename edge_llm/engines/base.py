@@ -10,7 +10,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, MissingExtraError
 from edge_llm.load_options import LoadOptions
