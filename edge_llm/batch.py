@@ -31,7 +31,13 @@ from typing import Any, Protocol
 from edge_llm.engines.base import Delta, Engine, Usage, load_engine, merge_delta
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.files import check_output_path, json_bytes, os_errors
-from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
+from edge_llm.options import (
+    add_model_flags,
+    add_sampling_flags,
+    given_sampling,
+    load_options,
+    sampling_params,
+)
 from edge_llm.sampling import SamplingParams
 
 SAMPLING_FIELDS = frozenset(SamplingParams.model_fields)
@@ -572,16 +578,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def explicit_sampling(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling values given on the command line (what is sent to a server)."""
-    params = sampling_params(args)
-    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "penalty_last_n",
-             "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos")
-    values = {name: getattr(params, name) for name in names if getattr(args, name, None) is not None}
-    values["max_tokens"] = params.max_tokens
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     in_path, out_path = Path(args.input), Path(args.output)
@@ -590,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     if in_path.resolve() == out_path.resolve():
         raise EdgeLLMError("the output must be a different file from the input")
     base = sampling_params(args)
-    explicit = explicit_sampling(args)
+    explicit = {**given_sampling(args), "max_tokens": base.max_tokens}  # what is sent to a server
     if args.template is not None:
         _check_template(args.template)
 

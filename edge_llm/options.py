@@ -32,7 +32,7 @@ from edge_llm.load_options import (
 from edge_llm.sampling import SamplingParams
 
 __all__ = ["GPU_ENGINES", "MODEL", "PREFIXES", "PROMPT_CACHE", "QUEUE", "add_load_flags", "add_model_flags",
-           "add_sampling_flags", "load_options", "sampling_params", "size_flag"]
+           "add_sampling_flags", "given_sampling", "load_options", "sampling_params", "size_flag"]
 
 # Where load_options finds which load flags a parser declared, and the command's own defaults.
 _DECLARED = "_load_flags"
@@ -154,10 +154,12 @@ def load_options(args: argparse.Namespace, *, defaults: Mapping[str, Any] | None
     return LoadOptions.create(values, command_defaults=command_defaults, source=lambda name: origin.get(name, name))
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, *, n_predict: int | None = 256) -> None:
-    g = parser.add_argument_group("sampling")
+def add_sampling_flags(parser: argparse.ArgumentParser, *, n_predict: int | None = 256,
+                       title: str = "sampling") -> None:
+    g = parser.add_argument_group(title)
+    budget = "until the context is full" if n_predict in (None, -1) else n_predict
     g.add_argument("-n", "--n-predict", dest="max_tokens", type=int, default=n_predict,
-                   help=f"tokens to generate at most (default {n_predict}; -1 = until the context is full)")
+                   help=f"tokens to generate at most (default: {budget}; -1 = until the context is full)")
     g.add_argument("--temp", dest="temperature", type=float, default=None,
                    help=f"temperature (0 = greedy; default {_sampling_default('temperature')})")
     g.add_argument("--top-k", type=int, default=None, help=f"top-k (-1 = off; default {_sampling_default('top_k')})")
@@ -176,6 +178,20 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, n_predict: int | None
 
 def _sampling_default(name: str) -> object:
     return SamplingParams.model_fields[name].default
+
+
+# The sampling flags (but -n), under their SamplingParams names.
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "penalty_last_n",
+                  "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos")
+
+
+def given_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling values given on the command line, validated; `max_tokens` None for -n -1."""
+    params = sampling_params(args)
+    values = {name: getattr(params, name) for name in SAMPLING_FLAGS if getattr(args, name, None) is not None}
+    if args.max_tokens is not None:
+        values["max_tokens"] = params.max_tokens
+    return values
 
 
 def sampling_params(args: argparse.Namespace, **overrides: object) -> SamplingParams:

@@ -461,7 +461,7 @@ async def show(body: ShowRequest, request: Request) -> dict:
 
 
 def _parameters(engine: Engine | None) -> str:
-    """The model's sampling defaults (its registry entry's) as Ollama lists them: `name value` lines."""
+    """A loaded model's sampling defaults (its registry entry's) as Ollama lists them: `name value` lines."""
     defaults = engine.sampling_defaults if engine is not None else {}
     return "".join(f"{option:<30} {defaults[field]}\n" for option, field in OPTION_NAMES.items() if field in defaults)
 

@@ -14,7 +14,16 @@ import os
 import sys
 
 from edge_llm.errors import EdgeLLMError
-from edge_llm.options import PROMPT_CACHE, QUEUE, add_load_flags, add_model_flags, load_options, size_flag
+from edge_llm.options import (
+    PROMPT_CACHE,
+    QUEUE,
+    add_load_flags,
+    add_model_flags,
+    add_sampling_flags,
+    given_sampling,
+    load_options,
+    size_flag,
+)
 from edge_llm.reasoning import REASONING_FORMATS
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
@@ -64,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "deepseek = always split, none = leave it inline in the answer (llama-server's flag)")
     add_model_flags(parser, defaults={"n_parallel": 4})
     add_load_flags(parser, PROMPT_CACHE, QUEUE)
+    add_sampling_flags(parser, n_predict=None, title="sampling defaults (for what a request leaves unset)")
     return parser
 
 
@@ -114,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         memory_budget=args.memory_budget)
     app = create_app(manager, api_keys=keys, max_body_bytes=args.max_body_size, preload=args.preload,
                      bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
-                     cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format)
+                     cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format,
+                     sampling_defaults=given_sampling(args))
     if not keys and not _is_loopback(args.host):
         print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])
