@@ -31,7 +31,13 @@ from typing import Any, Protocol
 from edge_llm.engines.base import Delta, Engine, Usage, load_engine, merge_delta
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.files import check_output_path, json_bytes, os_errors
-from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
+from edge_llm.options import (
+    add_model_flags,
+    add_sampling_flags,
+    given_sampling,
+    load_options,
+    sampling_params,
+)
 from edge_llm.sampling import SamplingParams
 
 SAMPLING_FIELDS = frozenset(SamplingParams.model_fields)
@@ -567,19 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--sort", action="store_true", help="rewrite the output in input order at the end")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add_model_flags(parser, parallel_default=4)
+    add_model_flags(parser, defaults={"n_parallel": 4})
     add_sampling_flags(parser)
     return parser
-
-
-def explicit_sampling(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling values given on the command line (what is sent to a server)."""
-    params = sampling_params(args)
-    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "penalty_last_n",
-             "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos")
-    values = {name: getattr(params, name) for name in names if getattr(args, name, None) is not None}
-    values["max_tokens"] = params.max_tokens
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,19 +586,22 @@ def main(argv: list[str] | None = None) -> int:
     if in_path.resolve() == out_path.resolve():
         raise EdgeLLMError("the output must be a different file from the input")
     base = sampling_params(args)
-    explicit = explicit_sampling(args)
+    explicit = {**given_sampling(args), "max_tokens": base.max_tokens}  # what is sent to a server
     if args.template is not None:
         _check_template(args.template)
 
     check_output_path(out_path)  # before the model loads: a bad -o fails at once
     done = load_done(out_path)
-    if args.url:
+    options = load_options(args)
+    if args.url:  # -np: requests in flight at once
+        concurrency = options.resolve().n_parallel
         backend: Backend = HTTPBackend(args.url, model=args.model, api_key=args.api_key, timeout=args.timeout,
-                                       concurrency=args.n_parallel)
+                                       concurrency=concurrency)
     else:
-        backend = EngineBackend(load_engine(args.model, engine=args.engine, options=load_options(args),
-                                            config=args.config))
-    runner = BatchRunner(backend, base, explicit, concurrency=args.n_parallel)
+        engine = load_engine(args.model, engine=args.engine, options=options, config=args.config)
+        concurrency = engine.n_parallel
+        backend = EngineBackend(engine)
+    runner = BatchRunner(backend, base, explicit, concurrency=concurrency)
     writer = OutputWriter(out_path)
     # SIGTERM ends the run like Ctrl-C: finished records are on disk, the rest run on resume.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None

@@ -172,7 +172,8 @@ def measure_generation_speed(engine: Any, tokens: list[int], n_streams: int, n_g
 
 def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     """Load one variant for one scenario, measure it, and (if asked) compute its perplexity."""
-    from edge_llm.engines.base import LoadOptions, load_engine
+    from edge_llm.engines.base import load_engine
+    from edge_llm.load_options import LoadOptions
     from edge_llm.perplexity import compute_perplexity, read_text, tokenize_corpus
 
     rss_base = _rss_mib()

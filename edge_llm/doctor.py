@@ -11,6 +11,8 @@ import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
+from edge_llm.options import MODEL, add_load_flags, load_options
+
 
 def system_report() -> dict:
     from edge_llm.engines.cpu_threads import default_threads, openmp_waiting
@@ -50,11 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--model", default=None,
                         help="also load this model with -ngl and report what was really offloaded")
     parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
-    parser.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=None,
-                        help="layers to offload for the -m check (default: the registry entry's, else -1: all)")
-    parser.add_argument("-sm", "--split-mode", dest="split_mode", choices=["none", "layer", "row"], default=None)
-    parser.add_argument("-ts", "--tensor-split", dest="tensor_split", type=_shares, default=None)
-    parser.add_argument("-mg", "--main-gpu", dest="main_gpu", type=int, default=None)
+    # The -m check offloads every layer unless told otherwise: it is there to show whether offload works.
+    add_load_flags(parser, MODEL, only=("n_gpu_layers", "split_mode", "tensor_split", "main_gpu"),
+                   defaults={"n_gpu_layers": -1})
     args = parser.parse_args(argv)
     report = system_report()
     if args.model is not None:
@@ -76,15 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def model_offload(args: argparse.Namespace) -> dict:
-    from edge_llm.engines.base import LoadOptions
     from edge_llm.offload import offload_report
     from edge_llm.registry import load_registry, resolve
 
     resolved = resolve(args.model, load_registry(args.config))
-    options = LoadOptions(n_gpu_layers=args.n_gpu_layers, split_mode=args.split_mode,
-                          tensor_split=args.tensor_split, main_gpu=args.main_gpu)
-    # doctor's own default is every layer: it is there to show whether offload works.
-    options = options.resolve(resolved.spec, defaults={"n_gpu_layers": -1})
+    options = load_options(args).resolve(resolved.spec)
     return {"model": str(resolved.path), **offload_report(resolved.path, options).as_dict()}
 
 
@@ -96,9 +92,3 @@ def offload_line(report: dict) -> str:
     used = ", ".join(f"{name} {mib} MiB" for name, mib in report["vram_used_mib"].items())
     return (f"active: {report['layers_offloaded']}/{report['layers_total']} layers on the GPU; "
             f"weights: {buffers}; GPU memory taken by the load: {used or '-'}")
-
-
-def _shares(text: str) -> tuple[float, ...]:
-    from edge_llm.options import _shares as parse
-
-    return parse(text)

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send the prompt as a user message through the model's chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
-    add_model_flags(parser)
+    add_model_flags(parser, defaults={"n_parallel": 1})
     add_sampling_flags(parser)
     return parser
 

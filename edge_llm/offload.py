@@ -117,7 +117,6 @@ def offload_report(model_path: Path, options: Any) -> OffloadReport:
     import llama_cpp
     from llama_cpp import _logger
 
-    from edge_llm.engines.base import LoadOptions
     from edge_llm.engines.llamacpp import LlamaCppEngine
     from edge_llm.registry import ModelSpec, ResolvedModel
 
@@ -129,7 +128,7 @@ def offload_report(model_path: Path, options: Any) -> OffloadReport:
         lines.append(text.decode("utf-8", errors="replace"))
 
     spec = ModelSpec(name=model_path.stem, source="local", path=str(model_path))
-    options = LoadOptions(**{**options.__dict__, "n_ctx": options.n_ctx or 512, "n_parallel": 1})
+    options = options.replace(n_ctx=options.n_ctx or 512, n_parallel=1)
     with _log_lock:
         llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
         try:

@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report top-1 agreement and mean KL against a saved reference")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="log-probs kept per position in a reference")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_model_flags(parser)
+    add_model_flags(parser, defaults={"n_parallel": 1})
     return parser
 
 

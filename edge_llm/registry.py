@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
 
 from edge_llm import hub
-from edge_llm.errors import EdgeLLMError, ModelNotFoundError
+from edge_llm.errors import EdgeLLMError, InvalidParameterError, ModelNotFoundError
 from edge_llm.files import read_text
+from edge_llm.load_options import REGISTRY_FIELDS, LoadOptions
+from edge_llm.sampling import MODEL_DEFAULT_FIELDS, SamplingParams
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,10 +35,17 @@ DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_REGISTRY = Path(__file__).with_name("models.toml")
 
 
-class ModelSpec(BaseModel):
-    """One registry entry: where the weights come from and how to run them."""
+# The settings an entry may carry, unset (None) unless it gives them: the LoadOptions fields marked
+# for the registry (n_ctx, n_gpu_layers, flash_attn, chat_format ...), with their types and ranges,
+# and sampling defaults (temperature, top_p ...), checked by SamplingParams (_sampling_in_range).
+_Settings = create_model(
+    "_Settings", __config__=ConfigDict(extra="forbid"),
+    **{name: (LoadOptions.model_fields[name].annotation, LoadOptions.model_fields[name]) for name in REGISTRY_FIELDS},
+    **{name: (SamplingParams.model_fields[name].annotation | None, None) for name in MODEL_DEFAULT_FIELDS})
 
-    model_config = ConfigDict(extra="forbid")
+
+class ModelSpec(_Settings):
+    """One registry entry: where the weights come from, and its settings (_Settings)."""
 
     name: str
     description: str = ""
@@ -47,13 +56,19 @@ class ModelSpec(BaseModel):
     format: Literal["gguf", "hf"] = "gguf"
     architecture: str | None = None  # an HF checkpoint's config.json `architectures[0]`
     quant: str | None = None
-    chat_format: str = "auto"
-    in_prefix: str | None = None
-    in_suffix: str | None = None
     engines: list[str] = Field(default_factory=lambda: ["llama.cpp"])
-    n_ctx: int | None = Field(default=None, ge=16)
-    n_gpu_layers: int | None = Field(default=None, ge=-1)
-    flash_attn: Literal["on", "off", "auto"] | None = None
+
+    def sampling_defaults(self) -> dict[str, object]:
+        """The sampling parameters this entry sets (engines fill a request's unset ones from them)."""
+        return {name: getattr(self, name) for name in MODEL_DEFAULT_FIELDS if getattr(self, name) is not None}
+
+    @model_validator(mode="after")
+    def _sampling_in_range(self) -> ModelSpec:
+        try:
+            SamplingParams.create(**self.sampling_defaults())
+        except InvalidParameterError as exc:
+            raise ValueError(exc.message) from None  # "invalid top_k: must be -1 (disabled) or >= 1 (got 0)"
+        return self
 
     @model_validator(mode="after")
     def _where_is_complete(self) -> ModelSpec:
@@ -109,7 +124,8 @@ def _first_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']}" if where else err["msg"]
+        message = err["msg"].removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
     return str(exc)
 
 
@@ -228,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.local and not where:
             continue
         source = spec.source if spec.source in ("demo", "local") else f"{spec.source}:{spec.repo}"
-        rows.append({"name": name, "quant": spec.quant or "-", "chat": spec.chat_format,
+        rows.append({"name": name, "quant": spec.quant or "-", "chat": spec.chat_format or "auto",
                      "engines": ",".join(spec.engines), "source": source, "convert": convertible(spec, where),
                      "local": where or f"- (edge-llm pull {name})"})
     if args.json:

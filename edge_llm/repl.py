@@ -27,7 +27,9 @@ from edge_llm.engines.base import Engine, Usage, load_engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.generate_command import read_prompt_file
 from edge_llm.options import (
-    add_cache_flags,
+    PREFIXES,
+    PROMPT_CACHE,
+    add_load_flags,
     add_model_flags,
     add_sampling_flags,
     load_options,
@@ -69,9 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the model continue the initial prompt before the first user turn (llama-cli -i)")
     g.add_argument("-if", "--interactive-first", action="store_true",
                    help="wait for the user before generating (the default)")
-    g.add_argument("--in-prefix", default=None, help="text before each user turn, e.g. '<|im_start|>user\\n'")
-    g.add_argument("--in-suffix", default=None,
-                   help="text after each user turn, e.g. '<|im_end|>\\n<|im_start|>assistant\\n'")
     g.add_argument("-r", "--reverse-prompt", action="append", default=[],
                    help="stop the answer when this text appears and give the turn back (repeatable)")
     g.add_argument("-co", "--color", action="store_true", help="colour the user's input and the notices")
@@ -84,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the token ids (and their text) sent to the engine for each turn")
     g.add_argument("--history-file", default=None,
                    help="input history file (default: chat_history in the user's data dir; '' = none)")
-    add_model_flags(parser, parallel_default=1)
-    add_cache_flags(parser)
+    add_load_flags(parser, PREFIXES)
+    add_model_flags(parser, defaults={"n_parallel": 1})
+    add_load_flags(parser, PROMPT_CACHE)
     add_sampling_flags(parser, n_predict=-1)
     return parser
 
@@ -361,16 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.system is not None and (args.file is not None or args.prompt is not None):
         raise InvalidParameterError("--system and -f/-p both give the initial prompt; use one")
     params = sampling_params(args)
-    # Only the prefixes given here: the registry entry's fill in the others (LoadOptions.resolve).
-    overrides = {name: unescape(value) for name, value in (("in_prefix", args.in_prefix),
-                                                           ("in_suffix", args.in_suffix)) if value is not None}
     interactive = sys.stdin.isatty()
     settings = ReplSettings(interactive=interactive, color=args.color and sys.stdout.isatty(), stats=args.stats,
                             verbose_prompt=args.verbose_prompt,
                             continue_first=args.interactive and not args.interactive_first,
                             reverse_prompts=tuple(unescape(r) for r in args.reverse_prompt))
     screen = Screen(interactive, settings.color)
-    engine = load_engine(args.model, engine=args.engine, options=load_options(args, **overrides), config=args.config)
+    engine = load_engine(args.model, engine=args.engine, options=load_options(args), config=args.config)
     conversation = None
     try:
         conversation = make_conversation(engine, args)

@@ -15,6 +15,10 @@ from edge_llm.errors import InvalidParameterError
 
 # Above this many logprobs per token the response gets large for no use; OpenAI caps at 20.
 MAX_LOGPROBS = 20
+# The parameters a model's registry entry may give defaults for (a model card's recommended
+# settings, as an Ollama Modelfile's PARAMETER lines): below a request's or a flag's own values.
+MODEL_DEFAULT_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "penalty_last_n",
+                        "presence_penalty", "frequency_penalty")
 
 
 class SamplingParams(BaseModel):
@@ -103,7 +107,14 @@ class SamplingParams(BaseModel):
             raise _as_parameter_error(exc) from None
 
     def replace(self, **changes: Any) -> SamplingParams:
-        return SamplingParams.create(**{**self.model_dump(), **changes})
+        """A copy with these changes; a field not given before stays "not given" (with_defaults
+        may still fill it)."""
+        return SamplingParams.create(**{**self.model_dump(include=self.model_fields_set), **changes})
+
+    def with_defaults(self, defaults: dict[str, Any]) -> SamplingParams:
+        """Fields the caller did not give taken from `defaults` (a model's, already validated)."""
+        unset = {name: value for name, value in defaults.items() if name not in self.model_fields_set}
+        return self.model_copy(update=unset) if unset else self
 
 
 def _as_parameter_error(exc: ValidationError) -> InvalidParameterError:

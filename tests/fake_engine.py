@@ -60,6 +60,7 @@ class FakeEngine(Engine):
         self.model_name = model_name
         self.delay = delay
         self.prompts: list[list[int]] = []  # every prompt generated from, for tests to check
+        self.params: list[SamplingParams] = []  # ... and the parameters it was generated with
         self.running = 0
         self._lock = threading.Lock()
 
@@ -97,6 +98,7 @@ class FakeEngine(Engine):
         if params.n > self.n_parallel:  # as llama.cpp's scheduler: each choice takes a slot
             raise InvalidParameterError(f"n={params.n} exceeds the {self.n_parallel} parallel slots", param="n")
         self.prompts.append(tokens)
+        self.params.append(params)
 
     def _deltas(self, tokens: list[int], params: SamplingParams) -> Iterator[Delta]:
         answer = self.tokenize(self.answer, special=False)

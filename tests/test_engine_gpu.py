@@ -7,7 +7,8 @@ import importlib.util
 
 import pytest
 
-from edge_llm.engines.base import LoadOptions, collect, collect_async
+from edge_llm.engines.base import collect, collect_async
+from edge_llm.load_options import LoadOptions
 from edge_llm.sampling import SamplingParams
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from edge_llm.engines.base import LoadOptions, engine_class
+from edge_llm.engines.base import engine_class
 from edge_llm.errors import InvalidParameterError, MissingExtraError
+from edge_llm.load_options import LoadOptions
 from edge_llm.sampling import SamplingParams
 from tests.conftest import run_cli
 
@@ -156,34 +157,6 @@ def _registry_entry(tmp_path, demo_path, **settings):
     return cfg
 
 
-def test_every_registry_setting_fills_only_unset_options(tmp_path):
-    from edge_llm.engines.base import DEFAULTS, REGISTRY_FIELDS
-    from edge_llm.options import add_model_flags, load_options
-    from edge_llm.registry import ModelSpec
-
-    spec = ModelSpec(name="m", source="local", path="m.gguf", n_ctx=1024, n_gpu_layers=-1, flash_attn="off",
-                     chat_format="chatml", in_prefix="U: ", in_suffix="A: ")
-    # Every load setting a registry entry can carry is resolved, none is forgotten.
-    load_settings = set(ModelSpec.model_fields) - {"name", "description", "source", "repo", "file", "path",
-                                                    "format", "quant", "engines", "architecture"}
-    assert load_settings == set(REGISTRY_FIELDS)
-    parser = argparse.ArgumentParser()
-    add_model_flags(parser)
-    unset = load_options(parser.parse_args([])).resolve(spec)
-    assert {name: getattr(unset, name) for name in REGISTRY_FIELDS} == {
-        "n_ctx": 1024, "n_gpu_layers": -1, "flash_attn": "off", "chat_format": "chatml", "in_prefix": "U: ",
-        "in_suffix": "A: "}
-    flags = ["-c", "512", "-ngl", "0", "-fa", "auto", "--chat-format", "auto"]
-    given = load_options(parser.parse_args(flags)).resolve(spec)
-    assert (given.n_ctx, given.n_gpu_layers, given.flash_attn, given.chat_format) == (512, 0, "auto", "auto")
-    # With no registry entry: the built-in defaults, and resolving again changes nothing.
-    plain = LoadOptions(n_parallel=2).resolve()
-    assert plain.n_parallel == 2 and all(getattr(plain, k) == v for k, v in DEFAULTS.items() if k != "n_parallel")
-    assert plain.resolve() == plain and unset.resolve(spec) == unset
-    assert LoadOptions().resolve(spec, defaults={"n_gpu_layers": 5}).n_gpu_layers == -1  # the entry first
-    assert LoadOptions().resolve(defaults={"n_gpu_layers": 5}).n_gpu_layers == 5
-
-
 @pytest.mark.model
 def test_registry_gpu_layers_and_flash_attn_apply_through_the_api(tmp_path, demo_path):
     import edge_llm
@@ -197,6 +170,24 @@ def test_registry_gpu_layers_and_flash_attn_apply_through_the_api(tmp_path, demo
     engine = edge_llm.load("mine", config=str(cfg), n_parallel=1, n_gpu_layers=0, flash_attn="auto")
     try:
         assert (engine.n_gpu_layers, engine.flash_attn, engine.n_ctx) == (0, "auto", 512)
+    finally:
+        engine.close()
+
+
+@pytest.mark.model
+def test_registry_sampling_defaults_apply_below_the_request(tmp_path, demo_path):
+    import edge_llm
+
+    cfg = _registry_entry(tmp_path, demo_path, temperature=0, n_ctx=512)
+    engine = edge_llm.load("mine", config=str(cfg), n_parallel=1)
+    try:
+        prompt = "Once upon a time"
+        # The entry makes sampling greedy: the seed changes nothing, as with an explicit temperature 0.
+        greedy = {edge_llm.generate(engine, prompt, max_tokens=24, seed=seed) for seed in (1, 2, 3)}
+        assert greedy == {edge_llm.generate(engine, prompt, max_tokens=24, temperature=0)}
+        # A caller's own temperature outranks the entry's.
+        hot = {edge_llm.generate(engine, prompt, max_tokens=24, seed=seed, temperature=1.5) for seed in (1, 2, 3)}
+        assert len(hot) > 1
     finally:
         engine.close()
 

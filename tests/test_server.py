@@ -15,7 +15,7 @@ import openai
 import pytest
 from live_server import live_server
 
-from edge_llm.engines.base import LoadOptions
+from edge_llm.load_options import LoadOptions
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 N_CTX, N_PARALLEL = 2048, 4  # 512 tokens per request

@@ -14,7 +14,7 @@ import pytest
 from live_server import live_server
 from test_server import TOOLS_TEMPLATE, write_config
 
-from edge_llm.engines.base import LoadOptions
+from edge_llm.load_options import LoadOptions
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

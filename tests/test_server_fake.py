@@ -515,3 +515,32 @@ def test_anthropic_stop_sequence_and_keys(scripted):
                                                             "message": "Incorrect API key provided"}}
     refused = httpx.get(f"{url}/api/tags")
     assert refused.status_code == 401 and set(refused.json()) == {"error"}
+
+
+def test_ollama_show_lists_the_models_sampling_defaults(engines, llama, monkeypatch):
+    monkeypatch.setattr(engines["demo-b"], "sampling_defaults", {"temperature": 0.2, "repetition_penalty": 1.1})
+    llama.generate(model="demo-b", prompt="")  # loads it: the defaults are the loaded engine's
+    lines = llama.show("demo-b").parameters.splitlines()
+    assert [line.split() for line in lines] == [["temperature", "0.2"], ["repeat_penalty", "1.1"]]
+    assert not llama.show("demo").parameters
+
+
+def test_serve_sampling_flags_fill_what_a_request_leaves_unset_above_the_models_entry():
+    """request > serve's --temp/-n ... > the model's registry defaults > SamplingParams' own."""
+    from edge_llm.options import given_sampling
+    from edge_llm.server.serve import build_parser
+
+    defaults = given_sampling(build_parser().parse_args(["--temp", "0.3", "--top-k", "5", "-n", "7"]))
+    assert defaults == {"temperature": 0.3, "top_k": 5, "max_tokens": 7}
+    engine = FakeEngine("word " * 50, model_name="m")
+    engine.sampling_defaults = {"temperature": 0.9, "top_p": 0.5}  # the registry entry's
+    with serve({"m": engine}, sampling_defaults=defaults) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=30)
+        reply = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert reply.usage.completion_tokens == 7  # serve's -n
+        seen = engine.params[-1]
+        assert (seen.temperature, seen.top_k, seen.top_p, seen.min_p) == (0.3, 5, 0.5, 0.05)
+        oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=1.2,
+                                   max_tokens=3, top_p=0.9)
+        seen = engine.params[-1]
+        assert (seen.temperature, seen.top_k, seen.top_p, seen.max_tokens) == (1.2, 5, 0.9, 3)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from live_server import live_server
 
-from edge_llm.engines.base import LoadOptions
+from edge_llm.load_options import LoadOptions
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

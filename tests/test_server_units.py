@@ -7,9 +7,10 @@ import json
 import pytest
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.load_options import parse_size
 from edge_llm.server import grammars
 from edge_llm.server.auth import APIKeyMiddleware, read_api_keys
-from edge_llm.server.serve import parse_peers, parse_size
+from edge_llm.server.serve import parse_peers
 from edge_llm.server.tool_calls import parse_tool_calls
 
 
@@ -53,7 +54,7 @@ def test_schemas_whose_grammar_would_explode_are_refused(schema):
 
 def test_sizes_and_peers():
     assert parse_size("8G") == 8 * 2**30 and parse_size("512MiB") == 512 * 2**20 and parse_size("100") == 100
-    with pytest.raises(EdgeLLMError):
+    with pytest.raises(ValueError, match="not a size: 'lots'"):
         parse_size("lots")
     assert parse_peers(["qwen=http://10.0.0.2:8080/"]) == {"qwen": "http://10.0.0.2:8080"}
     with pytest.raises(EdgeLLMError):

@@ -10,7 +10,7 @@ import openai
 import pytest
 from live_server import live_server
 
-from edge_llm.engines.base import LoadOptions
+from edge_llm.load_options import LoadOptions
 from edge_llm.sampling import SamplingParams
 
 pytestmark = pytest.mark.model

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, MissingExtraError
+from edge_llm.load_options import LoadOptions
 from edge_llm.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     from edge_llm.engines.prompt_cache import PromptCache
     from edge_llm.engines.scheduler import Scheduler
     from edge_llm.engines.textstream import TextAssembler
-    from edge_llm.registry import ModelSpec
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -60,80 +60,6 @@ class Delta:
     usage: Usage | None = None  # on the last Delta of a choice
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to load a model; the names follow llama.cpp's flags (-c, -t, -ngl, -fa, -ctk, -ctv, -np).
-
-    Every field is None ("unset") until `resolve` fills it, in one order: a value set here (a
-    command-line flag or an API argument) > the model's registry entry (REGISTRY_FIELDS) > the
-    built-in default (DEFAULTS). Fields still None after `resolve` are decided by the engine
-    from the model or the machine (n_ctx, n_threads) or mean "off" / "the engine's own"."""
-
-    n_ctx: int | None = None  # resolved None: 4096, capped by the model's training context
-    n_threads: int | None = None  # resolved None: one per core
-    n_threads_batch: int | None = None  # resolved None: same as n_threads
-    n_batch: int | None = None
-    n_gpu_layers: int | None = None  # -1 = all
-    flash_attn: Literal["on", "off", "auto"] | None = None
-    cache_type_k: str | None = None
-    cache_type_v: str | None = None
-    use_mmap: bool | None = None
-    use_mlock: bool | None = None
-    seed: int | None = None
-    n_parallel: int | None = None
-    max_queue: int | None = None  # waiting requests beyond this are refused (HTTP 503)
-    # The prompt cache beyond the slots (engines/prompt_cache.py): host-memory budget in bytes
-    # (None: a quarter of RAM, at most 8 GiB; 0: off), a folder that keeps it across restarts,
-    # and that folder's budget. kv_unified: one KV pool that any slot may fill up to n_ctx.
-    cache_ram: int | None = None
-    cache_dir: str | None = None
-    cache_disk: int | None = None
-    kv_unified: bool | None = None  # None: off
-    chat_format: str | None = None
-    in_prefix: str | None = None
-    in_suffix: str | None = None
-    verbose: bool | None = None
-    # Several GPUs with llama.cpp: how layers are spread (none | layer | row), the share of each
-    # GPU (e.g. (3, 1)), and the GPU that holds the small tensors (and everything with "none").
-    split_mode: Literal["none", "layer", "row"] | None = None
-    tensor_split: tuple[float, ...] | None = None
-    main_gpu: int | None = None
-    # The heavier engines (transformers, vLLM, LMDeploy), with vLLM's names.
-    dtype: str | None = None  # auto | float16 | bfloat16 | float32
-    tensor_parallel_size: int | None = None  # --tp
-    pipeline_parallel_size: int | None = None  # --pp (vLLM, across nodes with Ray)
-    gpu_memory_utilization: float | None = None
-    quantization: str | None = None  # vLLM: awq, gptq, fp8 ...; LMDeploy: awq (W4A16)
-    distributed_executor_backend: str | None = None  # vLLM: mp | ray
-    # Engine-specific keywords passed through as they are: vLLM's AsyncEngineArgs (e.g.
-    # enforce_eager), LMDeploy's engine config (backend = turbomind | pytorch, ...).
-    extra: dict[str, Any] | None = None
-
-    def resolve(self, spec: ModelSpec | None = None, defaults: dict[str, Any] | None = None) -> LoadOptions:
-        """Every unset field filled: from the registry entry `spec` where it carries the setting,
-        else from `defaults` (a command's own, e.g. doctor's -ngl -1), else from DEFAULTS.
-        Resolving twice changes nothing."""
-        filled = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None and spec is not None and f.name in REGISTRY_FIELDS:
-                value = getattr(spec, f.name)
-            if value is None:
-                value = (defaults or {}).get(f.name, DEFAULTS.get(f.name))
-            filled[f.name] = dict(value) if isinstance(value, dict) else value  # no shared `extra`
-        return LoadOptions(**filled)
-
-
-# The load settings a models.toml entry can carry (ModelSpec's fields of the same names).
-REGISTRY_FIELDS = ("n_ctx", "n_gpu_layers", "flash_attn", "chat_format", "in_prefix", "in_suffix")
-# Built-in defaults: llama.cpp's (llama-server's for -np); fields not here stay None.
-DEFAULTS: dict[str, Any] = dict(
-    n_batch=512, n_gpu_layers=0, flash_attn="auto", cache_type_k="f16", cache_type_v="f16", use_mmap=True,
-    use_mlock=False, n_parallel=4, max_queue=64, chat_format="auto", verbose=False, split_mode="layer",
-    main_gpu=0, tensor_parallel_size=1, pipeline_parallel_size=1, extra={},
-)
-
-
 class Engine(ABC):
     """What the front ends (server, REPL, batch, bench) use of an engine, and what engines share.
 
@@ -155,6 +81,8 @@ class Engine(ABC):
     grammars: ClassVar[bool] = True  # honours SamplingParams.grammar
     # The flag that raises the context, named in the error for a prompt that does not fit.
     context_flag: ClassVar[str] = "-c"
+    # The registry entry's sampling defaults (temperature ...), for what a request leaves unset.
+    sampling_defaults: dict[str, Any] = {}  # noqa: RUF012 (replaced, never changed in place)
 
     @property
     def n_ctx_seq(self) -> int:
@@ -220,12 +148,14 @@ class Engine(ABC):
         """Generate synchronously; closing the iterator cancels the request. Prompt errors are
         raised here, before the first delta."""
         tokens = self.prompt_tokens(prompt)
+        params = params.with_defaults(self.sampling_defaults)
         self.validate(tokens, params)
         return self._stream(tokens, params)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Generate from asyncio; closing the iterator (client gone) cancels the request."""
         tokens = self.prompt_tokens(prompt)
+        params = params.with_defaults(self.sampling_defaults)
         self.validate(tokens, params)
         async for delta in self._generate(tokens, params):
             yield delta
@@ -328,4 +258,6 @@ def load_engine(model: str | None = None, *, engine: str = "llama.cpp", options:
 
     resolved = resolve(model, load_registry(config))
     # Each engine resolves the options against the registry entry (LoadOptions.resolve).
-    return engine_class(engine)(resolved, options or LoadOptions())
+    loaded = engine_class(engine)(resolved, options or LoadOptions())
+    loaded.sampling_defaults = resolved.spec.sampling_defaults()
+    return loaded

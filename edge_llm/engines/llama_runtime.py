@@ -25,7 +25,7 @@ from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSamp
 from edge_llm.errors import InvalidParameterError, ModelLoadError  # noqa: E402
 
 if TYPE_CHECKING:
-    from edge_llm.engines.base import LoadOptions
+    from edge_llm.load_options import LoadOptions
 
 __all__ = ["LlamaBatch", "LlamaContext", "LlamaModel", "LlamaSampler", "llama_cpp"]
 

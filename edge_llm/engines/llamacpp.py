@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator, Iterator
 
 from edge_llm.chat_format import ChatFormatter, select_formatter
 from edge_llm.engines import llama_runtime as rt
-from edge_llm.engines.base import Delta, Engine, LoadOptions
+from edge_llm.engines.base import Delta, Engine
 from edge_llm.engines.cpu_threads import default_threads
 from edge_llm.engines.llama_log import set_verbose
 from edge_llm.engines.llama_runtime import llama_cpp
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError
+from edge_llm.load_options import LoadOptions
 from edge_llm.registry import ResolvedModel
 from edge_llm.sampling import SamplingParams
 

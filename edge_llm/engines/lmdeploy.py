@@ -17,7 +17,7 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
-from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage
+from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.hf_tokens import load_hf_tokenizer
 from edge_llm.engines.loop_engine import LoopEngine, gpu_kv_cache
 from edge_llm.engines.textstream import TextAssembler
@@ -26,6 +26,7 @@ from edge_llm.errors import (
     InvalidParameterError,
     MissingExtraError,
 )
+from edge_llm.load_options import LoadOptions
 from edge_llm.registry import ResolvedModel
 from edge_llm.sampling import SamplingParams
 

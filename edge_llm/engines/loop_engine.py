@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from edge_llm.engines.base import Delta, LoadOptions
+from edge_llm.engines.base import Delta
 from edge_llm.engines.hf_tokens import HFVocabulary, checkpoint_folder
 from edge_llm.engines.threadbridge import LoopThread
 from edge_llm.errors import InvalidParameterError, ModelLoadError
+from edge_llm.load_options import LoadOptions
 from edge_llm.registry import ResolvedModel
 from edge_llm.sampling import SamplingParams
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from edge_llm.engines.base import Delta, LoadOptions, TokenLogprob, Usage
+from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.hf_tokens import HFVocabulary, checkpoint_folder
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import iterate_in_thread
@@ -27,6 +27,7 @@ from edge_llm.errors import (
     MissingExtraError,
     ModelLoadError,
 )
+from edge_llm.load_options import LoadOptions
 from edge_llm.registry import ResolvedModel
 from edge_llm.sampling import SamplingParams
 

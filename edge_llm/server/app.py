@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -33,12 +34,15 @@ class ServerState:
     # Set when a shutdown's drain period is over: running generations end now (generation.py).
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     reasoning_format: str = "auto"  # --reasoning-format: auto | deepseek | none (edge_llm/reasoning.py)
+    # serve's sampling flags (--temp, -n ...): for what a request leaves unset, above a model's
+    # registry defaults (pipeline.start_run); SamplingParams names, max_tokens included.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False, bound_host: str = "127.0.0.1",
                allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
-               reasoning_format: str = "auto") -> FastAPI:
+               reasoning_format: str = "auto", sampling_defaults: dict[str, Any] | None = None) -> FastAPI:
     from edge_llm.server import (
         anthropic_routes,
         ollama_routes,
@@ -47,7 +51,8 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
         simple_routes,
     )
 
-    state = ServerState(manager, ServerMetrics(manager), reasoning_format=reasoning_format)
+    state = ServerState(manager, ServerMetrics(manager), reasoning_format=reasoning_format,
+                        sampling_defaults=dict(sampling_defaults or {}))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_llm.engines.base import Engine, LoadOptions, load_engine
+from edge_llm.engines.base import Engine, load_engine
 from edge_llm.errors import EdgeLLMError, ModelLoadError, ModelNotFoundError, OverloadedError
+from edge_llm.load_options import LoadOptions
 
 log = logging.getLogger(__name__)
 

@@ -454,9 +454,16 @@ async def show(body: ShowRequest, request: Request) -> dict:
         capabilities.append("tools")
     if template and "</think>" in template:
         capabilities.append("thinking")
-    return {"modelfile": f"FROM {model.path or model.ref}\n", "parameters": "", "template": template or "",
+    return {"modelfile": f"FROM {model.path or model.ref}\n", "parameters": _parameters(model.engine),
+            "template": template or "",
             "details": details, "model_info": model_info, "capabilities": capabilities,
             "modified_at": _modified_at(model.path)}
+
+
+def _parameters(engine: Engine | None) -> str:
+    """A loaded model's sampling defaults (its registry entry's) as Ollama lists them: `name value` lines."""
+    defaults = engine.sampling_defaults if engine is not None else {}
+    return "".join(f"{option:<30} {defaults[field]}\n" for option, field in OPTION_NAMES.items() if field in defaults)
 
 
 @router.get("/api/version")

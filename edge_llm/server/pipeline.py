@@ -295,7 +295,11 @@ def _cut_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
 
 
 async def start_run(request: Request, name: str, engine: Engine, job: Job) -> Run:
-    sampling = dict(job.sampling)
+    # What the request leaves unset: serve's sampling flags, then (in the engine) the model's entry.
+    defaults = dict(server_state(request).sampling_defaults)
+    default_max = defaults.pop("max_tokens", None)
+    requested_max = job.max_tokens if job.max_tokens is not None else default_max
+    sampling = {**defaults, **{k: v for k, v in job.sampling.items() if v is not None}}
     if _stripped_stops(job):
         sampling["include_stop_str_in_output"] = True
     observer = server_state(request).metrics.observer
@@ -303,7 +307,7 @@ async def start_run(request: Request, name: str, engine: Engine, job: Job) -> Ru
     try:
         for prompt in job.prompts:
             tokens = await asyncio.to_thread(engine.prompt_tokens, prompt)
-            max_tokens = capped_max_tokens(engine, len(tokens), job.max_tokens, param=job.prompt_param)
+            max_tokens = capped_max_tokens(engine, len(tokens), requested_max, param=job.prompt_param)
             params = SamplingParams.create(**sampling, max_tokens=max_tokens)
             generations.append(Generation(engine, tokens, params, observer(name),
                                           closing=server_state(request).closing))

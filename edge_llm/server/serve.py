@@ -11,24 +11,22 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import re
 import sys
 
 from edge_llm.errors import EdgeLLMError
-from edge_llm.options import add_cache_flags, add_model_flags, load_options
+from edge_llm.options import (
+    PROMPT_CACHE,
+    QUEUE,
+    add_load_flags,
+    add_model_flags,
+    add_sampling_flags,
+    given_sampling,
+    load_options,
+    size_flag,
+)
 from edge_llm.reasoning import REASONING_FORMATS
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'8G', '512MiB', '1.5g', '1000000' -> bytes (K/M/G/T are powers of 1024, as in llama.cpp)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise EdgeLLMError(f"not a size: {text!r} (examples: 8G, 512M, 1048576)")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
 def parse_peers(values: list[str]) -> dict[str, str]:
@@ -56,15 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--api-key-file", default=None, help="file with one accepted key per line")
     g.add_argument("--keep-alive", type=float, default=300.0,
                    help="seconds an idle model stays loaded (default 300; negative: forever)")
-    g.add_argument("--memory-budget", default=None,
+    g.add_argument("--memory-budget", type=size_flag, default=None,
                    help="most weights to keep loaded at once, e.g. 8G; least recently used idle models unload")
     g.add_argument("--max-models", type=int, default=None, help="most models loaded at once")
     g.add_argument("--preload", action="store_true", help="load every model at start, not on first request")
     g.add_argument("--peer", action="append", default=[], metavar="MODEL=URL",
                    help="a model served by another edge-llm server, forwarded there (repeatable)")
-    g.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a slot, per model, beyond which the server answers 503")
-    g.add_argument("--max-body-size", default="8M", help="largest request body (default 8M)")
+    g.add_argument("--max-body-size", type=size_flag, default=8 * 1024 ** 2, metavar="SIZE",
+                   help="largest request body (default 8M)")
     g.add_argument("--allowed-hosts", default="", metavar="HOST[,HOST]",
                    help="Host names the server answers to besides loopback names, IP addresses and --host "
                         "(* for any), e.g. behind a proxy or on a LAN name")
@@ -74,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
                    help="<think> text: auto = split off as reasoning when the chat template knows the tags, "
                         "deepseek = always split, none = leave it inline in the answer (llama-server's flag)")
-    add_model_flags(parser, parallel_default=4)
-    add_cache_flags(parser)
+    add_model_flags(parser, defaults={"n_parallel": 4})
+    add_load_flags(parser, PROMPT_CACHE, QUEUE)
+    add_sampling_flags(parser, n_predict=None, title="sampling defaults (for what a request leaves unset)")
     return parser
 
 
@@ -114,23 +112,25 @@ def main(argv: list[str] | None = None) -> int:
 
     keys = api_keys(args)
     refs = model_refs(args)
-    overrides: dict[str, object] = {"max_queue": args.max_queue}
-    if args.cache_ram is None and len(refs) > 1:
+    defaults: dict[str, object] = {}
+    if len(refs) > 1:
         from edge_llm.engines.prompt_cache import default_ram_budget
 
-        overrides["cache_ram"] = default_ram_budget() // len(refs)  # the default is for the whole server
+        defaults["cache_ram"] = default_ram_budget() // len(refs)  # the default is for the whole server
+    options = load_options(args, defaults=defaults)
     manager = ModelManager.from_refs(
-        refs, config=args.config, engine=args.engine, options=load_options(args, **overrides),
+        refs, config=args.config, engine=args.engine, options=options,
         keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
-        memory_budget=parse_size(args.memory_budget) if args.memory_budget else None)
-    app = create_app(manager, api_keys=keys, max_body_bytes=parse_size(args.max_body_size), preload=args.preload,
+        memory_budget=args.memory_budget)
+    app = create_app(manager, api_keys=keys, max_body_bytes=args.max_body_size, preload=args.preload,
                      bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
-                     cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format)
+                     cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format,
+                     sampling_defaults=given_sampling(args))
     if not keys and not _is_loopback(args.host):
         print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])
     print(f"edge-llm serve: http://{args.host}:{args.port}  models: {served}", file=sys.stderr, flush=True)
-    _serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
+    _serve(app, args.host, args.port, log_level="info" if options.verbose else "warning")
     return 0
 
 
