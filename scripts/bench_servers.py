@@ -142,12 +142,13 @@ class ServerSpec:
 
 
 def edge_llm_spec(model: Path, *, parallel: int, ctx: int, threads: int | None, name: str = "edge-llm",
-                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> ServerSpec:
-    """`edge-llm serve` with this interpreter, run from the repository (so this checkout is what runs).
-    threads=None leaves -t to edge-llm's own default."""
+                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                  checkout: Path = ROOT) -> ServerSpec:
+    """`edge-llm serve` with this interpreter, run from `checkout` (default: this repository), whose
+    edge_llm package is then what runs. threads=None leaves -t to edge-llm's own default."""
     argv = [sys.executable, "-m", "edge_llm", "serve", str(model), "--host", "127.0.0.1", "--port", "{port}",
             "-np", str(parallel), "-c", str(ctx), *(["-t", str(threads)] if threads else []), *extra_args]
-    return ServerSpec(name, tuple(argv), "/health", env or {}, ROOT)
+    return ServerSpec(name, tuple(argv), "/health", env or {}, checkout)
 
 
 def llama_server_spec(binary: Path, model: Path, *, parallel: int, ctx: int, threads: int,

@@ -224,6 +224,8 @@ def main() -> None:
                         help="give edge-llm this -t (default: none, edge-llm's own choice)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,...[:ARGS]",
                         help="also run edge-llm under this name with these environment variables / flags")
+    parser.add_argument("--checkout", action="append", default=[], metavar="NAME=PATH",
+                        help="also run edge-llm from another checkout (e.g. a git worktree of an older commit)")
     args = parser.parse_args()
 
     stop_on_sigterm()
@@ -237,6 +239,10 @@ def main() -> None:
         name, env, extra = parse_variant(text)
         specs.append(edge_llm_spec(model, parallel=args.parallel, ctx=args.ctx_size, threads=edge_threads,
                                    name=name, env=env, extra_args=extra))
+    for text in args.checkout:
+        name, _, path = text.partition("=")
+        specs.append(edge_llm_spec(model, parallel=args.parallel, ctx=args.ctx_size, threads=edge_threads,
+                                   name=name, checkout=Path(path).resolve()))
     if "llama-server" in wanted:
         specs.append(llama_server_spec(llama_server_binary(args.llama_server), model, parallel=args.parallel,
                                        ctx=args.ctx_size, threads=args.threads))
