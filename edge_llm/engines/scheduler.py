@@ -8,7 +8,8 @@ step it builds one llama_batch holding
     prompt first, and one prompt finished per step (prefill on a CPU is compute-bound, so
     reading prompts together only delays every first token to the last one's),
 then calls llama_decode once (ctypes releases the GIL, so an asyncio server stays responsive)
-and samples every sequence that produced logits.
+and samples every sequence that produced logits. llama.cpp is called
+through `llama_runtime.py`.
 
 Slots and the prompt cache: the context has `n_parallel` sequences (slots), each with its own
 n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never covers another
@@ -32,7 +33,6 @@ into the other slots, each with its own sampler.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
 import logging
 import queue
@@ -43,10 +43,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import llama_cpp
 import numpy as np
-from llama_cpp import _internals
 
+from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
 from edge_llm.engines.prompt_cache import PromptCache
@@ -248,7 +247,7 @@ class Choice:
 
     request: Request
     index: int
-    sampler: _internals.LlamaSampler
+    sampler: rt.LlamaSampler
     text: TextAssembler
     n_prompt: int
     n_cached: int
@@ -276,8 +275,8 @@ class Scheduler:
     def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64, cache: PromptCache | None = None) -> None:
         self.engine = engine
         self.cache = cache  # states of conversations that lost their slot (prompt_cache.py)
-        self.ctx = engine._ctx
-        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.ctx = engine.context
+        self.memory = rt.SequenceMemory(self.ctx)
         self.n_ctx_seq = engine.n_ctx_seq
         self.unified = engine.kv_unified
         self.n_batch = engine.n_batch
@@ -287,7 +286,7 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
+        self._batch = rt.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         options = engine.options
         self._governor = ThreadGovernor(engine.n_threads, fixed=options.n_threads is not None)
         self._threads_batch = options.n_threads_batch  # the user's -tb, or None: follow the governor
@@ -392,13 +391,13 @@ class Scheduler:
             choice = slot.choice
             if choice is not None and choice.pending is not None and not slot.prefill:
                 outputs.append((slot, self._add(slot, [choice.pending], logits=True)))
-        budget = self.n_batch - batch.batch.n_tokens
+        budget = self.n_batch - batch.n_tokens()
         prefilled: list[Slot] = []
         # Shortest prompt first, and one prompt finished per step once the batch is big enough to
         # use the cores: on a CPU, prefill is compute-bound from a few tokens, so packing several
         # prompts into one decode saves nothing and only makes each wait for the others' tokens.
         for slot in sorted((s for s in self.slots if s.prefill), key=lambda s: (len(s.prefill), s.choice.request.id)):
-            if budget <= 0 or (prefilled and batch.batch.n_tokens >= MIN_STEP_TOKENS):
+            if budget <= 0 or (prefilled and batch.n_tokens() >= MIN_STEP_TOKENS):
                 break
             chunk = slot.prefill[:budget]
             last = len(chunk) == len(slot.prefill)
@@ -408,14 +407,12 @@ class Scheduler:
             if last:
                 prefilled.append(slot)
                 outputs.append((slot, index))
-        if batch.batch.n_tokens == 0:
+        if batch.n_tokens() == 0:
             return
         self._set_threads()
-        status = llama_cpp.llama_decode(self.ctx.ctx, batch.batch)
         self.stats.decode_calls += 1
         self.stats.decodes_with_fewer_threads += self._threads_set[0] < self._governor.limit
-        if status != 0:
-            raise RuntimeError(f"llama_decode returned {status}")
+        rt.decode(self.ctx, batch)
         for slot in prefilled:
             self._copy_prompt(slot)
         for slot, index in outputs:
@@ -430,26 +427,19 @@ class Scheduler:
         if wanted != self._threads_set:
             log.debug("threads %d -> %d (other programs use %.2f cores)", self._threads_set[0], n,
                       self._governor.others)
-            llama_cpp.llama_set_n_threads(self.ctx.ctx, *wanted)
+            rt.set_threads(self.ctx, *wanted)
             self._threads_set = wanted
 
     def _add(self, slot: Slot, tokens: list[int], *, logits: bool) -> int:
         """Append tokens of one sequence to the batch; return the batch index of the last one."""
-        b = self._batch.batch
         pos = len(slot.cached)
         if pos + len(tokens) > self.n_ctx_seq:  # never hand llama.cpp a position past the slot
             raise RuntimeError(f"position {pos + len(tokens)} past the slot size {self.n_ctx_seq}")
-        for i, token in enumerate(tokens):
-            j = b.n_tokens + i
-            b.token[j] = token
-            b.pos[j] = pos + i
-            b.n_seq_id[j] = 1
-            b.seq_id[j][0] = slot.seq_id
-            b.logits[j] = False
-        b.n_tokens += len(tokens)
-        b.logits[b.n_tokens - 1] = logits
+        last = len(tokens) - 1
+        index = rt.add_tokens(self._batch, tokens, pos=pos, seq_id=slot.seq_id,
+                              logits=lambda i: logits and i == last)
         slot.cached.extend(tokens)
-        return b.n_tokens - 1
+        return index
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -551,56 +541,29 @@ class Scheduler:
         seed = self.engine.seed if params.seed is None else params.seed
         if seed is not None:
             seed += index  # n choices from one seed must still differ
-        sampler = self._build_sampler(params, seed)
+        last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
+        engine = self.engine
+        sampler = rt.sampler_chain(params, vocab=engine.vocab, n_vocab=engine.n_vocab, eog_ids=engine.eog_ids,
+                                   penalty_last_n=last_n, seed=seed)
         if not params.grammar and params.repetition_penalty != 1.0:
             # vLLM and llama-server apply the repetition penalty to prompt tokens too.
-            last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
             for token in request.tokens[-last_n:] if last_n else []:
                 sampler.accept(token)
         return Choice(request, index, sampler, TextAssembler(params.stop, params.include_stop_str_in_output),
                       n_prompt, n_cached)
 
-    def _build_sampler(self, params: SamplingParams, seed: int | None) -> _internals.LlamaSampler:
-        engine = self.engine
-        sampler = _internals.LlamaSampler()
-        if params.grammar:
-            grammar = llama_cpp.llama_sampler_init_grammar(engine.vocab, params.grammar.encode(), b"root")
-            if not grammar:
-                sampler.close()
-                raise InvalidParameterError("the grammar does not parse (llama.cpp GBNF)", param="grammar")
-            llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
-        if params.ignore_eos and engine.eog_ids:
-            sampler.add_logit_bias(engine.n_vocab, {t: float("-inf") for t in engine.eog_ids})
-        if (params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty):
-            last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
-            sampler.add_penalties(engine.n_vocab, last_n, params.repetition_penalty,
-                                  params.frequency_penalty, params.presence_penalty)
-        if params.greedy:
-            sampler.add_greedy()
-            return sampler
-        if params.top_k > 0:
-            sampler.add_top_k(params.top_k)
-        if params.top_p < 1.0:
-            sampler.add_top_p(params.top_p, 1)
-        if params.min_p > 0.0:
-            sampler.add_min_p(params.min_p, 1)
-        sampler.add_temp(params.temperature)
-        sampler.add_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF)
-        return sampler
-
     def _truncate(self, slot: Slot, keep: int) -> None:
         """Drop the slot's cached tokens past `keep`."""
         if len(slot.cached) > keep:
-            if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
+            if not self.memory.cut(slot.seq_id, keep):
                 # Some memory types cannot drop a tail; then start the sequence over.
-                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                self.memory.clear(slot.seq_id)
                 keep = 0
             del slot.cached[keep:]
 
     def _copy_prompt(self, slot: Slot) -> None:
         for target in slot.copies:
-            llama_cpp.llama_memory_seq_rm(self.memory, target.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(self.memory, slot.seq_id, target.seq_id, -1, -1)
+            self.memory.copy(slot.seq_id, target.seq_id)
             target.cached = list(slot.cached)
 
     # -- unified KV (-kvu): one pool of n_ctx cells for every slot ------------------------------
@@ -613,7 +576,7 @@ class Scheduler:
     def _evict(self, slot: Slot) -> None:
         """Free an idle slot's cells; what it held goes to the prompt cache first."""
         self._save(slot)
-        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        self.memory.clear(slot.seq_id)
         slot.cached = []
 
     def _make_room(self, tokens: list[int], idle: list[Slot]) -> bool:
@@ -656,40 +619,22 @@ class Scheduler:
             return
         if self.cache.covers(slot.cached, tier="ram" if in_memory else "disk"):
             return
-        state = self._read_state(slot.seq_id)
+        state = self.memory.read_state(slot.seq_id)
         if state is not None:
             self.cache.store(slot.cached, state, in_memory=in_memory)
 
-    def _read_state(self, seq_id: int) -> bytearray | None:
-        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, seq_id)
-        state = bytearray(size)
-        view = (ctypes.c_uint8 * size).from_buffer(state)
-        written = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, view, size, seq_id)
-        del view  # release the export so the bytearray is an ordinary buffer again
-        if written != size:
-            log.warning("prompt cache: llama.cpp wrote %d of %d state bytes; not cached", written, size)
-            return None
-        return state
-
     def _restore(self, slot: Slot, state: bytes | bytearray, tokens: list[int]) -> bool:
         """Put a saved state into a slot: afterwards the slot holds exactly `tokens`."""
-        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        self.memory.clear(slot.seq_id)
         slot.cached = []
-        src = (ctypes.c_uint8 * len(state)).from_buffer(state) if isinstance(state, bytearray) \
-            else ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
-        read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, src, len(state), slot.seq_id)
-        del src
         # A state read from a file is checked like any input: llama.cpp rejects bytes it cannot
-        # parse (read != size); the cells it restored must also be exactly positions 0..n-1, or
-        # the state does not stand for these tokens (a forged or mislabelled file).
-        if read == len(state) and not (llama_cpp.llama_memory_seq_pos_min(self.memory, slot.seq_id) == 0
-                                       and llama_cpp.llama_memory_seq_pos_max(self.memory, slot.seq_id)
-                                       == len(tokens) - 1):
-            read = 0
-        if read != len(state):
+        # parse; the cells it restored must also be exactly positions 0..n-1, or the state does
+        # not stand for these tokens (a forged or mislabelled file).
+        if not (self.memory.write_state(slot.seq_id, state)
+                and self.memory.positions(slot.seq_id) == (0, len(tokens) - 1)):
             log.warning("prompt cache: llama.cpp could not restore a state of %d tokens; evaluating instead",
                         len(tokens))
-            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            self.memory.clear(slot.seq_id)
             return False
         slot.cached = list(tokens)
         return True
@@ -746,8 +691,7 @@ class Scheduler:
     def _argmax(self, index: int, banned: frozenset[int]) -> int:
         """Greedy sampling over the raw logits: the token llama.cpp's greedy sampler picks (the
         first of equal maxima), without building its 49k-entry candidate array every token."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, index)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.engine.n_vocab,))
+        logits = rt.logits(self.ctx, index, self.engine.n_vocab)
         token = int(logits.argmax())
         if token in banned:  # ignore_eos: the best token that does not end the generation
             logits = logits.copy()
@@ -756,8 +700,7 @@ class Scheduler:
         return token
 
     def _logprobs(self, index: int, top_n: int) -> tuple[np.ndarray, int]:
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, index)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.engine.n_vocab,)).astype(np.float64)
+        logits = rt.logits(self.ctx, index, self.engine.n_vocab).astype(np.float64)
         shifted = logits - logits.max()
         return shifted - np.log(np.exp(shifted).sum()), top_n
 
@@ -808,7 +751,7 @@ class Scheduler:
             if slot.choice is not None:
                 self._release(slot)
                 # The KV of a failed step is unknown: forget it.
-                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                self.memory.clear(slot.seq_id)
                 slot.cached = []
         for request in requests:
             request.put(error)
