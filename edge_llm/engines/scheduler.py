@@ -8,8 +8,9 @@ step it builds one llama_batch holding
     prompt first, and one prompt finished per step (prefill on a CPU is compute-bound, so
     reading prompts together only delays every first token to the last one's),
 then calls llama_decode once (ctypes releases the GIL, so an asyncio server stays responsive)
-and samples every sequence that produced logits. llama.cpp is called
-through `llama_runtime.py`.
+and samples every sequence that produced logits. Which slot a request takes, what it reuses and
+which prompts a step reads are decided in `slots.py` (plain Python); llama.cpp is called through
+`llama_runtime.py`.
 
 Slots and the prompt cache: the context has `n_parallel` sequences (slots), each with its own
 n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never covers another
@@ -40,7 +41,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,6 +50,17 @@ from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
 from edge_llm.engines.prompt_cache import PromptCache
+from edge_llm.engines.slots import (
+    Slot,
+    eviction_order,
+    free_cells,
+    least_recently_used,
+    pick_slot,
+    plan_prefill,
+    slots_for_copies,
+    usable_prefix,
+    worth_restoring,
+)
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
@@ -58,14 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _END = object()
-# A cached prefix shorter than this is not worth evicting a better-matching slot's cache for.
-MIN_USEFUL_PREFIX = 1
-# Restoring a saved state copies the whole entry (and may read a file); a few tokens more than the
-# best idle slot offers are cheaper to evaluate.
-MIN_RESTORE_GAIN = 4
-# Below this many tokens a decode costs clearly more per token (measured on 2 cores), so a step
-# that finished one prompt still takes the next short ones.
-MIN_STEP_TOKENS = 16
 
 
 @dataclass
@@ -257,20 +261,6 @@ class Choice:
     done: bool = False
 
 
-@dataclass
-class Slot:
-    seq_id: int
-    cached: list[int] = field(default_factory=list)  # tokens whose KV is in this sequence
-    last_used: float = 0.0
-    choice: Choice | None = None
-    prefill: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
-    copies: list[Slot] = field(default_factory=list)  # slots to receive this prompt's KV (n > 1)
-
-    @property
-    def idle(self) -> bool:
-        return self.choice is None
-
-
 class Scheduler:
     def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64, cache: PromptCache | None = None) -> None:
         self.engine = engine
@@ -391,19 +381,13 @@ class Scheduler:
             choice = slot.choice
             if choice is not None and choice.pending is not None and not slot.prefill:
                 outputs.append((slot, self._add(slot, [choice.pending], logits=True)))
-        budget = self.n_batch - batch.n_tokens()
+        reading = sorted((s for s in self.slots if s.prefill), key=lambda s: s.choice.request.id)
         prefilled: list[Slot] = []
-        # Shortest prompt first, and one prompt finished per step once the batch is big enough to
-        # use the cores: on a CPU, prefill is compute-bound from a few tokens, so packing several
-        # prompts into one decode saves nothing and only makes each wait for the others' tokens.
-        for slot in sorted((s for s in self.slots if s.prefill), key=lambda s: (len(s.prefill), s.choice.request.id)):
-            if budget <= 0 or (prefilled and batch.n_tokens() >= MIN_STEP_TOKENS):
-                break
-            chunk = slot.prefill[:budget]
-            last = len(chunk) == len(slot.prefill)
-            index = self._add(slot, chunk, logits=last)
-            slot.prefill = slot.prefill[len(chunk):]
-            budget -= len(chunk)
+        for i, n in plan_prefill([len(s.prefill) for s in reading], used=batch.n_tokens(), n_batch=self.n_batch):
+            slot = reading[i]
+            last = n == len(slot.prefill)
+            index = self._add(slot, slot.prefill[:n], logits=last)
+            slot.prefill = slot.prefill[n:]
             if last:
                 prefilled.append(slot)
                 outputs.append((slot, index))
@@ -475,9 +459,8 @@ class Scheduler:
         tokens, params = request.tokens, request.params
         choices = self._make_choices(request)
         main, reuse, restored = self._place(tokens, idle)
-        # Extra choices overwrite the least recently used caches: keep those first.
-        others = sorted((s for s in idle if s is not main), key=lambda s: s.last_used)[: params.n - 1]
-        for slot in others:
+        others = slots_for_copies(idle, main, params.n)
+        for slot in others:  # their caches are overwritten: keep them first
             self._save(slot)
         main.prefill = tokens[reuse:]
         for slot, choice in zip([main, *others], choices, strict=False):
@@ -495,18 +478,13 @@ class Scheduler:
         """Pick the slot for a prompt and make it hold the longest cached prefix there is: its
         own, or a saved state restored from the prompt cache. Returns the slot, how many prompt
         tokens it holds, and how many of those were restored."""
-        main = max(idle, key=lambda s: (_common_prefix(s.cached, tokens), -s.last_used))
-        # At least the last prompt token must be evaluated to get logits for the first sample.
-        reuse = min(_common_prefix(main.cached, tokens), len(tokens) - 1)
-        if reuse < MIN_USEFUL_PREFIX:
-            main = min(idle, key=lambda s: s.last_used)
-            reuse = 0
+        main, reuse = pick_slot(tokens, idle)
         if self.cache is not None:
             entry, found = self.cache.lookup(tokens)
-            found = min(found, len(tokens) - 1)
-            if entry is not None and found >= reuse + MIN_RESTORE_GAIN:
+            found = usable_prefix(found, len(tokens))
+            if entry is not None and worth_restoring(found, reuse):
                 # The least recently used idle slot is the cheapest to give up; it is saved first.
-                target = min(idle, key=lambda s: s.last_used)
+                target = least_recently_used(idle)
                 # With -kvu the whole entry must fit in the pool before it is cut to the prompt.
                 fits = not self.unified or entry.n_tokens <= self._free_cells() + len(target.cached)
                 state = self.cache.load(entry) if fits else None
@@ -569,9 +547,7 @@ class Scheduler:
     # -- unified KV (-kvu): one pool of n_ctx cells for every slot ------------------------------
 
     def _free_cells(self) -> int:
-        """Cells of the pool not yet promised: every slot's cached tokens and the prompt tokens it
-        still has to evaluate count (n > 1 copies share cells, so this errs on the safe side)."""
-        return self.engine.n_ctx - sum(len(s.cached) + len(s.prefill) for s in self.slots)
+        return free_cells(self.slots, self.engine.n_ctx)
 
     def _evict(self, slot: Slot) -> None:
         """Free an idle slot's cells; what it held goes to the prompt cache first."""
@@ -583,13 +559,10 @@ class Scheduler:
         """Free idle slots' cells, least recently used first, until the prompt and one more
         token per running stream fit. The idle slot that shares most with the prompt goes last."""
         need = len(tokens) + sum(1 for s in self.slots if not s.idle)
-        best = max(idle, key=lambda s: _common_prefix(s.cached, tokens))
-        victims = sorted((s for s in idle if s.cached and s is not best), key=lambda s: s.last_used)
-        for slot in [*victims, best]:
+        for slot in eviction_order(idle, tokens):
             if self._free_cells() >= need:
                 break
-            if slot.cached:
-                self._evict(slot)
+            self._evict(slot)
         return self._free_cells() >= need
 
     def _keep_decode_room(self) -> None:
@@ -600,9 +573,9 @@ class Scheduler:
             need = sum(1 for s in self.slots if s.choice is not None and not s.choice.done)
             if self._free_cells() >= need:
                 return
-            idle = sorted((s for s in self.slots if s.idle and s.cached), key=lambda s: s.last_used)
+            idle = [s for s in self.slots if s.idle and s.cached]
             if idle:
-                self._evict(idle[0])
+                self._evict(least_recently_used(idle))
                 continue
             running = [s for s in self.slots if s.choice is not None and not s.choice.done]
             if not running:
@@ -764,10 +737,3 @@ def _plain_greedy(params: SamplingParams) -> bool:
     return (params.greedy and not params.grammar and params.repetition_penalty == 1.0
             and not params.frequency_penalty and not params.presence_penalty)
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
