@@ -138,7 +138,7 @@ class LlamaCppEngine(Engine):
         request = self.scheduler.submit(tokens, params)
         try:
             while True:
-                delta = await request.next_async()
+                delta = await request.aget()
                 if delta is None:
                     return
                 yield delta

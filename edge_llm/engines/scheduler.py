@@ -10,7 +10,7 @@ step it builds one llama_batch holding
 then calls llama_decode once (ctypes releases the GIL, so an asyncio server stays responsive)
 and samples every sequence that produced logits. Which slot a request takes, what it reuses and
 which prompts a step reads are decided in `slots.py` (plain Python); llama.cpp is called through
-`llama_runtime.py`.
+`llama_runtime.py`; a request's deltas reach its reader through a `threadbridge.Channel`.
 
 Slots and the prompt cache: the context has `n_parallel` sequences (slots), each with its own
 n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never covers another
@@ -36,10 +36,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
-import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,6 +60,7 @@ from edge_llm.engines.slots import (
     worth_restoring,
 )
 from edge_llm.engines.textstream import TextAssembler
+from edge_llm.engines.threadbridge import Channel
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
 
@@ -69,7 +68,6 @@ if TYPE_CHECKING:
     from edge_llm.engines.llamacpp import LlamaCppEngine
 
 log = logging.getLogger(__name__)
-_END = object()
 
 
 @dataclass
@@ -86,129 +84,37 @@ class SchedulerStats:
     decodes_with_fewer_threads: int = 0  # while other programs held cores (cpu_threads.ThreadGovernor)
 
 
-class _Mailbox:
-    """Deltas bound for one event loop. The engine thread posts them; the loop is woken once for
-    however many arrive before it gets to run (one wakeup per step, not one per token of every
-    stream), then hands each to its request's queue."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue, object]] = []
-
-    def post(self, queue: asyncio.Queue, item: object) -> None:
-        """Raises RuntimeError when the loop is closed: nobody will ever read the item."""
-        if self._loop.is_closed():
-            raise RuntimeError("the event loop is closed")
-        with self._lock:
-            self._items.append((queue, item))
-            wake = len(self._items) == 1  # otherwise a wakeup is already on its way
-        if wake:
-            try:
-                self._loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:
-                with self._lock:
-                    self._items.clear()
-                raise
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for waiting, item in items:
-            waiting.put_nowait(item)
-
-
-_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
-_mailboxes_lock = threading.Lock()
-
-
-def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
-    with _mailboxes_lock:
-        box = _mailboxes.get(loop)
-        if box is None:
-            box = _mailboxes[loop] = _Mailbox(loop)
-        return box
-
-
-class Request:
-    """One submitted generation; the caller reads its deltas, the engine thread writes them."""
+class Request(Channel[Delta]):
+    """One submitted generation: the engine thread writes its deltas, the caller reads them. A
+    reader that fell behind gets each choice's waiting deltas as one (`fold_deltas`)."""
 
     _ids = itertools.count()
 
     def __init__(self, tokens: list[int], params: SamplingParams) -> None:
+        super().__init__(fold=fold_deltas)
         self.id = next(Request._ids)
         self.tokens = tokens
         self.params = params
-        self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._mailbox: _Mailbox | None = None
-        self._async_queue: asyncio.Queue | None = None
-        self._ready: deque = deque()  # items taken from the queue and merged, not yet returned
 
-    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._mailbox = _mailbox(loop)
-        self._async_queue = asyncio.Queue()
 
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    # engine thread side
-    def put(self, item: object) -> None:
-        if self._mailbox is not None:
-            try:
-                self._mailbox.post(self._async_queue, item)
-            except RuntimeError:  # the caller's event loop is gone: nobody is listening
-                self.cancelled.set()
+def fold_deltas(deltas: list[Delta]) -> list[Delta]:
+    """Each choice's run of deltas as one (one SSE event instead of one per token). Each choice's
+    order is kept, and nothing is merged past a choice's final delta."""
+    out: list[Delta] = []
+    open_delta: dict[int, int] = {}  # choice index -> position in `out` of its unfinished delta
+    for delta in deltas:
+        at = open_delta.get(delta.index)
+        if at is not None:
+            out[at] = _joined(out[at], delta)
         else:
-            self._queue.put(item)
-
-    # caller side
-    def next_sync(self) -> Delta | None:
-        item = self._queue.get()
-        if item is _END:
-            self._queue.put(_END)  # stay exhausted
-            return None
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def next_async(self) -> Delta | None:
-        if not self._ready:
-            self._take_backlog(await self._async_queue.get())
-        item = self._ready[0]
-        if item is _END:
-            return None  # stay exhausted
-        self._ready.popleft()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def _take_backlog(self, first: object) -> None:
-        """Take `first` and whatever else is already waiting, folding each choice's deltas into one:
-        a reader that fell behind catches up in one piece per choice (one SSE event) instead of one
-        per token. Each choice's order is kept; nothing is merged across an end marker or an error."""
-        out = self._ready
-        open_delta: dict[int, int] = {}  # choice index -> position in `out` of its unfinished delta
-        item = first
-        while True:
-            if isinstance(item, Delta):
-                at = open_delta.get(item.index)
-                if at is not None:
-                    out[at] = _joined(out[at], item)
-                else:
-                    at = len(out)
-                    out.append(item)
-                if item.finish_reason is None:
-                    open_delta[item.index] = at
-                else:
-                    open_delta.pop(item.index, None)
-            else:
-                out.append(item)
-                open_delta.clear()
-            if self._async_queue.empty():
-                return
-            item = self._async_queue.get_nowait()
+            at = len(out)
+            out.append(delta)
+        if delta.finish_reason is None:
+            open_delta[delta.index] = at
+        else:
+            open_delta.pop(delta.index, None)
+    return out
 
 
 def _joined(first: Delta, second: Delta) -> Delta:
@@ -230,7 +136,7 @@ class RequestStream:
 
     def __next__(self) -> Delta:
         try:
-            delta = self.request.next_sync()
+            delta = self.request.get()
         except BaseException:
             self.close()
             raise
@@ -317,7 +223,7 @@ class Scheduler:
         request = Request(tokens, params)
         if bind_loop:
             try:
-                request.bind_loop(asyncio.get_running_loop())
+                request.bind(asyncio.get_running_loop())
             except RuntimeError:
                 pass
         with self._cond:
@@ -366,7 +272,7 @@ class Scheduler:
             waiting, self._waiting = list(self._waiting), deque()
         for request in waiting:
             request.put(EdgeLLMError("the engine was closed"))
-            request.put(_END)
+            request.end()
 
     def _nothing_to_do(self) -> bool:
         return not self._closed and not self._waiting and all(s.idle for s in self.slots)
@@ -440,7 +346,7 @@ class Scheduler:
                     return  # first come, first served: later requests wait behind it
                 self._waiting.popleft()
             if request.cancelled.is_set():
-                request.put(_END)
+                request.end()
                 continue
             if self.unified and not self._make_room(request.tokens, idle):
                 with self._cond:  # the running streams hold the pool: wait for them to end
@@ -450,7 +356,7 @@ class Scheduler:
                 self._start(request, idle)
             except Exception as exc:
                 request.put(exc if isinstance(exc, EdgeLLMError) else EdgeLLMError(str(exc)))
-                request.put(_END)
+                request.end()
 
     def _start(self, request: Request, idle: list[Slot]) -> None:
         """Admit a request into idle slots, all or nothing: everything that can fail for a bad
@@ -696,7 +602,7 @@ class Scheduler:
                           finish_reason=reason, usage=usage))
         self._release(slot)
         if not any(s.choice is not None and s.choice.request is request for s in self.slots):
-            request.put(_END)
+            request.end()
 
     def _release(self, slot: Slot) -> None:
         if slot.choice is not None:
@@ -712,7 +618,7 @@ class Scheduler:
             for request in gone:
                 self._waiting.remove(request)
         for request in gone:
-            request.put(_END)
+            request.end()
         for slot in self.slots:
             if slot.choice is not None and slot.choice.request.cancelled.is_set():
                 # Tokens already evaluated stay cached: a retried request can reuse them.
@@ -728,7 +634,7 @@ class Scheduler:
                 slot.cached = []
         for request in requests:
             request.put(error)
-            request.put(_END)
+            request.end()
 
 
 def _plain_greedy(params: SamplingParams) -> bool:
