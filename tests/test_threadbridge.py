@@ -108,6 +108,22 @@ def test_a_closed_reader_loop_cancels_the_writer():
     assert channel.cancelled.is_set()
 
 
+def test_a_loop_that_read_channels_is_not_kept_alive():
+    import gc
+    import weakref
+
+    async def main():
+        channel: Channel[int] = Channel()
+        channel.bind(asyncio.get_running_loop())
+        write_in_thread(lambda: (channel.put(1), channel.end()))
+        assert await channel.aget() == 1
+        return weakref.ref(asyncio.get_running_loop())
+
+    loop = asyncio.run(main())
+    gc.collect()
+    assert loop() is None
+
+
 def test_a_request_folds_each_choice_on_its_own():
     deltas = [Delta(text="a", token_ids=[1], index=0), Delta(text="x", token_ids=[7], index=1),
               Delta(text="b", token_ids=[2], index=0),

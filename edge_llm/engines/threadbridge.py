@@ -32,20 +32,23 @@ class _Mailbox:
     one wakeup per step, not one per token of every stream), then hands each to its channel."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weak: the registry below holds mailboxes by their loop, weakly; a strong reference here
+        # would keep every loop that ever read a channel alive.
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, object]] = []
 
     def post(self, inbox: asyncio.Queue, item: object) -> None:
         """Raises RuntimeError when the loop is closed: nobody will ever read the item."""
-        if self._loop.is_closed():
+        loop = self._loop()
+        if loop is None or loop.is_closed():
             raise RuntimeError("the event loop is closed")
         with self._lock:
             self._items.append((inbox, item))
             wake = len(self._items) == 1  # otherwise a wakeup is already on its way
         if wake:
             try:
-                self._loop.call_soon_threadsafe(self._deliver)
+                loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:
                 with self._lock:
                     self._items.clear()
