@@ -95,7 +95,6 @@ class Request(Channel[Delta]):
         self.id = next(Request._ids)
         self.tokens = tokens
         self.params = params
-        self.submitted = time.perf_counter()
 
 
 def fold_deltas(deltas: list[Delta]) -> list[Delta]:
