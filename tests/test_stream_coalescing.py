@@ -18,7 +18,7 @@ pytestmark = pytest.mark.model
 
 async def _wait_for_backlog(request, items: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while request._async_queue.qsize() < items and time.monotonic() < deadline:
+    while request.unread < items and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
 
 
@@ -40,9 +40,9 @@ def test_a_late_reader_gets_merged_deltas_with_the_same_output(engine, n):
         request = engine.scheduler.submit(engine.tokenize(prompt), params)
         await _wait_for_backlog(request, 24 * n + 1)  # everything generated, nothing read yet
         deltas = []
-        while (delta := await request.next_async()) is not None:
+        while (delta := await request.aget()) is not None:
             deltas.append(delta)
-        assert await request.next_async() is None  # stays exhausted
+        assert await request.aget() is None  # stays exhausted
         return deltas
 
     deltas = asyncio.run(late_reader())
@@ -67,7 +67,7 @@ def test_merged_deltas_keep_every_logprob(engine):
         request = engine.scheduler.submit(engine.tokenize(prompt), params)
         await _wait_for_backlog(request, 12)
         deltas = []
-        while (delta := await request.next_async()) is not None:
+        while (delta := await request.aget()) is not None:
             deltas.append(delta)
         return deltas
 

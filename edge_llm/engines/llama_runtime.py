@@ -1,5 +1,7 @@
 """llama.cpp through llama-cpp-python's low-level API: the one place that builds its parameter
-structs and calls its loading functions, for the engine, perplexity, quantize and offload.
+structs and calls its loading functions, for the engine, perplexity, quantize and offload, and
+that holds the decoding calls of the scheduler (batches, decode, logits, sampler chains, KV
+memory by sequence and its saved states).
 
 A llama-cpp-python upgrade that moves these signatures is fixed here. Importing this module sets
 OpenMP's waiting policy first (cpu_threads.configure_openmp): libgomp reads its environment once,
@@ -9,6 +11,7 @@ when llama_cpp loads it.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,7 @@ from edge_llm.engines.cpu_threads import configure_openmp
 configure_openmp()
 
 import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
 from gguf import GGMLQuantizationType  # noqa: E402
 from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler  # noqa: E402
 
@@ -26,6 +30,7 @@ from edge_llm.errors import InvalidParameterError, ModelLoadError  # noqa: E402
 
 if TYPE_CHECKING:
     from edge_llm.load_options import LoadOptions
+    from edge_llm.sampling import SamplingParams
 
 __all__ = ["LlamaBatch", "LlamaContext", "LlamaModel", "LlamaSampler", "llama_cpp"]
 
@@ -44,6 +49,7 @@ SPLIT_MODES = {
     "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
     "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
 }
+log = logging.getLogger(__name__)
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -193,3 +199,106 @@ def add_tokens(batch: LlamaBatch, tokens: list[int], *, pos: int, seq_id: int,
         b.logits[j] = logits(i)
     b.n_tokens += len(tokens)
     return b.n_tokens - 1
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+
+def decode(ctx: LlamaContext, batch: LlamaBatch) -> None:
+    """llama_decode (ctypes releases the GIL meanwhile, so an asyncio server stays responsive)."""
+    status = llama_cpp.llama_decode(ctx.ctx, batch.batch)
+    if status != 0:
+        raise RuntimeError(f"llama_decode returned {status}")
+
+
+def set_threads(ctx: LlamaContext, n_threads: int, n_threads_batch: int) -> None:
+    llama_cpp.llama_set_n_threads(ctx.ctx, n_threads, n_threads_batch)
+
+
+def logits(ctx: LlamaContext, index: int, n_vocab: int) -> np.ndarray:
+    """The logits of the batch's `index`-th token: a view into llama.cpp's buffer, valid until the
+    next decode."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, index), shape=(n_vocab,))
+
+
+# -- sampling -------------------------------------------------------------------------------------
+
+
+def sampler_chain(params: SamplingParams, *, vocab: llama_cpp.llama_vocab_p, n_vocab: int,
+                  eog_ids: frozenset[int], penalty_last_n: int, seed: int | None) -> LlamaSampler:
+    """llama.cpp's sampler chain for one choice: grammar, ignore_eos bias, penalties over the last
+    `penalty_last_n` tokens, then greedy or top-k / top-p / min-p / temperature / seeded draw."""
+    sampler = LlamaSampler()
+    if params.grammar:
+        grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+        if not grammar:
+            sampler.close()
+            raise InvalidParameterError("the grammar does not parse (llama.cpp GBNF)", param="grammar")
+        llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
+    if params.ignore_eos and eog_ids:
+        sampler.add_logit_bias(n_vocab, {t: float("-inf") for t in eog_ids})
+    if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+        sampler.add_penalties(n_vocab, penalty_last_n, params.repetition_penalty,
+                              params.frequency_penalty, params.presence_penalty)
+    if params.greedy:
+        sampler.add_greedy()
+        return sampler
+    if params.top_k > 0:
+        sampler.add_top_k(params.top_k)
+    if params.top_p < 1.0:
+        sampler.add_top_p(params.top_p, 1)
+    if params.min_p > 0.0:
+        sampler.add_min_p(params.min_p, 1)
+    sampler.add_temp(params.temperature)
+    sampler.add_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF)
+    return sampler
+
+
+# -- KV memory by sequence ------------------------------------------------------------------------
+
+
+class SequenceMemory:
+    """A context's KV cells addressed by sequence (slot) id, and each sequence's state as bytes
+    (what the prompt cache keeps)."""
+
+    def __init__(self, ctx: LlamaContext) -> None:
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx.ctx)
+
+    def cut(self, seq_id: int, keep: int) -> bool:
+        """Drop the sequence's cells from position `keep` on; False where the memory type cannot
+        drop a tail (nothing is dropped then)."""
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1))
+
+    def clear(self, seq_id: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def copy(self, src: int, dst: int) -> None:
+        """Make `dst` hold what `src` holds (cells shared, not duplicated)."""
+        self.clear(dst)
+        llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+
+    def positions(self, seq_id: int) -> tuple[int, int]:
+        """The lowest and highest position the sequence holds (-1, -1 when empty)."""
+        return (int(llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id)),
+                int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)))
+
+    def read_state(self, seq_id: int) -> bytearray | None:
+        ctx = self._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
+        state = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(state)
+        written = llama_cpp.llama_state_seq_get_data(ctx, view, size, seq_id)
+        del view  # release the export so the bytearray is an ordinary buffer again
+        if written != size:
+            log.warning("prompt cache: llama.cpp wrote %d of %d state bytes; not cached", written, size)
+            return None
+        return state
+
+    def write_state(self, seq_id: int, state: bytes | bytearray) -> bool:
+        """Load a saved state into an empty sequence; False when llama.cpp rejects the bytes."""
+        src = (ctypes.c_uint8 * len(state)).from_buffer(state) if isinstance(state, bytearray) \
+            else ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+        read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, src, len(state), seq_id)
+        del src
+        return read == len(state)

@@ -59,8 +59,9 @@ class LlamaCppEngine(Engine):
         if options.cache_type_v not in ("f16", "f32", "bf16") and fa == "off":
             raise InvalidParameterError("a quantized V cache (-ctv) needs flash attention: use -fa on or auto",
                                         param="cache_type_v")
-        self._ctx = rt.new_context(self._model, params, verbose=options.verbose, what=f"a context for {self.path}")
-        self.n_ctx = rt.n_ctx_of(self._ctx)
+        # The scheduler's context: only its engine thread decodes on it (a llama_context is not thread-safe).
+        self.context = rt.new_context(self._model, params, verbose=options.verbose, what=f"a context for {self.path}")
+        self.n_ctx = rt.n_ctx_of(self.context)
         self.kv_unified = bool(options.kv_unified)
         self.n_batch = params.n_batch
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
@@ -137,7 +138,7 @@ class LlamaCppEngine(Engine):
         request = self.scheduler.submit(tokens, params)
         try:
             while True:
-                delta = await request.next_async()
+                delta = await request.aget()
                 if delta is None:
                     return
                 yield delta
@@ -199,8 +200,8 @@ class LlamaCppEngine(Engine):
         if getattr(self, "_embed_ctx", None) is not None:
             self._embed_ctx.close()
             self._embed_ctx = None
-        if getattr(self, "_ctx", None) is not None:
-            self._ctx.close()
+        if getattr(self, "context", None) is not None:
+            self.context.close()
         if getattr(self, "_model", None) is not None:
             self._model.close()
 

@@ -8,7 +8,9 @@ step it builds one llama_batch holding
     prompt first, and one prompt finished per step (prefill on a CPU is compute-bound, so
     reading prompts together only delays every first token to the last one's),
 then calls llama_decode once (ctypes releases the GIL, so an asyncio server stays responsive)
-and samples every sequence that produced logits.
+and samples every sequence that produced logits. Which slot a request takes, what it reuses and
+which prompts a step reads are decided in `slots.py` (plain Python); llama.cpp is called through
+`llama_runtime.py`; a request's deltas reach its reader through a `threadbridge.Channel`.
 
 Slots and the prompt cache: the context has `n_parallel` sequences (slots), each with its own
 n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never covers another
@@ -32,25 +34,33 @@ into the other slots, each with its own sampler.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
 import logging
-import queue
 import threading
 import time
-import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import llama_cpp
 import numpy as np
-from llama_cpp import _internals
 
+from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
 from edge_llm.engines.prompt_cache import PromptCache
+from edge_llm.engines.slots import (
+    Slot,
+    eviction_order,
+    free_cells,
+    least_recently_used,
+    pick_slot,
+    plan_prefill,
+    slots_for_copies,
+    usable_prefix,
+    worth_restoring,
+)
 from edge_llm.engines.textstream import TextAssembler
+from edge_llm.engines.threadbridge import Channel
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
 
@@ -58,15 +68,6 @@ if TYPE_CHECKING:
     from edge_llm.engines.llamacpp import LlamaCppEngine
 
 log = logging.getLogger(__name__)
-_END = object()
-# A cached prefix shorter than this is not worth evicting a better-matching slot's cache for.
-MIN_USEFUL_PREFIX = 1
-# Restoring a saved state copies the whole entry (and may read a file); a few tokens more than the
-# best idle slot offers are cheaper to evaluate.
-MIN_RESTORE_GAIN = 4
-# Below this many tokens a decode costs clearly more per token (measured on 2 cores), so a step
-# that finished one prompt still takes the next short ones.
-MIN_STEP_TOKENS = 16
 
 
 @dataclass
@@ -83,129 +84,36 @@ class SchedulerStats:
     decodes_with_fewer_threads: int = 0  # while other programs held cores (cpu_threads.ThreadGovernor)
 
 
-class _Mailbox:
-    """Deltas bound for one event loop. The engine thread posts them; the loop is woken once for
-    however many arrive before it gets to run (one wakeup per step, not one per token of every
-    stream), then hands each to its request's queue."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue, object]] = []
-
-    def post(self, queue: asyncio.Queue, item: object) -> None:
-        """Raises RuntimeError when the loop is closed: nobody will ever read the item."""
-        if self._loop.is_closed():
-            raise RuntimeError("the event loop is closed")
-        with self._lock:
-            self._items.append((queue, item))
-            wake = len(self._items) == 1  # otherwise a wakeup is already on its way
-        if wake:
-            try:
-                self._loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:
-                with self._lock:
-                    self._items.clear()
-                raise
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for waiting, item in items:
-            waiting.put_nowait(item)
-
-
-_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
-_mailboxes_lock = threading.Lock()
-
-
-def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
-    with _mailboxes_lock:
-        box = _mailboxes.get(loop)
-        if box is None:
-            box = _mailboxes[loop] = _Mailbox(loop)
-        return box
-
-
-class Request:
-    """One submitted generation; the caller reads its deltas, the engine thread writes them."""
+class Request(Channel[Delta]):
+    """One submitted generation: the engine thread writes its deltas, the caller reads them. A
+    reader that fell behind gets each choice's waiting deltas as one (`fold_deltas`)."""
 
     _ids = itertools.count()
 
     def __init__(self, tokens: list[int], params: SamplingParams) -> None:
+        super().__init__(fold=fold_deltas)
         self.id = next(Request._ids)
         self.tokens = tokens
         self.params = params
-        self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._mailbox: _Mailbox | None = None
-        self._async_queue: asyncio.Queue | None = None
-        self._ready: deque = deque()  # items taken from the queue and merged, not yet returned
 
-    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._mailbox = _mailbox(loop)
-        self._async_queue = asyncio.Queue()
 
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    # engine thread side
-    def put(self, item: object) -> None:
-        if self._mailbox is not None:
-            try:
-                self._mailbox.post(self._async_queue, item)
-            except RuntimeError:  # the caller's event loop is gone: nobody is listening
-                self.cancelled.set()
+def fold_deltas(deltas: list[Delta]) -> list[Delta]:
+    """Each choice's run of deltas as one (one SSE event instead of one per token). Each choice's
+    order is kept, and nothing is merged past a choice's final delta."""
+    out: list[Delta] = []
+    open_delta: dict[int, int] = {}  # choice index -> position in `out` of its unfinished delta
+    for delta in deltas:
+        at = open_delta.get(delta.index)
+        if at is not None:
+            out[at] = _joined(out[at], delta)
         else:
-            self._queue.put(item)
-
-    # caller side
-    def next_sync(self) -> Delta | None:
-        item = self._queue.get()
-        if item is _END:
-            self._queue.put(_END)  # stay exhausted
-            return None
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def next_async(self) -> Delta | None:
-        if not self._ready:
-            self._take_backlog(await self._async_queue.get())
-        item = self._ready[0]
-        if item is _END:
-            return None  # stay exhausted
-        self._ready.popleft()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def _take_backlog(self, first: object) -> None:
-        """Take `first` and whatever else is already waiting, folding each choice's deltas into one:
-        a reader that fell behind catches up in one piece per choice (one SSE event) instead of one
-        per token. Each choice's order is kept; nothing is merged across an end marker or an error."""
-        out = self._ready
-        open_delta: dict[int, int] = {}  # choice index -> position in `out` of its unfinished delta
-        item = first
-        while True:
-            if isinstance(item, Delta):
-                at = open_delta.get(item.index)
-                if at is not None:
-                    out[at] = _joined(out[at], item)
-                else:
-                    at = len(out)
-                    out.append(item)
-                if item.finish_reason is None:
-                    open_delta[item.index] = at
-                else:
-                    open_delta.pop(item.index, None)
-            else:
-                out.append(item)
-                open_delta.clear()
-            if self._async_queue.empty():
-                return
-            item = self._async_queue.get_nowait()
+            at = len(out)
+            out.append(delta)
+        if delta.finish_reason is None:
+            open_delta[delta.index] = at
+        else:
+            open_delta.pop(delta.index, None)
+    return out
 
 
 def _joined(first: Delta, second: Delta) -> Delta:
@@ -227,7 +135,7 @@ class RequestStream:
 
     def __next__(self) -> Delta:
         try:
-            delta = self.request.next_sync()
+            delta = self.request.get()
         except BaseException:
             self.close()
             raise
@@ -248,7 +156,7 @@ class Choice:
 
     request: Request
     index: int
-    sampler: _internals.LlamaSampler
+    sampler: rt.LlamaSampler
     text: TextAssembler
     n_prompt: int
     n_cached: int
@@ -258,26 +166,12 @@ class Choice:
     done: bool = False
 
 
-@dataclass
-class Slot:
-    seq_id: int
-    cached: list[int] = field(default_factory=list)  # tokens whose KV is in this sequence
-    last_used: float = 0.0
-    choice: Choice | None = None
-    prefill: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
-    copies: list[Slot] = field(default_factory=list)  # slots to receive this prompt's KV (n > 1)
-
-    @property
-    def idle(self) -> bool:
-        return self.choice is None
-
-
 class Scheduler:
     def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64, cache: PromptCache | None = None) -> None:
         self.engine = engine
         self.cache = cache  # states of conversations that lost their slot (prompt_cache.py)
-        self.ctx = engine._ctx
-        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.ctx = engine.context
+        self.memory = rt.SequenceMemory(self.ctx)
         self.n_ctx_seq = engine.n_ctx_seq
         self.unified = engine.kv_unified
         self.n_batch = engine.n_batch
@@ -287,7 +181,7 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
+        self._batch = rt.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         options = engine.options
         self._governor = ThreadGovernor(engine.n_threads, fixed=options.n_threads is not None)
         self._threads_batch = options.n_threads_batch  # the user's -tb, or None: follow the governor
@@ -328,7 +222,7 @@ class Scheduler:
         request = Request(tokens, params)
         if bind_loop:
             try:
-                request.bind_loop(asyncio.get_running_loop())
+                request.bind(asyncio.get_running_loop())
             except RuntimeError:
                 pass
         with self._cond:
@@ -377,7 +271,7 @@ class Scheduler:
             waiting, self._waiting = list(self._waiting), deque()
         for request in waiting:
             request.put(EdgeLLMError("the engine was closed"))
-            request.put(_END)
+            request.end()
 
     def _nothing_to_do(self) -> bool:
         return not self._closed and not self._waiting and all(s.idle for s in self.slots)
@@ -392,30 +286,22 @@ class Scheduler:
             choice = slot.choice
             if choice is not None and choice.pending is not None and not slot.prefill:
                 outputs.append((slot, self._add(slot, [choice.pending], logits=True)))
-        budget = self.n_batch - batch.batch.n_tokens
+        reading = sorted((s for s in self.slots if s.prefill), key=lambda s: s.choice.request.id)
         prefilled: list[Slot] = []
-        # Shortest prompt first, and one prompt finished per step once the batch is big enough to
-        # use the cores: on a CPU, prefill is compute-bound from a few tokens, so packing several
-        # prompts into one decode saves nothing and only makes each wait for the others' tokens.
-        for slot in sorted((s for s in self.slots if s.prefill), key=lambda s: (len(s.prefill), s.choice.request.id)):
-            if budget <= 0 or (prefilled and batch.batch.n_tokens >= MIN_STEP_TOKENS):
-                break
-            chunk = slot.prefill[:budget]
-            last = len(chunk) == len(slot.prefill)
-            index = self._add(slot, chunk, logits=last)
-            slot.prefill = slot.prefill[len(chunk):]
-            budget -= len(chunk)
+        for i, n in plan_prefill([len(s.prefill) for s in reading], used=batch.n_tokens(), n_batch=self.n_batch):
+            slot = reading[i]
+            last = n == len(slot.prefill)
+            index = self._add(slot, slot.prefill[:n], logits=last)
+            slot.prefill = slot.prefill[n:]
             if last:
                 prefilled.append(slot)
                 outputs.append((slot, index))
-        if batch.batch.n_tokens == 0:
+        if batch.n_tokens() == 0:
             return
         self._set_threads()
-        status = llama_cpp.llama_decode(self.ctx.ctx, batch.batch)
         self.stats.decode_calls += 1
         self.stats.decodes_with_fewer_threads += self._threads_set[0] < self._governor.limit
-        if status != 0:
-            raise RuntimeError(f"llama_decode returned {status}")
+        rt.decode(self.ctx, batch)
         for slot in prefilled:
             self._copy_prompt(slot)
         for slot, index in outputs:
@@ -430,26 +316,19 @@ class Scheduler:
         if wanted != self._threads_set:
             log.debug("threads %d -> %d (other programs use %.2f cores)", self._threads_set[0], n,
                       self._governor.others)
-            llama_cpp.llama_set_n_threads(self.ctx.ctx, *wanted)
+            rt.set_threads(self.ctx, *wanted)
             self._threads_set = wanted
 
     def _add(self, slot: Slot, tokens: list[int], *, logits: bool) -> int:
         """Append tokens of one sequence to the batch; return the batch index of the last one."""
-        b = self._batch.batch
         pos = len(slot.cached)
         if pos + len(tokens) > self.n_ctx_seq:  # never hand llama.cpp a position past the slot
             raise RuntimeError(f"position {pos + len(tokens)} past the slot size {self.n_ctx_seq}")
-        for i, token in enumerate(tokens):
-            j = b.n_tokens + i
-            b.token[j] = token
-            b.pos[j] = pos + i
-            b.n_seq_id[j] = 1
-            b.seq_id[j][0] = slot.seq_id
-            b.logits[j] = False
-        b.n_tokens += len(tokens)
-        b.logits[b.n_tokens - 1] = logits
+        last = len(tokens) - 1
+        index = rt.add_tokens(self._batch, tokens, pos=pos, seq_id=slot.seq_id,
+                              logits=lambda i: logits and i == last)
         slot.cached.extend(tokens)
-        return b.n_tokens - 1
+        return index
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -466,7 +345,7 @@ class Scheduler:
                     return  # first come, first served: later requests wait behind it
                 self._waiting.popleft()
             if request.cancelled.is_set():
-                request.put(_END)
+                request.end()
                 continue
             if self.unified and not self._make_room(request.tokens, idle):
                 with self._cond:  # the running streams hold the pool: wait for them to end
@@ -476,7 +355,7 @@ class Scheduler:
                 self._start(request, idle)
             except Exception as exc:
                 request.put(exc if isinstance(exc, EdgeLLMError) else EdgeLLMError(str(exc)))
-                request.put(_END)
+                request.end()
 
     def _start(self, request: Request, idle: list[Slot]) -> None:
         """Admit a request into idle slots, all or nothing: everything that can fail for a bad
@@ -485,9 +364,8 @@ class Scheduler:
         tokens, params = request.tokens, request.params
         choices = self._make_choices(request)
         main, reuse, restored = self._place(tokens, idle)
-        # Extra choices overwrite the least recently used caches: keep those first.
-        others = sorted((s for s in idle if s is not main), key=lambda s: s.last_used)[: params.n - 1]
-        for slot in others:
+        others = slots_for_copies(idle, main, params.n)
+        for slot in others:  # their caches are overwritten: keep them first
             self._save(slot)
         main.prefill = tokens[reuse:]
         for slot, choice in zip([main, *others], choices, strict=False):
@@ -505,18 +383,13 @@ class Scheduler:
         """Pick the slot for a prompt and make it hold the longest cached prefix there is: its
         own, or a saved state restored from the prompt cache. Returns the slot, how many prompt
         tokens it holds, and how many of those were restored."""
-        main = max(idle, key=lambda s: (_common_prefix(s.cached, tokens), -s.last_used))
-        # At least the last prompt token must be evaluated to get logits for the first sample.
-        reuse = min(_common_prefix(main.cached, tokens), len(tokens) - 1)
-        if reuse < MIN_USEFUL_PREFIX:
-            main = min(idle, key=lambda s: s.last_used)
-            reuse = 0
+        main, reuse = pick_slot(tokens, idle)
         if self.cache is not None:
             entry, found = self.cache.lookup(tokens)
-            found = min(found, len(tokens) - 1)
-            if entry is not None and found >= reuse + MIN_RESTORE_GAIN:
+            found = usable_prefix(found, len(tokens))
+            if entry is not None and worth_restoring(found, reuse):
                 # The least recently used idle slot is the cheapest to give up; it is saved first.
-                target = min(idle, key=lambda s: s.last_used)
+                target = least_recently_used(idle)
                 # With -kvu the whole entry must fit in the pool before it is cut to the prompt.
                 fits = not self.unified or entry.n_tokens <= self._free_cells() + len(target.cached)
                 state = self.cache.load(entry) if fits else None
@@ -551,82 +424,50 @@ class Scheduler:
         seed = self.engine.seed if params.seed is None else params.seed
         if seed is not None:
             seed += index  # n choices from one seed must still differ
-        sampler = self._build_sampler(params, seed)
+        last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
+        engine = self.engine
+        sampler = rt.sampler_chain(params, vocab=engine.vocab, n_vocab=engine.n_vocab, eog_ids=engine.eog_ids,
+                                   penalty_last_n=last_n, seed=seed)
         if not params.grammar and params.repetition_penalty != 1.0:
             # vLLM and llama-server apply the repetition penalty to prompt tokens too.
-            last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
             for token in request.tokens[-last_n:] if last_n else []:
                 sampler.accept(token)
         return Choice(request, index, sampler, TextAssembler(params.stop, params.include_stop_str_in_output),
                       n_prompt, n_cached)
 
-    def _build_sampler(self, params: SamplingParams, seed: int | None) -> _internals.LlamaSampler:
-        engine = self.engine
-        sampler = _internals.LlamaSampler()
-        if params.grammar:
-            grammar = llama_cpp.llama_sampler_init_grammar(engine.vocab, params.grammar.encode(), b"root")
-            if not grammar:
-                sampler.close()
-                raise InvalidParameterError("the grammar does not parse (llama.cpp GBNF)", param="grammar")
-            llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
-        if params.ignore_eos and engine.eog_ids:
-            sampler.add_logit_bias(engine.n_vocab, {t: float("-inf") for t in engine.eog_ids})
-        if (params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty):
-            last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
-            sampler.add_penalties(engine.n_vocab, last_n, params.repetition_penalty,
-                                  params.frequency_penalty, params.presence_penalty)
-        if params.greedy:
-            sampler.add_greedy()
-            return sampler
-        if params.top_k > 0:
-            sampler.add_top_k(params.top_k)
-        if params.top_p < 1.0:
-            sampler.add_top_p(params.top_p, 1)
-        if params.min_p > 0.0:
-            sampler.add_min_p(params.min_p, 1)
-        sampler.add_temp(params.temperature)
-        sampler.add_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF)
-        return sampler
-
     def _truncate(self, slot: Slot, keep: int) -> None:
         """Drop the slot's cached tokens past `keep`."""
         if len(slot.cached) > keep:
-            if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
+            if not self.memory.cut(slot.seq_id, keep):
                 # Some memory types cannot drop a tail; then start the sequence over.
-                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                self.memory.clear(slot.seq_id)
                 keep = 0
             del slot.cached[keep:]
 
     def _copy_prompt(self, slot: Slot) -> None:
         for target in slot.copies:
-            llama_cpp.llama_memory_seq_rm(self.memory, target.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(self.memory, slot.seq_id, target.seq_id, -1, -1)
+            self.memory.copy(slot.seq_id, target.seq_id)
             target.cached = list(slot.cached)
 
     # -- unified KV (-kvu): one pool of n_ctx cells for every slot ------------------------------
 
     def _free_cells(self) -> int:
-        """Cells of the pool not yet promised: every slot's cached tokens and the prompt tokens it
-        still has to evaluate count (n > 1 copies share cells, so this errs on the safe side)."""
-        return self.engine.n_ctx - sum(len(s.cached) + len(s.prefill) for s in self.slots)
+        return free_cells(self.slots, self.engine.n_ctx)
 
     def _evict(self, slot: Slot) -> None:
         """Free an idle slot's cells; what it held goes to the prompt cache first."""
         self._save(slot)
-        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        self.memory.clear(slot.seq_id)
         slot.cached = []
 
     def _make_room(self, tokens: list[int], idle: list[Slot]) -> bool:
         """Free idle slots' cells, least recently used first, until the prompt and one more
         token per running stream fit. The idle slot that shares most with the prompt goes last."""
         need = len(tokens) + sum(1 for s in self.slots if not s.idle)
-        best = max(idle, key=lambda s: _common_prefix(s.cached, tokens))
-        victims = sorted((s for s in idle if s.cached and s is not best), key=lambda s: s.last_used)
-        for slot in [*victims, best]:
+        for slot in eviction_order(idle, tokens):
             if self._free_cells() >= need:
                 break
-            if slot.cached:
-                self._evict(slot)
+            self._evict(slot)
         return self._free_cells() >= need
 
     def _keep_decode_room(self) -> None:
@@ -637,9 +478,9 @@ class Scheduler:
             need = sum(1 for s in self.slots if s.choice is not None and not s.choice.done)
             if self._free_cells() >= need:
                 return
-            idle = sorted((s for s in self.slots if s.idle and s.cached), key=lambda s: s.last_used)
+            idle = [s for s in self.slots if s.idle and s.cached]
             if idle:
-                self._evict(idle[0])
+                self._evict(least_recently_used(idle))
                 continue
             running = [s for s in self.slots if s.choice is not None and not s.choice.done]
             if not running:
@@ -656,40 +497,22 @@ class Scheduler:
             return
         if self.cache.covers(slot.cached, tier="ram" if in_memory else "disk"):
             return
-        state = self._read_state(slot.seq_id)
+        state = self.memory.read_state(slot.seq_id)
         if state is not None:
             self.cache.store(slot.cached, state, in_memory=in_memory)
 
-    def _read_state(self, seq_id: int) -> bytearray | None:
-        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, seq_id)
-        state = bytearray(size)
-        view = (ctypes.c_uint8 * size).from_buffer(state)
-        written = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, view, size, seq_id)
-        del view  # release the export so the bytearray is an ordinary buffer again
-        if written != size:
-            log.warning("prompt cache: llama.cpp wrote %d of %d state bytes; not cached", written, size)
-            return None
-        return state
-
     def _restore(self, slot: Slot, state: bytes | bytearray, tokens: list[int]) -> bool:
         """Put a saved state into a slot: afterwards the slot holds exactly `tokens`."""
-        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        self.memory.clear(slot.seq_id)
         slot.cached = []
-        src = (ctypes.c_uint8 * len(state)).from_buffer(state) if isinstance(state, bytearray) \
-            else ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
-        read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, src, len(state), slot.seq_id)
-        del src
         # A state read from a file is checked like any input: llama.cpp rejects bytes it cannot
-        # parse (read != size); the cells it restored must also be exactly positions 0..n-1, or
-        # the state does not stand for these tokens (a forged or mislabelled file).
-        if read == len(state) and not (llama_cpp.llama_memory_seq_pos_min(self.memory, slot.seq_id) == 0
-                                       and llama_cpp.llama_memory_seq_pos_max(self.memory, slot.seq_id)
-                                       == len(tokens) - 1):
-            read = 0
-        if read != len(state):
+        # parse; the cells it restored must also be exactly positions 0..n-1, or the state does
+        # not stand for these tokens (a forged or mislabelled file).
+        if not (self.memory.write_state(slot.seq_id, state)
+                and self.memory.positions(slot.seq_id) == (0, len(tokens) - 1)):
             log.warning("prompt cache: llama.cpp could not restore a state of %d tokens; evaluating instead",
                         len(tokens))
-            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            self.memory.clear(slot.seq_id)
             return False
         slot.cached = list(tokens)
         return True
@@ -746,8 +569,7 @@ class Scheduler:
     def _argmax(self, index: int, banned: frozenset[int]) -> int:
         """Greedy sampling over the raw logits: the token llama.cpp's greedy sampler picks (the
         first of equal maxima), without building its 49k-entry candidate array every token."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, index)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.engine.n_vocab,))
+        logits = rt.logits(self.ctx, index, self.engine.n_vocab)
         token = int(logits.argmax())
         if token in banned:  # ignore_eos: the best token that does not end the generation
             logits = logits.copy()
@@ -756,8 +578,7 @@ class Scheduler:
         return token
 
     def _logprobs(self, index: int, top_n: int) -> tuple[np.ndarray, int]:
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, index)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.engine.n_vocab,)).astype(np.float64)
+        logits = rt.logits(self.ctx, index, self.engine.n_vocab).astype(np.float64)
         shifted = logits - logits.max()
         return shifted - np.log(np.exp(shifted).sum()), top_n
 
@@ -780,7 +601,7 @@ class Scheduler:
                           finish_reason=reason, usage=usage))
         self._release(slot)
         if not any(s.choice is not None and s.choice.request is request for s in self.slots):
-            request.put(_END)
+            request.end()
 
     def _release(self, slot: Slot) -> None:
         if slot.choice is not None:
@@ -796,7 +617,7 @@ class Scheduler:
             for request in gone:
                 self._waiting.remove(request)
         for request in gone:
-            request.put(_END)
+            request.end()
         for slot in self.slots:
             if slot.choice is not None and slot.choice.request.cancelled.is_set():
                 # Tokens already evaluated stay cached: a retried request can reuse them.
@@ -808,11 +629,11 @@ class Scheduler:
             if slot.choice is not None:
                 self._release(slot)
                 # The KV of a failed step is unknown: forget it.
-                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                self.memory.clear(slot.seq_id)
                 slot.cached = []
         for request in requests:
             request.put(error)
-            request.put(_END)
+            request.end()
 
 
 def _plain_greedy(params: SamplingParams) -> bool:
@@ -821,10 +642,3 @@ def _plain_greedy(params: SamplingParams) -> bool:
     return (params.greedy and not params.grammar and params.repetition_penalty == 1.0
             and not params.frequency_penalty and not params.presence_penalty)
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -1,0 +1,116 @@
+"""The scheduler's decisions about slots, as plain Python: which idle slot a request takes, how much
+of its prompt a slot already holds, whether a saved state is worth restoring, which slots give
+their cells up first, and which prompts a step reads. No llama.cpp calls: `scheduler.py` acts on
+what these return, and tests drive them with plain token lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_llm.engines.scheduler import Choice
+
+# Restoring a saved state copies the whole entry (and may read a file); a few tokens more than the
+# best idle slot offers are cheaper to evaluate.
+MIN_RESTORE_GAIN = 4
+# Below this many tokens a decode costs clearly more per token (measured on 2 cores), so a step
+# that finished one prompt still takes the next short ones.
+MIN_STEP_TOKENS = 16
+
+
+@dataclass
+class Slot:
+    """One llama.cpp sequence: the tokens its KV cells hold and the choice running in it."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in this sequence
+    last_used: float = 0.0
+    choice: Choice | None = None
+    prefill: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
+    copies: list[Slot] = field(default_factory=list)  # slots to receive this prompt's KV (n > 1)
+
+    @property
+    def idle(self) -> bool:
+        return self.choice is None
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def least_recently_used(slots: Sequence[Slot]) -> Slot:
+    return min(slots, key=lambda s: s.last_used)
+
+
+def pick_slot(tokens: Sequence[int], idle: Sequence[Slot]) -> tuple[Slot, int]:
+    """The idle slot for a prompt, and how many of its tokens that slot already holds: the slot
+    sharing the longest prefix with the prompt (the least recently used of equals); with nothing
+    to reuse, the least recently used one, so that no slot's cache is given up for nothing."""
+    best = max(idle, key=lambda s: (common_prefix(s.cached, tokens), -s.last_used))
+    reuse = usable_prefix(common_prefix(best.cached, tokens), len(tokens))
+    if reuse == 0:  # e.g. a one-token prompt that a slot's cache starts with
+        return least_recently_used(idle), 0
+    return best, reuse
+
+
+def usable_prefix(held: int, n_prompt: int) -> int:
+    """Of the `held` prompt tokens a slot or a saved state holds, those that may be kept: not the
+    last prompt token, which must be evaluated to get logits for the first sample."""
+    return min(held, n_prompt - 1)
+
+
+def worth_restoring(usable: int, reuse: int) -> bool:
+    """Whether restoring a saved state whose `usable` prompt tokens may be kept beats the `reuse`
+    tokens the chosen slot holds already."""
+    return usable >= reuse + MIN_RESTORE_GAIN
+
+
+def slots_for_copies(idle: Sequence[Slot], main: Slot, n: int) -> list[Slot]:
+    """The slots that take a request's other n - 1 choices: the least recently used caches are
+    overwritten first."""
+    return sorted((s for s in idle if s is not main), key=lambda s: s.last_used)[: n - 1]
+
+
+def free_cells(slots: Sequence[Slot], n_ctx: int) -> int:
+    """Cells of a unified pool (-kvu) not yet promised: every slot's cached tokens and the prompt
+    tokens it still has to evaluate count (n > 1 copies share cells, so this errs on the safe side)."""
+    return n_ctx - sum(len(s.cached) + len(s.prefill) for s in slots)
+
+
+def eviction_order(idle: Sequence[Slot], tokens: Sequence[int]) -> list[Slot]:
+    """The idle slots with cells to give up for a prompt, in the order they give them: least
+    recently used first, and the one that shares most with the prompt last."""
+    best = max(idle, key=lambda s: common_prefix(s.cached, tokens))
+    victims = sorted((s for s in idle if s.cached and s is not best), key=lambda s: s.last_used)
+    return [*victims, best] if best.cached else victims
+
+
+def plan_prefill(pending: Sequence[int], *, used: int, n_batch: int) -> list[tuple[int, int]]:
+    """Which prompts one step reads, and how many tokens of each.
+
+    `pending`: the prompt tokens each admitted request still has to read, in admission order;
+    `used`: the batch's tokens already taken (one per generating stream); `n_batch`: the batch's
+    size. Returns (position in `pending`, tokens to read) in batch order: shortest prompt first,
+    and one prompt finished per step once the batch holds MIN_STEP_TOKENS. On a CPU, prefill is
+    compute-bound from a few tokens, so packing several prompts into one decode saves nothing and
+    only makes each wait for the others' tokens; a long prompt is spread over several steps and
+    never stalls the running streams."""
+    plan: list[tuple[int, int]] = []
+    budget = n_batch - used
+    finished_one = False
+    for i in sorted(range(len(pending)), key=lambda i: pending[i]):  # stable: ties in admission order
+        if budget <= 0 or (finished_one and used >= MIN_STEP_TOKENS):
+            break
+        take = min(pending[i], budget)
+        plan.append((i, take))
+        used += take
+        budget -= take
+        finished_one = finished_one or take == pending[i]
+    return plan

@@ -1,0 +1,136 @@
+"""The scheduler's slot decisions (engines/slots.py) driven with plain token lists: no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_llm.engines import slots
+from edge_llm.engines.slots import Slot
+
+
+def slot(seq_id: int, cached: list[int], last_used: float) -> Slot:
+    return Slot(seq_id, cached=list(cached), last_used=last_used)
+
+
+def test_common_prefix():
+    assert slots.common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert slots.common_prefix([1, 2], [1, 2, 3]) == 2
+    assert slots.common_prefix([], [1]) == 0
+    assert slots.common_prefix([5], [6]) == 0
+
+
+def test_a_prompt_goes_to_the_slot_that_holds_most_of_it():
+    idle = [slot(0, [1, 2, 9], 1.0), slot(1, [1, 2, 3, 4], 5.0), slot(2, [], 0.0)]
+    chosen, reuse = slots.pick_slot([1, 2, 3, 4, 5, 6], idle)
+    assert (chosen.seq_id, reuse) == (1, 4)
+
+
+def test_equal_prefixes_go_to_the_least_recently_used_slot():
+    idle = [slot(0, [1, 2, 8], 3.0), slot(1, [1, 2, 9], 2.0)]
+    chosen, reuse = slots.pick_slot([1, 2, 3], idle)
+    assert (chosen.seq_id, reuse) == (1, 2)
+
+
+def test_with_nothing_to_reuse_the_least_recently_used_slot_is_taken():
+    idle = [slot(0, [7, 8], 2.0), slot(1, [9], 1.0), slot(2, [4, 4], 3.0)]
+    chosen, reuse = slots.pick_slot([1, 2, 3], idle)
+    assert (chosen.seq_id, reuse) == (1, 0)
+
+
+def test_a_one_token_prompt_spares_the_slot_that_starts_with_it():
+    # The last prompt token is always evaluated, so a one-token prompt reuses nothing: the slot
+    # whose cache it matches keeps its conversation, the least recently used one is taken.
+    idle = [slot(0, [5, 6, 7], 9.0), slot(1, [8], 1.0)]
+    chosen, reuse = slots.pick_slot([5], idle)
+    assert (chosen.seq_id, reuse) == (1, 0)
+
+
+def test_the_last_prompt_token_is_never_reused():
+    idle = [slot(0, [1, 2, 3, 4, 5], 1.0)]
+    assert slots.pick_slot([1, 2, 3], idle)[1] == 2
+    assert slots.usable_prefix(10, 4) == 3 and slots.usable_prefix(2, 4) == 2
+
+
+def test_a_saved_state_is_restored_only_for_a_real_gain():
+    assert not slots.worth_restoring(10 + slots.MIN_RESTORE_GAIN - 1, 10)
+    assert slots.worth_restoring(10 + slots.MIN_RESTORE_GAIN, 10)
+    assert slots.worth_restoring(slots.MIN_RESTORE_GAIN, 0)
+
+
+def test_extra_choices_take_the_least_recently_used_other_slots():
+    idle = [slot(0, [], 4.0), slot(1, [], 1.0), slot(2, [], 3.0), slot(3, [], 2.0)]
+    main = idle[1]
+    assert [s.seq_id for s in slots.slots_for_copies(idle, main, 3)] == [3, 2]
+    assert slots.slots_for_copies(idle, main, 1) == []
+    assert slots.least_recently_used(idle) is main
+
+
+def test_idle_slots_give_up_cells_least_recently_used_first_the_best_match_last():
+    idle = [slot(0, [1, 2, 3], 1.0), slot(1, [9, 9], 3.0), slot(2, [], 0.0), slot(3, [8], 2.0)]
+    assert [s.seq_id for s in slots.eviction_order(idle, [1, 2, 7])] == [3, 1, 0]
+    # An empty best match has nothing to give.
+    assert [s.seq_id for s in slots.eviction_order(idle[1:], [1, 2, 7])] == [3, 1]
+
+
+def test_free_cells_count_cached_and_promised_prompt_tokens():
+    table = [slot(0, [1, 2, 3], 0.0), slot(1, [], 0.0)]
+    table[1].prefill = [4, 5]
+    assert slots.free_cells(table, 10) == 5
+
+
+def test_prompts_are_read_shortest_first_one_finished_per_step():
+    # Two running streams take two batch tokens; the 30-token prompt is read alone, the 200-token
+    # one waits for the next step.
+    assert slots.plan_prefill([200, 30], used=2, n_batch=512) == [(1, 30)]
+
+
+def test_short_prompts_share_a_step_until_it_uses_the_cores():
+    short = slots.MIN_STEP_TOKENS // 4
+    plan = slots.plan_prefill([short, short, short, 100], used=0, n_batch=512)
+    assert plan[:3] == [(0, short), (1, short), (2, short)]
+    # After three short prompts the step is still below MIN_STEP_TOKENS: the long one is read too.
+    assert plan[3] == (3, 100)
+
+
+def test_ties_keep_admission_order():
+    assert slots.plan_prefill([40, 40], used=0, n_batch=512) == [(0, 40)]
+    assert slots.plan_prefill([5, 5], used=0, n_batch=512) == [(0, 5), (1, 5)]
+
+
+def test_a_long_prompt_is_spread_over_steps_within_the_batch():
+    pending = [1000]
+    steps = []
+    while pending[0]:
+        [(i, n)] = slots.plan_prefill(pending, used=3, n_batch=256)
+        steps.append(n)
+        pending[i] -= n
+    assert steps == [253, 253, 253, 241]
+
+
+def test_a_batch_full_of_running_streams_reads_no_prompt():
+    assert slots.plan_prefill([10], used=64, n_batch=64) == []
+
+
+@pytest.mark.parametrize("n_parallel", [1, 2, 3])
+def test_a_conversation_comes_back_to_its_slot(n_parallel):
+    """Admission as the scheduler runs it, with a fake decoder (a slot caches what it is given):
+    conversations pass through the slots; each follow-up turn finds the slot holding its history
+    while there are enough slots, else starts over in the least recently used one."""
+    table = [Slot(i) for i in range(n_parallel)]
+    clock = 0.0
+
+    def turn(prompt: list[int]) -> int:
+        nonlocal clock
+        chosen, reuse = slots.pick_slot(prompt, table)
+        chosen.cached = chosen.cached[:reuse] + prompt[reuse:] + [99]  # the prompt, then one reply token
+        clock += 1
+        chosen.last_used = clock
+        return reuse
+
+    histories = {c: [c * 10 + 1, c * 10 + 2, c * 10 + 3] for c in range(3)}
+    for history in histories.values():
+        assert turn(history) == 0
+    for c, history in histories.items():
+        follow_up = [*history, 99, c * 10 + 4]
+        expected = len(history) + 1 if n_parallel == 3 else 0
+        assert turn(follow_up) == expected
