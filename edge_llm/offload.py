@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from typing import Any
 DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 _OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 _BUFFER = re.compile(r"(\S+) model buffer size\s*=\s*([\d.]+) MiB")
-_log_lock = threading.Lock()
 
 
 @dataclass
@@ -114,27 +112,17 @@ def parse_load_log(text: str) -> tuple[int, int, dict[str, float]]:
 def offload_report(model_path: Path, options: Any) -> OffloadReport:
     """Load the model with these LoadOptions (-ngl, --split-mode, --tensor-split) and report
     what llama.cpp really put on the GPU."""
-    import llama_cpp
-    from llama_cpp import _logger
-
+    from edge_llm.engines.llama_log import log_to
     from edge_llm.engines.llamacpp import LlamaCppEngine
     from edge_llm.registry import ModelSpec, ResolvedModel
 
     before = {d.name: d.free_mib for d in gpu_devices()}
     lines: list[str] = []
 
-    @llama_cpp.llama_log_callback
-    def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        lines.append(text.decode("utf-8", errors="replace"))
-
     spec = ModelSpec(name=model_path.stem, source="local", path=str(model_path))
     options = options.replace(n_ctx=options.n_ctx or 512, n_parallel=1)
-    with _log_lock:
-        llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
-        try:
-            engine = LlamaCppEngine(ResolvedModel(model_path.stem, model_path, spec), options)
-        finally:
-            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    with log_to(lambda text: lines.append(text.decode("utf-8", errors="replace"))):
+        engine = LlamaCppEngine(ResolvedModel(model_path.stem, model_path, spec), options)
     try:
         after = {d.name: d.free_mib for d in gpu_devices()}
         offloaded, total, buffers = parse_load_log("".join(lines))

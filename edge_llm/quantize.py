@@ -49,8 +49,7 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
 
     `imatrix`: an importance matrix from llama-imatrix (GGUF or legacy .dat); `progress(done, total,
     tensor)` is called as llama.cpp reports each tensor."""
-    from llama_cpp._logger import set_verbose
-
+    from edge_llm.engines.llama_log import log_to, set_verbose
     from edge_llm.engines.llama_runtime import check_gguf_file, init_backend, llama_cpp
 
     src, dst = Path(src), Path(dst)
@@ -83,7 +82,7 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
         params.imatrix = keep_alive[0]
     tmp = dst.with_name(f".{dst.name}.partial")
     try:
-        with _log_progress(progress, verbose):
+        with log_to(_progress_reader(progress, verbose)):
             status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if status != 0:
             raise EdgeLLMError(f"llama.cpp could not quantize {src} to {qtype} (status {status}; "
@@ -95,36 +94,19 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
     return dst
 
 
-class _log_progress:
-    """Route llama.cpp's log through our own callback while quantizing: it reports each
-    "[ 12/272] blk.1.attn_q.weight" line as progress (llama_model_quantize has no progress callback)
-    and prints the log only when verbose (llama-cpp-python's own callback lets continuation lines
-    of warnings through even when quiet)."""
+def _progress_reader(progress: Callable[[int, int, str], None] | None, verbose: bool) -> Callable[[bytes], None]:
+    """llama.cpp's log while quantizing: each "[ 12/272] blk.1.attn_q.weight" line is progress
+    (llama_model_quantize has no progress callback); the log itself is printed only when verbose
+    (llama-cpp-python's own callback lets continuation lines of warnings through even when quiet)."""
 
-    def __init__(self, progress: Callable[[int, int, str], None] | None, verbose: bool):
-        self.progress, self.verbose = progress, verbose
+    def read(text: bytes) -> None:
+        match = _PROGRESS.search(text)
+        if match and progress is not None:
+            progress(int(match[1]), int(match[2]), match[3].decode(errors="replace"))
+        if verbose:
+            print(text.decode(errors="replace"), end="", file=sys.stderr, flush=True)
 
-    def __enter__(self):
-        import llama_cpp
-
-        @llama_cpp.llama_log_callback
-        def callback(level, text, user_data):
-            match = _PROGRESS.search(text or b"")
-            if match and self.progress is not None:
-                self.progress(int(match[1]), int(match[2]), match[3].decode(errors="replace"))
-            if self.verbose:
-                print((text or b"").decode(errors="replace"), end="", file=sys.stderr, flush=True)
-
-        self._callback = callback  # ctypes needs the callback object alive while llama.cpp holds it
-        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-        return self
-
-    def __exit__(self, *exc):
-        import llama_cpp
-        from llama_cpp._logger import llama_log_callback
-
-        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
-        return False
+    return read
 
 
 def load_imatrix(path: Path) -> dict[str, np.ndarray]:
