@@ -317,7 +317,6 @@ class CacheStats:
     restored_tokens: int = 0  # prompt tokens those requests did not evaluate thanks to it
     evictions: int = 0  # states dropped from host memory for the budget
     disk_evictions: int = 0  # files deleted for the disk budget
-    disk_writes: int = 0
     disk_errors: int = 0  # unreadable files skipped, failed writes
 
 
@@ -561,7 +560,6 @@ class PromptCache:
                 self._disk_on = False  # store() queues nothing more
             return False
         with self._lock:
-            self.stats.disk_writes += 1
             if self._entries.get(entry.key) is entry:
                 entry.disk = written
                 self._settle(entry)

@@ -74,12 +74,7 @@ log = logging.getLogger(__name__)
 class SchedulerStats:
     """Counters read by /metrics and the tests; written only by the engine thread."""
 
-    requests_total: int = 0
-    prompt_tokens_total: int = 0  # prompt tokens of admitted requests
-    prompt_tokens_evaluated: int = 0  # of those, the ones actually run through the model
-    prompt_tokens_cached: int = 0
-    generated_tokens_total: int = 0
-    prefix_cache_hits: int = 0  # requests that reused at least one cached token
+    prompt_tokens_evaluated: int = 0  # prompt tokens actually run through the model (not reused)
     decode_calls: int = 0
     decodes_with_fewer_threads: int = 0  # while other programs held cores (cpu_threads.ThreadGovernor)
 
@@ -373,11 +368,7 @@ class Scheduler:
             slot.choice = choice
             slot.last_used = time.monotonic()
         main.copies = others
-        self.stats.requests_total += 1
-        self.stats.prompt_tokens_total += len(tokens)
         self.stats.prompt_tokens_evaluated += len(tokens) - reuse
-        self.stats.prompt_tokens_cached += reuse
-        self.stats.prefix_cache_hits += reuse > 0
 
     def _place(self, tokens: list[int], idle: list[Slot]) -> tuple[Slot, int, int]:
         """Pick the slot for a prompt and make it hold the longest cached prefix there is: its
@@ -541,7 +532,6 @@ class Scheduler:
             # state): accepting it again would count it twice and break grammars.
             token = choice.sampler.sample(self.ctx, index)
         choice.generated += 1
-        self.stats.generated_tokens_total += 1
         if logprobs is not None:
             logprobs = [self._token_logprob(token, *logprobs)]
 
