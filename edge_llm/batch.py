@@ -413,7 +413,6 @@ class BatchSummary:
     errors: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
-    interrupted: bool = False
 
 
 class BatchRunner:
@@ -469,7 +468,6 @@ class BatchRunner:
             while pending:
                 self._drain(pending, writer, summary, progress, block=True)
         except KeyboardInterrupt:
-            summary.interrupted = True
             self.stop.set()
             self.backend.interrupt()
             for future in pending:
