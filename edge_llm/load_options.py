@@ -49,6 +49,7 @@ class Option:
     metavar: str | None = None
     bare: Any = None  # the value of the flag given without one (-fa alone means "on")
     env: bool = True  # False: no environment variable (values that don't fit one string)
+    repeatable: bool = False  # the flag may be given again; each gives a {key: value}, merged
 
     @property
     def env_name(self) -> str | None:
@@ -78,17 +79,18 @@ def parse_shares(text: str) -> tuple[float, ...]:
         raise ValueError(f"expected numbers separated by commas, e.g. 3,1 (got {text!r})") from None
 
 
-def parse_engine_arg(text: str) -> tuple[str, Any]:
-    """KEY=VALUE; the value is read as JSON where it is JSON (true, 0.9, 4), else kept as text."""
+def parse_engine_arg(text: str) -> dict[str, Any]:
+    """KEY=VALUE -> {key: value}; the value is read as JSON where it is JSON (true, 0.9, 4), else
+    kept as text."""
     import json
 
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ValueError(f"expected KEY=VALUE (got {text!r})")
     try:
-        return key.replace("-", "_"), json.loads(value)
+        return {key.replace("-", "_"): json.loads(value)}
     except ValueError:
-        return key.replace("-", "_"), value
+        return {key.replace("-", "_"): value}
 
 
 def _unescape(text: str) -> str:
@@ -193,7 +195,7 @@ class LoadOptions(BaseModel):
     # enforce_eager), LMDeploy's engine config (backend = turbomind | pytorch, ...).
     extra: Annotated[dict[str, Any] | None, _opt(
         "--engine-arg", group=GPU_ENGINES, parse=parse_engine_arg, metavar="KEY=VALUE", default={}, registry=False,
-        env=False,
+        env=False, repeatable=True,
         help="passed to the engine as is, e.g. enforce_eager=true (vLLM), backend=pytorch (LMDeploy); "
              "repeatable")] = None
 
@@ -268,8 +270,7 @@ def parse_text(name: str, text: str) -> Any:
     """A flag's or an environment variable's text -> the field's value (ValueError if it doesn't fit)."""
     opt, kind = OPTIONS[name], value_type(name)
     if opt.parse is not None:
-        value = opt.parse(text)
-        return dict([value]) if name == "extra" else value  # one KEY=VALUE
+        return opt.parse(text)
     if kind is bool:
         lowered = text.strip().lower()
         if lowered in ("1", "true", "on", "yes"):

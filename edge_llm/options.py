@@ -86,7 +86,7 @@ def _add_flag(group: argparse._ArgumentGroup, name: str, default: Any) -> None:
                                   type=_flag_type(name), choices=choices(name))
     if opt.bare is not None:
         kwargs.update(nargs="?", const=opt.bare)
-    if name == "extra":
+    if opt.repeatable:
         kwargs["action"] = "append"
     group.add_argument(*opt.flags, **kwargs)
 
@@ -99,10 +99,9 @@ def _shown(value: Any) -> str:
 def _flag_type(name: str) -> Callable[[str], Any]:
     def read(text: str) -> Any:
         try:
-            value = parse_text(name, text)
+            return parse_text(name, text)
         except (ValueError, EdgeLLMError) as exc:
             raise argparse.ArgumentTypeError(_why(exc, text)) from None
-        return value
 
     read.__name__ = OPTIONS[name].metavar or name  # argparse names it in "invalid N value"
     return read
@@ -134,7 +133,7 @@ def load_options(args: argparse.Namespace, *, defaults: Mapping[str, Any] | None
         opt = OPTIONS[name]
         value = getattr(args, name)
         if value is not None:
-            if name == "extra":  # --engine-arg is repeated: one {key: value} each
+            if opt.repeatable:  # one {key: value} per time the flag was given
                 value = {key: item for given in value for key, item in given.items()}
             values[name], origin[name] = value, "/".join(opt.flags[:2])
         elif opt.env_name and environ.get(opt.env_name) is not None:
