@@ -274,7 +274,9 @@ class SequenceMemory:
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
     def copy(self, src: int, dst: int) -> None:
-        """Make `dst` hold what `src` holds (cells shared, not duplicated)."""
+        """Make `dst` hold what `src` holds. With one KV pool (-kvu) the cells are shared; with a
+        stream per sequence (the default) llama.cpp copies the cell list now and the KV data at the
+        next decode, so `src`'s data must not be overwritten before then."""
         self.clear(dst)
         llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
 
