@@ -130,6 +130,19 @@ def token_to_piece(vocab: llama_cpp.llama_vocab_p, token: int, special: bool) ->
     return buf.raw[:n]
 
 
+def vocab_specials(vocab: llama_cpp.llama_vocab_p) -> dict[str, int | bool]:
+    """The vocabulary's type and its BOS / EOS (whether added, which id): what a draft model must
+    share with its target (llama.cpp's common_speculative_are_compatible)."""
+    return {"type": int(llama_cpp.llama_vocab_type(vocab)),
+            "add_bos": bool(llama_cpp.llama_vocab_get_add_bos(vocab)), "bos": int(llama_cpp.llama_vocab_bos(vocab)),
+            "add_eos": bool(llama_cpp.llama_vocab_get_add_eos(vocab)), "eos": int(llama_cpp.llama_vocab_eos(vocab))}
+
+
+def vocab_texts(vocab: llama_cpp.llama_vocab_p) -> list[bytes]:
+    """Every token's text as the vocabulary stores it (not the decoded piece)."""
+    return [llama_cpp.llama_vocab_get_text(vocab, t) or b"" for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
+
+
 # -- contexts -------------------------------------------------------------------------------------
 
 
