@@ -130,10 +130,15 @@ def token_to_piece(vocab: llama_cpp.llama_vocab_p, token: int, special: bool) ->
     return buf.raw[:n]
 
 
-def vocab_specials(vocab: llama_cpp.llama_vocab_p) -> dict[str, int | bool]:
-    """The vocabulary's type and its BOS / EOS (whether added, which id): what a draft model must
-    share with its target (llama.cpp's common_speculative_are_compatible)."""
-    return {"type": int(llama_cpp.llama_vocab_type(vocab)),
+VOCAB_TYPES = {value: name.removeprefix("LLAMA_VOCAB_TYPE_") for name, value in vars(llama_cpp).items()
+               if name.startswith("LLAMA_VOCAB_TYPE_")}
+
+
+def vocab_specials(vocab: llama_cpp.llama_vocab_p) -> dict[str, str | int | bool]:
+    """The vocabulary's type (SPM, BPE ...) and its BOS / EOS (whether added, which id): what a
+    draft model must share with its target (llama.cpp's common_speculative_are_compatible)."""
+    kind = int(llama_cpp.llama_vocab_type(vocab))
+    return {"type": VOCAB_TYPES.get(kind, str(kind)),
             "add_bos": bool(llama_cpp.llama_vocab_get_add_bos(vocab)), "bos": int(llama_cpp.llama_vocab_bos(vocab)),
             "add_eos": bool(llama_cpp.llama_vocab_get_add_eos(vocab)), "eos": int(llama_cpp.llama_vocab_eos(vocab))}
 
