@@ -92,6 +92,19 @@ def test_after_a_rejected_draft_the_proposal_is_a_fresh_drafters(demo_path, targ
 
 
 @pytest.mark.model
+def test_a_new_history_that_shares_a_prefix_keeps_only_the_prefix(demo_path, target, drafter):
+    first = target.tokenize("The three primary colours are red, yellow and")
+    drafter.propose({2: (first, 8)})
+    second = first[:3] + target.tokenize(" largest planets of the solar system are")
+    fresh = new_drafter(demo_path, target)
+    try:
+        expected = fresh.propose({2: (second, 8)})
+    finally:
+        fresh.close()
+    assert drafter.propose({2: (second, 8)}) == expected
+
+
+@pytest.mark.model
 def test_a_draft_near_the_end_of_its_sequence_proposes_fewer(target, drafter):
     tokens = (target.tokenize(" one two three four five six seven eight nine ten") * 40)[:N_CTX_SEQ - 3]
     assert len(drafter.propose({3: (tokens, 16)})[3]) == 3  # positions N_CTX_SEQ-3 .. N_CTX_SEQ-1
