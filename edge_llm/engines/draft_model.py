@@ -96,10 +96,11 @@ class DraftModel:
             self.n_vocab = self._model.n_vocab()
             # Drafts are the target's tokens: ids past its vocabulary are never proposed.
             self._n_proposable = min(self.n_vocab, target.n_vocab)
-            # The batch must hold one drafted token per sequence.
-            n_batch = max(n_batch, n_parallel)
+            # llama.cpp caps the batch at the context; it must hold one drafted token per sequence.
+            n_ctx = n_ctx_seq * n_parallel
+            n_batch = max(min(n_batch, n_ctx), n_parallel)
             # kv_unified off: each sequence owns n_ctx_seq cells, like the target's slots by default.
-            params = rt.context_params(n_ctx=n_ctx_seq * n_parallel, n_batch=n_batch, n_seq_max=n_parallel,
+            params = rt.context_params(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_parallel,
                                        n_threads=n_threads, kv_unified=False)
             self._context = rt.new_context(self._model, params, verbose=verbose, what=f"a draft context for {path}")
             self._batch = rt.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1)
@@ -111,6 +112,8 @@ class DraftModel:
         self._held: dict[int, list[int]] = {}  # sequence -> the tokens its KV holds, from position 0
 
     def propose(self, wanted: Mapping[int, tuple[Sequence[int], int]]) -> dict[int, list[int]]:
+        """Drafter.propose: greedy drafts, each cut at p_min, after an end of generation, and where
+        its sequence (n_ctx_seq) ends; a slot with nothing to draft is left out."""
         drafts = [d for seq_id, (tokens, n) in wanted.items() if (d := self._prepare(seq_id, list(tokens), n))]
         try:
             self._evaluate(drafts)
