@@ -33,6 +33,7 @@ GPU_ENGINES = "GPU engines (vllm, lmdeploy, transformers)"
 PROMPT_CACHE = "prompt cache (llama.cpp engine)"
 PREFIXES = "raw prompt format (instead of a chat template)"
 QUEUE = "queue"
+SPECULATIVE = "speculative decoding (llama.cpp engine)"
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,22 @@ class LoadOptions(BaseModel):
         "-kvu", "--kv-unified", group=PROMPT_CACHE, off_flags=("-no-kvu", "--no-kv-unified"), default=False,
         help="one KV pool: any conversation may use the whole -c while the others are idle "
              "(-no-kvu: each slot gets -c / -np cells)")] = None
+
+    # Speculative decoding (engines/speculation.py), with llama-server's names where it has them.
+    spec: Annotated[Literal["ngram", "draft", "off"] | None, _opt(
+        "--spec", group=SPECULATIVE,
+        help="draft tokens to verify in one step: ngram (copied from the prompt and the output so far), "
+             "draft (a small model, -md), off (default: draft with -md, else ngram); drafting stops by "
+             "itself where it would not pay")] = None
+    draft_max: Annotated[int | None, Field(ge=1, le=256), _opt(
+        "--draft-max", "--spec-draft-n-max", group=SPECULATIVE, metavar="N", default=16,
+        help="the most tokens drafted per slot and step")] = None
+    draft_min: Annotated[int | None, Field(ge=0, le=256), _opt(
+        "--draft-min", "--spec-draft-n-min", group=SPECULATIVE, metavar="N", default=0,
+        help="drafts shorter than this are not verified")] = None
+    model_draft: Annotated[str | None, _opt(
+        "-md", "--model-draft", group=SPECULATIVE, metavar="MODEL",
+        help="the draft model for --spec draft: a GGUF (or registry name) with the model's vocabulary")] = None
 
     max_queue: Annotated[int | None, Field(ge=0), _opt(
         "--max-queue", group=QUEUE, metavar="N", default=64, registry=False,

@@ -23,6 +23,7 @@ from edge_llm.load_options import (
     PREFIXES,
     PROMPT_CACHE,
     QUEUE,
+    SPECULATIVE,
     LoadOptions,
     choices,
     parse_size,
@@ -47,7 +48,7 @@ def add_model_flags(parser: argparse.ArgumentParser, *, defaults: Mapping[str, A
                    help="registry name, path to a .gguf, or hf:ORG/REPO:QUANT (default: the bundled demo model)")
     g.add_argument("--config", default=None, help="a models.toml that adds to / overrides the built-in registry")
     g.add_argument("--engine", default="llama.cpp", help="llama.cpp (default), transformers, vllm, lmdeploy")
-    add_load_flags(parser, MODEL, GPU_ENGINES, defaults=defaults)
+    add_load_flags(parser, MODEL, SPECULATIVE, GPU_ENGINES, defaults=defaults)
 
 
 def add_load_flags(parser: argparse.ArgumentParser, *groups: str, only: tuple[str, ...] | None = None,

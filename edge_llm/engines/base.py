@@ -34,6 +34,9 @@ class Usage:
     # Of those, the ones restored from a saved state (host memory or disk) rather than found
     # still in the request's slot.
     restored_tokens: int = 0
+    # Speculative decoding: drafted tokens verified, and of those the ones kept.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -16,6 +16,7 @@ from edge_llm.engines.base import Delta, Engine
 from edge_llm.engines.cpu_threads import default_threads
 from edge_llm.engines.llama_log import set_verbose
 from edge_llm.engines.llama_runtime import llama_cpp
+from edge_llm.engines.speculation import Drafter, PromptLookup
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError
 from edge_llm.load_options import LoadOptions
 from edge_llm.registry import ResolvedModel
@@ -98,7 +99,40 @@ class LlamaCppEngine(Engine):
         except BaseException:
             self.close()
             raise
-        self.scheduler = Scheduler(self, max_waiting=options.max_queue, cache=self.prompt_cache)
+        try:
+            drafter = self._drafter(options)
+        except BaseException:
+            self.close()
+            raise
+        self.scheduler = Scheduler(self, max_waiting=options.max_queue, cache=self.prompt_cache, drafter=drafter,
+                                   draft_max=options.draft_max, draft_min=options.draft_min)
+
+    def _drafter(self, options: LoadOptions) -> Drafter | None:
+        """Speculative decoding's drafter (--spec, -md): prompt lookup by default, none for models
+        whose memory cannot drop rejected drafts (recurrent and hybrid models)."""
+        spec = options.spec or ("draft" if options.model_draft else "ngram")
+        if spec == "off":
+            return None
+        if spec == "draft" and not options.model_draft:
+            raise InvalidParameterError("--spec draft needs a draft model: -md MODEL", param="model_draft")
+        if llama_cpp.llama_model_is_recurrent(self._model.model) or llama_cpp.llama_model_is_hybrid(self._model.model):
+            if options.spec is not None:
+                raise InvalidParameterError(f"--spec {spec}: {self.path.name} is a recurrent model, whose state "
+                                            "cannot drop rejected drafts; use --spec off", param="spec")
+            return None
+        if spec == "ngram":
+            return PromptLookup()
+        from edge_llm.engines.draft_model import DraftModel
+        from edge_llm.registry import resolve
+
+        draft = resolve(options.model_draft)
+        if not draft.is_gguf:
+            raise InvalidParameterError(f"-md {options.model_draft}: the draft model must be a GGUF "
+                                        "(convert it with `edge-llm convert`)", param="model_draft")
+        # With -kvu a slot may hold the whole context; the draft keeps a slot's share and drafts
+        # nothing past it.
+        return DraftModel(draft.path, self, n_parallel=self.n_parallel, n_ctx_seq=self.n_ctx // self.n_parallel,
+                          n_threads=self.n_threads, verbose=options.verbose)
 
     @property
     def n_ctx_seq(self) -> int:

@@ -29,6 +29,11 @@ beside the running streams waits; when the running streams fill the pool, the ne
 
 `n > 1` choices take n slots: the prompt is evaluated once, then copied (llama_memory_seq_cp)
 into the other slots, each with its own sampler.
+
+Speculative decoding (--spec): a generating slot may put drafted tokens after its pending one
+(speculation.py: a drafter proposes, `plan_drafts` decides how many are worth verifying); every
+position is sampled with the slot's own chain, the drafted tokens are kept up to the first that
+differs from what was sampled, and the KV cells of the rest are dropped.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
 from edge_llm.engines.prompt_cache import PromptCache
+from edge_llm.engines.speculation import Acceptance, Candidate, Drafter, StepCost, graph_runs, plan_drafts
 from edge_llm.engines.slots import (
     Slot,
     eviction_order,
@@ -77,6 +83,8 @@ class SchedulerStats:
     prompt_tokens_evaluated: int = 0  # prompt tokens actually run through the model (not reused)
     decode_calls: int = 0
     decodes_with_fewer_threads: int = 0  # while other programs held cores (cpu_threads.ThreadGovernor)
+    draft_tokens: int = 0  # drafted tokens verified (speculative decoding)
+    accepted_tokens: int = 0  # of those, the ones kept
 
 
 class Request(Channel[Delta]):
@@ -159,12 +167,21 @@ class Choice:
     generated: int = 0
     pending: int | None = None  # sampled token not yet decoded
     done: bool = False
+    acceptance: Acceptance | None = None  # of its drafted tokens (speculative decoding)
+    drafted: int = 0
+    accepted: int = 0
 
 
 class Scheduler:
-    def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64, cache: PromptCache | None = None) -> None:
+    def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64, cache: PromptCache | None = None,
+                 drafter: Drafter | None = None, draft_max: int = 16, draft_min: int = 0) -> None:
         self.engine = engine
         self.cache = cache  # states of conversations that lost their slot (prompt_cache.py)
+        self.drafter = drafter  # speculative decoding (speculation.py); None: off
+        self.draft_max = draft_max
+        self.draft_min = draft_min
+        self.cost = StepCost()  # graph run times, for plan_drafts (tests replace it)
+        self._acceptance = Acceptance()  # of every choice's drafts: where a new choice starts
         self.ctx = engine.context
         self.memory = rt.SequenceMemory(self.ctx)
         self.n_ctx_seq = engine.n_ctx_seq
@@ -243,6 +260,8 @@ class Scheduler:
             self._thread.join(timeout=30)
         if not self._thread.is_alive():
             self._persist_idle()  # the engine thread is gone: the slots can be read here
+            if self.drafter is not None:
+                self.drafter.close()
         self._batch.close()
 
     # -- engine thread --------------------------------------------------------------------------
@@ -274,35 +293,50 @@ class Scheduler:
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
+        generating = [s for s in self.slots if s.choice is not None and s.choice.pending is not None and not s.prefill]
+        reading = sorted((s for s in self.slots if s.prefill), key=lambda s: s.choice.request.id)
+        chunks = {reading[i].seq_id: n for i, n in plan_prefill([len(s.prefill) for s in reading],
+                                                                  used=len(generating), n_batch=self.n_batch)}
+        drafts = self._drafts(generating, chunks)
         batch = self._batch
         batch.reset()
-        outputs: list[tuple[Slot, int]] = []  # slots to sample, and their logits index in the batch
+        verifying: list[tuple[Slot, list[int], int]] = []  # generating slots, their drafts, their first logits index
+        prefilled: list[tuple[Slot, int]] = []  # slots whose prompt ends this step, and its logits index
+        counts: list[tuple[int, int]] = []
+        # In sequence order: llama.cpp runs consecutive sequences with equal token counts as one graph.
         for slot in self.slots:
-            choice = slot.choice
-            if choice is not None and choice.pending is not None and not slot.prefill:
-                outputs.append((slot, self._add(slot, [choice.pending], logits=True)))
-        reading = sorted((s for s in self.slots if s.prefill), key=lambda s: s.choice.request.id)
-        prefilled: list[Slot] = []
-        for i, n in plan_prefill([len(s.prefill) for s in reading], used=batch.n_tokens(), n_batch=self.n_batch):
-            slot = reading[i]
-            last = n == len(slot.prefill)
-            index = self._add(slot, slot.prefill[:n], logits=last)
-            slot.prefill = slot.prefill[n:]
-            if last:
-                prefilled.append(slot)
-                outputs.append((slot, index))
+            if slot in generating:
+                draft = drafts.get(slot.seq_id, [])
+                tokens = [slot.choice.pending, *draft]
+                last = self._add(slot, tokens, outputs=len(tokens))
+                verifying.append((slot, draft, last - len(draft)))
+            elif slot.seq_id in chunks:
+                n = chunks[slot.seq_id]
+                tokens = slot.prefill[:n]
+                ends = n == len(slot.prefill)
+                index = self._add(slot, tokens, outputs=1 if ends else 0)
+                slot.prefill = slot.prefill[n:]
+                if ends:
+                    prefilled.append((slot, index))
+            else:
+                continue
+            counts.append((slot.seq_id, len(tokens)))
         if batch.n_tokens() == 0:
             return
         self._set_threads()
         self.stats.decode_calls += 1
         self.stats.decodes_with_fewer_threads += self._threads_set[0] < self._governor.limit
+        start = time.perf_counter()
         rt.decode(self.ctx, batch)
-        for slot in prefilled:
+        if not chunks and len(graph_runs(counts, unified=self.unified)) == 1:
+            self.cost.observe(batch.n_tokens(), time.perf_counter() - start)
+        for slot, index in prefilled:
             self._copy_prompt(slot)
-        for slot, index in outputs:
             for target in [slot, *slot.copies]:
                 self._sample(target, index)
             slot.copies = []
+        for slot, draft, first in verifying:
+            self._verify(slot, draft, first)
 
     def _set_threads(self) -> None:
         """Threads for this decode, as the governor says (fewer while other programs hold cores)."""
@@ -314,16 +348,80 @@ class Scheduler:
             rt.set_threads(self.ctx, *wanted)
             self._threads_set = wanted
 
-    def _add(self, slot: Slot, tokens: list[int], *, logits: bool) -> int:
-        """Append tokens of one sequence to the batch; return the batch index of the last one."""
+    def _add(self, slot: Slot, tokens: list[int], *, outputs: int) -> int:
+        """Append tokens of one sequence to the batch, the last `outputs` of them wanting logits;
+        return the batch index of the last one."""
         pos = len(slot.cached)
         if pos + len(tokens) > self.n_ctx_seq:  # never hand llama.cpp a position past the slot
             raise RuntimeError(f"position {pos + len(tokens)} past the slot size {self.n_ctx_seq}")
-        last = len(tokens) - 1
+        first_output = len(tokens) - outputs
         index = rt.add_tokens(self._batch, tokens, pos=pos, seq_id=slot.seq_id,
-                              logits=lambda i: logits and i == last)
+                              logits=lambda i: i >= first_output)
         slot.cached.extend(tokens)
         return index
+
+    # -- speculative decoding -------------------------------------------------------------------
+
+    def _drafts(self, generating: list[Slot], chunks: dict[int, int]) -> dict[int, list[int]]:
+        """The drafted tokens each generating slot verifies this step (speculation.py)."""
+        if self.drafter is None or not generating:
+            return {}
+        room = {s.seq_id: self._draft_room(s) for s in generating}
+        others = [(seq_id, n) for seq_id, n in chunks.items()]
+
+        def plan(drafts: dict[int, int]) -> dict[int, int]:
+            candidates = [Candidate(s.seq_id, drafts[s.seq_id], s.choice.acceptance.value)
+                          for s in generating if drafts.get(s.seq_id, 0) >= max(self.draft_min, 1)]
+            chosen = {c.seq_id for c in candidates}
+            rest = others + [(s.seq_id, 1) for s in generating if s.seq_id not in chosen]
+            return plan_drafts(candidates, rest, self.cost, unified=self.unified, draft_min=self.draft_min)
+
+        # Ask the drafter only for slots that would verify a full draft (a draft model's proposals cost decodes).
+        worth = plan(room)
+        if not worth:
+            return {}
+        start = time.perf_counter()
+        proposals = self.drafter.propose({s.seq_id: ([*s.cached, s.choice.pending], worth[s.seq_id])
+                                          for s in generating if s.seq_id in worth})
+        self.cost.observe_drafting(max(map(len, proposals.values()), default=0), time.perf_counter() - start)
+        lengths = plan({seq_id: len(tokens) for seq_id, tokens in proposals.items()})
+        return {seq_id: proposals[seq_id][:n] for seq_id, n in lengths.items()}
+
+    def _draft_room(self, slot: Slot) -> int:
+        """The most tokens a slot may draft: within --draft-max, its context (the pending token
+        and the drafts must fit), max_tokens (a step yields one token past its drafts), the batch
+        and, with -kvu, the pool's free cells."""
+        choice = slot.choice
+        room = min(self.draft_max, self.n_ctx_seq - len(slot.cached) - 1,
+                   self.n_batch - sum(1 for s in self.slots if s.choice is not None))
+        if choice.request.params.max_tokens is not None:
+            room = min(room, choice.request.params.max_tokens - choice.generated - 1)
+        if self.unified:
+            room = min(room, self._free_cells() - self.running)
+        return max(room, 0)
+
+    def _verify(self, slot: Slot, draft: list[int], first: int) -> None:
+        """Sample the pending token's position and each drafted one in turn, as many as agree with
+        the draft (each sample is what decoding without speculation gives there); then drop the KV
+        of the drafted tokens that were not kept."""
+        choice = slot.choice
+        base = len(slot.cached) - len(draft) - 1  # the pending token's position
+        accepted = 0
+        for i in range(len(draft) + 1):
+            token = self._sample(slot, first + i, held=base + 1 + i)
+            if choice.done or i == len(draft) or token != draft[i]:
+                break
+            accepted += 1
+        if not draft:
+            choice.acceptance.recover()
+            return
+        self._truncate(slot, base + 1 + accepted)
+        choice.acceptance.update(len(draft), accepted)
+        self._acceptance.update(len(draft), accepted)
+        choice.drafted += len(draft)
+        choice.accepted += accepted
+        self.stats.draft_tokens += len(draft)
+        self.stats.accepted_tokens += accepted
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -424,7 +522,7 @@ class Scheduler:
             for token in request.tokens[-last_n:] if last_n else []:
                 sampler.accept(token)
         return Choice(request, index, sampler, TextAssembler(params.stop, params.include_stop_str_in_output),
-                      n_prompt, n_cached)
+                      n_prompt, n_cached, acceptance=self._acceptance.start())
 
     def _truncate(self, slot: Slot, keep: int) -> None:
         """Drop the slot's cached tokens past `keep`."""
@@ -518,10 +616,13 @@ class Scheduler:
 
     # -- sampling and output --------------------------------------------------------------------
 
-    def _sample(self, slot: Slot, index: int) -> None:
+    def _sample(self, slot: Slot, index: int, *, held: int | None = None) -> int | None:
+        """Sample the choice's next token from the logits at `index` and send it; `held`: the
+        tokens the slot's KV holds before it (default: all it caches). Returns the token."""
         choice = slot.choice
         if choice is None or choice.done:
-            return
+            return None
+        held = len(slot.cached) if held is None else held
         params = choice.request.params
         engine = self.engine
         logprobs = self._logprobs(index, params.logprobs) if params.logprobs is not None else None
@@ -547,7 +648,7 @@ class Scheduler:
                 finish = "stop"
             elif params.max_tokens is not None and choice.generated >= params.max_tokens:
                 finish = "length"
-            elif len(slot.cached) >= self.n_ctx_seq:
+            elif held >= self.n_ctx_seq:
                 finish = "length"  # the slot's context is full
         if finish is not None:
             text += choice.text.finish()
@@ -555,6 +656,7 @@ class Scheduler:
         else:
             choice.pending = token
             choice.request.put(Delta(text=text, token_ids=[token], index=choice.index, logprobs=logprobs))
+        return token
 
     def _argmax(self, index: int, banned: frozenset[int]) -> int:
         """Greedy sampling over the raw logits: the token llama.cpp's greedy sampler picks (the
@@ -585,7 +687,8 @@ class Scheduler:
         choice = slot.choice
         choice.done = True
         usage = Usage(prompt_tokens=choice.n_prompt, completion_tokens=choice.generated,
-                      cached_tokens=choice.n_cached, restored_tokens=choice.n_restored)
+                      cached_tokens=choice.n_cached, restored_tokens=choice.n_restored,
+                      draft_tokens=choice.drafted, accepted_tokens=choice.accepted)
         request = choice.request
         request.put(Delta(text=text, token_ids=token_ids or [], index=choice.index, logprobs=logprobs,
                           finish_reason=reason, usage=usage))
