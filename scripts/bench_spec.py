@@ -9,7 +9,8 @@ scripts/bench_servers.py):
   - llama-server-lookup  `llama-server ... --spec-type ngram-simple` with N=4, M=16 (--llama-lookup-args)
   - llama-server-off     `llama-server` as shipped (no speculation)
 plus any --checkout NAME=PATH[:ARGS] (edge-llm from another checkout) and --llama-variant
-NAME:ARGS (llama-server with other settings).
+NAME:ARGS (llama-server with other settings). --edge-checkout PATH runs the two edge-llm servers
+from another checkout (one with the --spec flags, while this one lacks them).
 
 Tasks, all greedy chat completions (the model's own template) with `ignore_eos`, so every
 request generates exactly --max-tokens tokens (tokens are counted from `usage` all the same):
@@ -23,12 +24,14 @@ Each task at every level of --clients (C clients, each sending --requests reques
 another). Per (server, task, clients): generated tokens/s over the level's wall time, median over
 --rounds; the servers take turns, the order rotating each round.
 
-Reported: a markdown table (tokens/s and the ratios of every server to edge-llm-off, to
-llama-server-lookup and to llama-server-off), the issue's targets for edge-llm-spec over
-edge-llm-off (copy at 1 client >= 1.5x; open-ended and 4 clients >= 0.97x), edge-llm-spec over
-the strongest other server of each case, then one JSON line. Draft counters: edge-llm's
-/metrics samples whose names contain `spec` (the difference over each level), and llama-server's
-per-request `draft_n` / `draft_n_accepted` timings.
+Reported: a markdown table (tokens/s; the ratios of every server to edge-llm-off, to
+llama-server-lookup and to llama-server-off; the copies' fidelity; how many outputs of a
+speculating server equal its no-speculation twin's, request by request: greedy speculation
+should change none, though a batched verification can flip a near tie), the issue's targets
+for edge-llm-spec over edge-llm-off (copy at 1 client >= 1.5x; open-ended and 4 clients
+>= 0.97x), edge-llm-spec over the strongest other server of each case, then one JSON line.
+Draft counters: edge-llm's /metrics samples whose names contain `spec` (the difference over
+each level), and llama-server's per-request `draft_n` / `draft_n_accepted` timings.
 
 llama-server's lookup setting (the default of --llama-lookup-args) is the strongest of those
 tried on the copy task on a 2-core x86 machine (-t 2, 192 tokens, 3 requests per client, median
@@ -48,6 +51,7 @@ At 1 client the copy task's tokens/s include reading the ~290-token prompt (abou
 a 3 s request on 2 cores), which speculation cannot speed up; the `stream tokens/s p50`
 column (each stream's rate after its first token, median) shows generation alone, and the
 target lines give its ratio too.
+
 Only 127.0.0.1 is contacted; the work is bounded by --rounds, --requests and --max-tokens
 (the default run: about 6 minutes on 2 cores).
 
@@ -62,6 +66,7 @@ import argparse
 import asyncio
 import contextlib
 import difflib
+import hashlib
 import json
 import shlex
 import statistics
@@ -72,6 +77,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_servers import (  # noqa: E402
+    ROOT,
     TOPICS,
     ServerSpec,
     Streamed,
@@ -92,6 +98,7 @@ SPEC, OFF = "edge-llm-spec", "edge-llm-off"
 LOOKUP, LLAMA_OFF = "llama-server-lookup", "llama-server-off"
 SERVERS = (SPEC, OFF, LOOKUP, LLAMA_OFF)
 BASELINES = (OFF, LOOKUP, LLAMA_OFF)  # the ratio columns
+NO_SPEC = {SPEC: OFF, LOOKUP: LLAMA_OFF}  # whose outputs each speculating server's should equal
 DEFAULT_LOOKUP_ARGS = "--spec-type ngram-simple --spec-ngram-simple-size-n 4 --spec-ngram-simple-size-m 16"
 # The issue's targets: edge-llm-spec / edge-llm-off at least this, per (task, clients).
 TARGETS = {("copy", 1): 1.5, ("open", 1): 0.97, ("copy", 4): 0.97, ("open", 4): 0.97}
@@ -164,6 +171,24 @@ def copy_fidelity(output: str, passage: str) -> float:
     return difflib.SequenceMatcher(None, words, passage.split()[:len(words)], autojunk=False).ratio()
 
 
+def output_digest(text: str) -> str:
+    """A short fingerprint of one output, to compare servers' outputs request by request."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def same_outputs(runs: list[dict], baseline_runs: list[dict]) -> tuple[int, int]:
+    """How many requests gave the same output as the baseline's same request of the same round,
+    of those both made: greedy speculation should not change a single one."""
+    same = total = 0
+    for run in runs:
+        base = next((b for b in baseline_runs if b["round"] == run["round"]), None)
+        if base:
+            pairs = list(zip(run["outputs"], base["outputs"], strict=True))
+            same += sum(a == b for a, b in pairs)
+            total += len(pairs)
+    return same, total
+
+
 async def load(url: str, task: str, clients: int, requests: int, max_tokens: int) -> dict:
     """`clients` users, each sending `requests` requests of the task one after another."""
     # A new connection per request, as in bench_serving.py: a kept-alive connection the server is
@@ -186,7 +211,8 @@ async def load(url: str, task: str, clients: int, requests: int, max_tokens: int
     tokens = sum(r.tokens for _, r in results)
     row = {"task": task, "clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
            "tokens_per_s": tokens / wall, "ttft_p50": statistics.median(r.ttft for _, r in results),
-           "decode_p50": statistics.median(r.decode_tokens_per_s for _, r in results)}
+           "decode_p50": statistics.median(r.decode_tokens_per_s for _, r in results),
+           "outputs": [output_digest(r.text) for _, r in sorted(results, key=lambda item: item[0])]}
     if task == "copy":
         row["fidelity"] = statistics.median(copy_fidelity(r.text, PASSAGES[i % len(PASSAGES)]) for i, r in results)
     drafted = [r.timings["draft_n"] for _, r in results if "draft_n" in r.timings]
@@ -246,6 +272,10 @@ def summarize(raw: list[dict]) -> list[dict]:
                 metrics[name] = metrics.get(name, 0.0) + value
         if metrics:
             row["spec_metrics"] = metrics
+        if server in NO_SPEC:
+            baseline_runs = [r for r in raw if (r["task"], r["clients"], r["server"]) == (task, clients, NO_SPEC[server])]
+            if baseline_runs:
+                row["same_outputs"] = same_outputs(runs, baseline_runs)
         rows.append(row)
     for row in rows:
         row["ratios"] = {}
@@ -302,13 +332,14 @@ def drafts_note(row: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     header = ("| task | clients | server | tokens/s | " + " | ".join(f"x {b}" for b in BASELINES)
-              + " | TTFT p50 (s) | stream tokens/s p50 | copy fidelity | accepted / drafted |")
+              + " | TTFT p50 (s) | stream tokens/s p50 | copy fidelity | accepted / drafted | same output as no-spec |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         ratios = " | ".join(f"{r['ratios'][b]:.2f}" if b in r["ratios"] else "-" for b in BASELINES)
         fidelity = f"{r['fidelity']:.2f}" if "fidelity" in r else "-"
+        same = "{} / {}".format(*r["same_outputs"]) if "same_outputs" in r else "-"
         lines.append(f"| {r['task']} | {r['clients']} | {r['server']} | {r['tokens_per_s']:.1f} | {ratios} | "
-                     f"{r['ttft_p50']:.3f} | {r['decode_p50']:.1f} | {fidelity} | {drafts_note(r)} |")
+                     f"{r['ttft_p50']:.3f} | {r['decode_p50']:.1f} | {fidelity} | {drafts_note(r)} | {same} |")
     return "\n".join(lines)
 
 
@@ -345,6 +376,8 @@ def main() -> None:
     parser.add_argument("--edge-spec-args", default="--spec ngram", help="edge-llm-spec's flags")
     parser.add_argument("--edge-off-args", default="--spec off",
                         help="edge-llm-off's flags ('' for a checkout without --spec)")
+    parser.add_argument("--edge-checkout", default=None, metavar="PATH",
+                        help="run edge-llm-spec and edge-llm-off from this checkout (default: this one)")
     parser.add_argument("--llama-lookup-args", default=DEFAULT_LOOKUP_ARGS, help="llama-server-lookup's flags")
     parser.add_argument("--llama-variant", action="append", default=[], metavar="NAME:ARGS",
                         help="also run llama-server under this name with these flags")
@@ -359,6 +392,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--servers: unknown {sorted(unknown)}; choose from {','.join(SERVERS)}")
     common = dict(parallel=args.parallel, ctx=args.ctx_size, threads=args.threads)
+    edge_checkout = Path(args.edge_checkout).resolve() if args.edge_checkout else ROOT
     edge_args = {SPEC: args.edge_spec_args, OFF: args.edge_off_args}
     llama_args = {LOOKUP: args.llama_lookup_args, LLAMA_OFF: ""}
     needs_llama = any(name in llama_args for name in wanted) or args.llama_variant
@@ -366,7 +400,8 @@ def main() -> None:
     specs: list[ServerSpec] = []
     for name in wanted:
         if name in edge_args:
-            specs.append(edge_llm_spec(model, **common, name=name, extra_args=tuple(shlex.split(edge_args[name]))))
+            specs.append(edge_llm_spec(model, **common, name=name, extra_args=tuple(shlex.split(edge_args[name])),
+                                       checkout=edge_checkout))
         else:
             specs.append(llama_server_spec(binary, model, **common, name=name,
                                            extra_args=tuple(shlex.split(llama_args[name]))))

@@ -15,7 +15,7 @@ from bench_servers import parse_metrics, turn_order  # noqa: E402
 
 def run(server: str, task: str, clients: int, tokens_per_s: float, rnd: int = 0, **extra) -> dict:
     return {"server": server, "task": task, "clients": clients, "round": rnd, "tokens_per_s": tokens_per_s,
-            "ttft_p50": 0.1, "decode_p50": tokens_per_s * 2, **extra}
+            "ttft_p50": 0.1, "decode_p50": tokens_per_s * 2, "outputs": ["a", "b"], **extra}
 
 
 def test_summarize_takes_the_median_over_rounds_and_divides_by_each_baseline():
@@ -60,6 +60,18 @@ def test_markdown_has_one_row_per_case_and_dashes_for_missing_baselines():
     spec_line = next(line for line in lines if "| edge-llm-spec |" in line)
     assert "| 150.0 | 1.50 | 1.25 | - |" in spec_line and "| 0.98 |" in spec_line and "| 30 / 40 |" in spec_line
     assert "| 45 / 50 |" in next(line for line in lines if "| llama-server-lookup |" in line)
+
+
+def test_same_outputs_compares_request_by_request_within_a_round():
+    raw = [run("edge-llm-spec", "copy", 1, 1.0, rnd=0, outputs=["a", "x"]),
+           run("edge-llm-spec", "copy", 1, 1.0, rnd=1, outputs=["a", "b"]),
+           run("edge-llm-spec", "copy", 1, 1.0, rnd=2, outputs=["a", "b"]),  # no baseline run in round 2
+           run("edge-llm-off", "copy", 1, 1.0, rnd=0, outputs=["a", "b"]),
+           run("edge-llm-off", "copy", 1, 1.0, rnd=1, outputs=["a", "b"])]
+    rows = bench_spec.summarize(raw)
+    assert bench_spec.find(rows, "copy", 1, "edge-llm-spec")["same_outputs"] == (3, 4)
+    assert "same_outputs" not in bench_spec.find(rows, "copy", 1, "edge-llm-off")
+    assert "| 3 / 4 |" in bench_spec.markdown(rows)
 
 
 def test_copy_fidelity_is_one_for_a_verbatim_prefix_and_drops_with_drift():
