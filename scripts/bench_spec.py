@@ -53,7 +53,7 @@ column (each stream's rate after its first token, median) shows generation alone
 target lines give its ratio too.
 
 Only 127.0.0.1 is contacted; the work is bounded by --rounds, --requests and --max-tokens
-(the default run: about 6 minutes on 2 cores).
+(the default run: about 7 minutes on 2 cores).
 
     python scripts/bench_spec.py [--llama-server PATH] [--rounds 2] [--clients 1,4] [--tasks copy,open]
         [--servers edge-llm-spec,edge-llm-off,llama-server-lookup,llama-server-off]
