@@ -6,6 +6,10 @@ a clean environment, and the load scenarios.
   ~/.cache/edge-llm/llama-server-<version>/; or a binary the caller names (`--llama-server`).
 - `edge_llm_spec`, `llama_server_spec`, `llama_cpp_python_spec`: how to start each server.
 - `running(spec)`: start one, wait until it answers its health route, stop it afterwards.
+- `turn_order(specs, round)`: the servers in the order they take turns in a round (it rotates).
+- `stream_completion(client, route, body)`: one streamed OpenAI-style request, timed.
+- `TOPICS`: the subjects of the open-ended prompts.
+- `scrape_metrics(url)`: a server's Prometheus /metrics samples, {} where it has none.
 - `busy_core()`: the contended scenario, a busy loop pinned to one core for the whole run.
 
 Every server starts from `clean_env()`: PATH, HOME and LANG only. Nothing the caller's shell
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.metadata
+import json
 import os
 import shutil
 import signal
@@ -245,6 +250,88 @@ def _stop(process: subprocess.Popen) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def turn_order(specs: list[ServerSpec], round_index: int) -> list[ServerSpec]:
+    """The servers rotated by one place per round, so none always runs first (cold caches, a CPU
+    that has not clocked up yet) or last."""
+    shift = round_index % len(specs)
+    return specs[shift:] + specs[:shift]
+
+
+# -- requests ---------------------------------------------------------------------------------------
+
+# Open-ended prompts: "Write a long, detailed story about <topic>".
+TOPICS = ["the sea", "a lighthouse", "the moon", "a forest", "a city at night", "a mountain", "a river",
+          "an old library", "a train journey", "a garden in spring", "the desert", "a snowy village"]
+
+
+@dataclass
+class Streamed:
+    ttft: float
+    seconds: float  # the whole request
+    tokens: int
+    text: str
+    # llama-server's own figures for the request (draft_n, draft_n_accepted, ...), {} elsewhere.
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """The stream's rate after its first token: generation alone, without the prompt's reading."""
+        return (self.tokens - 1) / max(self.seconds - self.ttft, 1e-9)
+
+
+async def stream_completion(client: httpx.AsyncClient, route: str, body: dict) -> Streamed:
+    """One streamed request to /v1/completions or /v1/chat/completions, with usage asked for.
+    Tokens from the final usage (llama-cpp-python's server sends none: there, each text chunk is
+    one token)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = None
+    chunks = 0
+    usage = None
+    parts: list[str] = []
+    timings: dict = {}
+    async with client.stream("POST", route, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]["completion_tokens"]
+            timings = event.get("timings") or timings
+            for choice in event.get("choices") or []:
+                text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if text:
+                    parts.append(text)
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter()
+    end = time.perf_counter()
+    return Streamed((first or end) - start, end - start, usage if usage is not None else chunks, "".join(parts),
+                    timings)
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """The samples of a server's Prometheus /metrics (`name{labels}` -> value); {} for a server
+    without the route."""
+    try:
+        response = httpx.get(url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return {}
+    return parse_metrics(response.text) if response.status_code == 200 else {}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format -> {`name{labels}`: value}; comments and unreadable lines skipped."""
+    samples = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name and not line.startswith("#"):
+            with contextlib.suppress(ValueError):
+                samples[name] = float(value)
+    return samples
 
 
 # -- the contended scenario -------------------------------------------------------------------------

@@ -30,14 +30,15 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_servers import (  # noqa: E402
+    TOPICS,
     ServerSpec,
+    Streamed,
     edge_llm_spec,
     llama_cpp_python_spec,
     llama_server_binary,
@@ -45,49 +46,25 @@ from bench_servers import (  # noqa: E402
     resolve_model,
     running,
     scenario,
+    scrape_metrics,
     stop_on_sigterm,
+    stream_completion,
+    turn_order,
 )
 
 from edge_llm.engines.cpu_threads import default_threads  # noqa: E402
 
 ANCHOR = "llama-server"
-TOPICS = ["the sea", "a lighthouse", "the moon", "a forest", "a city at night", "a mountain", "a river",
-          "an old library", "a train journey", "a garden in spring", "the desert", "a snowy village"]
 # The issue's targets: (scenario, clients) -> minimum tokens/s ratio to llama-server, and the
 # largest TTFT p95 ratio where one applies.
 TARGETS = {("quiet", 1): (0.97, None), ("quiet", 8): (1.0, 1.5), ("contended", 1): (1.5, None),
            ("contended", 8): (1.5, None)}
 
 
-@dataclass
-class Result:
-    ttft: float
-    tokens: int
-
-
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Result:
-    """One greedy streamed completion; tokens from the final usage (llama-cpp-python's server sends
-    none: there, each text chunk is one token)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first = None
-    chunks = 0
-    usage = None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                usage = event["usage"]["completion_tokens"]
-            for choice in event.get("choices") or []:
-                if choice.get("text"):
-                    chunks += 1
-                    if first is None:
-                        first = time.perf_counter()
-    return Result((first or time.perf_counter()) - start, usage if usage is not None else chunks)
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Streamed:
+    """One greedy streamed completion."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return await stream_completion(client, "/v1/completions", body)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -104,8 +81,8 @@ async def load(url: str, clients: int, requests: int, max_tokens: int, budget_s:
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
 
-        async def user(u: int) -> list[Result]:
-            out: list[Result] = []
+        async def user(u: int) -> list[Streamed]:
+            out: list[Streamed] = []
             for r in range(requests):
                 if out and time.perf_counter() - start > budget_s:
                     break
@@ -131,14 +108,8 @@ async def warm_up(url: str) -> None:
 def fewer_thread_decodes(url: str) -> float | None:
     """edge-llm's count of decodes run with fewer threads than cores (its thread governor yielding
     to other programs), from /metrics; None for servers that do not report it."""
-    try:
-        text = httpx.get(url + "/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("edge_llm:decodes_with_fewer_threads"):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    samples = scrape_metrics(url)
+    return next((v for k, v in samples.items() if k.startswith("edge_llm:decodes_with_fewer_threads")), None)
 
 
 def measure(spec: ServerSpec, levels: list[int], requests: int, max_tokens: int, budget_s: float) -> list[dict]:
@@ -254,7 +225,7 @@ def main() -> None:
     for scen in args.scenarios.split(","):
         with scenario(scen):
             for rnd in range(args.rounds):
-                for spec in specs[rnd % len(specs):] + specs[:rnd % len(specs)]:
+                for spec in turn_order(specs, rnd):
                     for row in measure(spec, levels, args.requests, args.max_tokens, args.level_seconds):
                         row.update(scenario=scen, server=spec.name, round=rnd)
                         raw.append(row)
