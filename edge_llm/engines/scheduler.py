@@ -53,7 +53,6 @@ from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
 from edge_llm.engines.prompt_cache import PromptCache
-from edge_llm.engines.speculation import Acceptance, Candidate, Drafter, StepCost, graph_runs, plan_drafts
 from edge_llm.engines.slots import (
     Slot,
     eviction_order,
@@ -65,6 +64,7 @@ from edge_llm.engines.slots import (
     usable_prefix,
     worth_restoring,
 )
+from edge_llm.engines.speculation import Acceptance, Candidate, Drafter, StepCost, graph_runs, plan_drafts
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import Channel
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, OverloadedError
