@@ -67,5 +67,12 @@ def _print_stats(usage: Any, start: float, first: float | None) -> None:
     decode = max(end - (first or end), 1e-9)
     rate = max(usage.completion_tokens - 1, 0) / decode
     print(f"prompt: {usage.prompt_tokens} tokens ({usage.cached_tokens} cached), first token after "
-          f"{ttft * 1000:.0f} ms; generated {usage.completion_tokens} tokens, {rate:.1f} tokens/s",
-          file=sys.stderr)
+          f"{ttft * 1000:.0f} ms; generated {usage.completion_tokens} tokens, {rate:.1f} tokens/s"
+          f"{drafts_note(usage)}", file=sys.stderr)
+
+
+def drafts_note(usage: Any) -> str:
+    """Speculative decoding's part of a --stats line (generate, chat), or nothing."""
+    if not getattr(usage, "draft_tokens", 0):
+        return ""
+    return f"; drafts: {usage.accepted_tokens} of {usage.draft_tokens} kept"

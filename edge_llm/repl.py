@@ -25,7 +25,7 @@ from edge_llm.console import LineReader, Screen, default_history_file, last_chat
 from edge_llm.conversation import Answer, Conversation, PrefixConversation, Prompt, TemplateConversation
 from edge_llm.engines.base import Engine, Usage, load_engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.generate_command import read_prompt_file
+from edge_llm.generate_command import drafts_note, read_prompt_file
 from edge_llm.options import (
     PREFIXES,
     PROMPT_CACHE,
@@ -322,7 +322,7 @@ def _stats_line(prompt: Prompt, answer: Answer, usage: Usage | None, speed: floa
     rebuilt = ", conversation re-tokenized" if prompt.rebuilt else ""
     restored = f" ({usage.restored_tokens} restored from the prompt cache)" if usage.restored_tokens else ""
     return (f"[prompt: {usage.prompt_tokens} tokens, {usage.cached_tokens} cached{restored}, {evaluated} evaluated"
-            f"{rebuilt} | answer: {usage.completion_tokens} tokens, {speed:.1f} tokens/s]")
+            f"{rebuilt} | answer: {usage.completion_tokens} tokens, {speed:.1f} tokens/s{drafts_note(usage)}]")
 
 
 def _token_bytes(engine: Engine, token: int) -> bytes:

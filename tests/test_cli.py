@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,7 +27,28 @@ def test_generate_chat_and_stats():
     assert "tokens/s" in out.stderr
 
 
+COPY_PROMPT = ("the keeper climbed the steps to the lamp room and wound the clockwork that turned the lens\n" * 3)
+
+
+def test_generate_with_speculation_prints_the_same_text_and_counts_its_drafts(demo_path):
+    args = ["generate", "-p", COPY_PROMPT, "-n", "48", "--temp", "0", "--ignore-eos", "--stats"]
+    plain = run_cli(*args, "--spec", "off")
+    lookup = run_cli(*args, "--spec", "ngram")
+    # The bundled model drafting for itself: as slow to draft as to verify, so the plan soon stops
+    # drafting; what it did draft was all kept.
+    drafted = run_cli(*args, "--spec", "draft", "-md", str(demo_path), "--draft-max", "4")
+    for out in (plain, lookup, drafted):
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == plain.stdout
+    assert "drafts:" not in plain.stderr
+    assert re.search(r"drafts: [1-9]\d* of \d+ kept", lookup.stderr), lookup.stderr
+    counts = re.search(r"drafts: (\d+) of (\d+) kept", drafted.stderr)
+    assert counts is None or counts.group(1) == counts.group(2), drafted.stderr
+
+
 @pytest.mark.parametrize("args,fragment", [
+    (["--spec", "draft"], "--spec draft needs a draft model: -md MODEL"),
+    (["-md", "/nonexistent/draft.gguf"], "model file not found: /nonexistent/draft.gguf"),
     (["--temp", "-1"], "invalid temperature: Input should be greater than or equal to 0 (got -1.0)"),
     (["--top-p", "1.5"], "invalid top_p"),
     (["--top-k", "0"], "invalid top_k: must be -1 (disabled) or >= 1"),

@@ -356,6 +356,18 @@ def test_metrics_count_tokens_and_latency(http, oa):
     assert "edge_llm:prefix_cache_hits_total" in after and "edge_llm:num_requests_waiting" in after
 
 
+def test_metrics_count_drafted_and_accepted_tokens(http, oa):
+    """Speculation is on by default: a prompt the answer copies from gets drafts, most of them kept."""
+    names = ("edge_llm:spec_decode_num_draft_tokens_total", "edge_llm:spec_decode_num_accepted_tokens_total")
+    before = http.get("/metrics").text
+    passage = "the keeper climbed the steps to the lamp room and wound the clockwork that turned the lens"
+    oa.completions.create(model="demo-b", prompt=f"{passage}\n{passage}\n{passage}\n", max_tokens=48,
+                          temperature=0, extra_body={"ignore_eos": True})
+    after = http.get("/metrics").text
+    drafted, accepted = (metric(after, n, "demo-b") - metric(before, n, "demo-b") for n in names)
+    assert drafted >= accepted > 0
+
+
 def test_max_tokens_is_capped_by_the_context(oa):
     out = oa.completions.create(model="demo-a", prompt="Hi", max_tokens=100_000, temperature=0,
                                 extra_body={"ignore_eos": True})

@@ -244,6 +244,19 @@ def test_output_is_identical_with_other_slots_busy(plain, speculative):
 
 
 @pytest.mark.model
+def test_a_draft_model_s_drafts_are_verified_like_lookup_drafts(plain, demo_path):
+    """The bundled model drafting for itself (-md): it proposes the greedy continuation, so every
+    draft is kept, and the output is the same as without speculation."""
+    engine = load_engine(demo_path, spec="draft", model_draft=str(demo_path), draft_max=6)
+    try:
+        got = [run(engine, prompt, GREEDY) for prompt in PROMPTS[1:3]]
+    finally:
+        engine.close()
+    assert [r.token_ids for r in got] == [run(plain, p, GREEDY).token_ids for p in PROMPTS[1:3]]
+    assert all(r.usage.draft_tokens > 20 and r.usage.accepted_tokens == r.usage.draft_tokens for r in got)
+
+
+@pytest.mark.model
 def test_rejected_drafts_leave_no_trace_in_the_kv(plain, speculative):
     """After drafts that were all rejected, the slot's KV holds exactly the prompt and the answer,
     and a follow-up turn in it equals the same two turns without speculation."""

@@ -46,6 +46,10 @@ class ServerMetrics:
         self.prompt_cache_restored_tokens = Counter(PREFIX + "prompt_cache_restored_tokens", "Prompt tokens "
                                                     "restored from the prompt cache instead of evaluated", LABEL,
                                                     registry=r)
+        self.spec_decode_draft_tokens = Counter(PREFIX + "spec_decode_num_draft_tokens", "Drafted tokens verified "
+                                                "by speculative decoding (--spec)", LABEL, registry=r)
+        self.spec_decode_accepted_tokens = Counter(PREFIX + "spec_decode_num_accepted_tokens", "Drafted tokens "
+                                                   "kept (each saves a decode)", LABEL, registry=r)
         self.request_success = Counter(PREFIX + "request_success", "Finished requests by finish reason",
                                        [*LABEL, "finished_reason"], registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from request to first token",
@@ -91,6 +95,8 @@ class RequestObserver:
             usage = delta.usage
             if usage is not None:
                 m.generation_tokens.labels(self.model).inc(usage.completion_tokens)
+                m.spec_decode_draft_tokens.labels(self.model).inc(usage.draft_tokens)
+                m.spec_decode_accepted_tokens.labels(self.model).inc(usage.accepted_tokens)
                 if len(self._reasons) == 1:  # the n choices share one prompt
                     m.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
                     m.prefix_cache_queries.labels(self.model).inc(usage.prompt_tokens)
