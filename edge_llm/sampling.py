@@ -44,9 +44,13 @@ class SamplingParams(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = 256
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Speculative decoding: the most drafted tokens per step for this request, at most the engine's
+    # --draft-max (0: none); None: the engine's.
+    draft_max: Annotated[int, Field(ge=0, le=256)] | None = None
 
     @field_validator("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "penalty_last_n", "max_tokens", "seed", "logprobs", mode="before")
+                     "repetition_penalty", "penalty_last_n", "max_tokens", "seed", "logprobs", "draft_max",
+                     mode="before")
     @classmethod
     def _a_number_not_a_bool(cls, value: Any) -> Any:
         # pydantic takes True as 1 here; a JSONL record's `"max_tokens": true` is a mistake, not 1.

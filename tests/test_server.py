@@ -359,13 +359,19 @@ def test_metrics_count_tokens_and_latency(http, oa):
 def test_metrics_count_drafted_and_accepted_tokens(http, oa):
     """Speculation is on by default: a prompt the answer copies from gets drafts, most of them kept."""
     names = ("edge_llm:spec_decode_num_draft_tokens_total", "edge_llm:spec_decode_num_accepted_tokens_total")
-    before = http.get("/metrics").text
     passage = "the keeper climbed the steps to the lamp room and wound the clockwork that turned the lens"
-    oa.completions.create(model="demo-b", prompt=f"{passage}\n{passage}\n{passage}\n", max_tokens=48,
-                          temperature=0, extra_body={"ignore_eos": True})
-    after = http.get("/metrics").text
-    drafted, accepted = (metric(after, n, "demo-b") - metric(before, n, "demo-b") for n in names)
+    counts, texts = [], []
+    for per_request in ({"draft_max": 0}, {}):  # draft_max 0: this request does not speculate
+        before = http.get("/metrics").text
+        out = oa.completions.create(model="demo-b", prompt=f"{passage}\n{passage}\n{passage}\n", max_tokens=48,
+                                    temperature=0, extra_body={"ignore_eos": True, **per_request})
+        after = http.get("/metrics").text
+        counts.append([metric(after, n, "demo-b") - metric(before, n, "demo-b") for n in names])
+        texts.append(out.choices[0].text)
+    assert counts[0] == [0, 0]
+    drafted, accepted = counts[1]
     assert drafted >= accepted > 0
+    assert texts[0] == texts[1]
 
 
 def test_max_tokens_is_capped_by_the_context(oa):

@@ -388,14 +388,16 @@ class Scheduler:
         return {seq_id: proposals[seq_id][:n] for seq_id, n in lengths.items()}
 
     def _draft_room(self, slot: Slot) -> int:
-        """The most tokens a slot may draft: within --draft-max, its context (the pending token
-        and the drafts must fit), max_tokens (a step yields one token past its drafts), the batch
-        and, with -kvu, the pool's free cells."""
-        choice = slot.choice
+        """The most tokens a slot may draft: within --draft-max and the request's draft_max, its
+        context (the pending token and the drafts must fit), max_tokens (a step yields one token
+        past its drafts), the batch and, with -kvu, the pool's free cells."""
+        params = slot.choice.request.params
         room = min(self.draft_max, self.n_ctx_seq - len(slot.cached) - 1,
                    self.n_batch - sum(1 for s in self.slots if s.choice is not None))
-        if choice.request.params.max_tokens is not None:
-            room = min(room, choice.request.params.max_tokens - choice.generated - 1)
+        if params.draft_max is not None:
+            room = min(room, params.draft_max)
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - slot.choice.generated - 1)
         if self.unified:
             room = min(room, self._free_cells() - self.running)
         return max(room, 0)

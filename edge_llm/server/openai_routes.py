@@ -95,7 +95,8 @@ async def list_models(request: Request) -> ModelList:
 
 # Request fields that SamplingParams takes under the same name (max_tokens aside: the pipeline caps it).
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "seed")
+                   "repetition_penalty", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "seed",
+                   "draft_max")
 
 
 def sampling_fields(body: BaseModel) -> dict[str, Any]:

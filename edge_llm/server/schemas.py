@@ -39,6 +39,7 @@ Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 Choices = Annotated[StrictInt, Field(ge=1, le=16)]
 TopLogprobs = Annotated[StrictInt, Field(ge=0, le=20)]
+DraftMax = Annotated[StrictInt, Field(ge=0, le=256)]
 # A prompt or an embedding input: text, texts, token ids, or lists of token ids.
 TextsOrTokens = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
@@ -65,6 +66,8 @@ class SamplingFields(_Body):
     ignore_eos: bool = False
     max_tokens: MaxTokens | None = Field(None, description="capped by the model's context")
     seed: Seed | None = None
+    draft_max: DraftMax | None = Field(None, description="edge-llm extension: the most drafted tokens per step "
+                                       "(speculative decoding), up to the server's --draft-max; 0: none")
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: a non-empty map is refused")
