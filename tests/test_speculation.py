@@ -175,7 +175,8 @@ def load_engine(demo_path, *, spec, **options):
     from edge_llm.api import load
 
     # Fixed threads: llama.cpp's CPU flash attention rounds differently with another thread count.
-    engine = load(str(demo_path), n_ctx=4 * 1024, n_parallel=4, n_threads=2, spec=spec, **options)
+    options = {"n_ctx": 4 * 1024, **options}
+    engine = load(str(demo_path), n_parallel=4, n_threads=2, spec=spec, **options)
     engine.scheduler.cost = FreeVerification()
     return engine
 
@@ -244,6 +245,21 @@ def test_output_is_identical_with_other_slots_busy(plain, speculative):
 
 
 @pytest.mark.model
+def test_drafts_fit_a_small_batch_beside_prompt_chunks(demo_path):
+    """-b 12: four slots' drafts and a long prompt's chunks share 12 batch positions; nothing
+    overflows and the outputs are those of the same engine without speculation."""
+    outputs = {}
+    for spec in ("ngram", "off"):
+        engine = load_engine(demo_path, spec=spec, n_batch=12)
+        try:
+            outputs[spec] = together(engine, PROMPTS, GREEDY)
+        finally:
+            engine.close()
+    assert [r.token_ids for r in outputs["ngram"]] == [r.token_ids for r in outputs["off"]]
+    assert sum(r.usage.accepted_tokens for r in outputs["ngram"]) > 0
+
+
+@pytest.mark.model
 def test_a_draft_model_s_drafts_are_verified_like_lookup_drafts(plain, demo_path):
     """The bundled model drafting for itself (-md): it proposes the greedy continuation, so every
     draft is kept, and the output is the same as without speculation."""
@@ -284,13 +300,13 @@ def test_rejected_drafts_leave_no_trace_in_the_kv(plain, speculative):
 @pytest.mark.model
 @pytest.mark.parametrize("kv_unified", [False, True], ids=["kv-per-slot", "kvu"])
 def test_speculation_up_to_the_end_of_a_slot(demo_path, kv_unified):
-    """A generation that fills its slot (1024 cells; with -kvu the 4096-cell pool) ends with
-    "length" at the same token with and without speculation. Each side runs on a fresh engine: a
-    reused prefix is read in a different batch shape, which rounds differently over 1000 tokens."""
+    """A generation that fills its slot (1024 cells; with -kvu a pool of 1024) ends with "length"
+    at the same token with and without speculation. Each side runs on a fresh engine: a reused
+    prefix is read in a different batch shape, which rounds differently over 1000 tokens."""
     long = SamplingParams.create(temperature=0, max_tokens=5000, ignore_eos=True)
     outputs = {}
     for spec in ("ngram", "off"):
-        engine = load_engine(demo_path, spec=spec, kv_unified=kv_unified)
+        engine = load_engine(demo_path, spec=spec, kv_unified=kv_unified, n_ctx=1024 if kv_unified else 4096)
         try:
             outputs[spec] = run(engine, PROMPTS[0], long)
         finally:

@@ -366,7 +366,12 @@ class Scheduler:
         """The drafted tokens each generating slot verifies this step (speculation.py)."""
         if self.drafter is None or not generating:
             return {}
-        room = {s.seq_id: self._draft_room(s) for s in generating}
+        # Drafts share what the batch (and, with -kvu, the pool) has left after one token per
+        # generating slot and this step's prompt chunks.
+        spare = self.n_batch - len(generating) - sum(chunks.values())
+        if self.unified:
+            spare = min(spare, self._free_cells() - self.running)
+        room = {s.seq_id: self._draft_room(s, spare // len(generating)) for s in generating}
         others = [(seq_id, n) for seq_id, n in chunks.items()]
 
         def plan(drafts: dict[int, int]) -> dict[int, int]:
@@ -387,19 +392,16 @@ class Scheduler:
         lengths = plan({seq_id: len(tokens) for seq_id, tokens in proposals.items()})
         return {seq_id: proposals[seq_id][:n] for seq_id, n in lengths.items()}
 
-    def _draft_room(self, slot: Slot) -> int:
-        """The most tokens a slot may draft: within --draft-max and the request's draft_max, its
-        context (the pending token and the drafts must fit), max_tokens (a step yields one token
-        past its drafts), the batch and, with -kvu, the pool's free cells."""
+    def _draft_room(self, slot: Slot, share: int) -> int:
+        """The most tokens a slot may draft: its `share` of the batch, --draft-max and the
+        request's draft_max, its context (the pending token and the drafts must fit), and
+        max_tokens (a step yields one token past its drafts)."""
         params = slot.choice.request.params
-        room = min(self.draft_max, self.n_ctx_seq - len(slot.cached) - 1,
-                   self.n_batch - sum(1 for s in self.slots if s.choice is not None))
+        room = min(share, self.draft_max, self.n_ctx_seq - len(slot.cached) - 1)
         if params.draft_max is not None:
             room = min(room, params.draft_max)
         if params.max_tokens is not None:
             room = min(room, params.max_tokens - slot.choice.generated - 1)
-        if self.unified:
-            room = min(room, self._free_cells() - self.running)
         return max(room, 0)
 
     def _verify(self, slot: Slot, draft: list[int], first: int) -> None:
