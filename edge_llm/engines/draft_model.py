@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_llm.engines import llama_runtime as rt
+from edge_llm.engines.slots import common_prefix
 from edge_llm.errors import ModelLoadError
 from edge_llm.load_options import LoadOptions
 
@@ -133,7 +134,7 @@ class DraftModel:
             return None
         held = self._held.get(seq_id, [])
         # The last token is evaluated again even when held: its logits give the first draft.
-        keep = min(_common_prefix(held, tokens), len(tokens) - 1)
+        keep = min(common_prefix(held, tokens), len(tokens) - 1)
         if not self._memory.cut(seq_id, keep):
             self._memory.clear(seq_id)
             keep = 0
@@ -201,11 +202,3 @@ class DraftModel:
                 resource.close()
                 setattr(self, name, None)
 
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
