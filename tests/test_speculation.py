@@ -164,6 +164,8 @@ class FreeVerification(StepCost):
 class WrongDrafter:
     """Proposes tokens that are never what the model samples (token 0 is <|endoftext|>)."""
 
+    costly = False
+
     def propose(self, wanted):
         return {seq_id: [0] * n for seq_id, (_, n) in wanted.items()}
 

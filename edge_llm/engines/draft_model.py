@@ -79,6 +79,8 @@ class _Draft:
 class DraftModel:
     """Drafter on a second, small GGUF model (see the module docstring)."""
 
+    costly = True  # a decode per drafted token
+
     def __init__(self, path: Path, target: LlamaCppEngine, *, n_parallel: int, n_ctx_seq: int, n_threads: int,
                  n_gpu_layers: int = 0, n_batch: int = 512, p_min: float = DEFAULT_P_MIN,
                  verbose: bool = False) -> None:

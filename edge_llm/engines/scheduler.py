@@ -381,14 +381,17 @@ class Scheduler:
             rest = others + [(s.seq_id, 1) for s in generating if s.seq_id not in chosen]
             return plan_drafts(candidates, rest, self.cost, unified=self.unified, draft_min=self.draft_min)
 
-        # Ask the drafter only for slots that would verify a full draft (a draft model's proposals cost decodes).
-        worth = plan(room)
-        if not worth:
+        # A costly drafter (a draft model) is asked only for slots that would verify a full draft; a
+        # cheap one (lookup) first, so that a step without proposals spends nothing on the plan.
+        asked = plan(room) if self.drafter.costly else {seq_id: n for seq_id, n in room.items() if n > 0}
+        if not asked:
             return {}
         start = time.perf_counter()
-        proposals = self.drafter.propose({s.seq_id: ([*s.cached, s.choice.pending], worth[s.seq_id])
-                                          for s in generating if s.seq_id in worth})
+        proposals = self.drafter.propose({s.seq_id: ([*s.cached, s.choice.pending], asked[s.seq_id])
+                                          for s in generating if s.seq_id in asked})
         self.cost.observe_drafting(max(map(len, proposals.values()), default=0), time.perf_counter() - start)
+        if not any(proposals.values()):
+            return {}
         lengths = plan({seq_id: len(tokens) for seq_id, tokens in proposals.items()})
         return {seq_id: proposals[seq_id][:n] for seq_id, n in lengths.items()}
 

@@ -44,6 +44,9 @@ MIN_GAIN = 1.05
 class Drafter(Protocol):
     """Proposes tokens for the slots that may speculate this step."""
 
+    # Whether proposing costs decodes (a draft model): then only slots worth a full draft are asked.
+    costly: bool
+
     def propose(self, wanted: Mapping[int, tuple[Sequence[int], int]]) -> dict[int, list[int]]:
         """`wanted`: slot (sequence id) -> (every token the slot holds, its last one sampled but not
         yet decoded; the most tokens to propose). Returns slot -> the proposed tokens that follow,
@@ -69,6 +72,8 @@ class PromptLookup:
     `n_min`) are looked up among the earlier tokens, and what followed their latest occurrence is
     the draft. Each slot's n-grams are indexed as its tokens arrive, so a step costs a few dict
     lookups whatever the prompt's length."""
+
+    costly = False
 
     def __init__(self, n_min: int = 2, n_max: int = 4) -> None:
         self.sizes = range(n_max, n_min - 1, -1)
@@ -154,6 +159,8 @@ class StepCost:
 
     def __init__(self) -> None:
         self._seconds: dict[int, deque[float]] = {}
+        self._medians: dict[int, float] = {}
+        self._estimates: dict[int, float] = {}  # run(n), until the next observation
         self._drafting: deque[float] = deque(maxlen=self.KEEP)  # a drafter's seconds per drafted position
 
     def observe_drafting(self, positions: int, seconds: float) -> None:
@@ -165,13 +172,21 @@ class StepCost:
         return statistics.median(self._drafting) * positions if self._drafting else 0.0
 
     def observe(self, n_tokens: int, seconds: float) -> None:
-        self._seconds.setdefault(n_tokens, deque(maxlen=self.KEEP)).append(seconds)
+        seen = self._seconds.setdefault(n_tokens, deque(maxlen=self.KEEP))
+        seen.append(seconds)
+        self._medians[n_tokens] = statistics.median(seen)
+        self._estimates.clear()
 
     def run(self, n_tokens: int) -> float:
-        if not self._seconds:
-            return _shape(n_tokens)
-        nearest = min(self._seconds, key=lambda n: (abs(n - n_tokens), n))
-        return statistics.median(self._seconds[nearest]) * _shape(n_tokens) / _shape(nearest)
+        estimate = self._estimates.get(n_tokens)
+        if estimate is None:
+            if self._medians:
+                nearest = min(self._medians, key=lambda n: (abs(n - n_tokens), n))
+                estimate = self._medians[nearest] * _shape(n_tokens) / _shape(nearest)
+            else:
+                estimate = _shape(n_tokens)
+            self._estimates[n_tokens] = estimate
+        return estimate
 
     def step(self, counts: Sequence[tuple[int, int]], *, unified: bool, drafted: int = 0) -> float:
         """A step verifying these tokens per sequence, after drafting `drafted` tokens per slot."""
@@ -220,8 +235,13 @@ def plan_drafts(candidates: Sequence[Candidate], others: Sequence[tuple[int, int
 def _best_alone(candidate: Candidate, cost: StepCost, draft_min: int) -> int:
     """The draft length with the most expected tokens per run time for this slot alone (0: none)."""
     best_n, best_rate = 0, 1 / cost.run(1)
-    for n in range(max(draft_min, 1), candidate.n_draft + 1):
-        rate = expected_tokens(n, candidate.acceptance) / (cost.run(n + 1) + cost.drafting(n))
+    tokens, kept = 1.0, 1.0  # expected_tokens(n), acceptance ** n: grown with n
+    for n in range(1, candidate.n_draft + 1):
+        kept *= candidate.acceptance
+        tokens += kept
+        if n < draft_min:
+            continue
+        rate = tokens / (cost.run(n + 1) + cost.drafting(n))
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n
