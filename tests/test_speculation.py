@@ -238,6 +238,26 @@ def test_output_is_identical_with_and_without_speculation_alone(plain, speculati
 
 
 @pytest.mark.model
+def test_logprobs_stop_strings_and_grammars_are_the_same_with_speculation(plain, speculative):
+    prompt = PROMPTS[0]
+    with_logprobs = SamplingParams.create(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
+    expected, got = run(plain, prompt, with_logprobs), run(speculative, prompt, with_logprobs)
+    assert got.token_ids == expected.token_ids
+    assert [(lp.token_id, round(lp.logprob, 4), [t for t, _ in lp.top]) for lp in got.logprobs] == \
+        [(lp.token_id, round(lp.logprob, 4), [t for t, _ in lp.top]) for lp in expected.logprobs]
+    # A stop string met inside a kept draft ends the answer there; the drafts after it leave nothing.
+    stop = SamplingParams.create(temperature=0, max_tokens=96, stop=["twelve"])
+    expected, got = run(plain, prompt, stop), run(speculative, prompt, stop)
+    assert (got.text, got.finish_reason) == (expected.text, "stop")
+    assert got.usage.accepted_tokens > 0
+    # A grammar's state advances once per kept token.
+    grammar = SamplingParams.create(temperature=0, max_tokens=64, grammar='root ::= ("lamp " | "keeper ")+ "."')
+    expected, got = run(plain, prompt, grammar), run(speculative, prompt, grammar)
+    assert got.text == expected.text
+    assert got.usage.draft_tokens > 0
+
+
+@pytest.mark.model
 def test_output_is_identical_with_other_slots_busy(plain, speculative):
     expected = [run(plain, p, GREEDY).token_ids for p in PROMPTS]
     got = together(speculative, PROMPTS, GREEDY)

@@ -413,20 +413,21 @@ class Scheduler:
         of the drafted tokens that were not kept."""
         choice = slot.choice
         base = len(slot.cached) - len(draft) - 1  # the pending token's position
+        # Counted before sampling: the usage of a choice that finishes inside the draft includes them.
+        choice.drafted += len(draft)
         accepted = 0
         for i in range(len(draft) + 1):
             token = self._sample(slot, first + i, held=base + 1 + i)
             if choice.done or i == len(draft) or token != draft[i]:
                 break
             accepted += 1
+            choice.accepted += 1
         if not draft:
             choice.acceptance.recover()
             return
         self._truncate(slot, base + 1 + accepted)
         choice.acceptance.update(len(draft), accepted)
         self._acceptance.update(len(draft), accepted)
-        choice.drafted += len(draft)
-        choice.accepted += accepted
         self.stats.draft_tokens += len(draft)
         self.stats.accepted_tokens += accepted
 
