@@ -96,10 +96,6 @@ class LlamaCppEngine(Engine):
                             "cache_type_k": options.cache_type_k, "cache_type_v": options.cache_type_v,
                             "flash_attn": fa, "llama_cpp": llama_cpp.__version__},
                 ram_budget=options.cache_ram, cache_dir=options.cache_dir, disk_budget=options.cache_disk)
-        except BaseException:
-            self.close()
-            raise
-        try:
             drafter = self._drafter(options)
         except BaseException:
             self.close()
