@@ -328,7 +328,7 @@ class Scheduler:
         self.stats.decodes_with_fewer_threads += self._threads_set[0] < self._governor.limit
         start = time.perf_counter()
         rt.decode(self.ctx, batch)
-        if not chunks and len(graph_runs(counts, unified=self.unified)) == 1:
+        if self.drafter is not None and not chunks and len(graph_runs(counts, unified=self.unified)) == 1:
             self.cost.observe(batch.n_tokens(), time.perf_counter() - start)
         for slot, index in prefilled:
             self._copy_prompt(slot)
