@@ -375,11 +375,9 @@ class Scheduler:
         others = [(seq_id, n) for seq_id, n in chunks.items()]
 
         def plan(drafts: dict[int, int]) -> dict[int, int]:
-            candidates = [Candidate(s.seq_id, drafts[s.seq_id], s.choice.acceptance.value)
-                          for s in generating if drafts.get(s.seq_id, 0) >= max(self.draft_min, 1)]
-            chosen = {c.seq_id for c in candidates}
-            rest = others + [(s.seq_id, 1) for s in generating if s.seq_id not in chosen]
-            return plan_drafts(candidates, rest, self.cost, unified=self.unified, draft_min=self.draft_min)
+            # A slot with no draft (or one under --draft-min) is planned as one token, like the others.
+            candidates = [Candidate(s.seq_id, drafts.get(s.seq_id, 0), s.choice.acceptance.value) for s in generating]
+            return plan_drafts(candidates, others, self.cost, unified=self.unified, draft_min=self.draft_min)
 
         # A costly drafter (a draft model) is asked only for slots that would verify a full draft; a
         # cheap one (lookup) first, so that a step without proposals spends nothing on the plan.
