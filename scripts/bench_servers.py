@@ -28,6 +28,7 @@ import ctypes
 import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -144,6 +145,15 @@ class ServerSpec:
     health: str
     env: dict[str, str] = field(default_factory=dict)  # on top of clean_env(): only a setting under test
     cwd: Path | None = None
+
+
+def parse_checkout(text: str) -> tuple[str, Path, tuple[str, ...]]:
+    """'NAME=PATH' or 'NAME=PATH:ARGS' -> edge-llm run from that checkout with those flags."""
+    name, _, rest = text.partition("=")
+    path, _, args = rest.partition(":")
+    if not name or not path:
+        raise SystemExit(f"--checkout {text!r}: NAME=PATH[:ARGS]")
+    return name, Path(path).resolve(), tuple(shlex.split(args))
 
 
 def edge_llm_spec(model: Path, *, parallel: int, ctx: int, threads: int | None, name: str = "edge-llm",

@@ -43,6 +43,7 @@ from bench_servers import (  # noqa: E402
     llama_cpp_python_spec,
     llama_server_binary,
     llama_server_spec,
+    parse_checkout,
     resolve_model,
     running,
     scenario,
@@ -195,8 +196,9 @@ def main() -> None:
                         help="give edge-llm this -t (default: none, edge-llm's own choice)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,...[:ARGS]",
                         help="also run edge-llm under this name with these environment variables / flags")
-    parser.add_argument("--checkout", action="append", default=[], metavar="NAME=PATH",
-                        help="also run edge-llm from another checkout (e.g. a git worktree of an older commit)")
+    parser.add_argument("--checkout", action="append", default=[], metavar="NAME=PATH[:ARGS]",
+                        help="also run edge-llm from another checkout (e.g. a git worktree of an older commit), "
+                             "with these flags")
     args = parser.parse_args()
 
     stop_on_sigterm()
@@ -211,9 +213,9 @@ def main() -> None:
         specs.append(edge_llm_spec(model, parallel=args.parallel, ctx=args.ctx_size, threads=edge_threads,
                                    name=name, env=env, extra_args=extra))
     for text in args.checkout:
-        name, _, path = text.partition("=")
+        name, path, extra = parse_checkout(text)
         specs.append(edge_llm_spec(model, parallel=args.parallel, ctx=args.ctx_size, threads=edge_threads,
-                                   name=name, checkout=Path(path).resolve()))
+                                   name=name, extra_args=extra, checkout=path))
     if "llama-server" in wanted:
         specs.append(llama_server_spec(llama_server_binary(args.llama_server), model, parallel=args.parallel,
                                        ctx=args.ctx_size, threads=args.threads))

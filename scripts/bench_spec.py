@@ -84,6 +84,7 @@ from bench_servers import (  # noqa: E402
     edge_llm_spec,
     llama_server_binary,
     llama_server_spec,
+    parse_checkout,
     resolve_model,
     running,
     scrape_metrics,
@@ -341,15 +342,6 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['task']} | {r['clients']} | {r['server']} | {r['tokens_per_s']:.1f} | {ratios} | "
                      f"{r['ttft_p50']:.3f} | {r['decode_p50']:.1f} | {fidelity} | {drafts_note(r)} | {same} |")
     return "\n".join(lines)
-
-
-def parse_checkout(text: str) -> tuple[str, Path, tuple[str, ...]]:
-    """'NAME=PATH' or 'NAME=PATH:ARGS' -> edge-llm run from that checkout with those flags."""
-    name, _, rest = text.partition("=")
-    path, _, args = rest.partition(":")
-    if not name or not path:
-        raise SystemExit(f"--checkout {text!r}: NAME=PATH[:ARGS]")
-    return name, Path(path).resolve(), tuple(shlex.split(args))
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
