@@ -211,7 +211,9 @@ def test_a_client_leaving_a_stream_frees_its_slot(url, server):
     for path, body in streams:
         with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", path, json=body) as response:
             lines = response.iter_lines()
-            for _ in range(8):
+            # A few lines only: a sampled story may end early, and with speculation several tokens
+            # arrive as one event, so a long read could outlast the generation.
+            for _ in range(3):
                 next(lines)
             assert engine.scheduler.running == 1, path
         assert wait_until(lambda: engine.scheduler.running == 0), path
