@@ -55,12 +55,60 @@ _backend_ready = False
 
 
 def init_backend() -> None:
-    """llama_backend_init once per process (it also loads the dynamic GPU backends)."""
+    """llama_backend_init once per process (it also loads the dynamic GPU backends), with the
+    AMX weight buffers left out (`leave_out_amx`)."""
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
             llama_cpp.llama_backend_init()
+            leave_out_amx()
             _backend_ready = True
+
+
+def leave_out_amx() -> bool:
+    """Keep weights out of ggml's AMX buffers; True if AMX was there to leave out.
+
+    On a CPU with AMX (Intel Sapphire Rapids and later) a ggml built there with -march=native puts
+    the weights of AMX-capable quants (q4_0, q4_1, q8_0, q4_K ...) in AMX buffers, and this
+    llama.cpp's AMX matmul segfaults on the first decode (llama.cpp issue #20824, the fix proposed
+    in PR #26954; seen on the 2-core Sapphire Rapids VMs this project is tested on, with the bundled
+    model). Ollama leaves AMX out of its builds for Sapphire Rapids on speed grounds alone (ollama PR
+    #9203). The CPU's list of extra weight buffer types (AMX, CPU_REPACK) is the null-terminated
+    array llama.cpp reads at every model load (`ggml_backend_dev_get_extra_bufts`); AMX is taken
+    out of it, so the other repacked layouts (CPU_REPACK's q4_0 / q4_K / iq4_nl) are still used,
+    as llama-server's default uses them. llama-server's own switch, --no-repack, would drop those too."""
+    try:
+        base = Path(llama_cpp.llama_cpp._base_path)
+        ggml = ctypes.CDLL(str(base / "libggml.so"))
+        ggml_base = ctypes.CDLL(str(base / "libggml-base.so"))
+    except (AttributeError, OSError):
+        return False  # another layout (Windows, macOS, a system llama.cpp): no AMX there to guard
+    vp = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.restype, ggml.ggml_backend_dev_by_type.argtypes = vp, [ctypes.c_int]
+    ggml.ggml_backend_dev_backend_reg.restype, ggml.ggml_backend_dev_backend_reg.argtypes = vp, [vp]
+    ggml.ggml_backend_reg_get_proc_address.restype = vp
+    ggml.ggml_backend_reg_get_proc_address.argtypes = [vp, ctypes.c_char_p]
+    ggml_base.ggml_backend_buft_name.restype, ggml_base.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [vp]
+    cpu = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not cpu:
+        return False
+    address = ggml.ggml_backend_reg_get_proc_address(ggml.ggml_backend_dev_backend_reg(cpu),
+                                                     b"ggml_backend_dev_get_extra_bufts")
+    if not address:
+        return False
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(address)(cpu)
+    kept, i, dropped = [], 0, False
+    while bufts and bufts[i]:
+        if ggml_base.ggml_backend_buft_name(bufts[i]) == b"AMX":
+            dropped = True
+        else:
+            kept.append(bufts[i])
+        i += 1
+    if dropped:
+        for j in range(i):  # compacted in place, still null-terminated
+            bufts[j] = kept[j] if j < len(kept) else None
+        log.debug("AMX weight buffers left out (llama.cpp issue #20824)")
+    return dropped
 
 
 def check_gguf_file(path: Path) -> None:
