@@ -195,7 +195,7 @@ class Scheduler:
         self._closed = False
         self._batch = rt.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         options = engine.options
-        self._governor = ThreadGovernor(engine.n_threads, fixed=options.n_threads is not None)
+        self._governor = ThreadGovernor(engine.n_threads)  # -t or every core: at most that many
         self._threads_batch = options.n_threads_batch  # the user's -tb, or None: follow the governor
         self._threads_set = (engine.n_threads, options.n_threads_batch or engine.n_threads)
         self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
@@ -339,9 +339,11 @@ class Scheduler:
             self._verify(slot, draft, first)
 
     def _set_threads(self) -> None:
-        """Threads for this decode, as the governor says (fewer while other programs hold cores)."""
+        """Threads for this decode, as the governor says (fewer while other programs hold cores);
+        a -tb of its own gives up as many threads as -t does."""
         n = self._governor.threads()
-        wanted = (n, self._threads_batch or n)
+        batch = max(1, self._threads_batch - (self._governor.limit - n)) if self._threads_batch else n
+        wanted = (n, batch)
         if wanted != self._threads_set:
             log.debug("threads %d -> %d (other programs use %.2f cores)", self._threads_set[0], n,
                       self._governor.others)
