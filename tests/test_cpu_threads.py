@@ -133,6 +133,15 @@ def test_an_explicit_thread_count_yields_too():
     assert governor.threads() == 1
 
 
+def test_without_adaptation_the_count_is_fixed_and_nothing_is_sampled():
+    cpu = FakeCpu()
+    governor = ThreadGovernor(3, adapt=False, cores=[0, 1], sample=cpu.sample, clock=cpu.clock)
+    for _ in range(3):
+        cpu.advance(1.0, others=2.0)
+        assert governor.threads() == 3
+    assert cpu.calls == 0
+
+
 def test_no_proc_means_no_adaptation():
     governor = ThreadGovernor(2, cores=[0], sample=lambda cores: None)
     assert governor.threads() == 2
@@ -161,6 +170,9 @@ def test_explicit_threads_are_the_ceiling_and_the_default_every_core(demo_path):
         assert engine.scheduler._threads_set == (2, 1)
     with load(str(demo_path), n_ctx=512, n_parallel=1) as engine:
         assert engine.scheduler._governor.limit == cpu_threads.default_threads()
+        assert engine.scheduler._governor._last is not None  # it samples the CPU counters
+    with load(str(demo_path), n_ctx=512, n_parallel=1, n_threads=2, adapt_threads=False) as engine:
+        assert engine.scheduler._governor._last is None  # --no-adapt-threads: always -t
 
 
 class Yielding:

@@ -25,6 +25,8 @@ sleep after the spin). The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT always wi
 while other programs hold cores, an explicit -t as much as the default. (It used to leave an explicit
 -t alone, and a benchmark that passed `-t 2`, as llama-server users do, saw two spinning threads
 collapse beside a busy loop: 11 tokens/s against 33 with OMP_WAIT_POLICY=PASSIVE, issue #27.)
+--no-adapt-threads keeps exactly -t (llama.cpp's CPU flash attention rounds differently with another
+thread count, so only then is greedy output independent of the machine's load).
 
 When to yield, measured on the 2-core VM (SmolLM2-135M, single stream, tokens/s of 2 spinning threads
 over 1 thread, beside a program pinned to one core that is busy this share of each 20 ms):
@@ -136,7 +138,7 @@ class ThreadGovernor:
     quiet, fewer while other programs keep cores busy. Asked before every decode; it samples the
     CPU counters at most every SAMPLE_SECONDS."""
 
-    def __init__(self, limit: int, *, cores: list[int] | None = None,
+    def __init__(self, limit: int, *, adapt: bool = True, cores: list[int] | None = None,
                  sample: Callable[[list[int]], CpuSample | None] = read_cpu_sample,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = max(1, limit)
@@ -144,7 +146,7 @@ class ThreadGovernor:
         self._cores = cores if cores is not None else usable_cores()
         self._sample = sample
         self._clock = clock
-        self._last: CpuSample | None = sample(self._cores)
+        self._last: CpuSample | None = sample(self._cores) if adapt else None  # None: always `limit`
         self.others = 0.0  # the last measurement, for logs and tests
 
     def threads(self) -> int:

@@ -139,6 +139,11 @@ def load_model(path: Path, options: LoadOptions) -> LlamaModel:
         # llama.cpp reads the array during the load; `params` holds it alive until then.
         params.tensor_split = tensor_split_array(options.tensor_split)
     params.use_mlock = options.use_mlock
+    # llama.cpp's CPU_REPACK layouts (use_extra_bufts; llama-server's --no-repack turns them off).
+    # On x86 the repacked q4_K matmul rounds rows of a batch differently from a lone row (its GEMM
+    # takes rows four at a time, a GEMV the rest), so with it a token's logits depend on how many
+    # rows share its decode: speculation's verification and other slots can flip a near tie.
+    params.use_extra_bufts = options.repack
     if hasattr(params, "load_mode"):
         params.load_mode = _load_mode(options.use_mmap, options.use_mlock)
     try:

@@ -195,7 +195,8 @@ class Scheduler:
         self._closed = False
         self._batch = rt.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         options = engine.options
-        self._governor = ThreadGovernor(engine.n_threads)  # -t or every core: at most that many
+        # -t or every core: at most that many (exactly that many with --no-adapt-threads)
+        self._governor = ThreadGovernor(engine.n_threads, adapt=options.adapt_threads)
         self._threads_batch = options.n_threads_batch  # the user's -tb, or None: follow the governor
         self._threads_set = (engine.n_threads, options.n_threads_batch or engine.n_threads)
         self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
