@@ -195,7 +195,11 @@ def measure(spec: ServerSpec, levels: list[int], requests: int, max_tokens: int,
             fewer0 = fewer_thread_decodes(server.url)
             row = asyncio.run(load(server.url, clients, requests, max_tokens, budget_s, route=route,
                                    sampling=sampling))
-            row["server_cpu_cores"] = (server.cpu_seconds() - cpu0) / row["wall_s"]
+            cpu = server.cpu_seconds() - cpu0
+            row["server_cpu_cores"] = cpu / row["wall_s"]
+            # CPU time per generated token: with -t 1 on both sides (no threads spinning at barriers)
+            # the cost of each server's work, steadier than tokens/s on a machine shared with others.
+            row["cpu_ms_per_token"] = 1000 * cpu / max(row["tokens"], 1)
             fewer1 = fewer_thread_decodes(server.url)
             if fewer0 is not None and fewer1 is not None:
                 row["decodes_with_fewer_threads"] = fewer1 - fewer0
@@ -226,7 +230,8 @@ def summarize(raw: list[dict]) -> list[dict]:
         runs = [r for r in raw if "clients" in r and _key(r) == (model, scen, sampling, clients, server)]
         row = {"model": model, "scenario": scen, "sampling": sampling, "server": server, "clients": clients,
                "rounds": len(runs)}
-        for field in ("tokens_per_s", "ttft_p50", "ttft_p95", "server_cpu_cores", "idle_cpu_cores_after"):
+        for field in ("tokens_per_s", "ttft_p50", "ttft_p95", "server_cpu_cores", "cpu_ms_per_token",
+                      "idle_cpu_cores_after"):
             row[field] = statistics.median(r[field] for r in runs)
         row["tokens_per_s_rounds"] = [round(r["tokens_per_s"], 1) for r in runs]
         rows.append(row)
@@ -235,6 +240,7 @@ def summarize(raw: list[dict]) -> list[dict]:
         if anchor:
             row["tokens_ratio"] = row["tokens_per_s"] / anchor["tokens_per_s"]
             row["ttft_p95_ratio"] = row["ttft_p95"] / anchor["ttft_p95"]
+            row["cpu_ratio"] = row["cpu_ms_per_token"] / anchor["cpu_ms_per_token"]
     return rows
 
 
@@ -328,14 +334,15 @@ def print_tables(rows: list[dict], prefill_rows: list[dict], args: argparse.Name
           f"{args.max_tokens}-token streams (ignore_eos), {args.requests} per client, median of {args.rounds} rounds")
     if rows:
         print("| model | scenario | sampling | clients | server | tokens/s | x llama-server | TTFT p50 (s) | "
-              "TTFT p95 (s) | p95 x llama-server | server CPU (cores) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "TTFT p95 (s) | p95 x llama-server | server CPU (cores) | CPU ms/token (x llama-server) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['tokens_ratio']:.2f}" if "tokens_ratio" in r else "-"
         p95_ratio = f"{r['ttft_p95_ratio']:.2f}" if "ttft_p95_ratio" in r else "-"
+        cpu_ratio = f" ({r['cpu_ratio']:.2f})" if "cpu_ratio" in r else ""
         print(f"| {r['model']} | {r['scenario']} | {r['sampling']} | {r['clients']} | {r['server']} | "
               f"{r['tokens_per_s']:.1f} | {ratio} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} | {p95_ratio} | "
-              f"{r['server_cpu_cores']:.2f} |")
+              f"{r['server_cpu_cores']:.2f} | {r['cpu_ms_per_token']:.1f}{cpu_ratio} |")
     if prefill_rows:
         print(f"prefill: a prompt of N random token ids, alone and beside {PREFILL_BESIDE} generating streams")
         print("| model | scenario | prompt tokens | beside | server | TTFT (s) | prompt tokens/s | x llama-server | "
