@@ -15,9 +15,10 @@ top_k 40 / top_p 0.95 / min_p 0.05 given explicitly (both servers' defaults). Re
 generated tokens/s (all clients together, over the level's wall time) and time to first token
 p50/p95, each the median over rounds, and the ratios to llama-server of the same scenario.
 
-`--prefill 512,2048,8192`: prompt processing, in a server of its own per round (-np 3, each slot
-holding the longest prompt): a prompt of exactly N token ids (random, so no cache can help) sent
-alone, then again beside 2 streams that are generating; its time to first token and N / TTFT.
+`--prefill 512,2048,8192`: prompt processing (quiet scenario only), in a server of its own per
+round (-np 3, each slot holding the longest prompt): a prompt of exactly N token ids (random, so no
+cache can help) sent alone, then again beside 2 streams that are generating; its time to first
+token and N / TTFT, and how many events/s the 2 streams got meanwhile.
 
 Models: any reference, or a name of the benchmark model set (bench_models.py: gemma3-270m,
 qwen2.5-0.5b, llama3.2-1b, built once with random weights); `-m` may be given several times.
@@ -410,7 +411,7 @@ def main() -> None:
                             row.update(model=name, scenario=scen, server=spec.name, round=rnd)
                             raw.append(row)
                             print(json.dumps(row), file=sys.stderr, flush=True)
-                    for spec in turn_order(prefill_specs, rnd) if sizes else []:
+                    for spec in turn_order(prefill_specs, rnd) if sizes and scen == "quiet" else []:
                         for row in measure_prefill(spec, sizes, seed=rnd):
                             row.update(model=name, scenario=scen, server=spec.name, round=rnd)
                             prefill_raw.append(row)
