@@ -6,8 +6,9 @@ unless it is also the output layer) plus the KV cells of the context, so on a CP
 faster than memory bandwidth / bytes read per token. This script:
 
 1. measures the machine's memory bandwidth, STREAM-style, with numpy on T threads (numpy releases
-   the GIL inside these loops): `read` (sum of an array), `copy` (b = a) and `triad` (a = b + s * c),
-   each over arrays much larger than the caches, best of --repeats, bytes counted as STREAM does;
+   the GIL inside these loops): `read` (max of an array), `copy` (b = a) and `triad` (a = b + s * c),
+   each over arrays much larger than the caches, best of --repeats, bytes counted as STREAM does
+   (read: a max over the array, numpy's reduction that runs at memory speed);
 2. counts the bytes a decode step reads from the model's GGUF (tensor sizes, gguf-py);
 3. measures edge-llm's single-stream decode speed in this process (the engine, greedy, --spec off,
    -t T, --no-adapt-threads: the speed of T threads, not of a governor's choice), the prompt's
@@ -66,7 +67,7 @@ def bandwidth(gib: float, threads: int, repeats: int) -> dict[str, float]:
 
     def read(i: int) -> None:
         lo, hi = bounds[i]
-        sink[i] = float(a[lo:hi].sum())
+        sink[i] = float(a[lo:hi].max())  # a vectorized reduction that keeps up with memory (sum's does not)
 
     def copy(i: int) -> None:
         lo, hi = bounds[i]
