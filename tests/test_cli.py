@@ -198,3 +198,16 @@ def test_chat_saves_a_conversation_typed_with_invalid_bytes(tmp_path):
     messages = json.loads(saved.read_bytes().decode("utf-8"))["messages"]
     assert messages[0]["role"] == "user" and messages[0]["content"].startswith("hi ")
     assert len(messages) == 2
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_any_banner():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_cli("serve", "--port", str(port), timeout=120)
+    assert out.returncode == 1
+    assert out.stderr == (f"edge-llm serve: error: cannot listen on 127.0.0.1:{port}: the address is in use "
+                          "(another server?); choose another --port\n")
