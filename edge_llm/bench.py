@@ -33,6 +33,7 @@ from typing import Any
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.files import check_output_path, os_errors
+from edge_llm.options import CommandParser
 
 DEFAULT_QUANTS = "f16,q8_0,q5_k_m,q4_k_m"
 DEFAULT_KV = "f16,q8_0,q4_0"
@@ -446,7 +447,7 @@ def _name_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm bench", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="edge-llm bench", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None,
                         help="a GGUF (path or registry name) or an HF checkpoint folder (default: the demo model)")
     parser.add_argument("--config", default=None, help="a models.toml that adds to the built-in registry")

@@ -11,7 +11,7 @@ import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from edge_llm.options import MODEL, add_load_flags, load_options
+from edge_llm.options import MODEL, CommandParser, add_load_flags, load_options
 
 
 def system_report() -> dict:
@@ -47,7 +47,7 @@ def system_report() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-llm doctor", description=__doc__)
+    parser = CommandParser(prog="edge-llm doctor", description=__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("-m", "--model", default=None,
                         help="also load this model with -ngl and report what was really offloaded")

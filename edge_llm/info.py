@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_llm.errors import EdgeLLMError
+from edge_llm.options import CommandParser
 from edge_llm.registry import load_registry, resolve
 
 
@@ -100,7 +100,7 @@ def format_info(info: GGUFInfo, *, show_template: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-llm info", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="edge-llm info", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=None, help="a .gguf path, registry name or hf: reference")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--template", action="store_true", help="also print the chat template")

@@ -13,7 +13,6 @@ downloads, progress bars and the environment are theirs: HF_HOME / HF_HUB_CACHE,
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from edge_llm import hub
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, MissingExtraError, ModelNotFoundError
+from edge_llm.options import CommandParser
 
 logger = logging.getLogger(__name__)
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
@@ -220,7 +220,7 @@ def _pull_modelscope(hub_ref: hub.HubRef, include: tuple[str, ...]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="edge-llm pull", description="Download a GGUF file or an HF checkpoint into the hub cache.",
         epilog="Environment: HF_HOME, HF_ENDPOINT (mirror), HF_TOKEN, HF_HUB_OFFLINE, MODELSCOPE_CACHE.")
     parser.add_argument("ref", help="registry name, hf:ORG/REPO[:QUANT|:FILE.gguf][@REV], ms:..., or ORG/REPO")

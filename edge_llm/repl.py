@@ -29,6 +29,7 @@ from edge_llm.generate_command import drafts_note, read_prompt_file
 from edge_llm.options import (
     PREFIXES,
     PROMPT_CACHE,
+    CommandParser,
     add_load_flags,
     add_model_flags,
     add_sampling_flags,
@@ -60,7 +61,7 @@ SHOWN_PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm chat", description=__doc__.splitlines()[0],
+    parser = CommandParser(prog="edge-llm chat", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP)
     g = parser.add_argument_group("conversation")
     g.add_argument("--system", default=None, help="system prompt (chat template mode)")

@@ -100,8 +100,12 @@ def test_pull_checkpoint_snapshot_with_include_then_convert(tmp_path):
     names = sorted(os.listdir(folder))
     assert "pytorch_model.bin" not in names and "model.safetensors" in names and "config.json" in names
     assert _resolve_offline("hf:acme/TinyLlama-HF", env) == folder
-    out = run_cli("convert", folder, "-o", str(tmp_path / "tiny.gguf"), env={**env, "HF_HUB_OFFLINE": "1"})
+    # Converted by its reference, as every command takes one.
+    out = run_cli("convert", "hf:acme/TinyLlama-HF", "-o", str(tmp_path / "tiny.gguf"), env={**env, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "tiny.gguf")
+    out = run_cli("convert", "smollm2-135m", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 1 and "smollm2-135m is a GGUF already" in out.stderr, out.stderr
     from gguf import GGUFReader
 
     reader = GGUFReader(tmp_path / "tiny.gguf")

@@ -583,3 +583,18 @@ def test_each_request_is_one_log_line_with_its_tokens(caplog):
     with serve({"m": engine}) as url:
         openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=30).models.list()
     assert not [r for r in caplog.records if r.name == "edge_llm.server.access_log"]
+
+
+def test_ps_lists_what_a_running_server_has_loaded(engines, url, oa, capsys):
+    """`edge-llm ps` (models --running): the server's /api/ps as a table; no server is one line."""
+    from edge_llm import cli
+
+    oa.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert cli.main(["ps", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "size", "context", "until"]
+    assert any(re.match(rf"demo +\d+ MiB +{N_CTX // N_PARALLEL} +\d{{4}}-", line) for line in lines[1:]), lines
+    closed = url.rsplit(":", 1)[0] + ":9"
+    assert cli.main(["ps", closed]) == 1
+    assert capsys.readouterr().err == (f"edge-llm models: error: no edge-llm server answers at {closed} (connection "
+                                       "refused); start one with edge-llm serve, or name its URL: --running URL\n")

@@ -11,7 +11,6 @@ when complete: an error or Ctrl-C leaves nothing behind.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import os
@@ -44,6 +43,7 @@ from edge_llm.convert.others import Ernie45Model, MiniCPMModel, StarCoder2Model
 from edge_llm.convert.phi3 import Phi3Model
 from edge_llm.convert.qwen import Qwen2Model, Qwen2MoeModel, Qwen3Model, Qwen3MoeModel
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, MissingExtraError
+from edge_llm.options import CommandParser
 from edge_llm.quantize import progress_printer, quant_types, quantize_file
 
 __all__ = ["convert", "main", "ARCHITECTURES", "CheckpointError"]
@@ -213,11 +213,29 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
     return out
 
 
+def checkpoint_folder(ref: str, config: str | None = None) -> Path:
+    """A folder as given (load_config says what is wrong with one that is not a checkpoint), else a
+    model reference resolved offline to the pulled checkpoint it names."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    from edge_llm.registry import load_registry, resolve
+
+    resolved = resolve(ref, load_registry(config))
+    if resolved.is_gguf:
+        raise EdgeLLMError(f"{ref} is a GGUF already ({resolved.path}); convert reads HF checkpoints "
+                           f"(edge-llm quantize {ref} TYPE requantizes it)")
+    return resolved.path
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="edge-llm convert", description="Convert an HF checkpoint folder (safetensors or .bin) to GGUF.",
         epilog=f"supported architectures: {', '.join(sorted(ARCHITECTURES))}")
-    parser.add_argument("hf_dir", help="the checkpoint folder (config.json, weights, tokenizer)")
+    parser.add_argument("hf_dir", metavar="CHECKPOINT",
+                        help="the checkpoint folder (config.json, weights, tokenizer), or a model reference to a "
+                             "pulled one (registry name such as qwen3-0.6b-hf, hf:ORG/REPO)")
+    parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
     parser.add_argument("-o", "--outfile", default=None, help="output .gguf (default: ./NAME-TYPE.gguf)")
     parser.add_argument("--outtype", default="f16", choices=list(OUTTYPES), help="tensor type (default: f16)")
     parser.add_argument("--quant", default=None, help="then quantize with llama.cpp, e.g. q5_k_m, q4_k_m")
@@ -229,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     args = parser.parse_args(argv)
     show = not args.quiet and sys.stderr.isatty()
-    out = convert(args.hf_dir, args.outfile, args.outtype, args.quant, threads=args.threads,
+    out = convert(checkpoint_folder(args.hf_dir, args.config), args.outfile, args.outtype, args.quant, threads=args.threads,
                   progress=progress_printer("converting") if show else None, llama_cpp_dir=args.llama_cpp)
     print(out)
     return 0

@@ -20,6 +20,7 @@ from edge_llm.errors import EdgeLLMError
 from edge_llm.options import (
     PROMPT_CACHE,
     QUEUE,
+    CommandParser,
     add_load_flags,
     add_model_flags,
     add_sampling_flags,
@@ -43,7 +44,7 @@ def parse_peers(values: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm serve", description=__doc__.splitlines()[0],
+    parser = CommandParser(prog="edge-llm serve", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("models", nargs="*", metavar="MODEL",
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8080)
-    g.add_argument("--no-access-log", dest="access_log", action="store_false",
+    g.add_argument("--no-access-log", "--log-disable", dest="access_log", action="store_false",
                    help="no log line per request on stderr (time, client, method, path, status, seconds, tokens)")
     keys = g.add_mutually_exclusive_group()
     keys.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
