@@ -115,6 +115,11 @@ def test_doctor():
     assert report["llama_cpp_python"] == "0.3.36"
     assert isinstance(report["gpu_offload"], bool)
     assert report["cpu_threads"] >= 1
+    assert report["cpu_features"] and all(re.fullmatch(r"[A-Z0-9_]+", f) for f in report["cpu_features"])
+    from edge_llm.doctor import cpu_features
+
+    two_backends = "CUDA : ARCHS = 890 | USE_GRAPHS = 1 | CPU : SSE3 = 1 | AVX = 1 | AVX512 = 0 |"
+    assert cpu_features(two_backends) == ["AVX", "SSE3", "USE_GRAPHS"]
 
 
 def test_unknown_command_and_help():
