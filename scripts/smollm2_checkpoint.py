@@ -31,7 +31,9 @@ def smollm2_checkpoint(folder: Path, dtype: str = "bfloat16") -> Path:
 
     gguf_path = demo_model_path()
     kwargs = dict(gguf_file=gguf_path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=getattr(torch, dtype), **kwargs)
+    # Loaded as float32 (transformers' GGUF loader dequantizes fastest to it), then cast.
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    model = model.to(getattr(torch, dtype))
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     # The weights are dequantized now; drop the GGUF "quantizer" so they can be saved.
     del model.config.quantization_config
