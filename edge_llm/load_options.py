@@ -143,6 +143,10 @@ class LoadOptions(BaseModel):
     chat_format: Annotated[str | None, _opt(
         "--chat-format", metavar="NAME", default="auto",
         help="chat template: auto (the GGUF's own) or a built-in name")] = None
+    trust_content_markup: Annotated[bool | None, _opt(
+        "--trust-content-markup", off_flags=("--no-trust-content-markup",), default=False, registry=False,
+        help="chat messages may write the model's control tokens (<|im_end|> ...) and they count as the "
+             "template's: for trusted clients only (default: message content is text)")] = None
     verbose: Annotated[bool | None, _opt(
         "-v", "--verbose", default=False, registry=False, help="show llama.cpp's own log")] = None
     seed: Annotated[int | None, _opt(help="the context's seed (from the sampling flag -s)", registry=False)] = None

@@ -148,6 +148,19 @@ def vocab_texts(vocab: llama_cpp.llama_vocab_p) -> list[bytes]:
     return [llama_cpp.llama_vocab_get_text(vocab, t) or b"" for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
 
 
+def control_tokens(vocab: llama_cpp.llama_vocab_p) -> list[tuple[bytes, bool, bool]]:
+    """(text, lstrip, rstrip) of the tokens that llama_tokenize cuts out of a text only with
+    parse_special: control and unknown tokens (tokenizer_st_partition skips them otherwise)."""
+    out = []
+    parsed_only = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    for t in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attr = int(llama_cpp.llama_vocab_get_attr(vocab, t))
+        if attr & parsed_only:
+            out.append((llama_cpp.llama_vocab_get_text(vocab, t) or b"", bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
+                        bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP)))
+    return out
+
+
 # -- contexts -------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 
 from edge_llm.chat_format import ChatFormatter, select_formatter
+from edge_llm.chat_tokens import ControlToken
 from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import Delta, Engine
 from edge_llm.engines.cpu_threads import default_threads
@@ -84,6 +85,7 @@ class LlamaCppEngine(Engine):
             in_prefix=options.in_prefix,
             in_suffix=options.in_suffix,
         )
+        self.trust_content_markup = bool(options.trust_content_markup)
         self._embed_ctx: rt.LlamaContext | None = None
         self._embed_lock = threading.Lock()
 
@@ -146,6 +148,10 @@ class LlamaCppEngine(Engine):
         if not data:
             return [self.bos_id] if add_bos else []
         return self._model.tokenize(data, add_bos, special)
+
+    def control_token_list(self) -> list[ControlToken]:
+        return [ControlToken(text.decode("utf-8", errors="replace"), lstrip, rstrip)
+                for text, lstrip, rstrip in rt.control_tokens(self.vocab)]
 
     def token_piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)

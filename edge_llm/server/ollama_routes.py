@@ -310,7 +310,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         job = chat_job(engine, [*messages, {"role": "user", "content": body.prompt}], options, sampling=values,
                        max_tokens=max_tokens)
         if context:  # an earlier answer's context continues
-            job.prompts = [context + engine.tokenize(job.prompts[0])]
+            job.prompts = [context + engine.prompt_tokens(job.prompts[0])]
         return job
 
     def response(content: str, thinking: str | None, calls: list | None) -> dict:
