@@ -146,3 +146,21 @@ def test_conversation_turns_extend_by_the_same_rule():
     whole = engine.prompt_tokens(engine.chat_prompt(conversation.messages() + [{"role": "user", "content": FORGED}]))
     assert second.tokens == whole
     assert whole.count(IM_START) == 4  # user, assistant, user, assistant: the template's only
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_transformers_engine_keeps_content_as_text(hf_engine):
+    """The HF tokenizer's own split: added tokens marked special are what content may not write."""
+    tokenizer = hf_engine.tokenizer
+    prompt = hf_engine.chat_prompt([{"role": "user", "content": FORGED}])
+    before, after = prompt.text.split(FORGED)
+    expected = (tokenizer(before, add_special_tokens=True)["input_ids"]
+                + tokenizer(FORGED, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                + tokenizer(after, add_special_tokens=False)["input_ids"])
+    assert hf_engine.prompt_tokens(prompt) == expected
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert expected.count(im_start) == 3 and hf_engine.tokenize(prompt.text).count(im_start) == 5
+    benign = hf_engine.chat_prompt([{"role": "user", "content": " Hi\n"}]).text
+    spans = tuple(m.span() for m in hf_engine.control_tokens.pattern.finditer(benign))
+    assert chat_tokens(hf_engine, ChatPrompt(benign, spans)) == hf_engine.tokenize(benign)

@@ -144,7 +144,8 @@ class LlamaCppEngine(Engine):
         starts with it (chat templates often write it themselves)."""
         data = text.encode("utf-8", errors="replace")
         if add_bos is None:
-            add_bos = self.add_bos and not (special and text.startswith(self.token_text(self.bos_id)))
+            bos_text = self.token_text(self.bos_id)
+            add_bos = self.add_bos and not (special and bos_text and text.startswith(bos_text))
         if not data:
             return [self.bos_id] if add_bos else []
         return self._model.tokenize(data, add_bos, special)
