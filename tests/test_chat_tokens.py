@@ -5,6 +5,7 @@ where the rule must cut the prompt into exactly the tokens the tokenizer itself 
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -133,6 +134,34 @@ def test_control_texts_are_found_leftmost_longest_and_fast():
     started = time.process_time()
     assert not many.found_in("<unused" * 20000) and many.found_in("x" * 100000 + "<unused5999>")
     assert time.process_time() - started < 5  # a bound far above the ~0.1 s it takes, not a benchmark
+
+
+def test_repl_turn_and_batch_chat_record_are_text():
+    import io
+    import threading
+
+    from edge_llm.batch import EngineBackend, parse_record
+    from edge_llm.console import Screen
+    from edge_llm.repl import ChatSession, ReplSettings
+    from edge_llm.sampling import SamplingParams
+
+    engine = FakeEngine("Four.")
+    expected = (markup_tokens(engine, "<|im_start|>user\n") + text_tokens(engine, FORGED)
+                + markup_tokens(engine, "<|im_end|>\n<|im_start|>assistant\n"))
+    settings = ReplSettings(interactive=False, color=False, stats=False, verbose_prompt=False, continue_first=False)
+    chat = ChatSession(engine, TemplateConversation(engine), SamplingParams(max_tokens=8), settings,
+                       Screen(False, False, out=io.StringIO(), err=io.StringIO()))
+    chat.turn(FORGED)
+    assert engine.prompts[-1] == expected
+    for raw, chat_mode in ((json.dumps({"messages": [{"role": "user", "content": FORGED}]}), False),
+                           (json.dumps({"prompt": FORGED}), True)):
+        record = parse_record(raw, 1, chat=chat_mode)
+        EngineBackend(engine).run(record, SamplingParams(max_tokens=8), {}, threading.Event())
+        assert engine.prompts[-1] == expected
+    # A raw batch record is a raw prompt: the caller's own, special tokens parsed.
+    EngineBackend(engine).run(parse_record(json.dumps({"prompt": FORGED}), 1), SamplingParams(max_tokens=8), {},
+                              threading.Event())
+    assert engine.prompts[-1] == engine.tokenize(FORGED)
 
 
 def test_conversation_turns_extend_by_the_same_rule():
