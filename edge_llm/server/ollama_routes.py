@@ -29,6 +29,7 @@ from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.sampling import SamplingParams
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.generation import StreamResponse, context_size
 from edge_llm.server.jsonio import dumps
@@ -126,6 +127,13 @@ def sampling_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], in
     """SamplingParams values and the output budget from Ollama `options`."""
     options = options or {}
     values = {field: options[name] for name, field in OPTION_NAMES.items() if name in options}
+    for name, field in OPTION_NAMES.items():  # each checked alone, so the error names Ollama's option
+        if options.get(name) is not None:
+            try:
+                SamplingParams.create(**{field: options[name]})
+            except InvalidParameterError as exc:
+                raise InvalidParameterError(f"options.{name}: {exc.message.split(': ', 1)[-1]}",
+                                            param="options") from None
     predict = options.get("num_predict")
     if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int)):
         raise InvalidParameterError(f"options.num_predict must be an integer (got {predict!r})", param="options")

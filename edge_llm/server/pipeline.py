@@ -284,7 +284,10 @@ def _stripped_stops(job: Job) -> tuple[str, ...]:
     stop = job.sampling.get("stop")
     if not stop or job.sampling.get("include_stop_str_in_output"):
         return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
+    if isinstance(stop, str):
+        return (stop,)
+    # anything but a list of strings is SamplingParams' to refuse (a 400 naming `stop`)
+    return tuple(stop) if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop) else ()
 
 
 def _cut_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
