@@ -102,3 +102,52 @@ def test_ollama_stream_of_a_client_that_stops_reading_is_dropped(monkeypatch):
             assert slow.running == 0, "the request kept running for a client that reads nothing"
         finally:
             sock.close()
+
+
+def test_model_listings_read_only_the_header_and_name_no_path(monkeypatch, demo_path):
+    """/api/show, /api/tags and /api/ps read a GGUF's header once (never gguf-py's GGUFReader, which
+    builds every token string: seconds of CPU on a large vocabulary), and show the served name,
+    never where the weights are."""
+    import gguf
+    import httpx
+
+    from edge_llm.server import ModelManager, create_app
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the whole GGUF was parsed")
+
+    monkeypatch.setattr(gguf, "GGUFReader", refused)
+    engine = FakeEngine(model_name="demo")
+    manager = ModelManager({"demo": "demo"}, loader=lambda ref: engine, keep_alive=-1, paths={"demo": demo_path})
+    with live_server(create_app(manager)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        shown = http.post("/api/show", json={"model": "demo"})
+        listed = http.get("/api/tags")
+        http.post("/api/generate", json={"model": "demo", "prompt": "Hi", "stream": False})
+        loaded = http.get("/api/ps")
+    for response in (shown, listed, loaded):
+        assert response.status_code == 200 and str(demo_path.parent) not in response.text
+    body = shown.json()
+    assert body["modelfile"] == "FROM demo\n"
+    assert body["details"]["parameter_size"] == "135M" and body["details"]["family"] == "llama"
+    assert body["model_info"]["llama.context_length"] == 8192
+    assert listed.json()["models"][0]["details"] == body["details"] == loaded.json()["models"][0]["details"]
+
+
+def test_the_header_reader_agrees_with_gguf_py(demo_path, tmp_path):
+    import gguf
+
+    from edge_llm.errors import EdgeLLMError
+    from edge_llm.info import read_gguf_info
+
+    info = read_gguf_info(demo_path)
+    reader = gguf.GGUFReader(demo_path)
+    assert info.n_params == sum(int(t.n_elements) for t in reader.tensors)
+    assert info.tensor_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    assert info.vocab_size == len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+    assert info.chat_template == reader.fields["tokenizer.chat_template"].contents()
+    head = demo_path.open("rb").read(1 << 20)
+    for cut in (3, 100, 5000, 500_000):  # the header cut short: one clear error, never a crash
+        part = tmp_path / f"cut{cut}.gguf"
+        part.write_bytes(head[:cut])
+        with pytest.raises(EdgeLLMError, match="not a readable GGUF file"):
+            read_gguf_info(part)

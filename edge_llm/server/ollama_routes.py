@@ -382,7 +382,8 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
 
 @lru_cache(maxsize=64)
 def _gguf_details(path: str, mtime: float) -> tuple[dict, dict, str | None]:
-    """(details, model_info, chat template) of a GGUF file; cached while the file is unchanged."""
+    """(details, model_info, chat template) of a GGUF file, from its header (info.py: no token
+    arrays are read); cached while the file is unchanged."""
     from edge_llm.info import read_gguf_info
 
     info = read_gguf_info(path)
@@ -462,7 +463,8 @@ async def show(body: ShowRequest, request: Request) -> dict:
         capabilities.append("tools")
     if template and "</think>" in template:
         capabilities.append("thinking")
-    return {"modelfile": f"FROM {model.path or model.ref}\n", "parameters": _parameters(model.engine),
+    # The served name, not the file: a client has no business knowing where the weights are.
+    return {"modelfile": f"FROM {name}\n", "parameters": _parameters(model.engine),
             "template": template or "",
             "details": details, "model_info": model_info, "capabilities": capabilities,
             "modified_at": _modified_at(model.path)}
