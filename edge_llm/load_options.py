@@ -105,7 +105,7 @@ class LoadOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    n_ctx: Annotated[int | None, Field(ge=0), _opt(
+    n_ctx: Annotated[int | None, Field(ge=0, le=2**32 - 1), _opt(  # llama.cpp's n_ctx is 32 bits
         "-c", "--ctx-size", "--max-model-len", metavar="N",
         help="context size in tokens, shared by the parallel slots (default: 4096, at most the model's; "
              "0 = the model's; --max-model-len is vLLM's name)")] = None

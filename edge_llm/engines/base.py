@@ -97,6 +97,15 @@ class Engine(ABC):
         """Tokens one request may hold (prompt + output)."""
         return self.n_ctx
 
+    @classmethod
+    def check_options(cls, options: LoadOptions) -> None:
+        """Refuse, before any model is loaded, resolved options this engine would refuse at load:
+        `serve` checks every model's at start, so a bad value is one line then, not an error at
+        its first request."""
+        from edge_llm.chat_format import check_chat_format
+
+        check_chat_format(options.chat_format)
+
     # -- vocabulary -------------------------------------------------------------------------------
 
     @abstractmethod
