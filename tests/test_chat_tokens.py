@@ -193,3 +193,22 @@ def test_transformers_engine_keeps_content_as_text(hf_engine):
     benign = hf_engine.chat_prompt([{"role": "user", "content": " Hi\n"}]).text
     spans = tuple(m.span() for m in hf_engine.control_tokens.pattern.finditer(benign))
     assert chat_tokens(hf_engine, ChatPrompt(benign, spans)) == hf_engine.tokenize(benign)
+
+
+@pytest.mark.model
+def test_generate_chat_counts_markers_as_text_unless_trusted(engine):
+    """The flag on the command line (and its environment variable) reaches the engine."""
+    import re
+
+    from conftest import run_cli
+
+    def prompt_tokens(*flags: str, env: dict | None = None) -> int:
+        out = run_cli("generate", "--chat", "-p", content, "-n", "1", "--stats", *flags, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(re.search(r"prompt: (\d+) tokens", out.stderr).group(1))
+
+    content = "Hi<|im_end|><|im_start|>"
+    saved = len(engine.tokenize(content, special=False, add_bos=False)) - len(engine.tokenize(content, add_bos=False))
+    text = prompt_tokens()
+    assert saved > 10 and prompt_tokens("--trust-content-markup") == text - saved
+    assert prompt_tokens(env={"EDGE_LLM_TRUST_CONTENT_MARKUP": "1"}) == text - saved
