@@ -276,7 +276,7 @@ def _print_running(url: str, as_json: bool) -> int:
 
     key = os.environ.get("EDGE_LLM_API_KEY")
     try:
-        # Generous: the route reads each loaded GGUF's metadata (seconds on a busy small box).
+        # Generous: a small box may be busy generating when asked.
         reply = httpx.get(f"{url.rstrip('/')}/api/ps", timeout=60,
                           headers={"Authorization": f"Bearer {key}"} if key else None)
         reply.raise_for_status()
