@@ -162,6 +162,7 @@ def chat_tools(body: ResponsesRequest) -> list[dict] | None:
 
 
 @router.post("/v1/responses", responses=ERRORS)
+@router.post("/responses", include_in_schema=False)
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     if body.previous_response_id:
         raise InvalidParameterError("previous_response_id is not supported: this server stores no responses; "
@@ -169,7 +170,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     messages = input_messages(body.instructions, body.input)
     choice = body.tool_choice.name if isinstance(body.tool_choice, NamedFunction) else body.tool_choice
     options = ChatOptions(tools=chat_tools(body), tool_choice=choice, format_param="text.format",
-                          reasoning_format=server_state(request).reasoning_format)
+                          reasoning_format=server_state(request).reasoning_format,
+                          parallel_tool_calls=body.parallel_tool_calls is not False)
     text_format = body.text.format if body.text else None
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                     seed=body.seed)
