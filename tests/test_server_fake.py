@@ -169,6 +169,9 @@ def test_responses_plain_and_streamed(oa, engines):
     assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
     short = oa.responses.create(**kw, max_output_tokens=4)
     assert short.status == "incomplete" and short.output_text == ANSWER[:4]
+    events = list(oa.responses.create(**kw, max_output_tokens=4, stream=True))  # cut: OpenAI's terminal event
+    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
 def test_anthropic_create_and_stream(claude, engines):
@@ -646,3 +649,63 @@ def test_generic_tool_history_and_plain_answers(generic):
         assert out.choices[0].message.content == '{"tool": "x"}' and not out.choices[0].message.tool_calls
     finally:
         engine.answer = GENERIC_CALLS
+
+
+# -- what clients written for other servers send ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", [None, "application/octet-stream", "text/plain", "text/plain;charset=UTF-8",
+                                          "application/x-www-form-urlencoded"])
+def test_json_bodies_are_read_whatever_their_content_type(url, content_type):
+    # litellm's async Ollama provider sends application/octet-stream or text/plain
+    headers = {"content-type": content_type} if content_type else {}
+    for path, body in [("/api/chat", {"model": "demo", "stream": False, "messages": [{"role": "user", "content": "x"}]}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})]:
+        response = httpx.post(url + path, content=json.dumps(body).encode(), headers=headers)
+        assert response.status_code == 200, response.text
+    refused = httpx.post(url + "/v1/chat/completions", content=b"messages=x", headers={"content-type": "text/plain"})
+    assert refused.status_code == 400 and "Content-Type text/plain" in refused.json()["error"]["message"]
+    refused = httpx.post(url + "/api/chat", content=b"\x00\x01", headers={"content-type": "application/octet-stream"})
+    assert refused.status_code == 400 and "Content-Type application/octet-stream" in refused.json()["error"]
+
+
+def test_openai_routes_without_v1_and_system_fingerprint(url):
+    bare = openai.OpenAI(base_url=url, api_key="x", max_retries=0)  # a base URL without /v1
+    assert {m.id for m in bare.models.list().data} == {"demo", "demo-b"}
+    chat = bare.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    assert chat.choices[0].message.content == ANSWER[:3] and chat.system_fingerprint.startswith("fp_")
+    chunks = list(bare.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], stream=True))
+    assert {c.system_fingerprint for c in chunks} == {chat.system_fingerprint}
+    completion = bare.completions.create(model="demo", prompt="x", max_tokens=3)
+    assert completion.choices[0].text == ANSWER[:3] and completion.system_fingerprint == chat.system_fingerprint
+    assert len(bare.embeddings.create(model="demo", input="x").data[0].embedding) > 0
+    assert bare.responses.create(model="demo", input="x", max_output_tokens=3).output_text == ANSWER[:3]
+    # another model, another fingerprint
+    other = bare.chat.completions.create(model="demo-b", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert other.system_fingerprint != chat.system_fingerprint
+
+
+def test_one_served_model_answers_any_name():
+    engine = FakeEngine(ANSWER, model_name="only")
+    with serve({"only": engine}) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        chat = oa.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}])
+        assert chat.model == "only" and chat.choices[0].message.content == ANSWER  # named as it is
+        assert ollama.Client(host=url).chat(model="test", messages=[{"role": "user", "content": "x"}]).model == "only"
+        message = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0).messages.create(
+            model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        assert message.model == "only"
+    from edge_llm.server import ModelManager, create_app
+
+    strict = ModelManager({"only": "only"}, loader=lambda ref: engine, keep_alive=-1, strict_names=True)
+    with live_server(create_app(strict)) as url:
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).chat.completions.create(
+                model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}])
+
+
+def test_strict_model_names_flag():
+    from edge_llm.server.serve import build_parser
+
+    assert build_parser().parse_args(["--strict-model-names"]).strict_model_names
+    assert not build_parser().parse_args([]).strict_model_names

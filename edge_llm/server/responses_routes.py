@@ -4,7 +4,8 @@
 function_call_output items, earlier reasoning items); `instructions` is the system message;
 function tools and `tool_choice`; `text.format` json_object / json_schema; `max_output_tokens`.
 The answer's output items are, in order: reasoning (the model's <think> text), the message, the
-function calls. Streamed with the Responses event types, each with its sequence_number.
+function calls. Streamed with the Responses event types, each with its sequence_number; the last is
+response.completed, or response.incomplete for an answer cut at max_output_tokens.
 
 Nothing is stored: `store` is accepted and ignored, `previous_response_id` is refused (send the
 conversation as input items instead), as llama-server and vLLM do without a store.
@@ -340,5 +341,7 @@ async def response_events(run: Run, body: ResponsesRequest):
         yield event("response.failed", response={**response_object(run, body, "failed", output, None),
                                                  "error": {"code": exc.code or "server_error", "message": exc.message}})
         return
-    yield event("response.completed", response=response_object(run, body, "completed", output, finish))
+    final = response_object(run, body, "completed", output, finish)
+    # An answer cut at max_output_tokens ends the stream as OpenAI's does: `response.incomplete`.
+    yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
 
