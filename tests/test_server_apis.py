@@ -266,10 +266,14 @@ def test_forced_and_auto_tools_without_tool_markup_openai_chat(oa):
         *question, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 C"}], **kw)
     assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    # auto: plain text or a valid call, never a 400
+    # auto: plain text or a valid call, never a 400; with structured output, that JSON or a call
     auto = oa.chat.completions.create(messages=question, tool_choice="auto", **kw)
     message = auto.choices[0].message
     assert message.content or all(json.loads(t.function.arguments) for t in message.tool_calls)
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"]}
+    formatted = oa.chat.completions.create(messages=question, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}}, **kw).choices[0].message
+    assert formatted.tool_calls or isinstance(json.loads(formatted.content)["answer"], str)
 
 
 def test_forced_tools_without_tool_markup_other_apis(oa, claude, llama):
