@@ -458,9 +458,8 @@ async def show(body: ShowRequest, request: Request) -> dict:
     details, model_info, template = await asyncio.to_thread(model_details, model.path)
     if not template and model.engine is not None:  # not in the file: the template the engine renders with
         template = model.engine.formatter.template
-    capabilities = ["completion"]
-    if template and "tools" in template:
-        capabilities.append("tools")
+    # Every model takes tools: in its template's own markup, or in the generic form (generic_tools.py).
+    capabilities = ["completion", "tools"]
     if template and "</think>" in template:
         capabilities.append("thinking")
     # The served name, not the file: a client has no business knowing where the weights are.
