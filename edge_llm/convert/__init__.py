@@ -214,14 +214,16 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
 
 
 def checkpoint_folder(ref: str, config: str | None = None) -> Path:
-    """A folder as given (load_config says what is wrong with one that is not a checkpoint), else a
-    model reference resolved offline to the pulled checkpoint it names."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        return path
+    """A model reference (hf:/ms:, a registry name) resolved offline to the pulled checkpoint it
+    names; anything else is a folder (load_config says what is wrong with one that is not)."""
+    from edge_llm import hub
     from edge_llm.registry import load_registry, resolve
 
-    resolved = resolve(ref, load_registry(config))
+    path = Path(ref).expanduser()
+    registry = load_registry(config)
+    if path.exists() or not (hub.is_hub_ref(ref) or ref in registry):
+        return path
+    resolved = resolve(ref, registry)
     if resolved.is_gguf:
         raise EdgeLLMError(f"{ref} is a GGUF already ({resolved.path}); convert reads HF checkpoints "
                            f"(edge-llm quantize {ref} TYPE requantizes it)")
