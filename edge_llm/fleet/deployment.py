@@ -14,12 +14,15 @@
 
 Autoscaling is Serve's: on ongoing requests per replica, target `-np` (each replica decodes that
 many at once; more wait in its queue).
+
+No `from __future__ import annotations` here: Serve rebuilds the ingress route's signature, and
+FastAPI must see `Request` as a class, not as a string to resolve.
 """
 
-from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from typing import Any
@@ -60,46 +63,6 @@ class EdgeReplica:
 
     async def __del__(self) -> None:
         await self._lifespan.__aexit__(None, None, None)
-
-
-api = FastAPI(title="edge-llm (Ray Serve ingress)", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-# Decorated at import, not when the application is built: each replica process imports this module
-# and must see the routes bound to the class.
-@serve.ingress(api)
-class Ingress:
-    def __init__(self, replicas: Any, max_body_bytes: int) -> None:
-        self.replicas = replicas.options(stream=True)
-        self.max_body_bytes = max_body_bytes
-
-    @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"],
-                   include_in_schema=False)
-    async def relay(self, path: str, request: Request) -> Response:
-        body = await _bounded_body(request, self.max_body_bytes)
-        if body is None:
-            return _error(request.url.path, 413, f"the body is larger than {self.max_body_bytes} bytes")
-        call = HTTPRequest(method=request.method, path=request.url.path, query=request.url.query,
-                           headers=[(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP],
-                           body=body, client=tuple(request.client) if request.client else ("127.0.0.1", 0))
-        keys = prefix_keys(_json(body), request.headers.get(SESSION_HEADER))
-        for attempt in range(RETRIES + 1):
-            answer = self.replicas.handle.remote(call, affinity=keys)
-            try:
-                start = await answer.__anext__()
-                assert isinstance(start, ResponseStart)
-                headers = {k: v for k, v in start.headers if k.lower() not in _HOP_BY_HOP}
-                kind = headers.get("content-type", "")
-                if kind.startswith(_STREAM_TYPES):
-                    return StreamingResponse(_relayed(answer, call.path, kind), status_code=start.status,
-                                             headers=headers)
-                chunks = [chunk async for chunk in answer]
-                return Response(b"".join(chunks), status_code=start.status, headers=headers)
-            except RayActorError:
-                answer.cancel()
-                if attempt == RETRIES:
-                    return _error(call.path, 503, "no replica could answer (they stopped while serving it)")
-        raise AssertionError("unreachable")
 
 
 async def _relayed(answer: Any, path: str, kind: str):  # noqa: ANN202 - an async iterator of bytes
@@ -144,6 +107,47 @@ def _json(body: bytes) -> Any:
         return json.loads(body) if body else None
     except ValueError:
         return None  # not JSON: no affinity; the replica answers the error
+
+
+api = FastAPI(title="edge-llm (Ray Serve ingress)", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+# Decorated at import, not when the application is built: each replica process imports this module
+# and must see the routes bound to the class. Serve ships the decorated class by value, with the
+# module globals that exist at that moment: what the route calls is defined above it.
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, replicas: Any, max_body_bytes: int) -> None:
+        self.replicas = replicas.options(stream=True)
+        self.max_body_bytes = max_body_bytes
+
+    @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"],
+                   include_in_schema=False)
+    async def relay(self, path: str, request: Request) -> Response:
+        body = await _bounded_body(request, self.max_body_bytes)
+        if body is None:
+            return _error(request.url.path, 413, f"the body is larger than {self.max_body_bytes} bytes")
+        call = HTTPRequest(method=request.method, path=request.url.path, query=request.url.query,
+                           headers=[(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP],
+                           body=body, client=tuple(request.client) if request.client else ("127.0.0.1", 0))
+        keys = prefix_keys(_json(body), request.headers.get(SESSION_HEADER))
+        for attempt in range(RETRIES + 1):
+            answer = self.replicas.handle.remote(call, affinity=keys)
+            try:
+                start = await answer.__anext__()
+                assert isinstance(start, ResponseStart)
+                headers = {k: v for k, v in start.headers if k.lower() not in _HOP_BY_HOP}
+                kind = headers.get("content-type", "")
+                if kind.startswith(_STREAM_TYPES):
+                    return StreamingResponse(_relayed(answer, call.path, kind), status_code=start.status,
+                                             headers=headers)
+                chunks = [chunk async for chunk in answer]
+                return Response(b"".join(chunks), status_code=start.status, headers=headers)
+            except RayActorError:
+                answer.cancel()
+                if attempt == RETRIES:
+                    return _error(call.path, 503, "no replica could answer (they stopped while serving it)")
+        raise AssertionError("unreachable")
 
 
 def application(args: argparse.Namespace, serve_argv: list[str]) -> Any:
@@ -191,8 +195,14 @@ def run_on_ray(args: argparse.Namespace, argv: list[str]) -> int:
     import ray
 
     app = application(args, argv)
-    ray.init(address=None if args.ray == "local" else args.ray, include_dashboard=False,
-             log_to_driver=False, logging_level="warning")
+    if args.ray == "local":
+        # A cluster of this machine alone: room for every replica even when they share cores
+        # (Ray's CPUs are reservations; the threads are what -t / --replica-cpus give them).
+        wanted = (args.max_replicas or args.replicas) * args.replica_cpus
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False,
+                 log_to_driver=False, logging_level="warning")
+    else:
+        ray.init(address=args.ray, log_to_driver=False, logging_level="warning")
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     print(f"edge-llm serve: http://{args.host}:{args.port} on Ray ({args.router} routing, "

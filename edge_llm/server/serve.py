@@ -13,7 +13,7 @@ import ipaddress
 import os
 import sys
 
-from edge_llm.errors import EdgeLLMError
+from edge_llm.errors import EdgeLLMError, MissingExtraError
 from edge_llm.options import (
     PROMPT_CACHE,
     QUEUE,
@@ -143,8 +143,10 @@ def build_app(args: argparse.Namespace):  # noqa: ANN201 - a FastAPI app (import
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.ray:
-        from edge_llm.fleet.deployment import run_on_ray
-
+        try:
+            from edge_llm.fleet.deployment import run_on_ray
+        except ImportError:
+            raise MissingExtraError("ray[serve] (needed by --ray)", "ray") from None
         return run_on_ray(args, sys.argv[2:] if argv is None else argv)
     app = build_app(args)
     manager = app.state.edge.manager
