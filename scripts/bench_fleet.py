@@ -40,8 +40,8 @@ def opening(seed: int) -> str:
     return f"Notes {seed}: " + " ".join(rng.choice(WORDS) for _ in range(300)) + "\nSummarise the notes."
 
 
-async def turn(client: httpx.AsyncClient, messages: list[dict], max_tokens: int) -> dict:
-    body = {"model": "smollm2-135m", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+async def turn(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int) -> dict:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start, first, parts, usage = time.perf_counter(), None, [], {}
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -63,12 +63,13 @@ async def turn(client: httpx.AsyncClient, messages: list[dict], max_tokens: int)
 
 async def conversations(url: str, n: int, seed: int, max_tokens: int) -> tuple[list[dict], list[dict], float]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
         start = time.perf_counter()
         histories = [[{"role": "user", "content": opening(seed + i)}] for i in range(n)]
-        firsts = await asyncio.gather(*(turn(client, h, max_tokens) for h in histories))
+        firsts = await asyncio.gather(*(turn(client, model, h, max_tokens) for h in histories))
         for history, first in zip(histories, firsts, strict=True):
             history += [{"role": "assistant", "content": first["text"]}, {"role": "user", "content": "And now?"}]
-        seconds = await asyncio.gather(*(turn(client, h, max_tokens) for h in histories))
+        seconds = await asyncio.gather(*(turn(client, model, h, max_tokens) for h in histories))
         return firsts, seconds, time.perf_counter() - start
 
 

@@ -211,3 +211,11 @@ def test_the_inference_pool_is_what_the_picker_expects():
              and a.split("=", 1)[1]]
     assert set(named) == {"edge_llm:num_requests_waiting", "edge_llm:num_requests_running",
                           "edge_llm:kv_cache_usage_perc"}
+
+
+def test_bad_scaling_flags_are_one_line_before_anything_starts():
+    from tests.conftest import run_cli
+
+    out = run_cli("serve", "--ray", "local", "--replicas", "3", "--max-replicas", "2", timeout=120)
+    assert out.returncode != 0 and "--max-replicas 2 is below --replicas 3" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
