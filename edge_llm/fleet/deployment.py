@@ -52,9 +52,12 @@ class EdgeReplica:
     async def __init__(self, serve_argv: list[str]) -> None:
         from edge_llm.server.serve import build_app, build_parser
 
-        self.app = build_app(build_parser().parse_args(serve_argv))
+        args = build_parser().parse_args(serve_argv)
+        self.app = build_app(args)
         self._lifespan = self.app.router.lifespan_context(self.app)
-        await self._lifespan.__aenter__()  # loads models now with --preload, else on first request
+        await self._lifespan.__aenter__()
+        if args.preload:  # the replica is ready (to Serve) once its models are in memory
+            await self.app.state.edge.manager.preload()
 
     async def handle(self, request: HTTPRequest, affinity: list[str] | None = None):  # noqa: ANN201
         """The request's answer: a ResponseStart, then body chunks. `affinity` is for the router."""
