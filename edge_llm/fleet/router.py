@@ -28,6 +28,10 @@ class ConversationRouter(RequestRouter):
     def initialize_state(self, max_imbalance: int = 2, max_entries: int = 100_000) -> None:
         self.max_imbalance = max_imbalance
         self.index = PrefixIndex(max_entries)
+        # Requests this router sent and that have not completed, per replica. Serve's queue-length
+        # cache lags (entries expire, probes are periodic): a burst of one conversation's requests
+        # would all see the owner as idle and pile onto it.
+        self.in_flight: dict[ReplicaID, set[str]] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -35,7 +39,7 @@ class ConversationRouter(RequestRouter):
         if not by_id:
             return []
         queue = self.replica_queue_len_cache
-        loads = {rid: queue.get(rid) or 0 for rid in by_id}
+        loads = {rid: max(queue.get(rid) or 0, len(self.in_flight.get(rid, ()))) for rid in by_id}
         keys = request_keys(pending_request)
         preferred = None
         if keys:
@@ -45,10 +49,15 @@ class ConversationRouter(RequestRouter):
         return [[by_id[rid] for rid in rank] for rank in choose(preferred, loads, max_imbalance=self.max_imbalance)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
+        self.in_flight.setdefault(replica_id, set()).add(pending_request.metadata.internal_request_id)
         keys = request_keys(pending_request)
         if keys:
             self.index.record(keys, replica_id)
 
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.in_flight.get(replica_id, set()).discard(internal_request_id)
+
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self.index.forget(replica_id)
+        self.in_flight.pop(replica_id, None)
