@@ -90,8 +90,8 @@ def _edit_config(folder: Path, edit: Callable[[dict], None]) -> None:
 
 
 def _scramble(model, seed: int) -> None:
-    """Norm weights start at ones and biases at zeros: random ones make a wrong mapping, offset or
-    split show in the converted file (and in the encoder's output)."""
+    """Norm weights start at ones, biases and a few embeddings and projections at zeros: random ones
+    make a wrong mapping, offset or split show in the converted file (and in the encoder's output)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -102,6 +102,9 @@ def _scramble(model, seed: int) -> None:
                               "layernorm_after.weight", "norm_weight")):
                 param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
             elif name.endswith(("bias", "lambda_1", "lambda_2")):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+            elif name.endswith(("mm_input_projection_weight", "cls_token", "position_embeddings")):
+                # initialized to zeros: Gemma 3's projection (every image embedding would be 0), InternViT's
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
 
 
@@ -137,7 +140,7 @@ def build_gemma3_vision(folder: Path, tokenizers_dir: Path, layout: str = "hub")
     tok = _tokenizer(tokenizers_dir / "gemma", folder, list(markers.values()), GEMMA3_VISION_TEMPLATE, markers)
     ids = {k.replace("_token", "_token_index"): tok.convert_tokens_to_ids(v) for k, v in markers.items()}
     text = transformers.Gemma3TextConfig(vocab_size=len(tok), **{**TEXT, "num_attention_heads": 4}, head_dim=16,
-                                         query_pre_attn_scalar=16, sliding_window=16, pad_token_id=0, eos_token_id=1,
+                                         query_pre_attn_scalar=16, sliding_window=64, pad_token_id=0, eos_token_id=1,
                                          bos_token_id=2)
     vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=2, image_size=28, patch_size=14,
@@ -282,7 +285,7 @@ def build_llava(folder: Path, tokenizers_dir: Path, layout: str = "hub") -> Tiny
     text = transformers.LlamaConfig(vocab_size=len(tok), **TEXT, tie_word_embeddings=False,
                                     pad_token_id=tok.convert_tokens_to_ids("<pad>"), bos_token_id=1, eos_token_id=2)
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=64)
+                                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=48)
     config = transformers.LlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
                                       image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=4,
                                       vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -422,21 +425,35 @@ class VisionFamily:
     build: Callable  # (folder, tokenizers_dir) -> TinyVision
     pre: str  # the text GGUF's tokenizer.ggml.pre (llama.cpp's converter's fallback, as in tiny_models)
     projector: str  # the projector type llama.cpp's mtmd runs it with (clip.projector_type)
-    # Where edge-llm's projector GGUF differs from llama.cpp's converter's on purpose (as tiny_models.Family).
+    # The catalogue entry with the same weights in the layout llama.cpp's converter reads, when it
+    # refuses this one (`refusal`: how it says so); its projector is the reference for this one's.
+    reference: str | None = None
+    refusal: str = ""
+    # Where edge-llm's projector GGUF differs from llama.cpp's on purpose (as tiny_models.Family).
     differences: dict = field(default_factory=dict)
-    text_differences: dict = field(default_factory=dict)
+    # The image tokens mtmd makes of one image tile (None: it depends on the image's size).
+    tokens_per_tile: int | None = None
 
+
+# llama.cpp's legacy LLaVA converter writes no quantization version; edge-llm's writer always does.
+LEGACY_LLAVA = {"general.quantization_version": ("llama.cpp None, edge-llm 2", "edge-llm's GGUF writer "
+                                                 "always records the quantization version; mtmd does not read it")}
 
 VISION_FAMILIES = {
-    "gemma3": VisionFamily(lambda d, t: build_gemma3_vision(d, t), "default", "gemma3"),
+    "gemma3": VisionFamily(lambda d, t: build_gemma3_vision(d, t), "default", "gemma3", tokens_per_tile=1),
     "gemma3-transformers": VisionFamily(lambda d, t: build_gemma3_vision(d, t, layout="transformers"), "default",
-                                        "gemma3"),
-    "smolvlm": VisionFamily(lambda d, t: build_smolvlm(d, t, version=1), "smollm", "idefics3"),
-    "smolvlm2": VisionFamily(lambda d, t: build_smolvlm(d, t, version=2), "smollm", "idefics3"),
+                                        "gemma3", reference="gemma3", tokens_per_tile=1,
+                                        refusal="Can not map tensor 'vision_tower.embeddings.patch_embedding.bias'"),
+    "smolvlm": VisionFamily(lambda d, t: build_smolvlm(d, t, version=1), "smollm", "idefics3", tokens_per_tile=4),
+    "smolvlm2": VisionFamily(lambda d, t: build_smolvlm(d, t, version=2), "smollm", "idefics3", tokens_per_tile=4),
     "qwen2-vl": VisionFamily(lambda d, t: build_qwen2_vl(d, t, version="2"), "qwen2", "qwen2vl_merger"),
     "qwen2.5-vl": VisionFamily(lambda d, t: build_qwen2_vl(d, t, version="2.5"), "qwen2", "qwen2.5vl_merger"),
-    "llava-1.5": VisionFamily(lambda d, t: build_llava(d, t), "default", "mlp"),
-    "llava-1.5-transformers": VisionFamily(lambda d, t: build_llava(d, t, layout="transformers"), "default", "mlp"),
-    "internvl": VisionFamily(lambda d, t: build_internvl(d, t, layout="remote"), "qwen2", "internvl"),
-    "internvl-hf": VisionFamily(lambda d, t: build_internvl(d, t), "qwen2", "internvl"),
+    "llava-1.5": VisionFamily(lambda d, t: build_llava(d, t), "default", "mlp", differences=LEGACY_LLAVA,
+                              tokens_per_tile=4),
+    "llava-1.5-transformers": VisionFamily(lambda d, t: build_llava(d, t, layout="transformers"), "default", "mlp",
+                                           reference="llava-1.5", differences=LEGACY_LLAVA, tokens_per_tile=4),
+    "internvl": VisionFamily(lambda d, t: build_internvl(d, t, layout="remote"), "qwen2", "internvl",
+                             tokens_per_tile=1),
+    "internvl-hf": VisionFamily(lambda d, t: build_internvl(d, t), "qwen2", "internvl", reference="internvl",
+                                refusal="Model InternVLForConditionalGeneration is not supported", tokens_per_tile=1),
 }
