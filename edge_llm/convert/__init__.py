@@ -242,9 +242,9 @@ def convert_checkpoint(hf_dir: str | Path, out: str | Path | None = None, outtyp
     config = text_model_config(raw)
     llama_cpp_dir = llama_cpp_dir or os.environ.get("EDGE_LLM_LLAMA_CPP") or None
     projector = None
-    if mmproj is not False and (mmproj or has_vision(raw)):
+    if mmproj is not False and has_vision(raw):
         projector = projector_class(raw, hf_dir)  # a vision half this converter does not know is an error
-    if not text and projector is None:
+    if mmproj and projector is None:
         raise CheckpointError(f"{hf_dir}: no vision_config in config.json, so there is no projector to write")
     cls = None
     if text:
