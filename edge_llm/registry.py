@@ -227,9 +227,9 @@ def convertible(spec: ModelSpec, where: str = "") -> str:
             pass
     if arch is None:
         return "?"
-    from edge_llm.convert import ARCHITECTURES
+    from edge_llm.convert import supported_architecture
 
-    return "yes" if arch in ARCHITECTURES else f"no: {arch}"
+    return "yes" if supported_architecture(arch) else f"no: {arch}"
 
 
 def main(argv: list[str] | None = None) -> int:
