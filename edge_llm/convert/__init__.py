@@ -25,6 +25,7 @@ import gguf
 
 from edge_llm.convert.baichuan import BaichuanModel
 from edge_llm.convert.base import OUTTYPES, Model, write_gguf
+from edge_llm.convert.bert import BertModel, NomicBertModel, XLMRobertaModel
 from edge_llm.convert.checkpoint import CheckpointError, load_config, load_tensors
 from edge_llm.convert.deepseek import DeepseekV2Model
 from edge_llm.convert.gemma import Gemma2Model, Gemma3Model, GemmaModel
@@ -57,6 +58,7 @@ FAMILIES: tuple[type[Model], ...] = (
     MiniCPMModel, StarCoder2Model, Ernie45Model, ChatGLMModel, Glm4Model, DeepseekV2Model,
     LFM2Model, GptOssModel,
     BaichuanModel, InternLM2Model,
+    BertModel, XLMRobertaModel, NomicBertModel,
 )
 ARCHITECTURES: dict[str, type[Model]] = {name: cls for cls in FAMILIES for name in cls.hf_architectures}
 
