@@ -34,7 +34,8 @@ CORPUS = [
 TEXTS = ["The cat sat on the mat.", "A dog slept by the door.", "Paris is the capital of France.",
          "我想在北京工作", "naïve café, 12345 times!"]
 QUERY = "What is the capital of France?"
-SMALL_ENCODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+SMALL_ENCODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     initializer_range=0.2)
 
 
 @dataclass
@@ -289,7 +290,7 @@ def build_nomic_bert(folder: Path, tokenizer_dir: Path) -> TinyEncoder:
                                           num_attention_heads=n_head, intermediate_size=ff, type_vocab_size=2,
                                           pad_token_id=tok.pad_token_id, layer_norm_eps=1e-12,
                                           rope_parameters={"rope_theta": 1000.0, "rope_type": "default"},
-                                          max_position_embeddings=2048)
+                                          max_position_embeddings=2048, initializer_range=0.2)
     model = transformers.NomicBertModel(native).eval()
     _scramble(model, 54)
     hub = {}
