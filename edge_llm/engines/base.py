@@ -237,7 +237,7 @@ class Engine(ABC):
         for i, text in enumerate(texts):
             count = len(self.tokenize(text))
             if count == 0:
-                raise InvalidParameterError(f"input {i} has no tokens to embed", param="input")
+                raise InvalidParameterError(f"input {i} is empty: no tokens to embed", param="input")
             n_tokens += count
         return Embeddings(await asyncio.to_thread(self.embed, texts), n_tokens)
 

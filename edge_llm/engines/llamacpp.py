@@ -303,7 +303,7 @@ class LlamaCppEngine(Engine):
                 sequences.append(list(item))
             if not sequences[-1]:
                 # llama.cpp's embedding decode of zero tokens corrupts memory and aborts the process.
-                raise InvalidParameterError(f"input {i} has no tokens to embed", param="input")
+                raise InvalidParameterError(f"input {i} is empty: no tokens to embed", param="input")
         return sequences
 
     def embed(self, texts: list[str]) -> list[list[float]]:
