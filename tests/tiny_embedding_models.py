@@ -223,8 +223,31 @@ def build_bert(folder: Path, tokenizer_dir: Path, pooling: str = "cls") -> TinyE
     return TinyEncoder(folder, "embedding", _st_embedder(folder))
 
 
+def _segment_blind(folder: Path) -> Callable:
+    """The cross-encoder's logits with every token in segment 0: llama.cpp reads no token type ids
+    (llama-server neither), so a BERT cross-encoder trained with segment B = 1 scores its pairs as if
+    both texts were segment A. This is what llama.cpp computes; sentence-transformers' own scores
+    differ by the second row of token_type_embeddings (see the test)."""
+    def score(query: str, documents: list[str]) -> np.ndarray:
+        import torch
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        out = []
+        for doc in documents:
+            batch = tok(query, doc, return_tensors="pt")
+            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+            with torch.no_grad():
+                out.append(model(**batch).logits[0, 0].item())
+        return np.array(out)
+
+    return score
+
+
 def build_bert_reranker(folder: Path, tokenizer_dir: Path) -> TinyEncoder:
-    """A ms-marco-MiniLM-style cross-encoder: BertForSequenceClassification with one label."""
+    """A ms-marco-MiniLM-style cross-encoder: BertForSequenceClassification with one label; its
+    reference sees every token in segment 0, as llama.cpp does (`_segment_blind`)."""
     import torch
     import transformers
 
@@ -235,7 +258,7 @@ def build_bert_reranker(folder: Path, tokenizer_dir: Path) -> TinyEncoder:
     _scramble(model, 51)
     model.save_pretrained(folder)
     _copy_tokenizer(tokenizer_dir, folder)
-    return TinyEncoder(folder, "rerank", _cross_encoder(folder))
+    return TinyEncoder(folder, "rerank", _segment_blind(folder))
 
 
 def _xlm_config(tok, **extra):

@@ -72,14 +72,18 @@ class PooledWorker:
         self.n_seq_max = MAX_SEQUENCES
         # Every sequence is decoded whole and forgotten after its decode, so a pool of n_ctx cells
         # shared by all sequences (kv_unified) holds any batch.
-        params = rt.context_params(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_seq_max=self.n_seq_max,
+        # llama.cpp pads a context to 256 cells; a micro-batch of another size fails its graph's
+        # shapes (GGML_ASSERT in ggml_mul_mat, an abort): both are rounded up, inputs stay at n_ctx.
+        size = -(-n_ctx // 256) * 256
+        params = rt.context_params(n_ctx=size, n_batch=size, n_ubatch=size, n_seq_max=self.n_seq_max,
                                    n_threads=n_threads, kv_unified=True, pooling=pooling)
         self.ctx = rt.new_context(model, params, verbose=verbose, what=what)
         self.n_out = (int(llama_cpp.llama_model_n_cls_out(model.model)) if pooling == llama_cpp.LLAMA_POOLING_TYPE_RANK
                       else int(llama_cpp.llama_model_n_embd_out(model.model))
                       if hasattr(llama_cpp, "llama_model_n_embd_out") else model.n_embd())
-        self._batch = rt.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1)
+        self._batch = rt.LlamaBatch(n_tokens=size, embd=0, n_seq_max=1)
         self._waiting: deque[PooledRequest] = deque()
+        self.decoded = 0  # sequences decoded so far (tests and /metrics read it)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="edge-llm-pooled", daemon=True)
@@ -178,6 +182,7 @@ class PooledWorker:
             outputs = [exc] * len(picked)
         finally:
             rt.clear_memory(self.ctx)
+            self.decoded += len(picked)
         with self._wake:
             for (request, index), out in zip(picked, outputs, strict=True):
                 request.pending -= 1
