@@ -195,7 +195,8 @@ class LlamaCppEngine(Engine):
         """An embedding model or a reranker: no generation context, only the pooled one, whose
         context is the longest input it takes."""
         self.n_parallel = 1
-        self.n_ctx = options.n_ctx or min(DEFAULT_POOLED_CTX, n_ctx_train)
+        # Never past the trained length: an encoder's position embeddings end there.
+        self.n_ctx = min(options.n_ctx or DEFAULT_POOLED_CTX, n_ctx_train)
         if self.n_ctx < 16:
             raise InvalidParameterError(f"context size {self.n_ctx} is too small", param="n_ctx")
         self.n_batch = options.n_batch
@@ -223,6 +224,7 @@ class LlamaCppEngine(Engine):
                 n_ctx = self.n_ctx if self.kind != "chat" else min(self.n_ctx_seq, DEFAULT_POOLED_CTX)
                 self._pooled = PooledWorker(model, pooling=self.model_kind.pooling_id, n_ctx=n_ctx,
                                             n_batch=self.options.n_batch, n_threads=self.n_threads,
+                                            fixed_threads=self.options.n_threads is not None,
                                             verbose=self.options.verbose,
                                             what=f"a {self.model_kind.pooling}-pooled context for {self.path}")
             return self._pooled

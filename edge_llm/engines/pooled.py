@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_llm.engines import llama_runtime as rt
+from edge_llm.engines.cpu_threads import ThreadGovernor
 from edge_llm.engines.llama_runtime import llama_cpp
 from edge_llm.engines.threadbridge import Channel
 from edge_llm.errors import ContextLengthError, InvalidParameterError
@@ -65,7 +66,7 @@ class PooledWorker:
     """A llama.cpp context with pooled outputs (`pooling`: llama_pooling_type) and its thread."""
 
     def __init__(self, model: rt.LlamaModel, *, pooling: int, n_ctx: int, n_batch: int, n_threads: int,
-                 verbose: bool, what: str) -> None:
+                 fixed_threads: bool, verbose: bool, what: str) -> None:
         self.n_ctx = n_ctx
         self.n_batch = max(1, min(n_batch, n_ctx))  # tokens a decode packs (more when one sequence is longer)
         self.pooling = pooling
@@ -82,6 +83,10 @@ class PooledWorker:
                       else int(llama_cpp.llama_model_n_embd_out(model.model))
                       if hasattr(llama_cpp, "llama_model_n_embd_out") else model.n_embd())
         self._batch = rt.LlamaBatch(n_tokens=size, embd=0, n_seq_max=1)
+        # Fewer threads while other programs hold cores, as the generating scheduler does: two
+        # spinning threads with one core taken ran a tiny encoder's decodes 400x slower than one.
+        self._governor = ThreadGovernor(n_threads, fixed=fixed_threads)
+        self._threads = n_threads
         self._waiting: deque[PooledRequest] = deque()
         self.decoded = 0  # sequences decoded so far (tests and /metrics read it)
         self._wake = threading.Condition()
@@ -165,6 +170,10 @@ class PooledWorker:
         return picked
 
     def _decode(self, picked: list[tuple[PooledRequest, int]]) -> None:
+        threads = self._governor.threads()
+        if threads != self._threads:
+            rt.set_threads(self.ctx, threads, threads)
+            self._threads = threads
         batch = self._batch
         batch.reset()
         for seq_id, (request, index) in enumerate(picked):
