@@ -280,3 +280,70 @@ def test_abandoned_embeddings_stop_and_others_go_first(server, url, http):
     assert "big" not in done and worker.decoded - before < len(big)  # the small one did not wait for it
     thread.join()
     assert done["big"] == 200
+
+
+# -- against llama-server ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """llama.cpp's llama-server of the pinned llama.cpp: $EDGE_LLM_LLAMA_SERVER, else the one
+    scripts/bench_servers.py builds once into its cache."""
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import bench_servers
+
+    return bench_servers, bench_servers.llama_server_binary(os.environ.get("EDGE_LLM_LLAMA_SERVER") or None)
+
+
+@pytest.mark.parametrize("family", list(EMBEDDING_FAMILIES))
+def test_equals_llama_server(family, tiny_encoder, encoder_gguf, llama_server):
+    """Vectors and scores of the same f32 GGUF, edge-llm's engine against llama-server (--embeddings;
+    --rerank --pooling rank for rerankers), on the same inputs, the same tokens counted. f32: with
+    f16 weights the activations are rounded to f16 too, and llama-server's own scores then move by
+    ~1e-3 with how its slots split the work (-np 1 against -np 2). Quantized files are not compared:
+    on CPUs with AMX this llama-server crashes on their pooled decodes (edge-llm loads them unrepacked)."""
+    import httpx
+
+    bench_servers, binary = llama_server
+    path = encoder_gguf(family, "f32")
+    kind = tiny_encoder(family).kind
+    flags = ("--embeddings", "--rerank", "--pooling", "rank") if kind == "rerank" else ("--embeddings",)
+    # One slot, no prompt cache: each input decoded alone and whole (with two slots, or a cached
+    # template prefix, llama-server's own numbers move with how it split the work).
+    spec = bench_servers.llama_server_spec(binary, path, parallel=1, ctx=1024, threads=2,
+                                           extra_args=(*flags, "--no-cache-prompt"))
+    with bench_servers.running(spec) as server:
+        if kind == "rerank":
+            body = httpx.post(f"{server.url}/v1/rerank", json={"query": QUERY, "documents": TEXTS}, timeout=120).json()
+            theirs = np.zeros(len(TEXTS))
+            for result in body["results"]:
+                theirs[result["index"]] = result["relevance_score"]
+        else:
+            body = httpx.post(f"{server.url}/v1/embeddings", json={"input": TEXTS}, timeout=120).json()
+            theirs = np.array([d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])])
+        their_tokens = body["usage"]["prompt_tokens"]
+    engine = load_engine(str(path))
+    try:
+        if kind == "rerank":
+            batched = asyncio.run(engine.rerank(QUERY, TEXTS))
+            alone = np.array([asyncio.run(engine.rerank(QUERY, [t])).scores[0] for t in TEXTS])
+            ours = np.array(batched.scores)
+        else:
+            batched = asyncio.run(engine.embeddings(TEXTS))
+            alone = np.array([asyncio.run(engine.embeddings([t])).vectors[0] for t in TEXTS])
+            ours = np.array(batched.vectors)
+    finally:
+        engine.close()
+    assert batched.prompt_tokens == their_tokens  # the same tokens: BOS/EOS/SEP, the rerank template
+    # One input per decode, as llama-server takes them here: the same numbers.
+    scale = max(1.0, np.abs(theirs).max())
+    assert np.abs(alone - theirs).max() < 1e-5 * scale, (alone, theirs)
+    # Several per decode (edge-llm's batching): other matrix shapes sum in another order; random
+    # tiny models amplify that the most in a cross-encoder's head (measured up to 2e-3).
+    assert np.abs(ours - theirs).max() < 5e-3 * scale, (ours, theirs)
+    if kind == "embedding":
+        assert _cosines(ours, theirs).min() > 0.99999
