@@ -39,7 +39,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_servers import (  # noqa: E402
     ROOT,
-    ServerSpec,
     edge_llm_spec,
     llama_server_binary,
     llama_server_spec,

@@ -11,7 +11,9 @@ when llama_cpp loads it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +25,7 @@ configure_openmp()
 
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler  # noqa: E402
 
 from edge_llm.errors import InvalidParameterError, ModelLoadError  # noqa: E402
@@ -95,6 +97,7 @@ def load_model(path: Path, options: LoadOptions, *, extra_buffers: bool = True) 
         # llama.cpp reads the array during the load; `params` holds it alive until then.
         params.tensor_split = tensor_split_array(options.tensor_split)
     params.use_mlock = options.use_mlock
+    params.use_extra_bufts = extra_buffers(options.repack, uses_amx())
     if hasattr(params, "load_mode"):
         params.load_mode = _load_mode(options.use_mmap, options.use_mlock)
     try:
@@ -102,6 +105,22 @@ def load_model(path: Path, options: LoadOptions, *, extra_buffers: bool = True) 
     except ValueError:
         raise ModelLoadError(f"llama.cpp could not load {path}: the file is truncated, corrupt "
                              "or of an unsupported architecture (run with -v for llama.cpp's log)") from None
+
+
+def extra_buffers(repack: str | None, amx: bool) -> bool:
+    """Whether llama.cpp may place weights in its extra CPU buffer types (AMX, repacked rows).
+    `auto` leaves them off where this build uses AMX: its matmul kernels crash there at the first
+    decode (ggml_backend_amx_mul_mat, llama.cpp#20824, seen on Sapphire Rapids); llama-server on
+    the same machine needs --no-repack likewise."""
+    return repack == "on" or (repack in (None, "auto") and not amx)
+
+
+@functools.lru_cache(maxsize=1)
+def uses_amx() -> bool:
+    """This llama.cpp build runs AMX kernels (compiled in, which a native build does where the CPU
+    has them)."""
+    init_backend()
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
 def tensor_split_array(shares: tuple[float, ...]) -> ctypes.Array:
@@ -152,6 +171,19 @@ def vocab_texts(vocab: llama_cpp.llama_vocab_p) -> list[bytes]:
     return [llama_cpp.llama_vocab_get_text(vocab, t) or b"" for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
 
 
+def control_tokens(vocab: llama_cpp.llama_vocab_p) -> list[tuple[bytes, bool, bool]]:
+    """(text, lstrip, rstrip) of the tokens that llama_tokenize cuts out of a text only with
+    parse_special: control and unknown tokens (tokenizer_st_partition skips them otherwise)."""
+    out = []
+    parsed_only = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    for t in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attr = int(llama_cpp.llama_vocab_get_attr(vocab, t))
+        if attr & parsed_only:
+            out.append((llama_cpp.llama_vocab_get_text(vocab, t) or b"", bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
+                        bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP)))
+    return out
+
+
 # -- contexts -------------------------------------------------------------------------------------
 
 
@@ -185,6 +217,58 @@ def context_params(*, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, 
         params.pooling_type = pooling
     params.no_perf = True
     return params
+
+
+def kv_bytes_per_token(model: LlamaModel, cache_type_k: str, cache_type_v: str) -> int | None:
+    """KV cache bytes one token takes in every layer, for plain attention; None where the layout
+    is not that (recurrent and hybrid memory, sliding-window layers, DeepSeek's compressed MLA
+    cache): those would be overestimated, and a context refused that fits."""
+    m = model.model
+    meta = model.metadata()
+    arch = meta.get("general.architecture", "")
+    if (llama_cpp.llama_model_is_recurrent(m) or llama_cpp.llama_model_is_hybrid(m)
+            or llama_cpp.llama_model_n_swa(m) > 0 or f"{arch}.attention.kv_lora_rank" in meta):
+        return None
+    n_head, n_head_kv = int(llama_cpp.llama_model_n_head(m)), int(llama_cpp.llama_model_n_head_kv(m))
+    if n_head <= 0 or n_head_kv <= 0:
+        return None
+    head = int(llama_cpp.llama_model_n_embd(m)) // n_head
+    k_len = int(meta.get(f"{arch}.attention.key_length", head))
+    v_len = int(meta.get(f"{arch}.attention.value_length", head))
+
+    def size(name: str, n: int) -> float:
+        block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(KV_CACHE_TYPES[name.lower()])]
+        return n * nbytes / block
+
+    return int(int(llama_cpp.llama_model_n_layer(m)) * n_head_kv * (size(cache_type_k, k_len) + size(cache_type_v, v_len)))
+
+
+def available_memory() -> int:
+    """Bytes the system can still give (Linux: MemAvailable, page cache it can drop included)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_context_fits(model: LlamaModel, n_ctx: int, cache_type_k: str, cache_type_v: str) -> None:
+    """Refuse, before llama.cpp allocates (and zeroes) it, a KV cache that cannot fit in memory,
+    saying what would (llama.cpp would take minutes of swapping, or gigabytes, before failing)."""
+    per_token = kv_bytes_per_token(model, cache_type_k, cache_type_v)
+    if not per_token:
+        return
+    need, free = n_ctx * per_token, available_memory()
+    if need <= free:
+        return
+    fits = free // per_token // 256 * 256
+    hint = f"at most -c {fits} fits" if fits >= 256 else "no useful context fits"
+    raise ModelLoadError(f"a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB of KV cache "
+                         f"(-ctk {cache_type_k} -ctv {cache_type_v}) but {free / 2**30:.1f} GiB of memory is "
+                         f"available: {hint} (a q8_0 cache, -ctk q8_0 -ctv q8_0, takes about half)")
 
 
 def new_context(model: LlamaModel, params: llama_cpp.llama_context_params, *, verbose: bool,

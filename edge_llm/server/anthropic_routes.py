@@ -232,7 +232,8 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> Any:
         job = chat_job(engine, messages, options, sampling={}, max_tokens=None)
         return {"input_tokens": len(engine.prompt_tokens(job.prompts[0]))}
 
-    return await with_engine(request, body.model, count)
+    # count renders the template: it waits for the engine's one render slot as generation does.
+    return await with_engine(request, body.model, count, renders_template=True)
 
 
 def stop_reason(finish: Finish | None, calls: bool) -> tuple[str, str | None]:

@@ -72,7 +72,7 @@ def chat_job(engine: Engine, messages: list[dict], options: ChatOptions, *, samp
     # A grammar decides the whole answer from its first token: there is no thinking to split off.
     reasoning = grammar is None and splits_reasoning(engine, options.reasoning_format)
     return Job([prompt], {**sampling, "grammar": grammar}, max_tokens, prompt_param="messages",
-               reasoning=reasoning, thinking_open=reasoning and prompt_opens_thinking(prompt),
+               reasoning=reasoning, thinking_open=reasoning and prompt_opens_thinking(prompt.text),
                tools=tools is not None, plan=plan)
 
 

@@ -93,15 +93,21 @@ class ModelManager:
     @classmethod
     def from_refs(cls, refs: list[str], *, config: str | None = None, **kwargs: object) -> ModelManager:
         """Serve model references as given on the command line: each is resolved now, so a model
-        that is not on disk fails at start, and is served under its registry name or file stem."""
+        that is not on disk fails at start, and is served under its registry name or file stem;
+        its load options are checked now too."""
+        from edge_llm.engines.base import engine_class
         from edge_llm.registry import load_registry, resolve
 
         registry = load_registry(config)
+        engine = engine_class(str(kwargs.get("engine", "llama.cpp")))
+        options = kwargs.get("options") or LoadOptions()
         models, sizes, paths = {}, {}, {}
         for ref in refs:
             resolved = resolve(ref, registry)
             if resolved.name in models:
                 raise EdgeLLMError(f"two models would be served as {resolved.name!r}")
+            # What its engine would refuse at the first request (a cache type, a cache folder, -md ...)
+            engine.check_options(options.resolve(resolved.spec))  # type: ignore[union-attr]
             models[resolved.name] = ref
             sizes[resolved.name] = _weights_size(resolved.path)
             paths[resolved.name] = resolved.path
@@ -178,10 +184,14 @@ class ModelManager:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    async def preload(self) -> None:
+        """Load every model now (serve --preload)."""
+        for name in self.models:
+            (await self.acquire(name)).release()
+
     async def start(self, *, preload: bool = False) -> None:
         if preload:
-            for name in self.models:
-                (await self.acquire(name)).release()
+            await self.preload()
         if self.models:
             self._reaper = asyncio.create_task(self._unload_idle_forever())
 

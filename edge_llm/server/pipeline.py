@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
+from edge_llm.chat_tokens import ChatPrompt
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
 from edge_llm.reasoning import ReasoningSplitter
 from edge_llm.sampling import SamplingParams
@@ -107,7 +108,8 @@ async def with_engine_until_disconnect(request: Request, model: str | None,
 class Job:
     """One request as the engine sees it, made by the API's `prepare`."""
 
-    prompts: list[str | list[int]]  # text or token ids; several for a batched /v1/completions
+    # A chat (chat_tokens.ChatPrompt), raw text or token ids; several for a batched /v1/completions.
+    prompts: list[str | list[int] | ChatPrompt]
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens
     max_tokens: int | None = None  # requested; capped by what the context leaves
     prompt_param: str = "prompt"  # the request field a too-long prompt is blamed on
@@ -295,7 +297,10 @@ def _stripped_stops(job: Job) -> tuple[str, ...]:
     stop = job.sampling.get("stop")
     if not stop or job.sampling.get("include_stop_str_in_output"):
         return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
+    if isinstance(stop, str):
+        return (stop,)
+    # anything but a list of strings is SamplingParams' to refuse (a 400 naming `stop`)
+    return tuple(stop) if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop) else ()
 
 
 def _cut_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
