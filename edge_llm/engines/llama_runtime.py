@@ -80,15 +80,11 @@ def check_gguf_file(path: Path) -> None:
 # -- the model ------------------------------------------------------------------------------------
 
 
-def load_model(path: Path, options: LoadOptions, *, extra_buffers: bool = True) -> LlamaModel:
+def load_model(path: Path, options: LoadOptions) -> LlamaModel:
     """The weights, placed as the resolved options say (-ngl, --split-mode, --tensor-split,
-    --mlock, --no-mmap). `extra_buffers=False`: quantized weights stay in their file layout, not
-    repacked for the CPU's matrix units; pooled outputs (embeddings, rerank) need that: with this
-    llama.cpp, a pooled decode of weights repacked for AMX (Intel Xeon 4th gen and later) crashes
-    the process in ggml_backend_amx_mul_mat."""
+    --mlock, --no-mmap, --repack)."""
     init_backend()
     params = llama_cpp.llama_model_default_params()
-    params.use_extra_bufts = extra_buffers
     ngl = options.n_gpu_layers
     params.n_gpu_layers = 0x7FFFFFFF if ngl < 0 else ngl
     params.split_mode = SPLIT_MODES[options.split_mode]

@@ -80,9 +80,7 @@ class LlamaCppEngine(Engine):
         set_verbose(options.verbose)
         self.model_kind = model_kind(self.path)
         self.kind = self.model_kind.kind
-        # An embedding model or reranker only pools: its weights are loaded as pooled decodes need them.
-        self._model = rt.load_model(self.path, options, extra_buffers=self.kind == "chat")
-        self._pooled_model: rt.LlamaModel | None = None  # a chat model's weights for its embeddings
+        self._model = rt.load_model(self.path, options)
         self.vocab = self._model.vocab
         self.n_vocab = self._model.n_vocab()
         self.metadata = self._model.metadata()
@@ -251,11 +249,8 @@ class LlamaCppEngine(Engine):
         inputs up to 2048 tokens or its slot's size), at load for the others."""
         with self._pooled_lock:
             if self._pooled is None:
-                model = self._model
-                if self.kind == "chat":  # a second handle on the same (memory-mapped) file: see load_model
-                    self._pooled_model = model = rt.load_model(self.path, self.options, extra_buffers=False)
                 n_ctx = self.n_ctx if self.kind != "chat" else min(self.n_ctx_seq, DEFAULT_POOLED_CTX)
-                self._pooled = PooledWorker(model, pooling=self.model_kind.pooling_id, n_ctx=n_ctx,
+                self._pooled = PooledWorker(self._model, pooling=self.model_kind.pooling_id, n_ctx=n_ctx,
                                             n_batch=self.options.n_batch, n_threads=self.n_threads,
                                             fixed_threads=self.options.n_threads is not None,
                                             verbose=self.options.verbose,
@@ -391,9 +386,6 @@ class LlamaCppEngine(Engine):
         if getattr(self, "_pooled", None) is not None:
             self._pooled.close()
             self._pooled = None
-        if getattr(self, "_pooled_model", None) is not None:
-            self._pooled_model.close()
-            self._pooled_model = None
         if getattr(self, "context", None) is not None:
             self.context.close()
         if getattr(self, "_model", None) is not None:
