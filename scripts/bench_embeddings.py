@@ -71,7 +71,10 @@ def build_models(folder: Path) -> tuple[Path, Path]:
     from edge_llm.convert import convert
 
     torch.manual_seed(0)
-    wordpiece = train_wordpiece(folder / "wordpiece")
+    # Tokenizers trained on the corpus itself, with real vocabulary sizes: a passage is as many
+    # tokens as with the real models (a 50-word passage: about 65).
+    lines = [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    wordpiece = train_wordpiece(folder / "wordpiece", corpus=lines, vocab_size=8000)
     tok = transformers.AutoTokenizer.from_pretrained(wordpiece)
     embedder = transformers.BertModel(transformers.BertConfig(vocab_size=len(tok), max_position_embeddings=512,
                                                               **SHAPE)).eval()
@@ -79,7 +82,7 @@ def build_models(folder: Path) -> tuple[Path, Path]:
     for path in wordpiece.iterdir():
         (folder / "embedder" / path.name).write_bytes(path.read_bytes())
     write_st_modules(folder / "embedder", "cls")
-    unigram = train_unigram(folder / "unigram")
+    unigram = train_unigram(folder / "unigram", corpus=lines, vocab_size=8000)
     tok = transformers.AutoTokenizer.from_pretrained(unigram)
     reranker = transformers.XLMRobertaForSequenceClassification(transformers.XLMRobertaConfig(
         vocab_size=len(tok), max_position_embeddings=514, pad_token_id=1, bos_token_id=0, eos_token_id=2,

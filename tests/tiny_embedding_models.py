@@ -48,7 +48,8 @@ class TinyEncoder:
 
 # --- tokenizers -----------------------------------------------------------------------------------
 
-def train_wordpiece(folder: Path, lowercase: bool = True) -> Path:
+def train_wordpiece(folder: Path, lowercase: bool = True, corpus: list[str] | None = None,
+                    vocab_size: int = 400) -> Path:
     """A BERT WordPiece tokenizer (BertNormalizer, BertPreTokenizer, [CLS] $A [SEP]) saved by transformers."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -58,7 +59,8 @@ def train_wordpiece(folder: Path, lowercase: bool = True) -> Path:
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None if lowercase else False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(CORPUS * 20, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    tok.train_from_iterator(corpus or CORPUS * 20, trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                                             special_tokens=specials))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -69,7 +71,7 @@ def train_wordpiece(folder: Path, lowercase: bool = True) -> Path:
     return folder
 
 
-def train_unigram(folder: Path) -> Path:
+def train_unigram(folder: Path, corpus: list[str] | None = None, vocab_size: int = 300) -> Path:
     """XLM-RoBERTa's layout: a SentencePiece unigram model with NFKC normalization (a precompiled
     charsmap) and <unk> 0, <s> 1, </s> 2, saved as `sentencepiece.bpe.model`, and its tokenizer.json
     as XLM-RoBERTa's hub repositories have it: fairseq ids (<s> 0, <pad> 1, </s> 2, <unk> 3, each
@@ -80,7 +82,7 @@ def train_unigram(folder: Path) -> Path:
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 40), model_writer=buf, vocab_size=300, model_type="unigram",
+        sentence_iterator=iter(corpus or CORPUS * 40), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
         normalization_rule_name="nmt_nfkc", hard_vocab_limit=False)
     folder.mkdir(parents=True, exist_ok=True)
