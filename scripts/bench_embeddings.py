@@ -129,7 +129,7 @@ def main() -> int:
     parser.add_argument("--passages", type=int, default=1000)
     parser.add_argument("--documents", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="llama-server's -t (edge-llm picks its own)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -144,12 +144,13 @@ def main() -> int:
             built = build_models(Path(tmp))
             embed_model = Path(args.embed_model) if args.embed_model else built[0]
             rerank_model = Path(args.rerank_model) if args.rerank_model else built[1]
-        # Same threads, llama-server's slots wide enough for one passage each (512 tokens).
+        # Each as shipped: edge-llm's own threads (fewer while other programs hold cores), llama-server
+        # -t N; llama-server's slots wide enough for one passage each (512 tokens).
         specs = {
-            "embed": [edge_llm_spec(embed_model, parallel=1, ctx=512, threads=args.threads),
+            "embed": [edge_llm_spec(embed_model, parallel=1, ctx=512, threads=None),
                       llama_server_spec(binary, embed_model, parallel=8, ctx=4096, threads=args.threads,
                                         extra_args=("--embeddings",))],
-            "rerank": [edge_llm_spec(rerank_model, parallel=1, ctx=512, threads=args.threads),
+            "rerank": [edge_llm_spec(rerank_model, parallel=1, ctx=512, threads=None),
                        llama_server_spec(binary, rerank_model, parallel=8, ctx=4096, threads=args.threads,
                                          extra_args=("--embeddings", "--rerank", "--pooling", "rank"))],
         }
