@@ -206,6 +206,7 @@ class Engine(ABC):
             raise InvalidParameterError(f"the {self.name} engine does not support grammars / JSON schemas; use "
                                         "the llama.cpp engine (or vLLM) for constrained output", param="grammar")
         self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
+        self.check_token_ids(list(params.logit_bias or ()), param="logit_bias")
 
     def stream(self, prompt: str | list[int] | ChatPrompt, params: SamplingParams) -> Iterator[Delta]:
         """Generate synchronously; closing the iterator cancels the request. Prompt errors are

@@ -329,7 +329,7 @@ def logits(ctx: LlamaContext, index: int, n_vocab: int) -> np.ndarray:
 
 def sampler_chain(params: SamplingParams, *, vocab: llama_cpp.llama_vocab_p, n_vocab: int,
                   eog_ids: frozenset[int], penalty_last_n: int, seed: int | None) -> LlamaSampler:
-    """llama.cpp's sampler chain for one choice: grammar, ignore_eos bias, penalties over the last
+    """llama.cpp's sampler chain for one choice: grammar, logit_bias and ignore_eos bias, penalties over the last
     `penalty_last_n` tokens, then greedy or top-k / top-p / min-p / temperature / seeded draw."""
     sampler = LlamaSampler()
     if params.grammar:
@@ -338,8 +338,11 @@ def sampler_chain(params: SamplingParams, *, vocab: llama_cpp.llama_vocab_p, n_v
             sampler.close()
             raise InvalidParameterError("the grammar does not parse (llama.cpp GBNF)", param="grammar")
         llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
-    if params.ignore_eos and eog_ids:
-        sampler.add_logit_bias(n_vocab, {t: float("-inf") for t in eog_ids})
+    bias = dict(params.logit_bias or {})
+    if params.ignore_eos:
+        bias.update({t: float("-inf") for t in eog_ids})
+    if bias:
+        sampler.add_logit_bias(n_vocab, bias)
     if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
         sampler.add_penalties(n_vocab, penalty_last_n, params.repetition_penalty,
                               params.frequency_penalty, params.presence_penalty)

@@ -1,7 +1,9 @@
 """Which models a server answers for, and which of them are in memory.
 
 - Only the models the server was started with can be named by a request (by served name, never
-  by path): an unknown name is a 404, whatever it looks like.
+  by path). A server of exactly one model serves it under any name, as llama-server does (scripts
+  hard-code "gpt-3.5-turbo"; the answer names the real model); with several models, or with
+  --strict-model-names, an unknown name is a 404, whatever it looks like.
 - Models load on their first request (`--preload` loads them at start), and unload after
   `keep_alive` seconds without requests (negative: never).
 - A memory budget bounds the models kept at once. A model's cost is the size of its weights
@@ -71,7 +73,7 @@ class ModelManager:
                  engine: str = "llama.cpp", options: LoadOptions | None = None, config: str | None = None,
                  keep_alive: float = 300.0, memory_budget: int | None = None, max_loaded: int | None = None,
                  peers: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
-                 paths: dict[str, Path] | None = None) -> None:
+                 paths: dict[str, Path] | None = None, strict_names: bool = False) -> None:
         self.peers = dict(peers or {})
         clash = set(models) & set(self.peers)
         if clash:
@@ -82,6 +84,7 @@ class ModelManager:
         self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name),
                                          file_kind=model_kind(paths[name]).kind if name in paths else None)
                        for name, ref in models.items()}
+        self.strict_names = strict_names
         self.keep_alive = keep_alive
         self.memory_budget = memory_budget
         self.max_loaded = max_loaded
@@ -120,11 +123,14 @@ class ModelManager:
         return next(iter(self.models)) if self.models else next(iter(self.peers))
 
     def resolve_name(self, name: str | None) -> str:
-        """The served name a request means: its `model`, or the first model when it names none."""
+        """The served name a request means: its `model`; the first model when it names none; the
+        only model when it names another (unless strict_names)."""
         if name is None or name == "":
             return self.default_name
         if name in self.models or name in self.peers:
             return name
+        if not self.strict_names and len(self.models) + len(self.peers) == 1:
+            return self.default_name
         raise ModelNotFoundError(f"the model {name!r} does not exist on this server; "
                                  f"served: {', '.join([*self.models, *self.peers])}", param="model")
 

@@ -469,9 +469,8 @@ async def show(body: ShowRequest, request: Request) -> dict:
     if not template and model.engine is not None:  # not in the file: the template the engine renders with
         template = model.engine.formatter.template
     # Ollama's names: an embedding model's capability is "embedding"; a reranker's is edge-llm's "rerank".
-    capabilities = {"chat": ["completion"], "embedding": ["embedding"], "rerank": ["rerank"]}[model.kind]
-    if model.kind == "chat" and template and "tools" in template:
-        capabilities.append("tools")
+    # Every chat model takes tools: in its template's own markup, or in the generic form (generic_tools.py).
+    capabilities = {"chat": ["completion", "tools"], "embedding": ["embedding"], "rerank": ["rerank"]}[model.kind]
     if model.kind == "chat" and template and "</think>" in template:
         capabilities.append("thinking")
     # The served name, not the file: a client has no business knowing where the weights are.

@@ -40,6 +40,7 @@ from edge_llm.server.generation import (
     merged,
     until_disconnect,
 )
+from edge_llm.server.generic_tools import GenericToolCallParser
 from edge_llm.server.jsonio import json_response
 from edge_llm.server.tool_calls import (
     CallArguments,
@@ -116,6 +117,7 @@ class Job:
     reasoning: bool = False  # split <think> thinking from the answer
     thinking_open: bool = False  # ... the prompt already opened it
     tools: bool = False  # parse tool calls out of the answer
+    tool_format: Literal["native", "generic"] = "native"  # ... as tool_calls.py or generic_tools.py reads them
     plan: Any = None  # the API's own notes for its reply
 
 
@@ -186,7 +188,8 @@ class OutputParser:
 
     def __init__(self, job: Job) -> None:
         self._splitter = ReasoningSplitter(open=job.thinking_open) if job.reasoning else None
-        self._tools = ToolCallParser() if job.tools else None
+        self._tools = (GenericToolCallParser() if job.tool_format == "generic" else ToolCallParser()) \
+            if job.tools else None
         self.calls = 0
         self.reasoning_tokens = 0
 

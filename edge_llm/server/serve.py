@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most weights to keep loaded at once, e.g. 8G; least recently used idle models unload")
     g.add_argument("--max-models", type=int, default=None, help="most models loaded at once")
     g.add_argument("--preload", action="store_true", help="load every model at start, not on first request")
+    g.add_argument("--strict-model-names", action="store_true",
+                   help="answer 404 to a model name that is not served, even with one model (default: a "
+                        "server of one model serves it under any name, as llama-server does)")
     g.add_argument("--peer", action="append", default=[], metavar="MODEL=URL",
                    help="a model served by another edge-llm server, forwarded there (repeatable)")
     g.add_argument("--max-body-size", type=size_flag, default=8 * 1024 ** 2, metavar="SIZE",
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     manager = ModelManager.from_refs(
         refs, config=args.config, engine=args.engine, options=options,
         keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
-        memory_budget=args.memory_budget)
+        memory_budget=args.memory_budget, strict_names=args.strict_model_names)
     app = create_app(manager, api_keys=keys, max_body_bytes=args.max_body_size,
                      bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
                      cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format,
