@@ -26,6 +26,7 @@ import gguf
 
 from edge_llm.convert.baichuan import BaichuanModel
 from edge_llm.convert.base import OUTTYPES, Model, write_gguf
+from edge_llm.convert.bert import BertModel, NomicBertModel, XLMRobertaModel
 from edge_llm.convert.checkpoint import CheckpointError, load_tensors, read_config, text_model_config
 from edge_llm.convert.deepseek import DeepseekV2Model
 from edge_llm.convert.gemma import Gemma2Model, Gemma3Model, Gemma3Projector, GemmaModel
@@ -64,6 +65,7 @@ FAMILIES: tuple[type[Model], ...] = (
     MiniCPMModel, StarCoder2Model, Ernie45Model, ChatGLMModel, Glm4Model, DeepseekV2Model,
     LFM2Model, GptOssModel,
     BaichuanModel, InternLM2Model,
+    BertModel, XLMRobertaModel, NomicBertModel,
 )
 ARCHITECTURES: dict[str, type[Model]] = {name: cls for cls in FAMILIES for name in cls.hf_architectures}
 # The vision halves written as llama.cpp's projector GGUF (`mmproj`), by the checkpoint's architecture.
