@@ -143,6 +143,10 @@ class LoadOptions(BaseModel):
     chat_format: Annotated[str | None, _opt(
         "--chat-format", metavar="NAME", default="auto",
         help="chat template: auto (the GGUF's own) or a built-in name")] = None
+    mmproj: Annotated[str | None, _opt(
+        "-mm", "--mmproj", metavar="FILE",
+        help="the vision projector GGUF (llama.cpp's mmproj), for images in prompts (default: the one "
+             "mmproj*.gguf beside a local model file, if there is exactly one; 'none': no projector)")] = None
     verbose: Annotated[bool | None, _opt(
         "-v", "--verbose", default=False, registry=False, help="show llama.cpp's own log")] = None
     seed: Annotated[int | None, _opt(help="the context's seed (from the sampling flag -s)", registry=False)] = None

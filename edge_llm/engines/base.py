@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from edge_llm.engines.media import MediaPrompt, MediaTokens
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, MissingExtraError
 from edge_llm.load_options import LoadOptions
 from edge_llm.sampling import SamplingParams
@@ -124,9 +125,23 @@ class Engine(ABC):
                     add_generation_prompt: bool = True) -> str:
         return self.formatter.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
-    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+    @property
+    def takes_images(self) -> bool:
+        """Whether prompts may carry images (a vision projector is loaded)."""
+        return False
+
+    def media_tokens(self, prompt: MediaPrompt) -> MediaTokens:
+        """A prompt with images -> token ids with the images' placeholders (engines with a projector)."""
+        raise InvalidParameterError(f"{self.model_name} does not take images: it was loaded without a vision "
+                                    "projector (serve a vision model with --mmproj FILE)", param="messages")
+
+    def prompt_tokens(self, prompt: str | list[int] | MediaPrompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt)
+        if isinstance(prompt, MediaPrompt):
+            return self.media_tokens(prompt)
+        if isinstance(prompt, MediaTokens):
+            return prompt  # made by media_tokens: placeholders stand for images
         tokens = list(prompt)
         self.check_token_ids(tokens)
         return tokens

@@ -16,6 +16,8 @@ from edge_llm.engines.base import Delta, Engine
 from edge_llm.engines.cpu_threads import default_threads
 from edge_llm.engines.llama_log import set_verbose
 from edge_llm.engines.llama_runtime import llama_cpp
+from edge_llm.engines.media import MediaPrompt, MediaTokens
+from edge_llm.engines.projector import Projector, projector_path
 from edge_llm.engines.speculation import Drafter, PromptLookup
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError
 from edge_llm.load_options import LoadOptions
@@ -23,6 +25,11 @@ from edge_llm.registry import ResolvedModel
 from edge_llm.sampling import SamplingParams
 
 DEFAULT_N_CTX = 4096
+
+
+def _file_identity(path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
 class LlamaCppEngine(Engine):
@@ -86,15 +93,24 @@ class LlamaCppEngine(Engine):
         )
         self._embed_ctx: rt.LlamaContext | None = None
         self._embed_lock = threading.Lock()
+        self.projector: Projector | None = None
+        self.scheduler = None
+        self.prompt_cache = None
 
         from edge_llm.engines.prompt_cache import open_prompt_cache
         from edge_llm.engines.scheduler import Scheduler
 
         try:
+            mmproj = projector_path(options.mmproj, self.path)
+            if mmproj is not None:
+                self.projector = Projector(mmproj, self._model, n_threads=self.n_threads,
+                                           use_gpu=options.n_gpu_layers != 0, verbose=options.verbose)
             self.prompt_cache = open_prompt_cache(
                 self.path, {"n_ctx": self.n_ctx, "n_parallel": self.n_parallel, "kv_unified": self.kv_unified,
                             "cache_type_k": options.cache_type_k, "cache_type_v": options.cache_type_v,
-                            "flash_attn": fa, "llama_cpp": llama_cpp.__version__},
+                            "flash_attn": fa, "llama_cpp": llama_cpp.__version__,
+                            # image embeddings in a saved state come from this projector
+                            **({"mmproj": _file_identity(mmproj)} if mmproj is not None else {})},
                 ram_budget=options.cache_ram, cache_dir=options.cache_dir, disk_budget=options.cache_disk)
             drafter = self._drafter(options)
         except BaseException:
@@ -129,6 +145,24 @@ class LlamaCppEngine(Engine):
         # nothing past it.
         return DraftModel(draft.path, self, n_parallel=self.n_parallel, n_ctx_seq=self.n_ctx // self.n_parallel,
                           n_threads=self.n_threads, verbose=options.verbose)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.projector is not None
+
+    def media_tokens(self, prompt: MediaPrompt) -> MediaTokens:
+        if self.projector is None:
+            return super().media_tokens(prompt)
+        tokens = self.projector.tokenize(
+            prompt, lambda text, first: self.tokenize(text) if first else self.tokenize(text, add_bos=False))
+        for span in tokens.images:
+            # Rows that attend to each other both ways (Gemma 3) must be decoded in one batch.
+            if span.chunk.non_causal and span.n_tokens > self.n_batch:
+                tokens.release()
+                raise InvalidParameterError(f"this model's images take {span.n_tokens} tokens, more than the batch "
+                                            f"of {self.n_batch}: raise -b to at least {span.n_tokens}",
+                                            param="messages")
+        return tokens
 
     @property
     def n_ctx_seq(self) -> int:
@@ -221,15 +255,17 @@ class LlamaCppEngine(Engine):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self.scheduler is not None:
+        if getattr(self, "scheduler", None) is not None:
             self.scheduler.close()
-        if self.prompt_cache is not None:
+        if getattr(self, "prompt_cache", None) is not None:
             self.prompt_cache.close()  # after the scheduler has handed it the slots' states
         if getattr(self, "formatter", None) is not None:
             self.formatter.close()  # the chat template's sandbox process
         if getattr(self, "_embed_ctx", None) is not None:
             self._embed_ctx.close()
             self._embed_ctx = None
+        if getattr(self, "projector", None) is not None:
+            self.projector.close()  # after the scheduler's vision worker has stopped
         if getattr(self, "context", None) is not None:
             self.context.close()
         if getattr(self, "_model", None) is not None:
