@@ -36,7 +36,7 @@ _decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 class ImageLimits:
     """What one request's images may be; the server's flags set them (serve.py)."""
 
-    max_bytes: int = 20 * 2**20  # the encoded file
+    max_bytes: int = 10 * 2**20  # the encoded file (llama-server's cap on a fetched image)
     max_pixels: int = 25_000_000  # width x height, checked from the header before decoding
     max_side: int = 16384  # either dimension
     max_images: int = 8  # per request

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
+from edge_llm.engines.media import MediaPrompt
 from edge_llm.reasoning import ReasoningSplitter
 from edge_llm.sampling import SamplingParams
 from edge_llm.server import templates
@@ -94,7 +95,8 @@ async def with_engine(request: Request, model: str | None, work: Callable[[str, 
 class Job:
     """One request as the engine sees it, made by the API's `prepare`."""
 
-    prompts: list[str | list[int]]  # text or token ids; several for a batched /v1/completions
+    prompts: list[str | list[int] | MediaPrompt]  # text or token ids (several for a batched /v1/completions),
+    # or a chat prompt with images
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens
     max_tokens: int | None = None  # requested; capped by what the context leaves
     prompt_param: str = "prompt"  # the request field a too-long prompt is blamed on

@@ -77,9 +77,16 @@ class SamplingFields(_Body):
 # -- chat -----------------------------------------------------------------------------------------
 
 
+class ImageURL(_Body):
+    url: str = Field(description="a data: URL (data:image/png;base64,...); http(s) only from hosts the server "
+                                 "allows (--allow-image-urls)")
+    detail: str | None = Field(None, description="accepted and ignored")
+
+
 class ContentPart(_Body):
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = Field(None, description="for type image_url (models with a vision projector)")
 
 
 class FunctionCall(_Body):
