@@ -69,6 +69,8 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), *, param: str
         except UnidentifiedImageError:
             raise InvalidParameterError(f"not an image this server reads ({', '.join(FORMATS)})", param=param) \
                 from None
+        except PILImage.DecompressionBombError as exc:  # Pillow's own check, at twice its MAX_IMAGE_PIXELS
+            raise InvalidParameterError(f"the image is too large: {exc}", param=param) from None
         except (OSError, ValueError, SyntaxError) as exc:  # Pillow's header parsers raise these
             raise InvalidParameterError(f"the image header is corrupt: {exc}", param=param) from None
         width, height = img.size

@@ -39,6 +39,14 @@ class ServedModel:
     last_used: float = field(default_factory=time.monotonic)
     path: Path | None = None  # the weights on disk, when resolved at start (for model info)
     keep_alive: float | None = None  # set by a request (Ollama's keep_alive); None: the server's
+    projector: Path | None = None  # the vision projector it loads with (--mmproj, or found beside the weights)
+
+    @property
+    def vision(self) -> bool:
+        """Whether it takes images: the loaded engine says; before loading, its projector file."""
+        if self.engine is not None:
+            return self.engine.takes_images
+        return self.projector is not None
 
 
 class Lease:
@@ -62,7 +70,7 @@ class ModelManager:
                  engine: str = "llama.cpp", options: LoadOptions | None = None, config: str | None = None,
                  keep_alive: float = 300.0, memory_budget: int | None = None, max_loaded: int | None = None,
                  peers: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
-                 paths: dict[str, Path] | None = None) -> None:
+                 paths: dict[str, Path] | None = None, projectors: dict[str, Path] | None = None) -> None:
         self.peers = dict(peers or {})
         clash = set(models) & set(self.peers)
         if clash:
@@ -70,7 +78,8 @@ class ModelManager:
         if not models and not self.peers:
             raise EdgeLLMError("no models to serve")
         sizes, paths = sizes or {}, paths or {}
-        self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name))
+        self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name),
+                                         projector=(projectors or {}).get(name))
                        for name, ref in models.items()}
         self.keep_alive = keep_alive
         self.memory_budget = memory_budget
@@ -84,10 +93,12 @@ class ModelManager:
     def from_refs(cls, refs: list[str], *, config: str | None = None, **kwargs: object) -> ModelManager:
         """Serve model references as given on the command line: each is resolved now, so a model
         that is not on disk fails at start, and is served under its registry name or file stem."""
+        from edge_llm.engines.projector import projector_path
         from edge_llm.registry import load_registry, resolve
 
         registry = load_registry(config)
-        models, sizes, paths = {}, {}, {}
+        options = kwargs.get("options") or LoadOptions()
+        models, sizes, paths, projectors = {}, {}, {}, {}
         for ref in refs:
             resolved = resolve(ref, registry)
             if resolved.name in models:
@@ -95,7 +106,10 @@ class ModelManager:
             models[resolved.name] = ref
             sizes[resolved.name] = _weights_size(resolved.path)
             paths[resolved.name] = resolved.path
-        return cls(models, config=config, sizes=sizes, paths=paths, **kwargs)  # type: ignore[arg-type]
+            if resolved.is_gguf and kwargs.get("engine", "llama.cpp") == "llama.cpp":
+                projectors[resolved.name] = projector_path(options.resolve(resolved.spec).mmproj, resolved.path)
+        return cls(models, config=config, sizes=sizes, paths=paths, projectors=projectors,  # type: ignore[arg-type]
+                   **kwargs)
 
     # -- names ----------------------------------------------------------------------------------
 

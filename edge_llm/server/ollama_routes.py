@@ -469,6 +469,8 @@ async def show(body: ShowRequest, request: Request) -> dict:
     if not template and model.engine is not None:  # not in the file: the template the engine renders with
         template = model.engine.formatter.template
     capabilities = ["completion"]
+    if model.vision:
+        capabilities.append("vision")
     if template and "tools" in template:
         capabilities.append("tools")
     if template and "</think>" in template:

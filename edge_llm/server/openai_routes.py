@@ -88,7 +88,9 @@ async def metrics(request: Request) -> Response:
 async def list_models(request: Request) -> ModelList:
     manager = server_state(request).manager
     loaded = manager.loaded()
-    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded) for m in manager.models.values()]
+    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded,
+                       capabilities=["completion", "vision"] if m.vision else ["completion"])
+             for m in manager.models.values()]
     cards += [ModelCard(id=name, created=0, owned_by="peer", peer=url) for name, url in manager.peers.items()]
     return ModelList(data=cards)
 

@@ -208,6 +208,8 @@ class ModelCard(BaseModel):
     owned_by: str = "edge-llm"
     loaded: bool = False
     peer: str | None = None
+    capabilities: list[str] = Field(default_factory=lambda: ["completion"],
+                                    description="edge-llm extension: 'vision' when the model takes images")
 
 
 class ModelList(BaseModel):
