@@ -67,7 +67,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), *, param: str
         try:
             img = PILImage.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError:
-            raise InvalidParameterError(f"not an image this server reads ({', '.join(FORMATS)})", param=param) \
+            raise InvalidParameterError(f"not an image edge-llm reads ({', '.join(FORMATS)})", param=param) \
                 from None
         except PILImage.DecompressionBombError as exc:  # Pillow's own check, at twice its MAX_IMAGE_PIXELS
             raise InvalidParameterError(f"the image is too large: {exc}", param=param) from None
@@ -120,6 +120,21 @@ def base64_bytes(text: str, limits: ImageLimits, *, param: str) -> bytes:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidParameterError("the image is not valid base64", param=param) from None
+
+
+def image_file_bytes(ref: str, limits: ImageLimits = ImageLimits(), *, param: str = "image") -> bytes:
+    """A local image: a data: URL, or a file path (the CLI's own files: `chat --image`, batch records)."""
+    if ref.startswith("data:"):
+        return data_url_bytes(ref, limits, param=param)
+    from pathlib import Path
+
+    from edge_llm.files import os_errors
+
+    path = Path(ref.removeprefix("file://")).expanduser()
+    with os_errors(path, "read"):
+        if path.stat().st_size > limits.max_bytes:
+            raise InvalidParameterError(f"{path} is over {limits.max_bytes} bytes", param=param)
+        return path.read_bytes()
 
 
 def data_url_bytes(url: str, limits: ImageLimits, *, param: str) -> bytes:
