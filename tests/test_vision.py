@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from llama_cpp_reference import _RUNNER, _checkpoint_hash, cache_dir, llama_cpp_dir, reference_gguf
 from PIL import Image as PILImage
+from test_webui import browser as browser  # noqa: F401 (the Chromium fixture)
 
 from edge_llm.engines.media import MEDIA_MARKER, MediaPrompt
 from edge_llm.images import decode_image
@@ -325,3 +326,41 @@ def test_http_output_equals_llama_server(vision_model, family, tmp_path):
         ours.stop()
         ref.terminate()
         ref.wait(timeout=30)
+
+
+def test_web_page_attaches_an_image(vision_model, tmp_path, browser):  # noqa: F811
+    """The chat page in headless Chromium: an image chosen in the file input goes with the next
+    message; the answer is the API's own for the same image and text."""
+    import httpx
+    from server_process import ServerProcess
+    from test_webui import assistant_messages, send, set_value, wait_for
+
+    text, mmproj = vision_model("qwen2-vl")
+    image = tmp_path / "photo.png"
+    image.write_bytes(png(11, 90, 60))
+    with ServerProcess(["-m", str(text), "--mmproj", str(mmproj), "-c", "2048", "-np", "2"],
+                       tmp_path / "serve.log") as server:
+        server.wait_healthy()
+        browser.get(server.url + "/")
+        browser.execute_script("localStorage.clear()")
+        browser.get(server.url + "/")
+        wait_for(lambda: browser.execute_script("return document.getElementById('model').options.length"), 30,
+                 "the model list")
+        set_value(browser, "max-tokens", "10")
+        set_value(browser, "temperature", "0")
+        browser.find_element("id", "attach").send_keys(str(image))
+        wait_for(lambda: browser.execute_script("return document.querySelectorAll('#attachments img').length"), 10,
+                 "the attached image's thumbnail")
+        send(browser, "What is in this picture?")
+        wait_for(lambda: assistant_messages(browser) and assistant_messages(browser)[-1]["state"] == "done", 120,
+                 "the answer")
+        assert browser.execute_script("return document.querySelectorAll('.msg.user .images img').length") == 1
+        assert browser.execute_script("return document.querySelectorAll('#attachments img').length") == 0
+        answer = assistant_messages(browser)[-1]["text"]
+        url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        same = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": text.stem, "max_tokens": 10, "temperature": 0, "top_p": 0.95, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in this picture?"}]}]})
+        assert answer and answer == same.json()["choices"][0]["message"]["content"]
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
