@@ -348,6 +348,8 @@ def _stats_line(prompt: Prompt, answer: Answer, usage: Usage | None, speed: floa
 
 
 def _token_bytes(engine: Engine, token: int) -> bytes:
+    if token < 0:
+        return b"[image]"  # an image's placeholder (engines/media.py)
     # a special token renders as nothing: show its name
     return engine.token_piece(token) or engine.token_text(token).encode("utf-8")
 

@@ -204,6 +204,9 @@ class Scheduler:
         projector = getattr(engine, "projector", None)
         self.vision = VisionWorker(self._wake) if projector is not None else None
         self._waiting_on_vision = False  # the last step had nothing to run but slots waiting for images
+        # Decode threads while the vision tower works (0: no change); the engine's cores less the
+        # tower's share, at least one.
+        self.vision_threads_while_encoding = max(1, engine.n_threads // 2) if self.vision is not None else 0
         self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
         self._thread.start()
 
@@ -417,6 +420,10 @@ class Scheduler:
     def _set_threads(self) -> None:
         """Threads for this decode, as the governor says (fewer while other programs hold cores)."""
         n = self._governor.threads()
+        if self.vision is not None and self.vision.busy and self.vision_threads_while_encoding:
+            # The vision tower runs on the same cores now: decode on what it leaves (at least one
+            # thread, which has no barriers to spin at).
+            n = min(n, self.vision_threads_while_encoding)
         wanted = (n, self._threads_batch or n)
         if wanted != self._threads_set:
             log.debug("threads %d -> %d (other programs use %.2f cores)", self._threads_set[0], n,
