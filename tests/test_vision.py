@@ -366,3 +366,31 @@ def test_web_page_attaches_an_image(vision_model, tmp_path, browser):  # noqa: F
         assert answer and answer == same.json()["choices"][0]["message"]["content"]
         severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not severe, severe
+
+
+def test_repl_image_command_and_batch_records(vision_model, tmp_path):
+    """`chat`: /image PATH goes with the next message; `batch`: a record's images. Both answer what
+    the engine answers for the same conversation and image."""
+    import json
+
+    from conftest import run_cli
+
+    text, mmproj = vision_model("qwen2-vl")
+    image = tmp_path / "photo.png"
+    image.write_bytes(png(12, 90, 60))
+    decoded = decode_image(image.read_bytes())
+    with load(text, mmproj) as engine:
+        expected = engine.detokenize(greedy(engine, MediaPrompt(chat(engine, 0, "What is this?"), [decoded]), 8))
+    common = ["-m", str(text), "--mmproj", str(mmproj), "-c", "2048", "--temp", "0", "-n", "8"]
+    result = run_cli("chat", *common, input=f"/image {image}\nWhat is this?\n/image {tmp_path}/missing.png\n")
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
+    assert "cannot read" in result.stderr + result.stdout  # a missing file: one line, the chat goes on
+    records = tmp_path / "in.jsonl"
+    records.write_text(json.dumps({"id": "a", "prompt": "What is this?", "images": [str(image)]}) + "\n" +
+                       json.dumps({"id": "b", "prompt": "What is this?", "images": [str(tmp_path / "x.png")]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("batch", str(records), "-o", str(out), *common)
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["a"]["output"] == expected
+    assert "cannot read" in rows["b"]["error"]

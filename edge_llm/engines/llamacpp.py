@@ -153,8 +153,9 @@ class LlamaCppEngine(Engine):
     def media_tokens(self, prompt: MediaPrompt) -> MediaTokens:
         if self.projector is None:
             return super().media_tokens(prompt)
+        text = prompt.text
         tokens = self.projector.tokenize(
-            prompt, lambda text, first: self.tokenize(text) if first else self.tokenize(text, add_bos=False))
+            prompt, lambda a, b: self.tokenize(text[a:b]) if a == 0 else self.tokenize(text[a:b], add_bos=False))
         for span in tokens.images:
             # Rows that attend to each other both ways (Gemma 3) must be decoded in one batch.
             if span.chunk.non_causal and span.n_tokens > self.n_batch:

@@ -137,10 +137,10 @@ class Projector:
         self.n_embd = int(rt.llama_cpp.llama_model_n_embd_inp(model.model))
         self._lock = threading.Lock()  # close() against tokenize in a worker thread
 
-    def tokenize(self, prompt: MediaPrompt, tokenize_text: Callable[[str, bool], list[int]]) -> MediaTokens:
+    def tokenize(self, prompt: MediaPrompt, tokenize_range: Callable[[int, int], list[int]]) -> MediaTokens:
         """Prompt text and images -> token ids with placeholders and image spans.
-        `tokenize_text(text, first)`: the engine's tokenizer (`first`: the prompt's start, where a
-        beginning-of-sequence token may go)."""
+        `tokenize_range(start, end)`: the engine's tokens for prompt.text[start:end] (start 0: the
+        prompt's beginning, where a beginning-of-sequence token may go)."""
         pieces = prompt.text.split(MEDIA_MARKER)
         if len(pieces) - 1 != len(prompt.images):
             raise InvalidParameterError(
@@ -149,10 +149,13 @@ class Projector:
         tokens: list[int] = []
         spans: list[ImageSpan] = []
         try:
+            start = 0
             for i, piece in enumerate(pieces):
                 if i > 0:
                     self._add_image(prompt.images[i - 1], tokens, spans)
-                tokens += tokenize_text(piece, i == 0)
+                    start += len(MEDIA_MARKER)
+                tokens += tokenize_range(start, start + len(piece))
+                start += len(piece)
         except BaseException:
             for span in spans:
                 span.chunk.close()

@@ -843,7 +843,6 @@ def _plain_greedy(params: SamplingParams) -> bool:
             and not params.frequency_penalty and not params.presence_penalty)
 
 
-
 def _release_media(request: Request) -> None:
     if images_of(request.tokens):
         request.tokens.release()
