@@ -394,3 +394,49 @@ def test_repl_image_command_and_batch_records(vision_model, tmp_path):
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert rows["a"]["output"] == expected
     assert "cannot read" in rows["b"]["error"]
+
+
+EXTREME_SIZES = [(1, 1), (2, 3000), (3000, 2), (16384, 1), (1, 16384), (1500, 1500)]
+_EXTREME = """
+import io, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from edge_llm.engines.llamacpp import LlamaCppEngine
+from edge_llm.engines.media import MEDIA_MARKER, MediaPrompt
+from edge_llm.errors import EdgeLLMError
+from edge_llm.images import decode_image
+from edge_llm.load_options import LoadOptions
+from edge_llm.registry import ModelSpec, ResolvedModel
+from edge_llm.sampling import SamplingParams
+text, mmproj = Path(sys.argv[1]), sys.argv[2]
+spec = ModelSpec(name="x", source="local", path=str(text))
+engine = LlamaCppEngine(ResolvedModel("x", text, spec), LoadOptions(mmproj=mmproj, n_ctx=8192, n_parallel=1))
+prompt = engine.chat_prompt([{"role": "user", "content": MEDIA_MARKER + "Describe."}])
+for size in sys.argv[3:]:
+    w, h = map(int, size.split("x"))
+    data = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(data, "PNG")
+    try:
+        list(engine.stream(MediaPrompt(prompt, [decode_image(data.getvalue())]), SamplingParams.create(max_tokens=2)))
+        print(size, "answered", flush=True)
+    except EdgeLLMError as exc:
+        print(size, "refused:", exc.message, flush=True)
+engine.close()
+"""
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extreme_image_shapes_are_answered_or_refused_never_a_crash(vision_model, family):
+    """1x1, long thin strips and a large square through each family's preprocessor and vision tower,
+    in a child process: an abort inside llama.cpp would show as a signal."""
+    from conftest import ROOT
+
+    text, mmproj = vision_model(family)
+    sizes = [f"{w}x{h}" for w, h in EXTREME_SIZES]
+    result = subprocess.run([sys.executable, "-c", _EXTREME, str(text), str(mmproj), *sizes], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout}\n{result.stderr[-2000:]}"
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == sizes and all(" answered" in line or " refused:" in line
+                                                               for line in lines), result.stdout
