@@ -204,6 +204,7 @@ class Scheduler:
         projector = getattr(engine, "projector", None)
         self.vision = VisionWorker(self._wake) if projector is not None else None
         self._waiting_on_vision = False  # the last step had nothing to run but slots waiting for images
+        self._vision_signal = False  # an image was encoded since the engine thread last looked
         # Decode threads while the vision tower works (0: no change); the engine's cores less the
         # tower's share, at least one.
         self.vision_threads_while_encoding = max(1, engine.n_threads // 2) if self.vision is not None else 0
@@ -286,8 +287,9 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed:
                     break
-                if self._waiting_on_vision:
+                if self._waiting_on_vision and not self._vision_signal:
                     self._cond.wait(timeout=0.5)  # woken by the vision worker (or a new request)
+                self._vision_signal = False
             try:
                 self._step()
             except Exception as exc:  # keep serving others; fail only what was running
@@ -304,7 +306,9 @@ class Scheduler:
         return not self._closed and not self._waiting and all(s.idle for s in self.slots)
 
     def _wake(self) -> None:
+        """The vision worker finished an image (its thread)."""
         with self._cond:
+            self._vision_signal = True  # not lost if the engine thread is in a step, not waiting
             self._cond.notify()
 
     def _step(self) -> None:
