@@ -321,7 +321,8 @@ def test_http_output_equals_llama_server(vision_model, family, tmp_path):
         answers = []
         for base in (ours.url, f"http://127.0.0.1:{port}"):
             client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=30, timeout=60)
-            r = client.chat.completions.create(model="x", messages=messages, max_tokens=N_PREDICT, temperature=0.0)
+            r = client.chat.completions.create(model=text.stem, messages=messages, max_tokens=N_PREDICT,
+                                               temperature=0.0)
             answers.append(r.choices[0].message.content)
         assert answers[0] == answers[1] and answers[0]
     finally:
