@@ -120,12 +120,12 @@ def image_url(seed: int) -> str:
 
 
 def image_body(seed: int, max_tokens: int) -> dict:
-    return {"model": "x", "temperature": 0.0, "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+    return {"temperature": 0.0, "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image_url(seed)}}, {"type": "text", "text": "Describe it."}]}]}
 
 
 def text_body(i: int, max_tokens: int) -> dict:
-    return {"model": "x", "temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True,
+    return {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True,
             "messages": [{"role": "user", "content": f"Story {i}: write a long story about the sea."}]}
 
 
