@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_llm.chat_tokens import chat_tokens
 from edge_llm.engines.base import Engine
 from edge_llm.engines.media import MEDIA_MARKER, MediaPrompt
 from edge_llm.errors import ContextLengthError, EdgeLLMError
@@ -224,15 +225,17 @@ class TemplateConversation(Conversation):
         if images:
             # With images the whole conversation goes through the projector's tokenizer each turn;
             # the slot still holds what the turns share (images are keyed by their content).
-            text = self.engine.chat_prompt(self.messages(markers=True) + [
+            chat = self.engine.chat_prompt(self.messages(markers=True) + [
                 {"role": "user", "content": MEDIA_MARKER * len(self._images) + user}])
-            tokens = self.engine.prompt_tokens(MediaPrompt(text, images))
-            return Prompt(tokens, len(tokens), text=text)
-        text = self.engine.chat_prompt(self.messages() + [{"role": "user", "content": user}])
-        if self._tokens is not None and text.startswith(self._text):
-            tail = self.engine.tokenize(text[len(self._text):], special=True, add_bos=False)
+            tokens = self.engine.prompt_tokens(MediaPrompt(chat, images))
+            return Prompt(tokens, len(tokens), text=chat.text)
+        chat = self.engine.chat_prompt(self.messages() + [{"role": "user", "content": user}])
+        text = chat.text
+        # Content is text (chat_tokens.py): the tail is tokenized by the same rule as a whole prompt.
+        if self._tokens is not None and text.startswith(self._text) and not chat.cuts_markup(len(self._text)):
+            tail = chat_tokens(self.engine, chat, start=len(self._text))
             return Prompt(self._tokens + tail, len(tail), text=text)
-        tokens = self.engine.tokenize(text)
+        tokens = chat_tokens(self.engine, chat)
         return Prompt(tokens, len(tokens), rebuilt=self._tokens is not None or bool(self.exchanges), text=text)
 
     def _advance(self, prompt: Prompt, answer: Answer) -> str:

@@ -127,7 +127,7 @@ def helper_reference(text: Path, mmproj: Path, prompt: str, images, n_predict: i
     chunks = m.mtmd_input_chunks_init()
     batch = llama_cpp.llama_batch_init(1, 0, 1)
     try:
-        data = prompt.encode()
+        data = (prompt if isinstance(prompt, str) else prompt.text).encode()
         text_in = m.mtmd_input_text(data, len(data), True, True)
         status = m.mtmd_tokenize(mctx, chunks, ctypes.byref(text_in), (ctypes.c_void_p * len(bitmaps))(*bitmaps),
                                  len(bitmaps))

@@ -105,10 +105,15 @@ class MediaTokens(list):
 
 @dataclass
 class MediaPrompt:
-    """Rendered prompt text with MEDIA_MARKER where each image goes, and the images (images.Image)."""
+    """A rendered prompt with MEDIA_MARKER where each image goes, and the images (images.Image).
+    `prompt`: a chat (chat_tokens.ChatPrompt: its content stays text when tokenized) or raw text."""
 
-    text: str
+    prompt: Any
     images: list[Any] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt.text
 
 
 def placeholder_ids(digest: str, n: int) -> list[int]:
