@@ -4,7 +4,9 @@ Each input line is `{"id"?, "prompt"}` or `{"id"?, "messages": [...]}` plus opti
 fields (SamplingParams names: temperature, max_tokens, stop, seed, ...); every other field is
 carried through to the output. For an embedding model, `{"id"?, "input": text or [texts]}` gets
 `embedding` (or `embeddings`); for a reranker, `{"id"?, "query", "documents": [texts]}` gets
-`scores`, one per document in their order. Records run concurrently: through the engine's parallel slots
+`scores`, one per document in their order. Images (models with a vision projector): `"images": [PATH or
+data: URL, ...]` on a record go before its (last) user message's text, and `messages` may carry
+OpenAI content parts (`{"type": "image_url", "image_url": {"url": ...}}`). Records run concurrently: through the engine's parallel slots
 (continuous batching), or against an OpenAI-compatible server (`--url`) with bounded
 concurrency.
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_llm.engines.base import Delta, Engine, Usage, load_engine, merge_delta
+from edge_llm.engines.media import MEDIA_MARKER, MediaPrompt
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.files import check_output_path, json_bytes, os_errors
 from edge_llm.options import (
@@ -61,6 +64,7 @@ class BatchRecord:
     messages: list[dict] | None = None
     inputs: list[str] | None = None  # texts to embed
     query: str | None = None  # a rerank record's query, and its `inputs` the documents
+    images: list[str] = field(default_factory=list)  # paths or data: URLs, before the last user text
     sampling: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     error_type: str = "invalid_record"
@@ -156,6 +160,12 @@ def parse_record(raw: str, line: int, *, template: str | None = None, chat: bool
         else:
             record.inputs = texts
         return record
+    images = data.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        record.error = f"line {line}: `images` must be a list of image paths or data: URLs"
+        return record
+    record.images = images
+    chat = chat or bool(images)  # images go in a user message: the chat template places them
     if template is not None:
         try:
             text = string.Formatter().vformat(template, (), _TemplateFields(data))
@@ -328,6 +338,10 @@ class EngineBackend:
         if record.inputs is not None:
             return self._pooled(record)
         prompt = self.engine.chat_prompt(record.messages) if record.messages is not None else record.prompt
+        if record.messages is not None and (record.images or _has_parts(record.messages)):
+            prompt = self._media_prompt(record)
+        else:
+            prompt = self.engine.chat_prompt(record.messages) if record.messages is not None else record.prompt
         choices = [Delta(index=i) for i in range(params.n)]
         start = time.perf_counter()
         ttft = None
@@ -356,6 +370,13 @@ class EngineBackend:
         done = asyncio.run(self.engine.embeddings(record.inputs))
         return Completion([], prompt_tokens=done.prompt_tokens, vectors=done.vectors,
                           latency_s=time.perf_counter() - start)
+
+    def _media_prompt(self, record: BatchRecord) -> MediaPrompt:
+        from edge_llm.images import decode_image, image_file_bytes
+
+        messages, refs = _marked_messages(record)
+        images = [decode_image(image_file_bytes(ref, param=ref[:80]), param=ref[:80]) for ref in refs]
+        return MediaPrompt(self.engine.chat_prompt(messages), images)
 
     def interrupt(self) -> None:
         pass  # the workers see `stop` at their next token and cancel their requests
@@ -402,7 +423,7 @@ class HTTPBackend:
             return self._pooled(record)
         body: dict[str, Any] = {"model": self.model, **_json_safe(explicit)}
         if record.messages is not None:
-            route, body["messages"] = "chat/completions", record.messages
+            route, body["messages"] = "chat/completions", _with_image_parts(record)
         else:
             route, body["prompt"] = "completions", record.prompt
         start = time.perf_counter()
@@ -478,6 +499,64 @@ class HTTPBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _has_parts(messages: list[dict]) -> bool:
+    return any(isinstance(m.get("content"), list) for m in messages)
+
+
+def _last_user(messages: list[dict]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return i
+    raise InvalidParameterError("a record with images needs a user message", param="images")
+
+
+def _marked_messages(record: BatchRecord) -> tuple[list[dict], list[str]]:
+    """Messages for the chat template, each image (an OpenAI image_url part, or one of the record's
+    `images`, which go before the last user message's text) as MEDIA_MARKER; the images' refs."""
+    from edge_llm.server.media import join_parts
+
+    refs: list[str] = []
+    out = []
+    last = _last_user(record.messages) if record.images else -1
+    for i, message in enumerate(record.messages):
+        parts = [MEDIA_MARKER] * len(record.images) if i == last else []
+        refs += record.images if i == last else []
+        content = message.get("content")
+        for part in content if isinstance(content, list) else [content or ""]:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") == "image_url":
+                url = part.get("image_url")
+                refs.append(url.get("url", "") if isinstance(url, dict) else str(url))
+                parts.append(MEDIA_MARKER)
+            else:
+                raise InvalidParameterError(f"message {i}: unsupported content part {part!r:.60}", param="messages")
+        out.append({**message, "content": join_parts(parts) if MEDIA_MARKER in parts else "".join(parts)})
+    return out, refs
+
+
+def _with_image_parts(record: BatchRecord) -> list[dict]:
+    """For a server: the record's `images` as data: URL image_url parts before the last user text."""
+    if not record.images:
+        return record.messages
+    import base64
+
+    from edge_llm.images import image_file_bytes
+
+    messages = [dict(m) for m in record.messages]
+    last = _last_user(messages)
+    parts = []
+    for ref in record.images:
+        url = ref if ref.startswith("data:") else \
+            "data:image/png;base64," + base64.b64encode(image_file_bytes(ref, param=ref[:80])).decode()
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    content = messages[last].get("content")
+    messages[last]["content"] = parts + (content if isinstance(content, list) else [{"type": "text", "text": content or ""}])
+    return messages
 
 
 def _json_safe(values: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ class GGUFInfo:
     image_size: int | None = None  # a vision projector's input size and patch size, in pixels
     patch_size: int | None = None
     projection_dim: int | None = None  # the embedding length of the language model it feeds (new files)
+    images: str | None = None  # whether it takes images, and through which projector
 
 
 def detect_chat_format(template: str | None) -> str | None:
@@ -209,6 +210,7 @@ def format_info(info: GGUFInfo, *, show_template: bool = False) -> str:
         ("tensors", f"{info.n_tensors} ({info.tensor_bytes / 2**20:.1f} MiB)"),
         ("vocabulary", f"{info.vocab_size} tokens ({info.tokenizer_model}, pre: {info.tokenizer_pre or '-'})"),
         ("chat template", info.chat_format or "none"),
+        *([("images", info.images)] if info.images else []),
     ]
     if info.kind == "mmproj":  # a projector has no vocabulary or template: say what it encodes instead
         what = "audio" if info.image_size is None else "vision"
@@ -227,6 +229,20 @@ def format_info(info: GGUFInfo, *, show_template: bool = False) -> str:
     return text
 
 
+def images_line(info: GGUFInfo, resolved) -> str:
+    """Whether the model takes images: a projector file itself, or a model with one (--mmproj in
+    its registry entry, or the one mmproj*.gguf beside it), or not."""
+    from edge_llm.engines.projector import projector_path
+
+    if info.architecture == "clip":
+        return "this is a vision projector (mmproj): load it beside its model with --mmproj"
+    try:
+        found = projector_path(resolved.spec.mmproj, resolved.path)
+    except EdgeLLMError as exc:
+        return f"no ({exc})"
+    return f"yes, with {found}" if found is not None else "no (no --mmproj projector beside it)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-llm info", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=None, help="a .gguf path, registry name or hf: reference")
@@ -237,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if not resolved.is_gguf:
         raise EdgeLLMError(f"{resolved.path} is not a GGUF file")
     info = read_gguf_info(resolved.path)
+    info.images = images_line(info, resolved)
     if args.json:
         data = asdict(info)
         if not args.template:

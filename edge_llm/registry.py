@@ -124,6 +124,10 @@ def _read_registry_file(path: Path) -> dict[str, ModelSpec]:
             raise EdgeLLMError(f"{path}: model {name!r}: {_first_error(exc)}") from None
         if specs[name].source == "local" and not Path(specs[name].path).is_absolute():
             specs[name] = specs[name].model_copy(update={"path": str(path.parent / specs[name].path)})
+        mmproj = specs[name].mmproj
+        if mmproj and mmproj.lower() != "none" and not Path(mmproj).is_absolute() \
+                and (path.parent / mmproj).is_file():  # else: a file name beside the weights
+            specs[name] = specs[name].model_copy(update={"mmproj": str(path.parent / mmproj)})
     return specs
 
 

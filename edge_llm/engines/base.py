@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from edge_llm.chat_tokens import ChatPrompt, ControlToken, ControlTokens, chat_tokens, render_chat
+from edge_llm.engines.media import MediaPrompt, MediaTokens
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, MissingExtraError
 from edge_llm.load_options import LoadOptions
 from edge_llm.model_kind import Kind
@@ -169,13 +170,28 @@ class Engine(ABC):
         """The chat template applied; its content stays text when tokenized (chat_tokens.py)."""
         return render_chat(self, messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
-    def prompt_tokens(self, prompt: str | list[int] | ChatPrompt) -> list[int]:
+    @property
+    def takes_images(self) -> bool:
+        """Whether prompts may carry images (a vision projector is loaded)."""
+        return False
+
+    def media_tokens(self, prompt: MediaPrompt) -> MediaTokens:
+        """A prompt with images -> token ids with the images' placeholders (engines with a projector)."""
+        raise InvalidParameterError(f"{self.model_name} does not take images: it was loaded without a vision "
+                                    "projector (serve a vision model with --mmproj FILE)", param="messages")
+
+    def prompt_tokens(self, prompt: str | list[int] | ChatPrompt | MediaPrompt) -> list[int]:
         """A raw prompt's tokens (special tokens parsed: the caller owns the whole text), a chat's
-        (only the template's markup is control tokens), or token ids checked."""
+        (only the template's markup is control tokens), a chat with images (placeholders), or token
+        ids checked."""
         if isinstance(prompt, ChatPrompt):
             return chat_tokens(self, prompt)
         if isinstance(prompt, str):
             return self.tokenize(prompt)
+        if isinstance(prompt, MediaPrompt):
+            return self.media_tokens(prompt)
+        if isinstance(prompt, MediaTokens):
+            return prompt  # made by media_tokens: placeholders stand for images
         tokens = list(prompt)
         self.check_token_ids(tokens)
         return tokens

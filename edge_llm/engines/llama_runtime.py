@@ -314,6 +314,43 @@ def decode(ctx: LlamaContext, batch: LlamaBatch) -> None:
         raise RuntimeError(f"llama_decode returned {status}")
 
 
+def decode_embeddings(ctx: LlamaContext, embeddings: np.ndarray, positions: np.ndarray, seq_id: int, *,
+                      non_causal: bool) -> None:
+    """Image embeddings (rows of the model's input width) into one sequence at `positions`
+    ((1, n), or (4, n) section-major for M-RoPE), in their own decode: llama.cpp takes a batch of
+    token ids or of embeddings, not both. `non_causal`: the rows attend to each other both ways
+    (Gemma 3), so they must all be in this one decode."""
+    n, width = embeddings.shape
+    rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+    base = rows.ctypes.data
+    row_bytes = width * 4
+    batch = llama_cpp.llama_batch_ext_init(ctx.ctx)
+    if not batch:
+        raise RuntimeError("llama_batch_ext_init failed")
+    pos = (llama_cpp.llama_pos * 4)()
+    n_sections = positions.shape[0]
+    try:
+        for i in range(n):
+            row = llama_cpp.llama_embd(ctypes.cast(base + i * row_bytes, ctypes.POINTER(ctypes.c_float)), 1, width)
+            idx = llama_cpp.llama_batch_ext_add_embd(batch, seq_id, row)
+            if idx < 0:
+                raise RuntimeError(f"llama_batch_ext_add_embd returned {idx}")
+            for j in range(n_sections):
+                pos[j] = int(positions[j, i])
+            llama_cpp.llama_batch_ext_set_pos(batch, idx, pos)
+        if non_causal:
+            llama_cpp.llama_set_causal_attn(ctx.ctx, False)
+        try:
+            status = llama_cpp.llama_process(ctx.ctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
+        finally:
+            if non_causal:
+                llama_cpp.llama_set_causal_attn(ctx.ctx, True)
+    finally:
+        llama_cpp.llama_batch_ext_free(batch)
+    if status != 0:
+        raise RuntimeError(f"llama_process returned {status} for image embeddings")
+
+
 def set_threads(ctx: LlamaContext, n_threads: int, n_threads_batch: int) -> None:
     llama_cpp.llama_set_n_threads(ctx.ctx, n_threads, n_threads_batch)
 

@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from edge_llm.chat_format import ChatFormatter, select_formatter
-from edge_llm.chat_tokens import ControlToken
+from edge_llm.chat_tokens import ChatPrompt, ControlToken, chat_tokens
 from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import Delta, Embeddings, Engine, Scores
 from edge_llm.engines.cpu_threads import default_threads
 from edge_llm.engines.llama_log import set_verbose
 from edge_llm.engines.llama_runtime import llama_cpp
+from edge_llm.engines.media import MediaPrompt, MediaTokens
 from edge_llm.engines.pooled import PooledWorker
+from edge_llm.engines.projector import Projector, projector_path
 from edge_llm.engines.speculation import Drafter, PromptLookup
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.load_options import LoadOptions
@@ -32,6 +34,11 @@ DEFAULT_N_CTX = 4096
 # The longest input of an embedding model or reranker by default (-c raises it, up to the model's):
 # an encoder attends over a whole input at once, and its compute buffer grows with the square.
 DEFAULT_POOLED_CTX = 2048
+
+
+def _file_identity(path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def draft_model_path(ref: str) -> Path:
@@ -103,6 +110,7 @@ class LlamaCppEngine(Engine):
             in_suffix=options.in_suffix,
         )
         self.trust_content_markup = bool(options.trust_content_markup)
+        self.projector: Projector | None = None
         if self.kind != "chat":
             self._load_pooled(options, n_ctx_train)
             return
@@ -131,15 +139,23 @@ class LlamaCppEngine(Engine):
         self.n_gpu_layers = options.n_gpu_layers
         self.seed = options.seed
         self._pooled_lock = threading.Lock()
+        self.scheduler = None
+        self.prompt_cache = None
 
         from edge_llm.engines.prompt_cache import open_prompt_cache
         from edge_llm.engines.scheduler import Scheduler
 
         try:
+            mmproj = projector_path(options.mmproj, self.path)
+            if mmproj is not None:
+                self.projector = Projector(mmproj, self._model, n_threads=self.n_threads,
+                                           use_gpu=options.n_gpu_layers != 0, verbose=options.verbose)
             self.prompt_cache = open_prompt_cache(
                 self.path, {"n_ctx": self.n_ctx, "n_parallel": self.n_parallel, "kv_unified": self.kv_unified,
                             "cache_type_k": options.cache_type_k, "cache_type_v": options.cache_type_v,
-                            "flash_attn": fa, "llama_cpp": llama_cpp.__version__},
+                            "flash_attn": fa, "llama_cpp": llama_cpp.__version__,
+                            # image embeddings in a saved state come from this projector
+                            **({"mmproj": _file_identity(mmproj)} if mmproj is not None else {})},
                 ram_budget=options.cache_ram, cache_dir=options.cache_dir, disk_budget=options.cache_disk)
             drafter = self._drafter(options)
         except BaseException:
@@ -169,6 +185,35 @@ class LlamaCppEngine(Engine):
         # nothing past it.
         return DraftModel(draft_model_path(options.model_draft), self, n_parallel=self.n_parallel, n_ctx_seq=self.n_ctx // self.n_parallel,
                           n_threads=self.n_threads, verbose=options.verbose)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.projector is not None
+
+    def media_tokens(self, prompt: MediaPrompt) -> MediaTokens:
+        if self.projector is None:
+            return super().media_tokens(prompt)
+        tokens = self.projector.tokenize(prompt, self._range_tokenizer(prompt.prompt))
+        for span in tokens.images:
+            # Rows that attend to each other both ways (Gemma 3) must be decoded in one batch.
+            if span.chunk.non_causal and span.n_tokens > self.n_batch:
+                tokens.release()
+                raise InvalidParameterError(f"this model's images take {span.n_tokens} tokens, more than the batch "
+                                            f"of {self.n_batch}: raise -b to at least {span.n_tokens}",
+                                            param="messages")
+        return tokens
+
+    def _range_tokenizer(self, prompt: str | ChatPrompt):
+        """(start, end) -> the tokens of that stretch of a rendered prompt, by the prompt's own rule:
+        a chat's content as text (chat_tokens.py), raw text with special tokens parsed."""
+        if isinstance(prompt, str):
+            return lambda a, b: self.tokenize(prompt[a:b]) if a == 0 else self.tokenize(prompt[a:b], add_bos=False)
+
+        def tokens(a: int, b: int) -> list[int]:
+            # The text between images never cuts the template's markup: its control tokens end by `b`.
+            markup = None if prompt.markup is None else tuple(m for m in prompt.markup if m[1] <= b)
+            return chat_tokens(self, ChatPrompt(prompt.text[:b], markup), start=a)
+        return tokens
 
     @property
     def n_ctx_seq(self) -> int:
@@ -386,6 +431,8 @@ class LlamaCppEngine(Engine):
         if getattr(self, "_pooled", None) is not None:
             self._pooled.close()
             self._pooled = None
+        if getattr(self, "projector", None) is not None:
+            self.projector.close()  # after the scheduler's vision worker has stopped
         if getattr(self, "context", None) is not None:
             self.context.close()
         if getattr(self, "_model", None) is not None:

@@ -28,11 +28,13 @@ from pydantic import AfterValidator, Field
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
+from edge_llm.engines.media import MediaPrompt
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.sampling import SamplingParams
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.generation import StreamResponse, context_size
 from edge_llm.server.jsonio import dumps
+from edge_llm.server.media import ImageCollector, join_parts, load_images
 from edge_llm.server.openai_routes import named
 from edge_llm.server.pipeline import (
     Choice,
@@ -160,13 +162,18 @@ def grammar_of(format: str | dict[str, Any] | None) -> str | None:
     raise InvalidParameterError(f'format must be "json" or a JSON schema (got {format!r})', param="format")
 
 
-def template_messages(messages: list[OllamaMessage]) -> list[dict]:
+def image_markers(images: list[Any] | None, collector: ImageCollector, param: str) -> list[str]:
+    """Ollama's images (base64), each as MEDIA_MARKER; they go before the message's text."""
+    return [collector.marker("base64", image, f"{param}.{k}") for k, image in enumerate(images or [])]
+
+
+def template_messages(messages: list[OllamaMessage], images: ImageCollector | None = None) -> list[dict]:
+    images = images if images is not None else ImageCollector()
     out = []
     for i, m in enumerate(messages):
-        if m.images:
-            raise InvalidParameterError(f"messages[{i}]: images are not supported by the served models",
-                                        param="messages")
-        message: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        markers = image_markers(m.images, images, f"messages.{i}.images")
+        message: dict[str, Any] = {"role": m.role, "content": join_parts([*markers, m.content or ""]) if markers
+                                   else m.content or ""}
         if m.thinking:
             message["reasoning_content"] = m.thinking
         if m.tool_name:
@@ -268,7 +275,9 @@ async def _keep_alive_hook(request: Request, keep_alive: str | float | None):  #
 @router.post("/api/chat")
 async def chat(body: ChatRequest, request: Request) -> Any:
     began = time.monotonic()
-    messages = template_messages(body.messages)
+    collector = ImageCollector()
+    messages = template_messages(body.messages, collector)
+    images = await load_images(request, collector.refs)
     values, max_tokens = sampling_options(body.options)
     options = ChatOptions(tools=body.tools or None, tool_choice=None, format_param="format",
                           reasoning_format=reasoning_format(request, body.think))
@@ -279,7 +288,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
 
     def prepare(engine: Engine) -> Job:
         options.grammar = grammar_of(body.format)
-        return chat_job(engine, messages, options, sampling=values, max_tokens=max_tokens)
+        return chat_job(engine, messages, options, sampling=values, max_tokens=max_tokens, images=images)
 
     def message(content: str, thinking: str | None, calls: list | None) -> dict:
         out: dict[str, Any] = {"role": "assistant", "content": content}
@@ -305,8 +314,12 @@ async def chat(body: ChatRequest, request: Request) -> Any:
 @router.post("/api/generate")
 async def generate(body: GenerateRequest, request: Request) -> Any:
     began = time.monotonic()
-    if body.images:
-        raise InvalidParameterError("images are not supported by the served models", param="images")
+    collector = ImageCollector()
+    markers = image_markers(body.images, collector, "images")
+    if markers and body.context:
+        raise InvalidParameterError("images cannot be combined with context: send the conversation to /api/chat",
+                                    param="context")
+    images = await load_images(request, collector.refs)
     if body.suffix:
         raise InvalidParameterError("suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.template:
@@ -321,11 +334,17 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 
     def prepare(engine: Engine) -> Job:
         options.grammar = grammar_of(body.format)
+        if body.raw and images:  # the prompt as given, the images before it
+            if not engine.takes_images:
+                raise InvalidParameterError(f"the model {engine.model_name} does not take images", param="images")
+            prompt = MediaPrompt(join_parts([*markers, body.prompt]), images)
+            return Job([prompt], {**values, "grammar": options.grammar}, max_tokens)
         if body.raw:  # the prompt as given, no template (and no thinking to split)
             return Job([context + engine.tokenize(body.prompt)], {**values, "grammar": options.grammar}, max_tokens)
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        job = chat_job(engine, [*messages, {"role": "user", "content": body.prompt}], options, sampling=values,
-                       max_tokens=max_tokens)
+        content = join_parts([*markers, body.prompt]) if markers else body.prompt
+        job = chat_job(engine, [*messages, {"role": "user", "content": content}], options, sampling=values,
+                       max_tokens=max_tokens, images=images)
         if context:  # an earlier answer's context continues
             job.prompts = [context + engine.prompt_tokens(job.prompts[0])]
         return job
@@ -471,6 +490,8 @@ async def show(body: ShowRequest, request: Request) -> dict:
     # Ollama's names: an embedding model's capability is "embedding"; a reranker's is edge-llm's "rerank".
     # Every chat model takes tools: in its template's own markup, or in the generic form (generic_tools.py).
     capabilities = {"chat": ["completion", "tools"], "embedding": ["embedding"], "rerank": ["rerank"]}[model.kind]
+    if model.kind == "chat" and model.vision:
+        capabilities.append("vision")
     if model.kind == "chat" and template and "</think>" in template:
         capabilities.append("thinking")
     # The served name, not the file: a client has no business knowing where the weights are.

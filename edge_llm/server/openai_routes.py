@@ -19,11 +19,13 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
+from edge_llm.engines.media import MEDIA_MARKER
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar, template_call
 from edge_llm.server.errors import error_body
 from edge_llm.server.generation import SSEResponse, context_size
 from edge_llm.server.jsonio import SLICE, RawJSON, dumps, json_response
+from edge_llm.server.media import ImageCollector, join_parts, load_images
 from edge_llm.server.pipeline import (
     Choice,
     Finish,
@@ -48,6 +50,7 @@ from edge_llm.server.schemas import (
     EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
+    ImageURL,
     ModelCard,
     ModelList,
     NamedToolChoice,
@@ -93,7 +96,9 @@ async def metrics(request: Request) -> Response:
 async def list_models(request: Request) -> ModelList:
     manager = server_state(request).manager
     loaded = manager.loaded()
-    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded, kind=m.kind)
+    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded, kind=m.kind,
+                       capabilities=(["completion", "vision"] if m.vision else ["completion"]) if m.kind == "chat"
+                       else [m.kind])
              for m in manager.models.values()]
     cards += [ModelCard(id=name, created=0, owned_by="peer", peer=url) for name, url in manager.peers.items()]
     return ModelList(data=cards)
@@ -182,27 +187,33 @@ def sse_error(exc: EdgeLLMError) -> str:
 # -- chat -----------------------------------------------------------------------------------------
 
 
-def _content_text(message: ChatMessage, i: int) -> str:
+def _content_text(message: ChatMessage, i: int, images: ImageCollector) -> str:
     content = message.content
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise InvalidParameterError(f"messages[{i}]: only text content parts are supported (got {part.type!r})",
-                                        param=f"messages.{i}.content")
-        texts.append(part.text)
-    return "".join(texts)
+    for k, part in enumerate(content):
+        if part.type == "image_url":
+            url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+            texts.append(images.marker("url", url, f"messages.{i}.content.{k}.image_url"))
+        elif part.type != "text" or part.text is None:
+            raise InvalidParameterError(f"messages[{i}]: only text and image_url content parts are supported "
+                                        f"(got {part.type!r})", param=f"messages.{i}.content")
+        else:
+            texts.append(part.text)
+    return join_parts(texts) if MEDIA_MARKER in texts else "".join(texts)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as chat templates expect them (transformers' conventions)."""
+def template_messages(messages: list[ChatMessage], images: ImageCollector | None = None) -> list[dict]:
+    """Messages as chat templates expect them (transformers' conventions); an image part becomes
+    MEDIA_MARKER in the text, its reference kept in `images`."""
+    images = images if images is not None else ImageCollector()
     out = []
     for i, m in enumerate(messages):
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                                   "content": _content_text(m, i)}
+                                   "content": _content_text(m, i, images)}
         if m.name:
             message["name"] = m.name
         if m.tool_call_id:
@@ -230,13 +241,15 @@ def chat_options(body: ChatCompletionRequest, reasoning_format: str) -> ChatOpti
 @router.post("/chat/completions", include_in_schema=False)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     options = chat_options(body, server_state(request).reasoning_format)
-    messages = template_messages(body.messages)
+    collector = ImageCollector()
+    messages = template_messages(body.messages, collector)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = sampling_values(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    images = await load_images(request, collector.refs)
 
     def prepare(engine: Engine) -> Job:
         options.grammar = response_format_grammar(body.response_format)
-        return chat_job(engine, messages, options, sampling=sampling, max_tokens=requested)
+        return chat_job(engine, messages, options, sampling=sampling, max_tokens=requested, images=images)
 
     def reply(run: Run, choices: list[Choice]) -> dict:
         out = []

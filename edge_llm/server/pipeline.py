@@ -30,6 +30,7 @@ from starlette.responses import Response
 
 from edge_llm.chat_tokens import ChatPrompt
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
+from edge_llm.engines.media import MediaPrompt
 from edge_llm.reasoning import ReasoningSplitter
 from edge_llm.sampling import SamplingParams
 from edge_llm.server import templates
@@ -109,8 +110,9 @@ async def with_engine_until_disconnect(request: Request, model: str | None,
 class Job:
     """One request as the engine sees it, made by the API's `prepare`."""
 
-    # A chat (chat_tokens.ChatPrompt), raw text or token ids; several for a batched /v1/completions.
-    prompts: list[str | list[int] | ChatPrompt]
+    # A chat (chat_tokens.ChatPrompt), raw text or token ids; several for a batched /v1/completions;
+    # a chat with images (engines/media.py).
+    prompts: list[str | list[int] | ChatPrompt | MediaPrompt]
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens
     max_tokens: int | None = None  # requested; capped by what the context leaves
     prompt_param: str = "prompt"  # the request field a too-long prompt is blamed on

@@ -83,9 +83,16 @@ class SamplingFields(_Body):
 # -- chat -----------------------------------------------------------------------------------------
 
 
+class ImageURL(_Body):
+    url: str = Field(description="a data: URL (data:image/png;base64,...); http(s) only from hosts the server "
+                                 "allows (--allow-image-urls)")
+    detail: str | None = Field(None, description="accepted and ignored")
+
+
 class ContentPart(_Body):
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = Field(None, description="for type image_url (models with a vision projector)")
 
 
 class FunctionCall(_Body):
@@ -228,6 +235,8 @@ class ModelCard(BaseModel):
     # What it serves: chat (chat and completions), embedding (/v1/embeddings), rerank (/v1/rerank);
     # None for a peer's model (the peer says).
     kind: Literal["chat", "embedding", "rerank"] | None = None
+    capabilities: list[str] = Field(default_factory=lambda: ["completion"],
+                                    description="edge-llm extension: 'vision' when the model takes images")
 
 
 class ModelList(BaseModel):
