@@ -2,6 +2,7 @@
 
     edge-llm convert ./Qwen2-0.5B -o qwen2-0.5b-f16.gguf
     edge-llm convert ./Llama-3-8B --quant q5_k_m      # convert to f16, quantize, drop the f16
+    edge-llm convert ./Llama-3-8B --quant iq4_xs --imatrix auto   # importance matrix of the f16 first
 
 Safetensors are memory-mapped and written tensor by tensor through gguf-py (GGUFWriter, tensor name
 maps, SpecialVocab); quantization to llama.cpp's types goes through `edge_llm.quantize` (llama.cpp's
@@ -158,13 +159,14 @@ def copy_with_metadata(src: Path, dst: Path, extra: dict[str, str]) -> None:
 
 def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f16", quant: str | None = None,
             *, threads: int | None = None, progress: Callable[[int, int, str], None] | None = None,
-            llama_cpp_dir: str | Path | None = None) -> Path:
+            llama_cpp_dir: str | Path | None = None, imatrix: str | Path | None = None) -> Path:
     """Convert an HF checkpoint folder to GGUF at `out` (default: ./NAME-TYPE.gguf) and return its path.
 
     `outtype` is the float type of the written tensors (f32, f16, bf16, q8_0); `quant` (any
     `edge-llm quantize` type, e.g. q5_k_m) then quantizes that file with llama.cpp and removes it.
     `llama_cpp_dir` (or $EDGE_LLM_LLAMA_CPP): a llama.cpp checkout whose converter handles the
-    architectures this one does not.
+    architectures this one does not. `imatrix`: an importance matrix file for the quantization, or
+    "auto" to compute one from the converted file first (the types that need one get it anyway).
     """
     hf_dir = Path(hf_dir).expanduser()
     outtype = outtype.lower()
@@ -175,6 +177,10 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
         quant = quant.lower()
         if quant not in quant_types():
             raise InvalidParameterError(f"unknown quant type {quant!r}; see `edge-llm quantize -h`", param="quant")
+    elif imatrix is not None:
+        raise InvalidParameterError("--imatrix is for --quant TYPE", param="imatrix")
+    if imatrix is not None and str(imatrix) != "auto" and not Path(imatrix).is_file():
+        raise EdgeLLMError(f"imatrix file not found: {imatrix}")
     config = load_config(hf_dir)
     llama_cpp_dir = llama_cpp_dir or os.environ.get("EDGE_LLM_LLAMA_CPP") or None
     try:
@@ -204,7 +210,7 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
             model = cls(hf_dir, config, load_tensors(hf_dir))
             write_gguf(model, tmp, outtype, _metadata_writer(hf_dir, outtype, quant), progress)
         if quant:
-            quantize_file(tmp, out, quant, threads=threads,
+            quantize_file(tmp, out, quant, threads=threads, imatrix=imatrix,
                           progress=(lambda i, n, name: progress(i, n, f"{quant}: {name}")) if progress else None)
         else:
             os.replace(tmp, out)
@@ -221,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--outfile", default=None, help="output .gguf (default: ./NAME-TYPE.gguf)")
     parser.add_argument("--outtype", default="f16", choices=list(OUTTYPES), help="tensor type (default: f16)")
     parser.add_argument("--quant", default=None, help="then quantize with llama.cpp, e.g. q5_k_m, q4_k_m")
+    parser.add_argument("--imatrix", default=None, metavar="FILE|auto",
+                        help="with --quant: an importance matrix file, or auto to compute one from the converted "
+                             "file first (`edge-llm imatrix`; the types that need one get it anyway)")
     parser.add_argument("-t", "--threads", type=int, default=None, help="quantization threads (default: all)")
     parser.add_argument("--llama-cpp", default=None, metavar="DIR",
                         help="llama.cpp checkout whose convert_hf_to_gguf.py converts other architectures "
@@ -230,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     show = not args.quiet and sys.stderr.isatty()
     out = convert(args.hf_dir, args.outfile, args.outtype, args.quant, threads=args.threads,
-                  progress=progress_printer("converting") if show else None, llama_cpp_dir=args.llama_cpp)
+                  progress=progress_printer("converting") if show else None, llama_cpp_dir=args.llama_cpp,
+                  imatrix=args.imatrix)
     print(out)
     return 0
