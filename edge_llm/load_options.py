@@ -140,6 +140,11 @@ class LoadOptions(BaseModel):
         "--mlock", off_flags=("--no-mlock",), default=False, help="keep the weights in RAM (no swapping)")] = None
     use_mmap: Annotated[bool | None, _opt(
         "--mmap", off_flags=("--no-mmap",), default=True, help="map the weights (--no-mmap: read them)")] = None
+    repack: Annotated[Literal["on", "off", "auto"] | None, _opt(
+        "--repack", default="auto",
+        help="weights in llama.cpp's CPU-specific layouts (AMX tiles, interleaved rows): auto = on, except on "
+             "CPUs with AMX, whose kernels crash in this llama.cpp (llama.cpp#20824); off = llama-server's "
+             "--no-repack")] = None
     chat_format: Annotated[str | None, _opt(
         "--chat-format", metavar="NAME", default="auto",
         help="chat template: auto (the GGUF's own) or a built-in name")] = None

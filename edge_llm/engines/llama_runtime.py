@@ -11,6 +11,7 @@ when llama_cpp loads it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -91,6 +92,7 @@ def load_model(path: Path, options: LoadOptions) -> LlamaModel:
         # llama.cpp reads the array during the load; `params` holds it alive until then.
         params.tensor_split = tensor_split_array(options.tensor_split)
     params.use_mlock = options.use_mlock
+    params.use_extra_bufts = extra_buffers(options.repack, uses_amx())
     if hasattr(params, "load_mode"):
         params.load_mode = _load_mode(options.use_mmap, options.use_mlock)
     try:
@@ -98,6 +100,22 @@ def load_model(path: Path, options: LoadOptions) -> LlamaModel:
     except ValueError:
         raise ModelLoadError(f"llama.cpp could not load {path}: the file is truncated, corrupt "
                              "or of an unsupported architecture (run with -v for llama.cpp's log)") from None
+
+
+def extra_buffers(repack: str | None, amx: bool) -> bool:
+    """Whether llama.cpp may place weights in its extra CPU buffer types (AMX, repacked rows).
+    `auto` leaves them off where this build uses AMX: its matmul kernels crash there at the first
+    decode (ggml_backend_amx_mul_mat, llama.cpp#20824, seen on Sapphire Rapids); llama-server on
+    the same machine needs --no-repack likewise."""
+    return repack == "on" or (repack in (None, "auto") and not amx)
+
+
+@functools.lru_cache(maxsize=1)
+def uses_amx() -> bool:
+    """This llama.cpp build runs AMX kernels (compiled in, which a native build does where the CPU
+    has them)."""
+    init_backend()
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
 def tensor_split_array(shares: tuple[float, ...]) -> ctypes.Array:
