@@ -374,8 +374,12 @@ def write_imatrix(path: str | Path, entries: dict[str, Entry], *, datasets: list
             writer.add_uint32("imatrix.chunk_size", chunk_size)
             for name in sorted(entries):
                 entry = entries[name]
-                writer.add_tensor(f"{name}.in_sum2", entry.values.astype(np.float32))
-                writer.add_tensor(f"{name}.counts", entry.counts.astype(np.float32).reshape(-1, 1))
+                # ggml writes a tensor's dimensions without trailing ones: one matrix is 1D there.
+                values, counts = entry.values.astype(np.float32), entry.counts.astype(np.float32).reshape(-1, 1)
+                if len(values) == 1:
+                    values, counts = values.reshape(-1), counts.reshape(-1)
+                writer.add_tensor(f"{name}.in_sum2", values)
+                writer.add_tensor(f"{name}.counts", counts)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -444,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parse-special", action="store_true", help="read special-token text in the file as tokens")
     parser.add_argument("--config", default=None, help="a models.toml that adds to the built-in registry")
     add_load_flags(parser, MODEL, only=("n_ctx", "n_threads", "n_threads_batch", "n_batch", "n_gpu_layers",
-                                        "split_mode", "tensor_split", "main_gpu", "flash_attn", "cache_type_k",
+                                        "split_mode", "tensor_split", "main_gpu", "flash_attn", "cache_type_k", "repack",
                                         "cache_type_v", "use_mmap", "use_mlock", "verbose"),
                    defaults={"n_ctx": DEFAULT_N_CTX, "n_batch": DEFAULT_N_BATCH})
     return parser

@@ -131,7 +131,7 @@ def test_file_has_llama_imatrix_keys_and_quantize_reads_it(tmp_path):
     assert [t.name for t in reader.tensors] == [
         "blk.0.ffn_down_exps.weight.in_sum2", "blk.0.ffn_down_exps.weight.counts",
         "blk.1.ffn_down.weight.in_sum2", "blk.1.ffn_down.weight.counts"]
-    assert [list(t.shape) for t in reader.tensors] == [[3, 2], [1, 2], [3, 1], [1, 1]]  # ggml order: ne0 first
+    assert [list(t.shape) for t in reader.tensors] == [[3, 2], [1, 2], [3], [1]]  # ggml order, trailing ones dropped
     loaded = load_imatrix(path)
     assert loaded.datasets == ["text.txt"] and loaded.chunk_count == 5
     assert loaded.entries["blk.1.ffn_down.weight"].tolist() == [1.0, 2.0, 3.0]
@@ -215,6 +215,10 @@ def test_percentiles_as_llama_perplexity_takes_them():
 # -- against llama.cpp's programs, on the bundled model ---------------------------------------------
 
 CHUNK = 128  # small chunks keep these runs to seconds
+# Weights in llama.cpp's extra CPU buffers (AMX tiles, repacked rows) run other kernels, whose sums
+# differ in the last bits: both sides keep them out (edge-llm's --repack auto does on AMX CPUs).
+SAME_KERNELS = ("--repack", "off")
+LLAMA_SAME_KERNELS = ("--no-repack",)
 
 
 @pytest.fixture(scope="module")
@@ -249,11 +253,11 @@ def test_imatrix_equals_llama_imatrix(f16_and_text, tmp_path, batch):
 
     f16, text = f16_and_text
     common = ["-f", str(text), "-c", str(CHUNK), "-b", str(batch), "--chunks", "6", "-t", "2"]
-    ours = run_cli("imatrix", str(f16), *common, "-o", str(tmp_path / "ours.gguf"))
+    ours = run_cli("imatrix", str(f16), *common, *SAME_KERNELS, "-o", str(tmp_path / "ours.gguf"))
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout.strip() == str(tmp_path / "ours.gguf")
     assert "[6]" in ours.stderr and "210 weights over 6 chunks" in ours.stderr
-    run("llama-imatrix", "-m", str(f16), *common, "-o", str(tmp_path / "theirs.gguf"))
+    run("llama-imatrix", "-m", str(f16), *common, *LLAMA_SAME_KERNELS, "-o", str(tmp_path / "theirs.gguf"))
     assert _fields(tmp_path / "ours.gguf") == _fields(tmp_path / "theirs.gguf")
     mine, theirs = _tensors(tmp_path / "ours.gguf"), _tensors(tmp_path / "theirs.gguf")
     assert list(mine) == list(theirs) and len(mine) == 2 * 210  # 30 layers x 7 matrices, sums and counts
@@ -278,13 +282,13 @@ def test_quant_from_our_imatrix_is_llama_quantizes_from_theirs(f16_and_text, tmp
     from tests.conftest import run_cli
 
     f16, text = f16_and_text
-    common = ["-f", str(text), "-c", str(CHUNK), "--chunks", "6", "-t", "2"]
-    run("llama-imatrix", "-m", str(f16), *common, "-o", str(tmp_path / "llama-imatrix.gguf"))
-    r = run_cli("imatrix", str(f16), *common, "-o", str(tmp_path / "edge-llm-imatrix.gguf"))
+    common = ["-f", str(text), "-c", str(CHUNK), "-b", str(CHUNK), "--chunks", "6", "-t", "2"]
+    run("llama-imatrix", "-m", str(f16), *common, *LLAMA_SAME_KERNELS, "-o", str(tmp_path / "llama-imatrix.gguf"))
+    r = run_cli("imatrix", str(f16), *common, *SAME_KERNELS, "-o", str(tmp_path / "edge-llm-imatrix.gguf"))
     assert r.returncode == 0, r.stderr
     matrix = tmp_path / "imatrix.gguf"
     overrides = ["--tensor-type", "ffn_down=q6_k", "--tensor-type", r"blk\.1[0-9]\.attn_v=q8_0",
-                 "--token-embedding-type", "q5_k"]
+                 "--token-embedding-type", "q8_0"]
     for qtype, extra in (("q4_k_m", overrides), ("iq3_xxs", [])):
         shutil.copyfile(tmp_path / "llama-imatrix.gguf", matrix)
         run("llama-quantize", "--imatrix", str(matrix), *extra, str(f16), str(tmp_path / "theirs.gguf"),
@@ -315,15 +319,15 @@ def test_kl_divergence_equals_llama_perplexity(f16_and_text, tmp_path):
 
     f16, _ = f16_and_text
     quant = quantize_file(f16, tmp_path / "q3.gguf", "q3_k_s")
-    corpus = ["-c", str(CHUNK), "--chunks", "8", "-t", "2"]
+    corpus = ["-c", str(CHUNK), "--chunks", "4", "-t", "2"]
     run("llama-perplexity", "-m", str(f16), "-f", str(DEFAULT_CORPUS), *corpus, "-b", str(CHUNK),
-        "--kl-divergence-base", str(tmp_path / "theirs.kld"))
-    r = run_cli("perplexity", "-m", str(f16), "-f", str(DEFAULT_CORPUS), *corpus, "--kl-divergence-base",
-                str(tmp_path / "ours.kld"))
+        *LLAMA_SAME_KERNELS, "--kl-divergence-base", str(tmp_path / "theirs.kld"))
+    r = run_cli("perplexity", "-m", str(f16), "-f", str(DEFAULT_CORPUS), *corpus, *SAME_KERNELS,
+                "--kl-divergence-base", str(tmp_path / "ours.kld"))
     assert r.returncode == 0, r.stderr
     theirs_base, ours_base = BaseFile.open(tmp_path / "theirs.kld"), BaseFile.open(tmp_path / "ours.kld")
-    assert ours_base.tokens == theirs_base.tokens and ours_base.n_chunks == 8 and ours_base.n_vocab == 49152
-    for chunk in (0, 7):
+    assert ours_base.tokens == theirs_base.tokens and ours_base.n_chunks == 4 and ours_base.n_vocab == 49152
+    for chunk in (0, 3):
         assert np.abs(decode_rows(ours_base.chunk_records(chunk), 49152)
                       - decode_rows(theirs_base.chunk_records(chunk), 49152)).max() < 1e-3
 
@@ -333,10 +337,10 @@ def test_kl_divergence_equals_llama_perplexity(f16_and_text, tmp_path):
         return {k: float(re.search(p, text)[1]) for k, p in grab.items()}
 
     for base in ("theirs.kld", "ours.kld"):
-        llama = run("llama-perplexity", "-m", str(quant), "-t", "2", "-b", str(CHUNK), "--kl-divergence-base",
-                    str(tmp_path / base), "--kl-divergence")
-        mine = run_cli("perplexity", "-m", str(quant), "-t", "2", "--kl-divergence-base", str(tmp_path / base),
-                       "--kl-divergence")
+        llama = run("llama-perplexity", "-m", str(quant), "-t", "2", "-b", str(CHUNK), *LLAMA_SAME_KERNELS,
+                    "--kl-divergence-base", str(tmp_path / base), "--kl-divergence")
+        mine = run_cli("perplexity", "-m", str(quant), "-t", "2", *SAME_KERNELS, "--kl-divergence-base",
+                       str(tmp_path / base), "--kl-divergence")
         assert mine.returncode == 0, mine.stderr
         want, got = llama_figures(llama.stdout + llama.stderr), llama_figures(mine.stdout)
         assert want["mean"] > 0.005  # a real difference to measure
@@ -372,6 +376,6 @@ def test_ctrl_c_keeps_the_finished_chunks(f16_and_text, tmp_path):
     assert stdout.decode().strip() == str(out)
     meta = _fields(out)
     assert 2 <= meta["imatrix.chunk_count"] < 400
-    counts = {name: float(v[0, 0]) for name, v in _tensors(out).items() if name.endswith(".counts")}
+    counts = {name: float(v.reshape(-1)[0]) for name, v in _tensors(out).items() if name.endswith(".counts")}
     assert set(counts.values()) == {meta["imatrix.chunk_count"] * CHUNK}  # whole chunks only
     assert [p.name for p in tmp_path.iterdir()] == ["partial.gguf"]
