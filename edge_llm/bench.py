@@ -572,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": str(src), "scenarios": [asdict(s) for s in scenarios], "ppl_ctx": args.ppl_ctx,
             "ppl_chunks": args.chunks or None, "corpus": args.file or "edge_llm/data/genesis-kjv.txt",
             "threads": args.threads, "cpu_count": os.cpu_count(), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+            "imatrix": args.imatrix or ("auto" if any(q.endswith(IMATRIX_SUFFIX) for q in args.quants) else None),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "variants": [asdict(v) for v in variants]}, indent=1),
                                     encoding="utf-8")

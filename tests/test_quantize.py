@@ -175,7 +175,7 @@ def test_types_that_need_an_imatrix_get_one(f32_gguf, tmp_path):
     from gguf import GGUFReader
 
     src, ids = f32_gguf
-    out = run_cli("quantize", str(src), "iq2_xxs", "-o", str(tmp_path / "iq2.gguf"))
+    out = run_cli("quantize", str(src), "iq2_xxs", "-o", str(tmp_path / "iq2.gguf"), timeout=900)
     assert out.returncode == 0, out.stderr
     assert "computing an importance matrix of tiny-f32.gguf for iq2_xxs" in out.stderr
     assert _file_type(tmp_path / "iq2.gguf") == quant_types()["iq2_xxs"]
@@ -186,3 +186,29 @@ def test_types_that_need_an_imatrix_get_one(f32_gguf, tmp_path):
     assert meta["quantize.imatrix.dataset"] == "edge_llm/data/calibration.txt"
     assert meta["quantize.imatrix.chunks_count"] > 10 and meta["quantize.imatrix.entries_count"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["iq2.gguf"]
+
+
+def test_convert_quantizes_with_an_imatrix(f32_gguf, tmp_path):
+    """convert --quant TYPE --imatrix FILE: the matrix reaches llama.cpp (recorded in the metadata) and the
+    quant differs from the one made without it; --imatrix without --quant is one error line."""
+    from gguf import GGUFReader
+
+    from edge_llm.imatrix import Entry, write_imatrix
+
+    src, _ = f32_gguf
+    hf_dir = src.parent / "llama"
+    rng = np.random.default_rng(1)
+    entries = {t.name: Entry(rng.uniform(0.1, 5, size=(1, int(t.shape[0]))).astype(np.float32), np.array([64]))
+               for t in GGUFReader(src).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    matrix = write_imatrix(tmp_path / "m.gguf", entries, datasets=["random"], chunk_count=1, chunk_size=64)
+    out = run_cli("convert", str(hf_dir), "--quant", "q4_k_m", "--imatrix", str(matrix), "-o", str(tmp_path / "w.gguf"))
+    assert out.returncode == 0, out.stderr
+    meta = {f.name: f.contents() for f in GGUFReader(tmp_path / "w.gguf").fields.values()}
+    assert meta["quantize.imatrix.file"] == str(matrix) and meta["quantize.imatrix.dataset"] == "random"
+    assert meta["quantize.imatrix.entries_count"] == len(entries)
+    plain = run_cli("convert", str(hf_dir), "--quant", "q4_k_m", "-o", str(tmp_path / "p.gguf"))
+    assert plain.returncode == 0, plain.stderr
+    assert (tmp_path / "w.gguf").read_bytes() != (tmp_path / "p.gguf").read_bytes()
+    bad = run_cli("convert", str(hf_dir), "--imatrix", str(matrix), "-o", str(tmp_path / "x.gguf"))
+    assert bad.returncode == 1 and "--imatrix is for --quant TYPE" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "p.gguf", "w.gguf"]
