@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_llm.chat_tokens import chat_tokens
 from edge_llm.engines.base import Engine
 from edge_llm.errors import ContextLengthError, EdgeLLMError
 from edge_llm.files import json_bytes, os_errors, read_text
@@ -211,11 +212,13 @@ class TemplateConversation(Conversation):
     def _extend(self, user: str | None) -> Prompt:
         if user is None:
             raise EdgeLLMError("a chat-template conversation needs a user message for each turn")
-        text = self.engine.chat_prompt(self.messages() + [{"role": "user", "content": user}])
-        if self._tokens is not None and text.startswith(self._text):
-            tail = self.engine.tokenize(text[len(self._text):], special=True, add_bos=False)
+        chat = self.engine.chat_prompt(self.messages() + [{"role": "user", "content": user}])
+        text = chat.text
+        # Content is text (chat_tokens.py): the tail is tokenized by the same rule as a whole prompt.
+        if self._tokens is not None and text.startswith(self._text) and not chat.cuts_markup(len(self._text)):
+            tail = chat_tokens(self.engine, chat, start=len(self._text))
             return Prompt(self._tokens + tail, len(tail), text=text)
-        tokens = self.engine.tokenize(text)
+        tokens = chat_tokens(self.engine, chat)
         return Prompt(tokens, len(tokens), rebuilt=self._tokens is not None or bool(self.exchanges), text=text)
 
     def _advance(self, prompt: Prompt, answer: Answer) -> str:

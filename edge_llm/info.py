@@ -1,10 +1,14 @@
-"""`edge-llm info FILE.gguf`: what is inside a GGUF, read with the official `gguf` package
-(metadata only: the weights are memory-mapped, not loaded)."""
+"""`edge-llm info FILE.gguf`: what is inside a GGUF, from its header alone: the metadata values
+and the tensor table, read in one pass that skips the arrays (a vocabulary's 150,000 token
+strings, its merges and scores) instead of building them, as gguf-py's GGUFReader does (seconds
+of CPU for a large vocabulary: too slow for the server's /api/show and /api/tags)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
+import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,18 +47,108 @@ def detect_chat_format(template: str | None) -> str | None:
     return next((name for marker, name in markers if marker in template), "custom")
 
 
+# GGUF value types (gguf-py's GGUFValueType) -> struct format of a scalar; 8 is a string, 9 an array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Header:
+    """A GGUF header read front to back; arrays are skipped, except their length."""
+
+    def __init__(self, data: mmap.mmap | bytes) -> None:
+        self.data = data
+        self.pos = 0
+        if bytes(data[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        (version,) = struct.unpack_from("<I", data, 4)
+        self.order = "<" if version < 0x10000 else ">"  # a big-endian file reads as a huge version
+        (version,) = struct.unpack_from(self.order + "I", data, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported")
+        self.pos = 8
+
+    def read(self, fmt: str):  # noqa: ANN201
+        value = struct.unpack_from(self.order + fmt, self.data, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.read("Q")
+        if self.pos + n > len(self.data):
+            raise ValueError("a string runs past the end of the file")
+        text = bytes(self.data[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return text
+
+    def value(self, kind: int):  # noqa: ANN201
+        if kind in _SCALARS:
+            return self.read(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.read("I"), self.read("Q")
+            if item in _SCALARS:
+                self.pos += count * struct.calcsize(_SCALARS[item])
+            elif item == _STRING:
+                for _ in range(count):
+                    self.pos += 8 + self.read("Q")
+            else:
+                raise ValueError(f"an array of value type {item} is not supported")
+            if self.pos > len(self.data):
+                raise ValueError("an array runs past the end of the file")
+            return _Skipped(count)
+        raise ValueError(f"unknown value type {kind}")
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    """An array value left unread: its length only."""
+
+    length: int
+
+
+def read_gguf_header(path: str | Path) -> tuple[dict, list[tuple[str, int, int]]]:
+    """(metadata without the arrays' contents, [(tensor name, type, elements)]) of a GGUF file."""
+    with open(path, "rb") as file:
+        data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        header = _Header(data)
+        n_tensors, n_kv = header.read("Q"), header.read("Q")
+        if n_tensors > len(data) or n_kv > len(data):
+            raise ValueError("impossible counts")
+        metadata = {}
+        for _ in range(n_kv):
+            key = header.string()
+            metadata[key] = header.value(header.read("I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = header.string()
+            n_dims = header.read("I")
+            if n_dims > 8:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions")
+            elements = 1
+            for _ in range(n_dims):
+                elements *= header.read("Q")
+            kind = header.read("I")
+            header.read("Q")  # offset
+            tensors.append((name, kind, elements))
+        return metadata, tensors
+    finally:
+        data.close()
+
+
 def read_gguf_info(path: str | Path) -> GGUFInfo:
     import gguf
 
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as exc:
+        metadata, tensors = read_gguf_header(path)
+    except (ValueError, OSError, struct.error, OverflowError) as exc:
         raise EdgeLLMError(f"{path}: not a readable GGUF file ({exc})") from None
 
-    def value(key: str):
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
+    def value(key: str):  # noqa: ANN202
+        found = metadata.get(key)
+        return None if isinstance(found, _Skipped) else found
 
     arch = value("general.architecture") or "unknown"
     file_type = value("general.file_type")
@@ -62,17 +156,25 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
         file_type_name = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
         file_type_name = str(file_type)
-    types = Counter(t.tensor_type.name for t in reader.tensors)
+    names, n_bytes = [], 0
+    for _, kind, elements in tensors:
+        try:
+            quant = gguf.GGMLQuantizationType(kind)
+        except ValueError:
+            names.append(str(kind))
+            continue
+        names.append(quant.name)
+        block, size = gguf.GGML_QUANT_SIZES[quant]
+        n_bytes += elements // block * size
     template = value("tokenizer.chat_template")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = metadata.get("tokenizer.ggml.tokens")
     return GGUFInfo(
         path=str(path), file_size=path.stat().st_size, architecture=arch, name=value("general.name"),
-        n_params=sum(int(t.n_elements) for t in reader.tensors),
+        n_params=sum(elements for _, _, elements in tensors),
         n_layers=value(f"{arch}.block_count"), context_length=value(f"{arch}.context_length"),
         embedding_length=value(f"{arch}.embedding_length"), file_type=file_type_name,
-        tensor_types=dict(types.most_common()), n_tensors=len(reader.tensors),
-        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
-        vocab_size=len(tokens.data) if tokens is not None else None,
+        tensor_types=dict(Counter(names).most_common()), n_tensors=len(tensors), tensor_bytes=n_bytes,
+        vocab_size=tokens.length if isinstance(tokens, _Skipped) else None,
         tokenizer_model=value("tokenizer.ggml.model"), tokenizer_pre=value("tokenizer.ggml.pre"),
         chat_format=detect_chat_format(template), chat_template=template,
     )

@@ -110,7 +110,12 @@ def _read_registry_file(path: Path) -> dict[str, ModelSpec]:
     except tomllib.TOMLDecodeError as exc:
         raise EdgeLLMError(f"{path}: not valid TOML: {exc}") from None
     specs = {}
-    for name, entry in data.get("models", {}).items():
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise EdgeLLMError(f"{path}: `models` must be a table of [models.NAME] entries (got {type(models).__name__})")
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            raise EdgeLLMError(f"{path}: model {name!r}: expected a [models.{name}] table (got {type(entry).__name__})")
         try:
             specs[name] = ModelSpec(name=name, **entry)
         except (ValidationError, TypeError) as exc:

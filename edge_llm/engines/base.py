@@ -10,8 +10,10 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from edge_llm.chat_tokens import ChatPrompt, ControlToken, ControlTokens, chat_tokens, render_chat
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, MissingExtraError
 from edge_llm.load_options import LoadOptions
 from edge_llm.sampling import SamplingParams
@@ -76,6 +78,9 @@ class Engine(ABC):
     n_vocab: int
     eog_ids: frozenset[int] = frozenset()  # tokens that end a generation
     formatter: ChatFormatter  # renders chat messages to the prompt text
+    # Message content may write control tokens that count as the template's (--trust-content-markup):
+    # only for trusted clients. Off: content is text (chat_tokens.py).
+    trust_content_markup: bool = False
     n_parallel: int = 1  # requests decoded at once (llama.cpp's slots)
     kv_unified: bool = False  # one KV pool any request may fill (llama.cpp -kvu)
     # llama.cpp's continuous-batching scheduler and prompt cache; None elsewhere (read by /metrics).
@@ -92,11 +97,29 @@ class Engine(ABC):
         """Tokens one request may hold (prompt + output)."""
         return self.n_ctx
 
+    @classmethod
+    def check_options(cls, options: LoadOptions) -> None:
+        """Refuse, before any model is loaded, resolved options this engine would refuse at load:
+        `serve` checks every model's at start, so a bad value is one line then, not an error at
+        its first request."""
+        from edge_llm.chat_format import check_chat_format
+
+        check_chat_format(options.chat_format)
+
     # -- vocabulary -------------------------------------------------------------------------------
 
     @abstractmethod
     def tokenize(self, text: str, *, special: bool = True, add_bos: bool | None = None) -> list[int]:
         """Text to token ids; add_bos None: the beginning-of-sequence token where the model wants it."""
+
+    @abstractmethod
+    def control_token_list(self) -> list[ControlToken]:
+        """The vocabulary's control tokens: the texts tokenize(special=True) turns into one token
+        and tokenize(special=False) leaves as text."""
+
+    @cached_property
+    def control_tokens(self) -> ControlTokens:
+        return ControlTokens(self.control_token_list())
 
     @abstractmethod
     def token_piece(self, token: int) -> bytes:
@@ -121,10 +144,15 @@ class Engine(ABC):
                 raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param=param)
 
     def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        return self.formatter.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+                    add_generation_prompt: bool = True) -> ChatPrompt:
+        """The chat template applied; its content stays text when tokenized (chat_tokens.py)."""
+        return render_chat(self, messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
-    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+    def prompt_tokens(self, prompt: str | list[int] | ChatPrompt) -> list[int]:
+        """A raw prompt's tokens (special tokens parsed: the caller owns the whole text), a chat's
+        (only the template's markup is control tokens), or token ids checked."""
+        if isinstance(prompt, ChatPrompt):
+            return chat_tokens(self, prompt)
         if isinstance(prompt, str):
             return self.tokenize(prompt)
         tokens = list(prompt)
@@ -146,8 +174,9 @@ class Engine(ABC):
             raise InvalidParameterError(f"the {self.name} engine does not support grammars / JSON schemas; use "
                                         "the llama.cpp engine (or vLLM) for constrained output", param="grammar")
         self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
+        self.check_token_ids(list(params.logit_bias or ()), param="logit_bias")
 
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
+    def stream(self, prompt: str | list[int] | ChatPrompt, params: SamplingParams) -> Iterator[Delta]:
         """Generate synchronously; closing the iterator cancels the request. Prompt errors are
         raised here, before the first delta."""
         tokens = self.prompt_tokens(prompt)
@@ -155,7 +184,7 @@ class Engine(ABC):
         self.validate(tokens, params)
         return self._stream(tokens, params)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(self, prompt: str | list[int] | ChatPrompt, params: SamplingParams) -> AsyncIterator[Delta]:
         """Generate from asyncio; closing the iterator (client gone) cancels the request."""
         tokens = self.prompt_tokens(prompt)
         params = params.with_defaults(self.sampling_defaults)

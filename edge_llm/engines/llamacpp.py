@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 from edge_llm.chat_format import ChatFormatter, select_formatter
+from edge_llm.chat_tokens import ControlToken
 from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import Delta, Engine
 from edge_llm.engines.cpu_threads import default_threads
@@ -25,14 +27,45 @@ from edge_llm.sampling import SamplingParams
 DEFAULT_N_CTX = 4096
 
 
+def draft_model_path(ref: str) -> Path:
+    """The -md model's GGUF, found (never downloaded) and checked to be one."""
+    from edge_llm.errors import ModelNotFoundError
+    from edge_llm.registry import resolve
+
+    try:
+        draft = resolve(ref)
+    except ModelNotFoundError as exc:
+        raise InvalidParameterError(f"-md: {exc.message}", param="model_draft") from None
+    if not draft.is_gguf:
+        raise InvalidParameterError(f"-md {ref}: the draft model must be a GGUF (convert it with `edge-llm convert`)",
+                                    param="model_draft")
+    return Path(draft.path)
+
+
 class LlamaCppEngine(Engine):
     name = "llama.cpp"
+
+    @classmethod
+    def check_options(cls, options: LoadOptions) -> None:
+        super().check_options(options)
+        rt.kv_type(options.cache_type_k, "cache_type_k")
+        rt.kv_type(options.cache_type_v, "cache_type_v")
+        if options.cache_type_v not in ("f16", "f32", "bf16") and options.flash_attn == "off":
+            raise InvalidParameterError("a quantized V cache (-ctv) needs flash attention: use -fa on or auto",
+                                        param="cache_type_v")
+        if options.cache_dir:
+            from edge_llm.engines.prompt_cache import check_cache_dir
+
+            check_cache_dir(options.cache_dir, options.cache_disk)
+        if options.model_draft:
+            draft_model_path(options.model_draft)
 
     def __init__(self, model: ResolvedModel, options: LoadOptions | None = None) -> None:
         options = (options or LoadOptions()).resolve(model.spec)
         if not model.is_gguf:
             raise EdgeLLMError(f"{model.path} is an HF checkpoint; llama.cpp needs a GGUF: "
                                f"run `edge-llm convert {model.path}` first")
+        self.check_options(options)
         rt.check_gguf_file(model.path)
         self.model_name = model.name
         self.path = model.path
@@ -57,9 +90,8 @@ class LlamaCppEngine(Engine):
                                    n_threads=self.n_threads, n_threads_batch=options.n_threads_batch,
                                    flash_attn=fa, cache_type_k=options.cache_type_k,
                                    cache_type_v=options.cache_type_v, kv_unified=bool(options.kv_unified))
-        if options.cache_type_v not in ("f16", "f32", "bf16") and fa == "off":
-            raise InvalidParameterError("a quantized V cache (-ctv) needs flash attention: use -fa on or auto",
-                                        param="cache_type_v")
+        if options.n_gpu_layers == 0:  # on the GPU, llama.cpp's own allocation is the check
+            rt.check_context_fits(self._model, n_ctx, options.cache_type_k, options.cache_type_v)
         # The scheduler's context: only its engine thread decodes on it (a llama_context is not thread-safe).
         self.context = rt.new_context(self._model, params, verbose=options.verbose, what=f"a context for {self.path}")
         self.n_ctx = rt.n_ctx_of(self.context)
@@ -84,6 +116,7 @@ class LlamaCppEngine(Engine):
             in_prefix=options.in_prefix,
             in_suffix=options.in_suffix,
         )
+        self.trust_content_markup = bool(options.trust_content_markup)
         self._embed_ctx: rt.LlamaContext | None = None
         self._embed_lock = threading.Lock()
 
@@ -119,15 +152,10 @@ class LlamaCppEngine(Engine):
         if spec == "ngram":
             return PromptLookup()
         from edge_llm.engines.draft_model import DraftModel
-        from edge_llm.registry import resolve
 
-        draft = resolve(options.model_draft)
-        if not draft.is_gguf:
-            raise InvalidParameterError(f"-md {options.model_draft}: the draft model must be a GGUF "
-                                        "(convert it with `edge-llm convert`)", param="model_draft")
         # With -kvu a slot may hold the whole context; the draft keeps a slot's share and drafts
         # nothing past it.
-        return DraftModel(draft.path, self, n_parallel=self.n_parallel, n_ctx_seq=self.n_ctx // self.n_parallel,
+        return DraftModel(draft_model_path(options.model_draft), self, n_parallel=self.n_parallel, n_ctx_seq=self.n_ctx // self.n_parallel,
                           n_threads=self.n_threads, verbose=options.verbose)
 
     @property
@@ -142,10 +170,15 @@ class LlamaCppEngine(Engine):
         starts with it (chat templates often write it themselves)."""
         data = text.encode("utf-8", errors="replace")
         if add_bos is None:
-            add_bos = self.add_bos and not (special and text.startswith(self.token_text(self.bos_id)))
+            bos_text = self.token_text(self.bos_id)
+            add_bos = self.add_bos and not (special and bos_text and text.startswith(bos_text))
         if not data:
             return [self.bos_id] if add_bos else []
         return self._model.tokenize(data, add_bos, special)
+
+    def control_token_list(self) -> list[ControlToken]:
+        return [ControlToken(text.decode("utf-8", errors="replace"), lstrip, rstrip)
+                for text, lstrip, rstrip in rt.control_tokens(self.vocab)]
 
     def token_piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)

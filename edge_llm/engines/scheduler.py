@@ -737,7 +737,7 @@ class Scheduler:
 
 def _plain_greedy(params: SamplingParams) -> bool:
     """Greedy with nothing that changes the logits or keeps state between tokens (penalties,
-    grammars): then the argmax of the logits is exactly what the sampler chain would return."""
-    return (params.greedy and not params.grammar and params.repetition_penalty == 1.0
+    grammars, logit_bias): then the argmax of the logits is exactly what the sampler chain would return."""
+    return (params.greedy and not params.grammar and not params.logit_bias and params.repetition_penalty == 1.0
             and not params.frequency_penalty and not params.presence_penalty)
 

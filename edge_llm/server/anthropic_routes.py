@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 from starlette.responses import Response
 
-from edge_llm.engines.base import Engine
+from edge_llm.engines.base import Engine, Usage
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.errors import edge_error_body
@@ -189,7 +189,8 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
     if body.thinking is not None and body.thinking.type == "disabled":
         reasoning_format = "none"
     options = ChatOptions(tools=chat_tools(body.tools), tool_choice=tool_choice(body.tool_choice),
-                          reasoning_format=reasoning_format, format_param="output_config.format")
+                          reasoning_format=reasoning_format, format_param="output_config.format",
+                          parallel_tool_calls=not (body.tool_choice and body.tool_choice.disable_parallel_tool_use))
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                     stop=body.stop_sequences)
 
@@ -211,11 +212,8 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
             content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                             "input": json.loads(call["function"]["arguments"])})
         reason, sequence = stop_reason(c.finish, bool(c.tool_calls))
-        usage = c.finish.usage if c.finish else None
-        return {**message_start(run, usage.prompt_tokens if usage else 0), "content": content,
-                "stop_reason": reason, "stop_sequence": sequence,
-                "usage": usage_body(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-                                    usage.cached_tokens if usage else 0)}
+        return {**message_start(run), "content": content, "stop_reason": reason, "stop_sequence": sequence,
+                "usage": usage_body(c.finish.usage if c.finish else None)}
 
     def stream_reply(run: Run) -> Response:
         return SSEResponse(message_events(run, request.url.path))
@@ -232,7 +230,8 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> Any:
         job = chat_job(engine, messages, options, sampling={}, max_tokens=None)
         return {"input_tokens": len(engine.prompt_tokens(job.prompts[0]))}
 
-    return await with_engine(request, body.model, count)
+    # count renders the template: it waits for the engine's one render slot as generation does.
+    return await with_engine(request, body.model, count, renders_template=True)
 
 
 def stop_reason(finish: Finish | None, calls: bool) -> tuple[str, str | None]:
@@ -245,14 +244,20 @@ def stop_reason(finish: Finish | None, calls: bool) -> tuple[str, str | None]:
     return "end_turn", None
 
 
-def usage_body(input_tokens: int, output_tokens: int, cached: int = 0) -> dict:
-    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "cache_read_input_tokens": cached,
-            "cache_creation_input_tokens": 0}
+def usage_body(usage: Usage | None) -> dict:
+    """Anthropic's usage: `input_tokens` are the prompt tokens evaluated for this request, those taken
+    from the prompt cache are `cache_read_input_tokens` (together: the whole prompt)."""
+    usage = usage or Usage()
+    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens, "output_tokens": usage.completion_tokens,
+            "cache_read_input_tokens": usage.cached_tokens, "cache_creation_input_tokens": 0}
 
 
-def message_start(run: Run, input_tokens: int) -> dict:
+def message_start(run: Run) -> dict:
+    # How much of the prompt the cache held is known only at the end: the stream's message_start
+    # counts the whole prompt as input, and its message_delta carries the final split.
     return {"id": f"msg_{run.id}", "type": "message", "role": "assistant", "model": run.name, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": usage_body(input_tokens, 0)}
+            "stop_reason": None, "stop_sequence": None,
+            "usage": usage_body(Usage(prompt_tokens=run.generations[0].n_prompt))}
 
 
 async def message_events(run: Run, path: str):
@@ -276,7 +281,7 @@ async def message_events(run: Run, path: str):
         open_kind = None
         return [event("content_block_stop", index=index)]
 
-    yield event("message_start", message=message_start(run, run.generations[0].n_prompt))
+    yield event("message_start", message=message_start(run))
     yield event("ping")
     try:
         async for _, part in run.parts():
@@ -299,9 +304,9 @@ async def message_events(run: Run, path: str):
             elif isinstance(part, Finish):
                 events += stop()
                 reason, sequence = stop_reason(part, part.tool_calls > 0)
-                output_tokens = part.usage.completion_tokens if part.usage else 0
+                # The whole usage, as Anthropic's message_delta has it: its SDK takes each field given.
                 events += [event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                                 usage={"output_tokens": output_tokens}),
+                                 usage=usage_body(part.usage)),
                            event("message_stop")]
             for e in events:
                 yield e

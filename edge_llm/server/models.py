@@ -1,7 +1,9 @@
 """Which models a server answers for, and which of them are in memory.
 
 - Only the models the server was started with can be named by a request (by served name, never
-  by path): an unknown name is a 404, whatever it looks like.
+  by path). A server of exactly one model serves it under any name, as llama-server does (scripts
+  hard-code "gpt-3.5-turbo"; the answer names the real model); with several models, or with
+  --strict-model-names, an unknown name is a 404, whatever it looks like.
 - Models load on their first request (`--preload` loads them at start), and unload after
   `keep_alive` seconds without requests (negative: never).
 - A memory budget bounds the models kept at once. A model's cost is the size of its weights
@@ -62,7 +64,7 @@ class ModelManager:
                  engine: str = "llama.cpp", options: LoadOptions | None = None, config: str | None = None,
                  keep_alive: float = 300.0, memory_budget: int | None = None, max_loaded: int | None = None,
                  peers: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
-                 paths: dict[str, Path] | None = None) -> None:
+                 paths: dict[str, Path] | None = None, strict_names: bool = False) -> None:
         self.peers = dict(peers or {})
         clash = set(models) & set(self.peers)
         if clash:
@@ -72,6 +74,7 @@ class ModelManager:
         sizes, paths = sizes or {}, paths or {}
         self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name))
                        for name, ref in models.items()}
+        self.strict_names = strict_names
         self.keep_alive = keep_alive
         self.memory_budget = memory_budget
         self.max_loaded = max_loaded
@@ -83,15 +86,21 @@ class ModelManager:
     @classmethod
     def from_refs(cls, refs: list[str], *, config: str | None = None, **kwargs: object) -> ModelManager:
         """Serve model references as given on the command line: each is resolved now, so a model
-        that is not on disk fails at start, and is served under its registry name or file stem."""
+        that is not on disk fails at start, and is served under its registry name or file stem;
+        its load options are checked now too."""
+        from edge_llm.engines.base import engine_class
         from edge_llm.registry import load_registry, resolve
 
         registry = load_registry(config)
+        engine = engine_class(str(kwargs.get("engine", "llama.cpp")))
+        options = kwargs.get("options") or LoadOptions()
         models, sizes, paths = {}, {}, {}
         for ref in refs:
             resolved = resolve(ref, registry)
             if resolved.name in models:
                 raise EdgeLLMError(f"two models would be served as {resolved.name!r}")
+            # What its engine would refuse at the first request (a cache type, a cache folder, -md ...)
+            engine.check_options(options.resolve(resolved.spec))  # type: ignore[union-attr]
             models[resolved.name] = ref
             sizes[resolved.name] = _weights_size(resolved.path)
             paths[resolved.name] = resolved.path
@@ -104,11 +113,14 @@ class ModelManager:
         return next(iter(self.models)) if self.models else next(iter(self.peers))
 
     def resolve_name(self, name: str | None) -> str:
-        """The served name a request means: its `model`, or the first model when it names none."""
+        """The served name a request means: its `model`; the first model when it names none; the
+        only model when it names another (unless strict_names)."""
         if name is None or name == "":
             return self.default_name
         if name in self.models or name in self.peers:
             return name
+        if not self.strict_names and len(self.models) + len(self.peers) == 1:
+            return self.default_name
         raise ModelNotFoundError(f"the model {name!r} does not exist on this server; "
                                  f"served: {', '.join([*self.models, *self.peers])}", param="model")
 
@@ -168,10 +180,14 @@ class ModelManager:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    async def preload(self) -> None:
+        """Load every model now (serve --preload)."""
+        for name in self.models:
+            (await self.acquire(name)).release()
+
     async def start(self, *, preload: bool = False) -> None:
         if preload:
-            for name in self.models:
-                (await self.acquire(name)).release()
+            await self.preload()
         if self.models:
             self._reaper = asyncio.create_task(self._unload_idle_forever())
 

@@ -29,6 +29,7 @@ from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.sampling import SamplingParams
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.generation import StreamResponse, context_size
 from edge_llm.server.jsonio import dumps
@@ -126,6 +127,13 @@ def sampling_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], in
     """SamplingParams values and the output budget from Ollama `options`."""
     options = options or {}
     values = {field: options[name] for name, field in OPTION_NAMES.items() if name in options}
+    for name, field in OPTION_NAMES.items():  # each checked alone, so the error names Ollama's option
+        if options.get(name) is not None:
+            try:
+                SamplingParams.create(**{field: options[name]})
+            except InvalidParameterError as exc:
+                raise InvalidParameterError(f"options.{name}: {exc.message.split(': ', 1)[-1]}",
+                                            param="options") from None
     predict = options.get("num_predict")
     if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int)):
         raise InvalidParameterError(f"options.num_predict must be an integer (got {predict!r})", param="options")
@@ -310,7 +318,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         job = chat_job(engine, [*messages, {"role": "user", "content": body.prompt}], options, sampling=values,
                        max_tokens=max_tokens)
         if context:  # an earlier answer's context continues
-            job.prompts = [context + engine.tokenize(job.prompts[0])]
+            job.prompts = [context + engine.prompt_tokens(job.prompts[0])]
         return job
 
     def response(content: str, thinking: str | None, calls: list | None) -> dict:
@@ -374,7 +382,8 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
 
 @lru_cache(maxsize=64)
 def _gguf_details(path: str, mtime: float) -> tuple[dict, dict, str | None]:
-    """(details, model_info, chat template) of a GGUF file; cached while the file is unchanged."""
+    """(details, model_info, chat template) of a GGUF file, from its header (info.py: no token
+    arrays are read); cached while the file is unchanged."""
     from edge_llm.info import read_gguf_info
 
     info = read_gguf_info(path)
@@ -449,12 +458,12 @@ async def show(body: ShowRequest, request: Request) -> dict:
     details, model_info, template = await asyncio.to_thread(model_details, model.path)
     if not template and model.engine is not None:  # not in the file: the template the engine renders with
         template = model.engine.formatter.template
-    capabilities = ["completion"]
-    if template and "tools" in template:
-        capabilities.append("tools")
+    # Every model takes tools: in its template's own markup, or in the generic form (generic_tools.py).
+    capabilities = ["completion", "tools"]
     if template and "</think>" in template:
         capabilities.append("thinking")
-    return {"modelfile": f"FROM {model.path or model.ref}\n", "parameters": _parameters(model.engine),
+    # The served name, not the file: a client has no business knowing where the weights are.
+    return {"modelfile": f"FROM {name}\n", "parameters": _parameters(model.engine),
             "template": template or "",
             "details": details, "model_info": model_info, "capabilities": capabilities,
             "modified_at": _modified_at(model.path)}

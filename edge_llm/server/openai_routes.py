@@ -9,6 +9,8 @@ request without max_tokens may generate until its context slot is full.
 from __future__ import annotations
 
 import base64
+import hashlib
+from functools import lru_cache
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -81,7 +83,10 @@ async def metrics(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+# Every OpenAI route also answers without its /v1 prefix, as llama-server's do: a client whose base URL
+# lacks /v1 (http://host:8080) works unchanged.
 @router.get("/v1/models", response_model=ModelList, tags=["openai"], responses=ERRORS)
+@router.get("/models", response_model=ModelList, include_in_schema=False)
 async def list_models(request: Request) -> ModelList:
     manager = server_state(request).manager
     loaded = manager.loaded()
@@ -105,9 +110,22 @@ def sampling_fields(body: BaseModel) -> dict[str, Any]:
 
 
 def sampling_values(body: SamplingFields, **overrides: Any) -> dict[str, Any]:
-    if body.logit_bias:
-        raise InvalidParameterError("logit_bias is not supported", param="logit_bias")
-    return {**sampling_fields(body), **overrides}
+    return {**sampling_fields(body), "logit_bias": logit_bias(body.logit_bias), **overrides}
+
+
+def logit_bias(value: dict[str, float] | list[list] | None) -> dict | list | None:
+    """OpenAI's {"token id": bias} map, or llama-server's [[token id, bias], ...] list, as the map
+    SamplingParams checks (ids, range, count)."""
+    if not value:
+        return None
+    if isinstance(value, dict):
+        return value
+    pairs = {}
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool)):
+            raise InvalidParameterError("logit_bias as a list takes [token id, bias] pairs", param=f"logit_bias.{i}")
+        pairs[pair[0]] = pair[1]
+    return pairs
 
 
 def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
@@ -200,10 +218,12 @@ def chat_options(body: ChatCompletionRequest, reasoning_format: str) -> ChatOpti
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidParameterError("top_logprobs needs logprobs: true", param="top_logprobs")
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-    return ChatOptions(tools=tools, tool_choice=choice, reasoning_format=body.reasoning_format or reasoning_format)
+    return ChatOptions(tools=tools, tool_choice=choice, reasoning_format=body.reasoning_format or reasoning_format,
+                       parallel_tool_calls=body.parallel_tool_calls is not False)
 
 
 @router.post("/v1/chat/completions", tags=["openai"], responses=ERRORS)
+@router.post("/chat/completions", include_in_schema=False)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     options = chat_options(body, server_state(request).reasoning_format)
     messages = template_messages(body.messages)
@@ -243,7 +263,28 @@ def stream_chunk(meta: dict, kind: str, choice: dict, include_usage: bool) -> st
 
 
 def chat_meta(run: Run) -> dict:
-    return {"id": f"chatcmpl-{run.id}", "created": run.created, "model": run.name}
+    return {"id": f"chatcmpl-{run.id}", "created": run.created, "model": run.name,
+            "system_fingerprint": system_fingerprint(run.engine)}
+
+
+def system_fingerprint(engine: Engine) -> str:
+    """OpenAI's system_fingerprint: names the backend that answered (edge-llm's and llama.cpp's
+    versions, the engine, the model), so a client sees when answers may change for that reason."""
+    return _fingerprint(engine.name, engine.model_name or "")
+
+
+@lru_cache(maxsize=64)
+def _fingerprint(engine_name: str, model_name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from edge_llm.server.app import _version
+
+    try:
+        backend = version("llama-cpp-python") if engine_name == "llama.cpp" else ""
+    except PackageNotFoundError:
+        backend = ""
+    key = "|".join([_version(), engine_name, backend, model_name])
+    return "fp_" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:12]
 
 
 async def chat_events(run: Run, include_usage: bool):
@@ -295,6 +336,7 @@ def listed(value: str | list[str] | list[int] | list[list[int]], *, param: str, 
 
 
 @router.post("/v1/completions", tags=["openai"], responses=ERRORS)
+@router.post("/completions", include_in_schema=False)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.suffix:
         raise InvalidParameterError("suffix (fill-in-the-middle) is not supported", param="suffix")
@@ -325,7 +367,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 
 def completion_meta(run: Run) -> dict:
-    return {"id": f"cmpl-{run.id}", "created": run.created, "model": run.name}
+    return {"id": f"cmpl-{run.id}", "created": run.created, "model": run.name,
+            "system_fingerprint": system_fingerprint(run.engine)}
 
 
 async def completion_events(run: Run, top: int, include_usage: bool):
@@ -381,6 +424,7 @@ def embed_all(engine: Engine, inputs: list[str | list[int]]) -> tuple[list[list[
 
 
 @router.post("/v1/embeddings", tags=["openai"], response_model=EmbeddingResponse, responses=ERRORS)
+@router.post("/embeddings", include_in_schema=False)
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     if body.dimensions is not None:
         raise InvalidParameterError("dimensions is not supported: the model's own size is returned",

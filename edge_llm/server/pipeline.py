@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
+from edge_llm.chat_tokens import ChatPrompt
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
 from edge_llm.reasoning import ReasoningSplitter
 from edge_llm.sampling import SamplingParams
@@ -39,6 +40,7 @@ from edge_llm.server.generation import (
     merged,
     until_disconnect,
 )
+from edge_llm.server.generic_tools import GenericToolCallParser
 from edge_llm.server.jsonio import json_response
 from edge_llm.server.tool_calls import (
     CallArguments,
@@ -94,13 +96,15 @@ async def with_engine(request: Request, model: str | None, work: Callable[[str, 
 class Job:
     """One request as the engine sees it, made by the API's `prepare`."""
 
-    prompts: list[str | list[int]]  # text or token ids; several for a batched /v1/completions
+    # A chat (chat_tokens.ChatPrompt), raw text or token ids; several for a batched /v1/completions.
+    prompts: list[str | list[int] | ChatPrompt]
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens
     max_tokens: int | None = None  # requested; capped by what the context leaves
     prompt_param: str = "prompt"  # the request field a too-long prompt is blamed on
     reasoning: bool = False  # split <think> thinking from the answer
     thinking_open: bool = False  # ... the prompt already opened it
     tools: bool = False  # parse tool calls out of the answer
+    tool_format: Literal["native", "generic"] = "native"  # ... as tool_calls.py or generic_tools.py reads them
     plan: Any = None  # the API's own notes for its reply
 
 
@@ -171,7 +175,8 @@ class OutputParser:
 
     def __init__(self, job: Job) -> None:
         self._splitter = ReasoningSplitter(open=job.thinking_open) if job.reasoning else None
-        self._tools = ToolCallParser() if job.tools else None
+        self._tools = (GenericToolCallParser() if job.tool_format == "generic" else ToolCallParser()) \
+            if job.tools else None
         self.calls = 0
         self.reasoning_tokens = 0
 
@@ -282,7 +287,10 @@ def _stripped_stops(job: Job) -> tuple[str, ...]:
     stop = job.sampling.get("stop")
     if not stop or job.sampling.get("include_stop_str_in_output"):
         return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
+    if isinstance(stop, str):
+        return (stop,)
+    # anything but a list of strings is SamplingParams' to refuse (a 400 naming `stop`)
+    return tuple(stop) if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop) else ()
 
 
 def _cut_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:

@@ -4,7 +4,8 @@
 function_call_output items, earlier reasoning items); `instructions` is the system message;
 function tools and `tool_choice`; `text.format` json_object / json_schema; `max_output_tokens`.
 The answer's output items are, in order: reasoning (the model's <think> text), the message, the
-function calls. Streamed with the Responses event types, each with its sequence_number.
+function calls. Streamed with the Responses event types, each with its sequence_number; the last is
+response.completed, or response.incomplete for an answer cut at max_output_tokens.
 
 Nothing is stored: `store` is accepted and ignored, `previous_response_id` is refused (send the
 conversation as input items instead), as llama-server and vLLM do without a store.
@@ -162,6 +163,7 @@ def chat_tools(body: ResponsesRequest) -> list[dict] | None:
 
 
 @router.post("/v1/responses", responses=ERRORS)
+@router.post("/responses", include_in_schema=False)
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     if body.previous_response_id:
         raise InvalidParameterError("previous_response_id is not supported: this server stores no responses; "
@@ -169,7 +171,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     messages = input_messages(body.instructions, body.input)
     choice = body.tool_choice.name if isinstance(body.tool_choice, NamedFunction) else body.tool_choice
     options = ChatOptions(tools=chat_tools(body), tool_choice=choice, format_param="text.format",
-                          reasoning_format=server_state(request).reasoning_format)
+                          reasoning_format=server_state(request).reasoning_format,
+                          parallel_tool_calls=body.parallel_tool_calls is not False)
     text_format = body.text.format if body.text else None
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                     seed=body.seed)
@@ -338,5 +341,7 @@ async def response_events(run: Run, body: ResponsesRequest):
         yield event("response.failed", response={**response_object(run, body, "failed", output, None),
                                                  "error": {"code": exc.code or "server_error", "message": exc.message}})
         return
-    yield event("response.completed", response=response_object(run, body, "completed", output, finish))
+    final = response_object(run, body, "completed", output, finish)
+    # An answer cut at max_output_tokens ends the stream as OpenAI's does: `response.incomplete`.
+    yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
 

@@ -4,7 +4,7 @@ validation: a body that does not fit gets a 400 naming the field before any mode
 Field names and meanings follow OpenAI's API, with vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, stop_token_ids, include_stop_str_in_output). Fields a client may
 send that edge-llm does not act on are ignored, as OpenAI and vLLM do for unknown fields, except
-where ignoring would change the answer silently (logit_bias, suffix, dimensions, beam search):
+where ignoring would change the answer silently (suffix, dimensions, beam search):
 those are refused with a 400.
 """
 
@@ -70,7 +70,9 @@ class SamplingFields(_Body):
                                        "(speculative decoding), up to the server's --draft-max; 0: none")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: a non-empty map is refused")
+    logit_bias: dict[str, StrictFloat | StrictInt] | list[list[StrictInt | StrictFloat]] | None = Field(
+        None, description="token id -> bias in [-100, 100], added to its logit (OpenAI's map; llama-server's "
+        "[[id, bias], ...] list too); at most 1024 tokens")
     user: str | None = None
 
 

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most weights to keep loaded at once, e.g. 8G; least recently used idle models unload")
     g.add_argument("--max-models", type=int, default=None, help="most models loaded at once")
     g.add_argument("--preload", action="store_true", help="load every model at start, not on first request")
+    g.add_argument("--strict-model-names", action="store_true",
+                   help="answer 404 to a model name that is not served, even with one model (default: a "
+                        "server of one model serves it under any name, as llama-server does)")
     g.add_argument("--peer", action="append", default=[], metavar="MODEL=URL",
                    help="a model served by another edge-llm server, forwarded there (repeatable)")
     g.add_argument("--max-body-size", type=size_flag, default=8 * 1024 ** 2, metavar="SIZE",
@@ -95,7 +98,9 @@ def api_keys(args: argparse.Namespace) -> list[str] | None:
         from edge_llm.server.auth import read_api_keys
 
         return read_api_keys(args.api_key_file)
-    key = args.api_key or os.environ.get(API_KEY_ENV)
+    key, source = (args.api_key, "--api-key") if args.api_key is not None else (os.environ.get(API_KEY_ENV), API_KEY_ENV)
+    if key is not None and not key.strip():  # `--api-key "$KEY"` with KEY unset: not an open server
+        raise EdgeLLMError(f"{source} is empty (an unset variable?); give a key, or leave it out to serve without one")
     return [key] if key else None
 
 
@@ -121,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     manager = ModelManager.from_refs(
         refs, config=args.config, engine=args.engine, options=options,
         keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
-        memory_budget=args.memory_budget)
-    app = create_app(manager, api_keys=keys, max_body_bytes=args.max_body_size, preload=args.preload,
+        memory_budget=args.memory_budget, strict_names=args.strict_model_names)
+    app = create_app(manager, api_keys=keys, max_body_bytes=args.max_body_size,
                      bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
                      cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format,
                      sampling_defaults=given_sampling(args))
@@ -130,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])
     print(f"edge-llm serve: http://{args.host}:{args.port}  models: {served}", file=sys.stderr, flush=True)
-    _serve(app, args.host, args.port, log_level="info" if options.verbose else "warning")
+    _serve(app, args.host, args.port, log_level="info" if options.verbose else "warning", preload=args.preload)
     return 0
 
 
-def _serve(app: object, host: str, port: int, log_level: str) -> None:
+def _serve(app: object, host: str, port: int, log_level: str, *, preload: bool = False) -> None:
     """Run uvicorn with a graceful drain: on SIGTERM (or Ctrl-C) it stops accepting at once and
     in-flight requests run on for up to DRAIN_SECONDS. Then every running generation ends at its
     next token (generation.py): each unfinished choice gets a last event with finish_reason
@@ -163,6 +168,18 @@ def _serve(app: object, host: str, port: int, log_level: str) -> None:
 
     class DrainingServer(uvicorn.Server):
         draining = False
+        failed: EdgeLLMError | None = None
+
+        async def startup(self, sockets: list | None = None) -> None:
+            # --preload in the loop that serves, before the port opens: a model that cannot load
+            # is one error line and exit 1 (in the app's startup it was uvicorn's traceback).
+            if preload:
+                try:
+                    await app.state.edge.manager.preload()  # type: ignore[attr-defined]
+                except EdgeLLMError as exc:
+                    self.failed, self.should_exit = exc, True
+                    return
+            await super().startup(sockets)
 
         def handle_exit(self, sig: int, frame: object) -> None:
             super().handle_exit(sig, frame)
@@ -180,12 +197,17 @@ def _serve(app: object, host: str, port: int, log_level: str) -> None:
 
     raise_open_files_limit()
     AppStatus.disable_automatic_graceful_drain()
+    # uvicorn raises the signal again after its drain: SIGTERM and SIGINT (Ctrl-C) both end clean.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     # uvicorn's own timeout is only the backstop for requests still running after all that.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=BoundedH11Protocol,
                             timeout_keep_alive=KEEP_ALIVE_SECONDS,
                             timeout_graceful_shutdown=DRAIN_SECONDS + FINISH_SECONDS + 2)
-    DrainingServer(config).run()
+    server = DrainingServer(config)
+    server.run()
+    if server.failed is not None:
+        raise server.failed
 
 
 def _comma_list(value: str) -> list[str]:
