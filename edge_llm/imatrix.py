@@ -48,6 +48,9 @@ DEFAULT_TEXT = Path(__file__).with_name("data") / "calibration.txt"
 DEFAULT_TEXT_NAME = "edge_llm/data/calibration.txt"  # what the file records as its dataset
 DEFAULT_N_CTX = 512
 DEFAULT_N_BATCH = 512  # tokens per decode: its logits (-b x vocabulary floats) are the largest buffer
+# --imatrix auto reads this many chunks of the shipped text (32k tokens at -c 512, every kind of text
+# in it; 111 chunks would be all): bounded time before a quantization of a large model.
+AUTO_CHUNKS = 64
 MIN_ROWS = 16  # llama-imatrix ignores matrix products of fewer rows ("why are small batches ignored?")
 
 
@@ -408,7 +411,7 @@ class ChunkPrinter:
 
 
 def make_imatrix(model: str | Path, out: str | Path, *, text_file: str | Path | None = None,
-                 n_ctx: int = DEFAULT_N_CTX, max_chunks: int | None = None, threads: int | None = None,
+                 n_ctx: int = DEFAULT_N_CTX, max_chunks: int | None = AUTO_CHUNKS, threads: int | None = None,
                  verbose: bool = False, progress: bool = True) -> ImatrixRun:
     """Compute an importance matrix of a GGUF file over a text (default: the shipped calibration
     text) and write it to `out`: what `--imatrix auto` runs before quantizing."""
