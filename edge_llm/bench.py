@@ -341,7 +341,9 @@ def run_bench(src: Path, quants: list[str], kv_types: list[str], scenarios: list
               n_prompt: int = 256, n_gen: int = 64, imatrix: str | None = None) -> list[VariantResult]:
     paths = make_variants(src, quants, work_dir, imatrix)
     kv_order = sorted(kv_types, key=kv_bytes_per_element, reverse=True)
-    order = sorted(quants, key=lambda q: quant_rank(paths[q]), reverse=True)
+    # TYPE+imatrix ranks with TYPE (its file is a few metadata bytes longer), listed after it.
+    order = sorted(quants, key=lambda q: quant_rank(paths.get(q.removesuffix(IMATRIX_SUFFIX), paths[q])),
+                   reverse=True)
     variants = [VariantResult(q, kv, str(paths[q]), paths[q].stat().st_size / 2**20) for q in order for kv in kv_order]
     variants[0].reference = True
     # The reference's log-probabilities (llama-perplexity's base file, ~2 bytes per vocabulary entry
