@@ -19,7 +19,9 @@ COMMANDS = {
     "models": ("edge_llm.registry", "list the model registry and what is downloaded"),
     "info": ("edge_llm.info", "describe a GGUF file"),
     "doctor": ("edge_llm.doctor", "llama.cpp build, CPU features, GPU offload"),
-    "batch": ("edge_llm.batch", "offline generation over a JSONL file (resumable)"),
+    "embed": ("edge_llm.embed_command", "embedding vectors of texts, one JSON line each"),
+    "rerank": ("edge_llm.rerank_command", "rank documents against a query with a reranker"),
+    "batch": ("edge_llm.batch", "offline generation, embeddings or rerank over a JSONL file (resumable)"),
     "perplexity": ("edge_llm.perplexity", "perplexity over a text file, as llama-perplexity computes it"),
     "bench": ("edge_llm.bench", "compare weight quants and KV-cache types: memory, speed, quality"),
 }

@@ -82,7 +82,7 @@ def check_gguf_file(path: Path) -> None:
 
 def load_model(path: Path, options: LoadOptions) -> LlamaModel:
     """The weights, placed as the resolved options say (-ngl, --split-mode, --tensor-split,
-    --mlock, --no-mmap)."""
+    --mlock, --no-mmap, --repack)."""
     init_backend()
     params = llama_cpp.llama_model_default_params()
     ngl = options.n_gpu_layers
@@ -194,8 +194,9 @@ def kv_type(name: str, param: str) -> int:
 def context_params(*, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, n_threads_batch: int | None = None,
                    n_ubatch: int | None = None, flash_attn: str = "auto", cache_type_k: str = "f16",
                    cache_type_v: str = "f16", kv_unified: bool = False,
-                   embeddings: bool = False) -> llama_cpp.llama_context_params:
-    """llama_context_params with edge-llm's names; embeddings: mean-pooled sequence embeddings."""
+                   pooling: int | None = None) -> llama_cpp.llama_context_params:
+    """llama_context_params with edge-llm's names; `pooling` (a llama_pooling_type): a context of
+    pooled sequence outputs (embeddings, rerank scores) instead of logits."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = n_batch
@@ -207,9 +208,9 @@ def context_params(*, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, 
     params.flash_attn_type = FLASH_ATTN[flash_attn]
     params.type_k = kv_type(cache_type_k, "cache_type_k")
     params.type_v = kv_type(cache_type_v, "cache_type_v")
-    if embeddings:
+    if pooling is not None:
         params.embeddings = True
-        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        params.pooling_type = pooling
     params.no_perf = True
     return params
 

@@ -47,6 +47,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
         anthropic_routes,
         ollama_routes,
         openai_routes,
+        rerank_routes,
         responses_routes,
         simple_routes,
     )
@@ -65,7 +66,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
             await manager.close()
 
     app = FastAPI(title="edge-llm", version=_version(), lifespan=lifespan, default_response_class=JSONResponse,
-                  description="OpenAI-compatible API for local models (chat, completions, embeddings, Responses), "
+                  description="OpenAI-compatible API for local models (chat, completions, embeddings, Responses), rerank, "
                               "Anthropic's Messages API, the Ollama API, and the simple JSON APIs of vLLM's "
                               "api_server (/generate), mosec-style services (/inference) and the FastAPI "
                               "chat demo (/).")
@@ -76,6 +77,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
     app.include_router(anthropic_routes.router)
     app.include_router(ollama_routes.router)
     app.include_router(simple_routes.router)
+    app.include_router(rerank_routes.router)
     app.add_middleware(AssumeJSONMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     if api_keys:

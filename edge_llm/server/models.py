@@ -26,6 +26,7 @@ from pathlib import Path
 from edge_llm.engines.base import Engine, load_engine
 from edge_llm.errors import EdgeLLMError, ModelLoadError, ModelNotFoundError, OverloadedError
 from edge_llm.load_options import LoadOptions
+from edge_llm.model_kind import Kind, model_kind
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,14 @@ class ServedModel:
     last_used: float = field(default_factory=time.monotonic)
     path: Path | None = None  # the weights on disk, when resolved at start (for model info)
     keep_alive: float | None = None  # set by a request (Ollama's keep_alive); None: the server's
+    file_kind: Kind | None = None  # what the file says it is for (model_kind.py), before it is loaded
+
+    @property
+    def kind(self) -> Kind:
+        """chat, embedding or rerank: the loaded engine's, else the file's."""
+        if self.engine is not None:
+            return self.engine.kind
+        return self.file_kind or "chat"
 
 
 class Lease:
@@ -72,7 +81,8 @@ class ModelManager:
         if not models and not self.peers:
             raise EdgeLLMError("no models to serve")
         sizes, paths = sizes or {}, paths or {}
-        self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name))
+        self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name),
+                                         file_kind=model_kind(paths[name]).kind if name in paths else None)
                        for name, ref in models.items()}
         self.strict_names = strict_names
         self.keep_alive = keep_alive

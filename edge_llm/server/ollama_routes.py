@@ -33,8 +33,17 @@ from edge_llm.sampling import SamplingParams
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.generation import StreamResponse, context_size
 from edge_llm.server.jsonio import dumps
-from edge_llm.server.openai_routes import embed_all
-from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state, with_engine
+from edge_llm.server.openai_routes import named
+from edge_llm.server.pipeline import (
+    Choice,
+    Finish,
+    Job,
+    Run,
+    TextPart,
+    handle,
+    server_state,
+    with_engine_until_disconnect,
+)
 from edge_llm.server.schemas import MAX_EMBEDDING_INPUTS, _Body
 from edge_llm.server.tool_calls import CallEnd, CallStart
 
@@ -361,20 +370,21 @@ async def embed(body: EmbedRequest, request: Request) -> Any:
     if body.dimensions is not None:
         raise InvalidParameterError("dimensions is not supported: the model's own size is returned",
                                     param="dimensions")
-    done = await with_engine(request, body.model, lambda name, engine: (name, *embed_all(engine, inputs)))
+    done = await with_engine_until_disconnect(request, body.model,
+                                              lambda name, engine: named(name, engine.embeddings(inputs)))
     if isinstance(done, Response):
         return done
-    name, vectors, n_tokens = done
-    return {"model": name, "embeddings": vectors, "total_duration": int((time.monotonic() - began) * 1e9),
-            "load_duration": 0, "prompt_eval_count": n_tokens}
+    name, result = done
+    return {"model": name, "embeddings": result.vectors, "total_duration": int((time.monotonic() - began) * 1e9),
+            "load_duration": 0, "prompt_eval_count": result.prompt_tokens}
 
 
 @router.post("/api/embeddings")
 async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
     if not body.prompt:
         raise InvalidParameterError("prompt must not be empty", param="prompt")
-    done = await with_engine(request, body.model, lambda name, engine: embed_all(engine, [body.prompt]))
-    return done if isinstance(done, Response) else {"embedding": done[0][0]}
+    done = await with_engine_until_disconnect(request, body.model, lambda name, engine: engine.embeddings([body.prompt]))
+    return done if isinstance(done, Response) else {"embedding": done.vectors[0]}
 
 
 # -- models ----------------------------------------------------------------------------------------------
@@ -418,7 +428,7 @@ def _modified_at(path: Path | None) -> str:
 def _entry(name: str, model: Any) -> dict:
     # No digest: Ollama's is the sha256 of its blob, and hashing gigabytes per listing is not worth it.
     return {"name": name, "model": name, "modified_at": _modified_at(model.path), "size": model.size_bytes,
-            "digest": "", "details": model_details(model.path)[0]}
+            "digest": "", "details": model_details(model.path)[0], "kind": model.kind}
 
 
 @router.get("/api/tags")
@@ -458,9 +468,10 @@ async def show(body: ShowRequest, request: Request) -> dict:
     details, model_info, template = await asyncio.to_thread(model_details, model.path)
     if not template and model.engine is not None:  # not in the file: the template the engine renders with
         template = model.engine.formatter.template
-    # Every model takes tools: in its template's own markup, or in the generic form (generic_tools.py).
-    capabilities = ["completion", "tools"]
-    if template and "</think>" in template:
+    # Ollama's names: an embedding model's capability is "embedding"; a reranker's is edge-llm's "rerank".
+    # Every chat model takes tools: in its template's own markup, or in the generic form (generic_tools.py).
+    capabilities = {"chat": ["completion", "tools"], "embedding": ["embedding"], "rerank": ["rerank"]}[model.kind]
+    if model.kind == "chat" and template and "</think>" in template:
         capabilities.append("thinking")
     # The served name, not the file: a client has no business knowing where the weights are.
     return {"modelfile": f"FROM {name}\n", "parameters": _parameters(model.engine),

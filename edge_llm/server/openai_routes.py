@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Awaitable
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
@@ -33,6 +34,7 @@ from edge_llm.server.pipeline import (
     server_state,
     total_usage,
     with_engine,
+    with_engine_until_disconnect,
 )
 from edge_llm.server.schemas import (
     MAX_BATCH,
@@ -65,6 +67,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 MIN_LOGPROB = -9999.0
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 # -- simple routes --------------------------------------------------------------------------------
@@ -90,7 +93,8 @@ async def metrics(request: Request) -> Response:
 async def list_models(request: Request) -> ModelList:
     manager = server_state(request).manager
     loaded = manager.loaded()
-    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded) for m in manager.models.values()]
+    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded, kind=m.kind)
+             for m in manager.models.values()]
     cards += [ModelCard(id=name, created=0, owned_by="peer", peer=url) for name, url in manager.peers.items()]
     return ModelList(data=cards)
 
@@ -411,18 +415,6 @@ def embedding_inputs(value: str | list[str] | list[int] | list[list[int]]) -> li
     return inputs
 
 
-def embed_all(engine: Engine, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
-    texts = [i if isinstance(i, str) else engine.detokenize(i) for i in inputs]
-    n_tokens = 0
-    for i, text in enumerate(texts):
-        count = len(engine.tokenize(text))
-        if count == 0:
-            # llama.cpp's embedding decode of zero tokens corrupts memory and aborts the process.
-            raise InvalidParameterError(f"input {i} has no tokens to embed", param="input")
-        n_tokens += count
-    return engine.embed(texts), n_tokens
-
-
 @router.post("/v1/embeddings", tags=["openai"], response_model=EmbeddingResponse, responses=ERRORS)
 @router.post("/embeddings", include_in_schema=False)
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
@@ -430,14 +422,15 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
         raise InvalidParameterError("dimensions is not supported: the model's own size is returned",
                                     param="dimensions")
     inputs = embedding_inputs(body.input)
-    done = await with_engine(request, body.model, lambda name, engine: (name, *embed_all(engine, inputs)))
+    done = await with_engine_until_disconnect(
+        request, body.model, lambda name, engine: named(name, engine.embeddings(inputs, normalize=body.embd_normalize)))
     if isinstance(done, Response):
         return done
-    name, vectors, n_tokens = done
+    name, result = done
 
     def build() -> dict:
         data = []
-        for i, vector in enumerate(vectors):
+        for i, vector in enumerate(result.vectors):
             if body.encoding_format == "base64":
                 import numpy as np
 
@@ -445,10 +438,16 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
                              "embedding": base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()})
             else:
                 data.append({"object": "embedding", "index": i, "embedding": vector})
+        n_tokens = result.prompt_tokens
         return {"object": "list", "data": data, "model": name,
                 "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}}
 
     return await json_response(build)
+
+
+async def named(name: str, work: Awaitable[T]) -> tuple[str, T]:
+    """The served name with the work's result (a route's `with_engine_until_disconnect` work)."""
+    return name, await work
 
 
 @router.post("/tokenize", tags=["tokenizer"], response_model=TokenizeResponse, responses=ERRORS)

@@ -89,6 +89,19 @@ async def with_engine(request: Request, model: str | None, work: Callable[[str, 
         held.release()
 
 
+async def with_engine_until_disconnect(request: Request, model: str | None,
+                                       work: Callable[[str, Engine], Awaitable[T]]) -> T | Response:
+    """`await work(name, engine)` under a lease (embeddings, rerank), cancelled as soon as the client
+    disconnects (the engine stops the work); or the peer's answer."""
+    name, held = await local_or_forward(request, model)
+    if isinstance(held, Response):
+        return held
+    try:
+        return await until_disconnect(request, work(name, held.engine))
+    finally:
+        held.release()
+
+
 # -- what an API asks for ----------------------------------------------------------------------------
 
 
@@ -350,6 +363,7 @@ async def handle(request: Request, model: str | None, prepare: Callable[[Engine]
             await on_done(name)
 
     try:
+        lease.engine.check_kind("chat", use="generating text")  # an embedding model or reranker: a 400
         async with templates.rendering(lease.engine):  # prepare renders the chat template
             job = await asyncio.to_thread(prepare, lease.engine)
         run = await start_run(request, name, lease.engine, job)
