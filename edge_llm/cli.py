@@ -15,6 +15,7 @@ COMMANDS = {
     "pull": ("edge_llm.pull", "download a GGUF file or an HF checkpoint (Hugging Face, ModelScope)"),
     "convert": ("edge_llm.convert", "HF checkpoint folder -> GGUF (no torch)"),
     "quantize": ("edge_llm.quantize", "GGUF -> quantized GGUF (q4_k_m, q5_k_m, q8_0...)"),
+    "imatrix": ("edge_llm.imatrix", "importance matrix for quantization, as llama-imatrix computes it"),
     "models": ("edge_llm.registry", "list the model registry and what is downloaded"),
     "info": ("edge_llm.info", "describe a GGUF file"),
     "doctor": ("edge_llm.doctor", "llama.cpp build, CPU features, GPU offload"),

@@ -2,6 +2,7 @@
 
     edge-llm convert ./Qwen2-0.5B -o qwen2-0.5b-f16.gguf
     edge-llm convert ./Llama-3-8B --quant q5_k_m      # convert to f16, quantize, drop the f16
+    edge-llm convert ./Llama-3-8B --quant iq4_xs --imatrix auto   # importance matrix of the f16 first
 
 Safetensors are memory-mapped and written tensor by tensor through gguf-py (GGUFWriter, tensor name
 maps, SpecialVocab); quantization to llama.cpp's types goes through `edge_llm.quantize` (llama.cpp's
@@ -219,7 +220,7 @@ def convert_checkpoint(hf_dir: str | Path, out: str | Path | None = None, outtyp
                        quant: str | None = None, *, text: bool = True, mmproj: bool | None = None,
                        mmproj_out: str | Path | None = None, threads: int | None = None,
                        progress: Callable[[int, int, str], None] | None = None,
-                       llama_cpp_dir: str | Path | None = None) -> Converted:
+                       llama_cpp_dir: str | Path | None = None, imatrix: str | Path | None = None) -> Converted:
     """Convert an HF checkpoint folder: the language model to `out` (default ./NAME-TYPE.gguf) and, for
     a vision-language checkpoint, its vision tower and projector to `mmproj_out` (default
     mmproj-NAME-TYPE.gguf beside the language model's file), the file llama.cpp's mtmd loads.
@@ -228,6 +229,8 @@ def convert_checkpoint(hf_dir: str | Path, out: str | Path | None = None, outtyp
     it; `text=False` writes only the projector. The projector is written at `outtype` (f16 by
     default) even when `quant` quantizes the language model: llama.cpp quantizes no projector.
     Both files are written under temporary names and renamed only when both are complete.
+    `imatrix`: an importance matrix file for the quantization, or "auto" to compute one from the
+    converted file first (the types that need one get it anyway).
     """
     hf_dir = Path(hf_dir).expanduser()
     outtype = outtype.lower()
@@ -238,6 +241,10 @@ def convert_checkpoint(hf_dir: str | Path, out: str | Path | None = None, outtyp
         quant = quant.lower()
         if quant not in quant_types():
             raise InvalidParameterError(f"unknown quant type {quant!r}; see `edge-llm quantize -h`", param="quant")
+    elif imatrix is not None:
+        raise InvalidParameterError("--imatrix is for --quant TYPE", param="imatrix")
+    if imatrix is not None and str(imatrix) != "auto" and not Path(imatrix).is_file():
+        raise EdgeLLMError(f"imatrix file not found: {imatrix}")
     if not text and mmproj is False:
         raise InvalidParameterError("nothing to write: neither the language model nor the projector", param="mmproj")
     raw = read_config(hf_dir)
@@ -282,7 +289,7 @@ def convert_checkpoint(hf_dir: str | Path, out: str | Path | None = None, outtyp
             if quant:
                 final = _partial(text_out, f".{quant}")
                 temporaries.append(final)
-                quantize_file(text_tmp, final, quant, threads=threads,
+                quantize_file(text_tmp, final, quant, threads=threads, imatrix=imatrix,
                               progress=(lambda i, n, name: progress(i, n, f"{quant}: {name}")) if progress else None)
                 text_tmp = final
         if text_tmp is not None:
@@ -314,7 +321,7 @@ def _write_text(cls: type[Model] | None, hf_dir: Path, config: dict, tmp: Path, 
 
 def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f16", quant: str | None = None,
             *, threads: int | None = None, progress: Callable[[int, int, str], None] | None = None,
-            llama_cpp_dir: str | Path | None = None) -> Path:
+            llama_cpp_dir: str | Path | None = None, imatrix: str | Path | None = None) -> Path:
     """Convert an HF checkpoint folder's language model to GGUF at `out` (default: ./NAME-TYPE.gguf)
     and return its path (`convert_checkpoint` writes a vision checkpoint's projector too).
 
@@ -324,7 +331,7 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
     architectures this one does not.
     """
     return convert_checkpoint(hf_dir, out, outtype, quant, mmproj=False, threads=threads, progress=progress,
-                              llama_cpp_dir=llama_cpp_dir).text
+                              llama_cpp_dir=llama_cpp_dir, imatrix=imatrix).text
 
 
 def convert_mmproj(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f16", *,
@@ -348,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tensor type (default: f16; the projector's too)")
     parser.add_argument("--quant", default=None,
                         help="then quantize the language model with llama.cpp, e.g. q5_k_m, q4_k_m (not the projector)")
+    parser.add_argument("--imatrix", default=None, metavar="FILE|auto",
+                        help="with --quant: an importance matrix file, or auto to compute one from the converted "
+                             "file first (`edge-llm imatrix`; the types that need one get it anyway)")
     parser.add_argument("-t", "--threads", type=int, default=None, help="quantization threads (default: all)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--no-mmproj", action="store_true", help="vision checkpoints: only the language model")
@@ -369,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         text=not args.mmproj_only, mmproj=False if args.no_mmproj else (True if args.mmproj_only else None),
         mmproj_out=(args.mmproj_outfile or args.outfile) if args.mmproj_only else args.mmproj_outfile,
         threads=args.threads, progress=progress_printer("converting") if show else None,
-        llama_cpp_dir=args.llama_cpp)
+        llama_cpp_dir=args.llama_cpp, imatrix=args.imatrix)
     for path in (done.text, done.mmproj):
         if path is not None:
             print(path)
