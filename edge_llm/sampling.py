@@ -15,6 +15,10 @@ from edge_llm.errors import InvalidParameterError
 
 # Above this many logprobs per token the response gets large for no use; OpenAI caps at 20.
 MAX_LOGPROBS = 20
+# logit_bias: OpenAI's range of a bias (-100 bans a token in practice, 100 all but forces it), and
+# at most this many tokens (a banned-word list; each entry is a sampler entry checked every step).
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 1024
 # Stop strings and stop token ids are checked on the engine thread for every token: bounded, so
 # one request cannot slow the others' streams (OpenAI allows 4 stop strings; clients use a few).
 MAX_STOP_STRINGS = 64
@@ -49,6 +53,8 @@ class SamplingParams(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = 256
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Added to the logits of these token ids before sampling (OpenAI's and llama-server's logit_bias).
+    logit_bias: dict[int, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
     # Speculative decoding: the most drafted tokens per step for this request, at most the engine's
     # --draft-max (0: none); None: the engine's.
     draft_max: Annotated[int, Field(ge=0, le=256)] | None = None
@@ -96,6 +102,27 @@ class SamplingParams(BaseModel):
         if sum(len(s) for s in value) > MAX_STOP_CHARS:
             raise ValueError(f"the stop strings may hold at most {MAX_STOP_CHARS} characters together")
         return tuple(value)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_of_token_ids(cls, value: Any) -> Any:
+        # JSON object keys are strings: {"15043": -100} names token 15043, as OpenAI's API has it.
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("must be a map of token id to bias")
+        if len(value) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"may bias at most {MAX_LOGIT_BIAS_TOKENS} tokens")
+        out = {}
+        for key, bias in value.items():
+            token = key if isinstance(key, int) and not isinstance(key, bool) else \
+                int(key) if isinstance(key, str) and key.strip().isdigit() else None
+            if token is None:
+                raise ValueError(f"keys must be token ids (got {key!r})")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise ValueError(f"biases must be numbers (got {bias!r})")
+            out[token] = float(bias)
+        return out or None
 
     @field_validator("stop_token_ids", mode="before")
     @classmethod

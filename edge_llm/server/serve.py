@@ -12,8 +12,10 @@ import argparse
 import ipaddress
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from edge_llm.errors import EdgeLLMError, MissingExtraError
+from edge_llm.images import ImageLimits
 from edge_llm.options import (
     PROMPT_CACHE,
     QUEUE,
@@ -25,6 +27,9 @@ from edge_llm.options import (
     size_flag,
 )
 from edge_llm.reasoning import REASONING_FORMATS
+
+if TYPE_CHECKING:
+    from edge_llm.server.media import ImagePolicy
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
 
@@ -58,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most weights to keep loaded at once, e.g. 8G; least recently used idle models unload")
     g.add_argument("--max-models", type=int, default=None, help="most models loaded at once")
     g.add_argument("--preload", action="store_true", help="load every model at start, not on first request")
+    g.add_argument("--strict-model-names", action="store_true",
+                   help="answer 404 to a model name that is not served, even with one model (default: a "
+                        "server of one model serves it under any name, as llama-server does)")
     g.add_argument("--peer", action="append", default=[], metavar="MODEL=URL",
                    help="a model served by another edge-llm server, forwarded there (repeatable)")
     g.add_argument("--max-body-size", type=size_flag, default=8 * 1024 ** 2, metavar="SIZE",
@@ -71,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
                    help="<think> text: auto = split off as reasoning when the chat template knows the tags, "
                         "deepseek = always split, none = leave it inline in the answer (llama-server's flag)")
+    g = parser.add_argument_group("images (models with a vision projector, --mmproj)")
+    g.add_argument("--image-max-bytes", type=size_flag, default=ImageLimits.max_bytes, metavar="SIZE",
+                   help="largest image file (default 10M; the body limit, --max-body-size, applies too)")
+    g.add_argument("--image-max-pixels", type=int, default=ImageLimits.max_pixels, metavar="N",
+                   help="most pixels in one image, checked before it is decoded (default 25000000)")
+    g.add_argument("--max-images", type=int, default=ImageLimits.max_images, metavar="N",
+                   help="most images in one request (default 8)")
+    g.add_argument("--allow-image-urls", default="", metavar="HOST[,HOST]",
+                   help="hosts whose http(s) image URLs the server may fetch (default none: images come "
+                        "as data: URLs or base64)")
     r = parser.add_argument_group("scaling out on Ray Serve (extra `ray`; README: Scaling out)")
     r.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="serve as a Ray Serve application on the Ray cluster at ADDRESS (auto: the cluster this "
@@ -101,6 +119,15 @@ def model_refs(args: argparse.Namespace) -> list[str]:
 
         return list(_read_registry_file(Path(args.config)))
     return [] if args.peer else ["smollm2-135m"]
+
+
+def image_policy(args: argparse.Namespace) -> ImagePolicy:
+    from edge_llm.server.media import ImagePolicy
+
+    if args.image_max_pixels < 1 or args.max_images < 0 or args.image_max_bytes < 1:
+        raise EdgeLLMError("--image-max-pixels and --image-max-bytes must be positive, --max-images >= 0")
+    limits = ImageLimits(max_bytes=args.image_max_bytes, max_pixels=args.image_max_pixels, max_images=args.max_images)
+    return ImagePolicy(limits, frozenset(h.lower() for h in _comma_list(args.allow_image_urls)))
 
 
 def api_keys(args: argparse.Namespace) -> list[str] | None:
@@ -135,11 +162,11 @@ def build_app(args: argparse.Namespace):  # noqa: ANN201 - a FastAPI app (import
     manager = ModelManager.from_refs(
         refs, config=args.config, engine=args.engine, options=options,
         keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
-        memory_budget=args.memory_budget)
+        memory_budget=args.memory_budget, strict_names=args.strict_model_names)
     return create_app(manager, api_keys=api_keys(args), max_body_bytes=args.max_body_size,
                       bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
                       cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format,
-                      sampling_defaults=given_sampling(args))
+                      sampling_defaults=given_sampling(args), image_policy=image_policy(args))
 
 
 def main(argv: list[str] | None = None) -> int:
