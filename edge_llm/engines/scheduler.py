@@ -222,6 +222,14 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def kv_usage(self) -> float:
+        """Share of the context's KV cells held by running requests, 0 to 1 (vLLM's
+        kv_cache_usage_perc: what an idle slot keeps for a returning conversation can be given up,
+        so it counts as free). Read at scrape time from another thread: a gauge, not a promise."""
+        held = sum(len(s.cached) + len(s.prefill) for s in list(self.slots) if not s.idle)
+        return min(1.0, held / self.engine.n_ctx)
+
+    @property
     def threads(self) -> int:
         """Threads the decodes use now: the cores, or fewer while other programs hold some."""
         return self._threads_set[0]
