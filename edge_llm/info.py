@@ -36,6 +36,14 @@ class GGUFInfo:
     tokenizer_pre: str | None = None
     chat_format: str | None = None
     chat_template: str | None = None
+    # general.type: "model", or "mmproj" for a projector (the vision/audio half llama.cpp's mtmd
+    # loads beside a model; llama.cpp's older LLaVA converter wrote no type, only architecture "clip").
+    kind: str = "model"
+    projector: str | None = None  # a projector's clip.projector_type: gemma3, idefics3, qwen2.5vl_merger...
+    image_size: int | None = None  # a vision projector's input size and patch size, in pixels
+    patch_size: int | None = None
+    projection_dim: int | None = None  # the embedding length of the language model it feeds (new files)
+    images: str | None = None  # whether it takes images, and through which projector
 
 
 def detect_chat_format(template: str | None) -> str | None:
@@ -167,16 +175,24 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
         block, size = gguf.GGML_QUANT_SIZES[quant]
         n_bytes += elements // block * size
     template = value("tokenizer.chat_template")
+    file_kind = value("general.type") or ("mmproj" if arch == "clip" else "model")
+    projector = value("clip.projector_type") or value("clip.vision.projector_type") or \
+        value("clip.audio.projector_type")
+    prefix = "clip.vision" if file_kind == "mmproj" else arch
     tokens = metadata.get("tokenizer.ggml.tokens")
     return GGUFInfo(
         path=str(path), file_size=path.stat().st_size, architecture=arch, name=value("general.name"),
         n_params=sum(elements for _, _, elements in tensors),
-        n_layers=value(f"{arch}.block_count"), context_length=value(f"{arch}.context_length"),
-        embedding_length=value(f"{arch}.embedding_length"), file_type=file_type_name,
+        n_layers=value(f"{prefix}.block_count"), context_length=value(f"{arch}.context_length"),
+        embedding_length=value(f"{prefix}.embedding_length"), file_type=file_type_name,
         tensor_types=dict(Counter(names).most_common()), n_tensors=len(tensors), tensor_bytes=n_bytes,
         vocab_size=tokens.length if isinstance(tokens, _Skipped) else None,
         tokenizer_model=value("tokenizer.ggml.model"), tokenizer_pre=value("tokenizer.ggml.pre"),
         chat_format=detect_chat_format(template), chat_template=template,
+        kind=file_kind, projector=projector, image_size=value("clip.vision.image_size"),
+        patch_size=value("clip.vision.patch_size"),
+        # (llama.cpp's LLaVA converter wrote the CLIP tower's own projection size under this key)
+        projection_dim=None if value("clip.has_llava_projector") else value("clip.vision.projection_dim"),
     )
 
 
@@ -194,11 +210,37 @@ def format_info(info: GGUFInfo, *, show_template: bool = False) -> str:
         ("tensors", f"{info.n_tensors} ({info.tensor_bytes / 2**20:.1f} MiB)"),
         ("vocabulary", f"{info.vocab_size} tokens ({info.tokenizer_model}, pre: {info.tokenizer_pre or '-'})"),
         ("chat template", info.chat_format or "none"),
+        *([("images", info.images)] if info.images else []),
     ]
+    if info.kind == "mmproj":  # a projector has no vocabulary or template: say what it encodes instead
+        what = "audio" if info.image_size is None else "vision"
+        rows[2:] = [
+            ("architecture", f"{info.architecture}: {what} projector (mmproj) for llama.cpp's mtmd"),
+            ("projector", info.projector or "-"),
+            *rows[3:5],
+            ("image size", f"{info.image_size} px, {info.patch_size} px patches" if info.image_size else "-"),
+            ("embedding length", info.embedding_length),
+            ("projects to", info.projection_dim or "-"),
+            *rows[7:10],
+        ]
     text = "\n".join(f"{k:<17} {v}" for k, v in rows)
     if show_template and info.chat_template:
         text += "\n\n" + info.chat_template
     return text
+
+
+def images_line(info: GGUFInfo, resolved) -> str:
+    """Whether the model takes images: a projector file itself, or a model with one (--mmproj in
+    its registry entry, or the one mmproj*.gguf beside it), or not."""
+    from edge_llm.engines.projector import projector_path
+
+    if info.architecture == "clip":
+        return "this is a vision projector (mmproj): load it beside its model with --mmproj"
+    try:
+        found = projector_path(resolved.spec.mmproj, resolved.path)
+    except EdgeLLMError as exc:
+        return f"no ({exc})"
+    return f"yes, with {found}" if found is not None else "no (no --mmproj projector beside it)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if not resolved.is_gguf:
         raise EdgeLLMError(f"{resolved.path} is not a GGUF file")
     info = read_gguf_info(resolved.path)
+    info.images = images_line(info, resolved)
     if args.json:
         data = asdict(info)
         if not args.template:

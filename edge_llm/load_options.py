@@ -148,6 +148,10 @@ class LoadOptions(BaseModel):
     chat_format: Annotated[str | None, _opt(
         "--chat-format", metavar="NAME", default="auto",
         help="chat template: auto (the GGUF's own) or a built-in name")] = None
+    mmproj: Annotated[str | None, _opt(
+        "-mm", "--mmproj", metavar="FILE",
+        help="the vision projector GGUF (llama.cpp's mmproj), for images in prompts (default: the one "
+             "mmproj*.gguf beside a local model file, if there is exactly one; 'none': no projector)")] = None
     trust_content_markup: Annotated[bool | None, _opt(
         "--trust-content-markup", off_flags=("--no-trust-content-markup",), default=False, registry=False,
         help="chat messages may write the model's control tokens (<|im_end|> ...) and they count as the "

@@ -4,6 +4,13 @@ llama-quantize writes.
 
     edge-llm quantize model-f16.gguf q5_k_m                 # -> model-q5_k_m.gguf
     edge-llm quantize model-f16.gguf iq2_xs --imatrix imatrix.gguf -o small.gguf
+    edge-llm quantize model-f16.gguf q4_k_m --imatrix auto  # computed first (edge-llm imatrix)
+    edge-llm quantize model-f16.gguf q4_k_m --tensor-type 'ffn_down=q6_k' --output-tensor-type q8_0
+
+An importance matrix is given to llama.cpp as llama-quantize gives it (each weight's mean squared
+activations, with the file, dataset, entry and chunk counts recorded in the output's metadata), so a
+quant made here with a file is the file llama-quantize makes with it. Types that cannot be made
+without one (iq2_xs ...) get one computed from the input (`--imatrix auto`) rather than an error.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +36,10 @@ NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_x
 _NOT_TARGETS = {"nvfp4"}
 _PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 _FAILED = re.compile(rb"failed to quantize: ([^\n]+)")
+AUTO = "auto"  # --imatrix auto: computed from the input first
+# llama-quantize's metadata keys for the importance matrix it was given (tools/quantize/quantize.cpp).
+_IMATRIX_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
+                 "quantize.imatrix.chunks_count")
 
 
 def quant_types() -> dict[str, int]:
@@ -43,13 +55,18 @@ def quant_types() -> dict[str, int]:
 
 def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int | None = None,
                   allow_requantize: bool = False, verbose: bool = False, imatrix: str | Path | None = None,
+                  tensor_types: Sequence[str] = (), output_tensor_type: str | None = None,
+                  token_embedding_type: str | None = None,
                   progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Quantize `src` into `dst` (a folder: the default name in it). The output is written to a
     temporary name in the target folder and renamed when complete, so a failure never leaves a
     half file under `dst`.
 
-    `imatrix`: an importance matrix from llama-imatrix (GGUF or legacy .dat); `progress(done, total,
-    tensor)` is called as llama.cpp reports each tensor."""
+    `imatrix`: an importance matrix file (edge-llm imatrix / llama-imatrix, GGUF or legacy .dat), or
+    "auto" to compute one from `src` with the shipped calibration text (the default for the types
+    that need one); `tensor_types`: llama-quantize's --tensor-type overrides, "REGEX=TYPE" each;
+    `output_tensor_type` / `token_embedding_type`: ggml type names for those two tensors;
+    `progress(done, total, tensor)` is called as llama.cpp reports each tensor."""
     from edge_llm.engines.llama_log import log_to, set_verbose
     from edge_llm.engines.llama_runtime import check_gguf_file, init_backend, llama_cpp
 
@@ -61,29 +78,45 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
                                     param="type")
     if not src.is_file():
         raise EdgeLLMError(f"input file not found: {src}")
-    if qtype.lower() in NEEDS_IMATRIX and imatrix is None:
-        raise InvalidParameterError(f"{qtype} needs an importance matrix: pass --imatrix FILE "
-                                    "(made by llama-imatrix)", param="imatrix")
+    overrides = [parse_tensor_type(text) for text in tensor_types]
+    output_type = ggml_type_id(output_tensor_type, "output-tensor-type") if output_tensor_type else None
+    embedding_type = ggml_type_id(token_embedding_type, "token-embedding-type") if token_embedding_type else None
+    if imatrix is None and qtype.lower() in NEEDS_IMATRIX:
+        imatrix = AUTO
     check_gguf_file(src)
     if dst.is_dir():
         dst = dst / default_output(src, qtype).name
     if dst.resolve() == src.resolve():
         raise InvalidParameterError("the output would overwrite the input; name another (-o)", param="outfile")
     check_output_path(dst)
-    set_verbose(verbose)  # llama.cpp logs every tensor otherwise
-    init_backend()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = threads or 0  # 0: llama.cpp uses every core
-    params.allow_requantize = allow_requantize
-    keep_alive = []
-    if imatrix is not None:
-        entries = load_imatrix(Path(imatrix))
-        keep_alive = _imatrix_array(entries)
-        params.imatrix = keep_alive[0]
+    given = load_imatrix(Path(imatrix)) if imatrix is not None and str(imatrix) != AUTO else None
+    auto_file = dst.with_name(f".{dst.name}.imatrix.gguf")
     tmp = dst.with_name(f".{dst.name}.partial")
     failures: list[str] = []
     try:
+        if imatrix is not None and str(imatrix) == AUTO:
+            given = _auto_imatrix(src, auto_file, qtype, threads=threads, verbose=verbose, show=progress is not None)
+        set_verbose(verbose)  # llama.cpp logs every tensor otherwise
+        init_backend()
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = threads or 0  # 0: llama.cpp uses every core
+        params.allow_requantize = allow_requantize
+        keep_alive: list = []
+        if output_type is not None:
+            params.output_tensor_type = output_type
+        if embedding_type is not None:
+            params.token_embedding_type = embedding_type
+        if given is not None:
+            keep_alive += _imatrix_array(given.entries)
+            params.imatrix = keep_alive[0]
+            kv = _kv_overrides(given, str(imatrix))
+            keep_alive.append(kv)
+            params.kv_overrides = kv
+        if overrides:
+            table = _tensor_type_array(overrides)
+            keep_alive.append(table)
+            params.tt_overrides = table[0]
         with log_to(_progress_reader(progress, verbose, failures)):
             status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if status != 0:
@@ -92,7 +125,19 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
             os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+        auto_file.unlink(missing_ok=True)
     return dst
+
+
+def _auto_imatrix(src: Path, out: Path, qtype: str, *, threads: int | None, verbose: bool, show: bool) -> Imatrix:
+    """--imatrix auto: edge-llm imatrix over the shipped calibration text, written beside the output
+    (removed after) and read back as a given file would be."""
+    from edge_llm.imatrix import make_imatrix
+
+    print(f"quantize: computing an importance matrix of {src.name} for {qtype} (edge-llm imatrix; "
+          "--imatrix FILE gives one)", file=sys.stderr, flush=True)
+    make_imatrix(src, out, threads=threads, verbose=verbose, progress=show)
+    return load_imatrix(out)
 
 
 def _failure_line(src: Path, qtype: str, status: int, reason: str | None) -> str:
@@ -122,9 +167,19 @@ def _progress_reader(progress: Callable[[int, int, str], None] | None, verbose: 
     return read
 
 
-def load_imatrix(path: Path) -> dict[str, np.ndarray]:
-    """tensor name -> mean squared activations, as llama-quantize computes them from an imatrix file:
-    the GGUF format (`NAME.in_sum2` / `NAME.counts`) or the legacy binary .dat."""
+@dataclass
+class Imatrix:
+    """An importance matrix as llama-quantize reads it: each weight's mean squared activations, and
+    what its file says about itself (recorded in the quantized file's metadata)."""
+
+    entries: dict[str, np.ndarray]
+    datasets: list[str]
+    chunk_count: int
+
+
+def load_imatrix(path: Path) -> Imatrix:
+    """llama-quantize's load_imatrix: the GGUF format (`NAME.in_sum2` / `NAME.counts`, per-expert
+    counts, a weight never seen gets 1) or the legacy binary .dat."""
     if not path.is_file():
         raise EdgeLLMError(f"imatrix file not found: {path}")
     try:
@@ -132,28 +187,37 @@ def load_imatrix(path: Path) -> dict[str, np.ndarray]:
             with open(path, "rb") as f:
                 magic = f.read(4)
             return _load_gguf_imatrix(path) if magic == b"GGUF" else _load_legacy_imatrix(path)
-    except (ValueError, struct.error, UnicodeDecodeError, IndexError) as exc:
+    except (ValueError, struct.error, UnicodeDecodeError, IndexError, KeyError) as exc:
         raise EdgeLLMError(f"{path}: not a valid imatrix file ({exc})") from None
 
 
-def _load_gguf_imatrix(path: Path) -> dict[str, np.ndarray]:
-    from gguf import GGUFReader
+def _load_gguf_imatrix(path: Path) -> Imatrix:
+    from gguf import GGUFReader, GGUFValueType
 
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(path).tensors}
+    reader = GGUFReader(path)
+    fields = {name: reader.get_field(name) for name in ("imatrix.datasets", "imatrix.chunk_count",
+                                                       "imatrix.chunk_size")}
+    if any(f is None for f in fields.values()):
+        raise ValueError("no imatrix.datasets / chunk_count / chunk_size (llama-quantize refuses it too)")
+    datasets = fields["imatrix.datasets"]
+    datasets = list(datasets.contents()) if datasets.types[:2] == [GGUFValueType.ARRAY, GGUFValueType.STRING] else []
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
     out = {}
     for name, sums in tensors.items():
         if not name.endswith(".in_sum2"):
             continue
         base = name[: -len(".in_sum2")]
-        counts = tensors[base + ".counts"].reshape(-1)
+        counts = np.floor(tensors[base + ".counts"].reshape(-1).astype(np.float64) + 0.5)  # std::lround
         sums = sums.reshape(len(counts), -1)
-        out[base] = np.where(counts[:, None] > 0, sums / np.maximum(counts[:, None], 1), 1.0).reshape(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            means = sums / counts.astype(np.float32)[:, None]
+        out[base] = np.where(counts[:, None] > 0, means, np.float32(1)).astype(np.float32).reshape(-1)
     if not out:
         raise ValueError("no *.in_sum2 tensors")
-    return out
+    return Imatrix(out, datasets, int(fields["imatrix.chunk_count"].contents()))
 
 
-def _load_legacy_imatrix(path: Path) -> dict[str, np.ndarray]:
+def _load_legacy_imatrix(path: Path) -> Imatrix:
     data = path.read_bytes()
     (n_entries,), pos, out = struct.unpack_from("<i", data, 0), 4, {}
     for _ in range(n_entries):
@@ -163,10 +227,79 @@ def _load_legacy_imatrix(path: Path) -> dict[str, np.ndarray]:
         pos += 12 + length
         values = np.frombuffer(data, dtype=np.float32, count=nval, offset=pos).copy()
         pos += 4 * nval
-        out[name] = values / ncall if ncall > 0 else values
+        out[name] = values / np.float32(ncall) if ncall > 0 else values
     if not out:
         raise ValueError("no entries")
-    return out
+    chunk_count, datasets = 0, []
+    if pos + 4 <= len(data):  # optional tail: chunk count, dataset name
+        (chunk_count,) = struct.unpack_from("<i", data, pos)
+        if pos + 8 <= len(data):
+            (length,) = struct.unpack_from("<i", data, pos + 4)
+            if length > 0:
+                datasets = [data[pos + 8: pos + 8 + length].decode(errors="replace")]
+    return Imatrix(out, datasets, chunk_count)
+
+
+def _kv_overrides(imatrix: Imatrix, file_name: str) -> ctypes.Array:
+    """The metadata llama-quantize adds for an importance matrix, in its order (file as given,
+    first dataset, entries, chunks when known), NUL-key terminated."""
+    import llama_cpp
+
+    values: list[tuple[str, str | int]] = [(_IMATRIX_KEYS[0], file_name)]
+    if imatrix.datasets:
+        values.append((_IMATRIX_KEYS[1], imatrix.datasets[0]))
+    values.append((_IMATRIX_KEYS[2], len(imatrix.entries)))
+    if imatrix.chunk_count > 0:
+        values.append((_IMATRIX_KEYS[3], imatrix.chunk_count))
+    table = (llama_cpp.llama_model_kv_override * (len(values) + 1))()
+    for item, (key, value) in zip(table, values, strict=False):
+        item.key = key.encode()
+        if isinstance(value, str):
+            item.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            item.value.val_str = value.encode()[:127]  # strncpy(..., 127), as llama-quantize
+        else:
+            item.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            item.value.val_i64 = value
+    return table
+
+
+def ggml_type_id(name: str, flag: str) -> int:
+    """A ggml type by name, any case (q4_k, Q8_0, f16, iq4_xs ...), as llama-quantize's parse_ggml_type."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        return int(GGMLQuantizationType[name.upper()])
+    except KeyError:
+        names = ", ".join(t.name.lower() for t in GGMLQuantizationType)
+        raise InvalidParameterError(f"--{flag}: unknown ggml type {name!r}; choose from {names}",
+                                    param=flag.replace("-", "_")) from None
+
+
+def parse_tensor_type(text: str) -> tuple[str, int]:
+    """--tensor-type "REGEX=TYPE" -> (the regex in lower case, as llama-quantize keeps it; the type)."""
+    pattern, sep, name = text.partition("=")
+    if not sep or not pattern or not name:
+        raise InvalidParameterError(f"--tensor-type {text!r}: expected PATTERN=TYPE, e.g. attn_v=q8_0 or "
+                                    "'blk\\.[0-3]\\.ffn_down=q6_k'", param="tensor_type")
+    pattern = pattern.lower()
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise InvalidParameterError(f"--tensor-type {text!r}: bad regular expression ({exc})",
+                                    param="tensor_type") from None
+    return pattern, ggml_type_id(name, "tensor-type")
+
+
+def _tensor_type_array(overrides: list[tuple[str, int]]) -> list:
+    """A C array of llama_model_tensor_override ending in a NULL pattern, and the bytes it points to."""
+    import llama_cpp
+
+    patterns = [p.encode() for p, _ in overrides]
+    table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()  # zeroed: the last is NULL
+    for item, pattern, (_, kind) in zip(table, patterns, overrides, strict=False):
+        item.pattern = pattern
+        item.type = kind
+    return [table, patterns]
 
 
 def _imatrix_array(entries: dict[str, np.ndarray]) -> list:
@@ -221,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     types = quant_types()
     parser = CommandParser(
         prog="edge-llm quantize", description="Quantize a GGUF file with llama.cpp's own quantizer.",
-        epilog="types: " + ", ".join(sorted(types)) + f". Types needing --imatrix: {', '.join(sorted(NEEDS_IMATRIX))}.")
+        epilog="types: " + ", ".join(sorted(types)) + f". Types that need an importance matrix (computed "
+               f"when none is given): {', '.join(sorted(NEEDS_IMATRIX))}.")
     parser.add_argument("input", help="the GGUF to quantize (usually f16, bf16 or f32): a path or a model reference "
                                       "(registry name, hf:...)")
     parser.add_argument("out_type", nargs="+", metavar="[OUT] TYPE",
@@ -232,7 +366,14 @@ def main(argv: list[str] | None = None) -> int:
                              "path, in the current folder for a model reference)")
     parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
     parser.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core)")
-    parser.add_argument("--imatrix", default=None, help="importance matrix from llama-imatrix (GGUF or .dat)")
+    parser.add_argument("--imatrix", default=None, metavar="FILE|auto",
+                        help="importance matrix from `edge-llm imatrix` or llama-imatrix (GGUF or .dat), or auto: "
+                             "computed from the input with the shipped calibration text")
+    parser.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
+                        help="quantize tensors whose name matches the regex PATTERN to TYPE, e.g. attn_v=q8_0 "
+                             "(repeatable; llama-quantize's)")
+    parser.add_argument("--output-tensor-type", default=None, metavar="TYPE", help="type of output.weight")
+    parser.add_argument("--token-embedding-type", default=None, metavar="TYPE", help="type of token_embd.weight")
     parser.add_argument("--allow-requantize", action="store_true", help="allow an already-quantized input")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
@@ -248,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     dst = Path(outfile).expanduser() if outfile else Path(default.name) if is_reference else default
     show = not args.quiet and not args.verbose and sys.stderr.isatty()
     dst = quantize_file(src, dst, qtype, threads=args.threads, allow_requantize=args.allow_requantize,
-                        verbose=args.verbose, imatrix=args.imatrix,
+                        verbose=args.verbose, imatrix=args.imatrix, tensor_types=args.tensor_type,
+                        output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
                         progress=progress_printer("quantizing") if show else None)
     print(dst)
     return 0

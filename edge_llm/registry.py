@@ -58,6 +58,8 @@ class ModelSpec(_Settings):
     architecture: str | None = None  # an HF checkpoint's config.json `architectures[0]`
     quant: str | None = None
     engines: list[str] = Field(default_factory=lambda: ["llama.cpp"])
+    # What the model is for: chat, embedding or rerank (a GGUF on disk says so itself; model_kind.py).
+    kind: Literal["chat", "embedding", "rerank"] = "chat"
 
     def sampling_defaults(self) -> dict[str, object]:
         """The sampling parameters this entry sets (engines fill a request's unset ones from them)."""
@@ -123,6 +125,10 @@ def _read_registry_file(path: Path) -> dict[str, ModelSpec]:
             raise EdgeLLMError(f"{path}: model {name!r}: {_first_error(exc)}") from None
         if specs[name].source == "local" and not Path(specs[name].path).is_absolute():
             specs[name] = specs[name].model_copy(update={"path": str(path.parent / specs[name].path)})
+        mmproj = specs[name].mmproj
+        if mmproj and mmproj.lower() != "none" and not Path(mmproj).is_absolute() \
+                and (path.parent / mmproj).is_file():  # else: a file name beside the weights
+            specs[name] = specs[name].model_copy(update={"mmproj": str(path.parent / mmproj)})
     return specs
 
 
@@ -228,15 +234,17 @@ def convertible(spec: ModelSpec, where: str = "") -> str:
             pass
     if arch is None:
         return "?"
-    from edge_llm.convert import ARCHITECTURES
+    from edge_llm.convert import supported_architecture
 
-    return "yes" if arch in ARCHITECTURES else f"no: {arch}"
+    return "yes" if supported_architecture(arch) else f"no: {arch}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """`edge-llm models`: the registry, which models are on this machine, and which HF checkpoints
     `edge-llm convert` turns into GGUFs locally (without torch)."""
     import json
+
+    from edge_llm.model_kind import model_kind
 
     parser = CommandParser(prog="edge-llm models", description="List the model registry.")
     parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
@@ -254,13 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.local and not where:
             continue
         source = spec.source if spec.source in ("demo", "local") else f"{spec.source}:{spec.repo}"
-        rows.append({"name": name, "quant": spec.quant or "-", "chat": spec.chat_format or "auto",
+        kind = model_kind(Path(where)).kind if where.endswith(".gguf") else spec.kind
+        rows.append({"name": name, "kind": kind, "quant": spec.quant or "-",
+                     "chat": spec.chat_format or "auto" if kind == "chat" else "-",
                      "engines": ",".join(spec.engines), "source": source, "convert": convertible(spec, where),
                      "local": where or f"- (edge-llm pull {name})"})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    columns = ["name", "quant", "chat", "engines", "source", "convert", "local"]
+    columns = ["name", "kind", "quant", "chat", "engines", "source", "convert", "local"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in columns}
     for row in [dict(zip(columns, columns, strict=False)), *rows]:
         print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())

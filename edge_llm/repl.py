@@ -46,6 +46,7 @@ HELP = """commands:
   /save FILE         save the conversation as JSON (OpenAI-style messages)
   /load FILE         replace the conversation with a saved one
   /params [K=V ...]  show or set sampling values, e.g. /params temp=0.2 top_k=20 n=128
+  /image PATH        attach an image to your next message (models with a vision projector, --mmproj)
   /exit              leave (also: exit, quit, Ctrl-D; Ctrl-C at the prompt)
 input: end a line with \\ to continue on the next one; pasted text may span lines;
   start a message with // to send a line that begins with /.
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-f", "--file", default=None,
                    help="initial prompt file, as llama-cli -f (e.g. prompts/chat-with-qwen.txt); no chat template")
     g.add_argument("-p", "--prompt", default=None, help="initial prompt text (escapes like \\n interpreted); no template")
+    g.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image for your first message (repeatable; models with --mmproj); later ones: /image")
     g.add_argument("-i", "--interactive", action="store_true",
                    help="let the model continue the initial prompt before the first user turn (llama-cli -i)")
     g.add_argument("-if", "--interactive-first", action="store_true",
@@ -111,6 +114,7 @@ class ChatSession:
         self.params = params
         self.settings = settings
         self.screen = screen
+        self.images: list = []  # attached with /image, sent with the next message
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -127,10 +131,11 @@ class ChatSession:
         params = self.turn_params()
         reserve = min(params.max_tokens or self.conversation.limit // 4, self.conversation.limit // 2)
         try:
-            prompt = self.conversation.prompt(user, reserve=reserve)
+            prompt = self.conversation.prompt(user, reserve=reserve, images=self.images)
         except EdgeLLMError as exc:
             self.screen.error(f"error: {exc.message}")
             return None
+        self.images = []
         if prompt.dropped:
             kept = " (system prompt kept)" if self.conversation.system else ""
             self.screen.notice(f"[context full: dropped the {_plural(prompt.dropped, 'oldest turn')}{kept}; "
@@ -228,6 +233,8 @@ class ChatSession:
             else:
                 self.conversation.load(arg)
                 self.screen.info(f"[loaded {_count(len(self.conversation.exchanges), 'turn')} from {arg}]")
+        elif name == "/image":
+            self.attach_image(arg)
         elif name == "/params":
             if arg:
                 self.params = update_params(self.params, arg)
@@ -236,6 +243,21 @@ class ChatSession:
             self.screen.error(f"unknown command {name}; /help lists them (start with // to send a line "
                               "beginning with /)")
         return True
+
+    def attach_image(self, path: str) -> None:
+        from edge_llm.files import os_errors
+        from edge_llm.images import decode_image
+
+        if not path:
+            self.screen.error("usage: /image PATH")
+            return
+        if not self.engine.takes_images:
+            self.screen.error(f"error: {self.engine.model_name} does not take images (load it with --mmproj FILE)")
+            return
+        with os_errors(path, "read"):
+            data = Path(path).expanduser().read_bytes()
+        self.images.append(decode_image(data, param=path))
+        self.screen.info(f"[{path}: image attached to your next message]")
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -327,6 +349,8 @@ def _stats_line(prompt: Prompt, answer: Answer, usage: Usage | None, speed: floa
 
 
 def _token_bytes(engine: Engine, token: int) -> bytes:
+    if token < 0:
+        return b"[image]"  # an image's placeholder (engines/media.py)
     # a special token renders as nothing: show its name
     return engine.token_piece(token) or engine.token_text(token).encode("utf-8")
 
@@ -392,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
                           "/help for commands, Ctrl-D to leave.")
         history = default_history_file() if args.history_file is None else Path(args.history_file)
         reader = LineReader(screen, history if interactive and args.history_file != "" else None)
-        return ChatSession(engine, conversation, params, settings, screen).run(reader)
+        session = ChatSession(engine, conversation, params, settings, screen)
+        for path in args.image:
+            session.attach_image(path)
+        return session.run(reader)
     finally:
         if interactive and conversation is not None and conversation.exchanges:
             _autosave(conversation, engine, screen)

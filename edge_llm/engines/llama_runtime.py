@@ -82,7 +82,7 @@ def check_gguf_file(path: Path) -> None:
 
 def load_model(path: Path, options: LoadOptions) -> LlamaModel:
     """The weights, placed as the resolved options say (-ngl, --split-mode, --tensor-split,
-    --mlock, --no-mmap)."""
+    --mlock, --no-mmap, --repack)."""
     init_backend()
     params = llama_cpp.llama_model_default_params()
     ngl = options.n_gpu_layers
@@ -194,8 +194,9 @@ def kv_type(name: str, param: str) -> int:
 def context_params(*, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, n_threads_batch: int | None = None,
                    n_ubatch: int | None = None, flash_attn: str = "auto", cache_type_k: str = "f16",
                    cache_type_v: str = "f16", kv_unified: bool = False,
-                   embeddings: bool = False) -> llama_cpp.llama_context_params:
-    """llama_context_params with edge-llm's names; embeddings: mean-pooled sequence embeddings."""
+                   pooling: int | None = None) -> llama_cpp.llama_context_params:
+    """llama_context_params with edge-llm's names; `pooling` (a llama_pooling_type): a context of
+    pooled sequence outputs (embeddings, rerank scores) instead of logits."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = n_batch
@@ -207,9 +208,9 @@ def context_params(*, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, 
     params.flash_attn_type = FLASH_ATTN[flash_attn]
     params.type_k = kv_type(cache_type_k, "cache_type_k")
     params.type_v = kv_type(cache_type_v, "cache_type_v")
-    if embeddings:
+    if pooling is not None:
         params.embeddings = True
-        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        params.pooling_type = pooling
     params.no_perf = True
     return params
 
@@ -311,6 +312,43 @@ def decode(ctx: LlamaContext, batch: LlamaBatch) -> None:
     status = llama_cpp.llama_decode(ctx.ctx, batch.batch)
     if status != 0:
         raise RuntimeError(f"llama_decode returned {status}")
+
+
+def decode_embeddings(ctx: LlamaContext, embeddings: np.ndarray, positions: np.ndarray, seq_id: int, *,
+                      non_causal: bool) -> None:
+    """Image embeddings (rows of the model's input width) into one sequence at `positions`
+    ((1, n), or (4, n) section-major for M-RoPE), in their own decode: llama.cpp takes a batch of
+    token ids or of embeddings, not both. `non_causal`: the rows attend to each other both ways
+    (Gemma 3), so they must all be in this one decode."""
+    n, width = embeddings.shape
+    rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+    base = rows.ctypes.data
+    row_bytes = width * 4
+    batch = llama_cpp.llama_batch_ext_init(ctx.ctx)
+    if not batch:
+        raise RuntimeError("llama_batch_ext_init failed")
+    pos = (llama_cpp.llama_pos * 4)()
+    n_sections = positions.shape[0]
+    try:
+        for i in range(n):
+            row = llama_cpp.llama_embd(ctypes.cast(base + i * row_bytes, ctypes.POINTER(ctypes.c_float)), 1, width)
+            idx = llama_cpp.llama_batch_ext_add_embd(batch, seq_id, row)
+            if idx < 0:
+                raise RuntimeError(f"llama_batch_ext_add_embd returned {idx}")
+            for j in range(n_sections):
+                pos[j] = int(positions[j, i])
+            llama_cpp.llama_batch_ext_set_pos(batch, idx, pos)
+        if non_causal:
+            llama_cpp.llama_set_causal_attn(ctx.ctx, False)
+        try:
+            status = llama_cpp.llama_process(ctx.ctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
+        finally:
+            if non_causal:
+                llama_cpp.llama_set_causal_attn(ctx.ctx, True)
+    finally:
+        llama_cpp.llama_batch_ext_free(batch)
+    if status != 0:
+        raise RuntimeError(f"llama_process returned {status} for image embeddings")
 
 
 def set_threads(ctx: LlamaContext, n_threads: int, n_threads_batch: int) -> None:

@@ -24,11 +24,13 @@ from pydantic import Field
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine, Usage
+from edge_llm.engines.media import MEDIA_MARKER, MediaTokens
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.errors import edge_error_body
 from edge_llm.server.generation import SSEResponse
 from edge_llm.server.jsonio import dumps
+from edge_llm.server.media import ImageCollector, join_parts, load_images
 from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state, with_engine
 from edge_llm.server.schemas import MaxTokens, Seed, TopK, TopP, _Body
 from edge_llm.server.tool_calls import CallArguments, CallEnd, CallStart
@@ -46,6 +48,7 @@ class Block(_Body):
     content: str | list[dict[str, Any]] | None = None
     is_error: bool | None = None
     thinking: str | None = None
+    source: dict[str, Any] | None = None  # an image block's: {type: base64, media_type, data} or {type: url, url}
 
 
 class Message(_Body):
@@ -122,7 +125,20 @@ def _text(blocks: str | list, param: str) -> str:
     return "".join(texts)
 
 
-def template_messages(system: str | list[Block] | None, messages: list[Message]) -> list[dict]:
+def _image_marker(block: Block, images: ImageCollector, param: str) -> str:
+    source = block.source or {}
+    if source.get("type") == "base64":
+        return images.marker("base64", source.get("data"), f"{param}.source.data")
+    if source.get("type") == "url":
+        return images.marker("url", source.get("url"), f"{param}.source.url")
+    raise InvalidParameterError("an image block's source must be base64 (or url)", param=f"{param}.source")
+
+
+def template_messages(system: str | list[Block] | None, messages: list[Message],
+                      images: ImageCollector | None = None) -> list[dict]:
+    """Messages as chat templates expect them; an image block becomes MEDIA_MARKER in the text,
+    its data kept in `images`."""
+    images = images if images is not None else ImageCollector()
     out: list[dict] = []
     if system:
         out.append({"role": "system", "content": _text(system, "system")})
@@ -132,10 +148,13 @@ def template_messages(system: str | list[Block] | None, messages: list[Message])
             out.append({"role": message.role, "content": blocks})
             continue
         turn: dict[str, Any] = {"role": message.role, "content": ""}
+        parts: list[str] = []
         for k, block in enumerate(blocks):
             param = f"messages.{i}.content.{k}"
             if block.type == "text" and block.text is not None:
-                turn["content"] += block.text
+                parts.append(block.text)
+            elif block.type == "image" and message.role == "user":
+                parts.append(_image_marker(block, images, param))
             elif block.type == "thinking" and message.role == "assistant":
                 turn["reasoning_content"] = turn.get("reasoning_content", "") + (block.thinking or "")
             elif block.type == "redacted_thinking":
@@ -150,6 +169,7 @@ def template_messages(system: str | list[Block] | None, messages: list[Message])
             else:
                 raise InvalidParameterError(f"content blocks of type {block.type!r} are not supported in "
                                             f"{message.role} messages (or lack their fields)", param=param)
+        turn["content"] = join_parts(parts) if MEDIA_MARKER in parts else "".join(parts)
         if turn["content"] or len(turn) > 2 or message.role == "assistant":
             out.append(turn)
     return out
@@ -184,7 +204,9 @@ def tool_choice(choice: ToolChoice | None) -> str | None:
 
 @router.post("/v1/messages")
 async def create_message(body: MessagesRequest, request: Request) -> Any:
-    messages = template_messages(body.system, body.messages)
+    collector = ImageCollector()
+    messages = template_messages(body.system, body.messages, collector)
+    images = await load_images(request, collector.refs)
     reasoning_format = server_state(request).reasoning_format
     if body.thinking is not None and body.thinking.type == "disabled":
         reasoning_format = "none"
@@ -199,7 +221,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
     def prepare(engine: Engine) -> Job:
         if output_format is not None:
             options.grammar = format_grammar("json_schema", output_format.schema_, param="output_config.format.schema")
-        return chat_job(engine, messages, options, sampling=sampling, max_tokens=body.max_tokens)
+        return chat_job(engine, messages, options, sampling=sampling, max_tokens=body.max_tokens, images=images)
 
     def reply(run: Run, choices: list[Choice]) -> dict:
         c = choices[0]
@@ -223,12 +245,17 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request) -> Any:
-    messages = template_messages(body.system, body.messages)
+    collector = ImageCollector()
+    messages = template_messages(body.system, body.messages, collector)
+    images = await load_images(request, collector.refs)
     options = ChatOptions(tools=chat_tools(body.tools))
 
     def count(name: str, engine: Engine) -> dict:
-        job = chat_job(engine, messages, options, sampling={}, max_tokens=None)
-        return {"input_tokens": len(engine.prompt_tokens(job.prompts[0]))}
+        job = chat_job(engine, messages, options, sampling={}, max_tokens=None, images=images)
+        tokens = engine.prompt_tokens(job.prompts[0])
+        if isinstance(tokens, MediaTokens):
+            tokens.release()
+        return {"input_tokens": len(tokens)}
 
     # count renders the template: it waits for the engine's one render slot as generation does.
     return await with_engine(request, body.model, count, renders_template=True)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_llm.engines.base import Engine
+from edge_llm.engines.media import MediaPrompt
 from edge_llm.errors import InvalidParameterError
+from edge_llm.images import Image
 from edge_llm.reasoning import prompt_opens_thinking, splits_reasoning
 from edge_llm.server import generic_tools, grammars
 from edge_llm.server.pipeline import Job
@@ -50,8 +52,12 @@ def template_call(call_id: str | None, name: str, arguments: Any) -> dict:
 
 
 def chat_job(engine: Engine, messages: list[dict], options: ChatOptions, *, sampling: dict[str, Any],
-             max_tokens: int | None, plan: Any = None) -> Job:
-    """Runs off the event loop: renders the template and builds grammars."""
+             max_tokens: int | None, plan: Any = None, images: list[Image] | None = None) -> Job:
+    """Runs off the event loop: renders the template and builds grammars. `images`: decoded, in
+    the order of the MEDIA_MARKERs in the messages' content (server/media.py)."""
+    if images and not engine.takes_images:
+        raise InvalidParameterError(f"the model {engine.model_name} does not take images (it was served without a "
+                                    "vision projector: --mmproj FILE)", param="messages")
     tools, choice = options.tools or None, options.tool_choice
     if choice is not None and choice != "none" and not tools:
         raise InvalidParameterError("tool_choice needs tools", param="tool_choice")
@@ -85,7 +91,8 @@ def chat_job(engine: Engine, messages: list[dict], options: ChatOptions, *, samp
         prompt = engine.chat_prompt(messages)
     # A grammar decides the whole answer from its first token: there is no thinking to split off.
     reasoning = grammar is None and splits_reasoning(engine, options.reasoning_format)
-    return Job([prompt], {**sampling, "grammar": grammar}, max_tokens, prompt_param="messages",
+    return Job([MediaPrompt(prompt, list(images)) if images else prompt], {**sampling, "grammar": grammar},
+               max_tokens, prompt_param="messages",
                reasoning=reasoning, thinking_open=reasoning and prompt_opens_thinking(prompt.text),
                tools=tools is not None, tool_format=tool_format, plan=plan)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from edge_llm.engines.base import Engine, load_engine
 from edge_llm.errors import EdgeLLMError, ModelLoadError, ModelNotFoundError, OverloadedError
 from edge_llm.load_options import LoadOptions
+from edge_llm.model_kind import Kind, model_kind
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,22 @@ class ServedModel:
     last_used: float = field(default_factory=time.monotonic)
     path: Path | None = None  # the weights on disk, when resolved at start (for model info)
     keep_alive: float | None = None  # set by a request (Ollama's keep_alive); None: the server's
+    file_kind: Kind | None = None  # what the file says it is for (model_kind.py), before it is loaded
+
+    @property
+    def kind(self) -> Kind:
+        """chat, embedding or rerank: the loaded engine's, else the file's."""
+        if self.engine is not None:
+            return self.engine.kind
+        return self.file_kind or "chat"
+    projector: Path | None = None  # the vision projector it loads with (--mmproj, or found beside the weights)
+
+    @property
+    def vision(self) -> bool:
+        """Whether it takes images: the loaded engine says; before loading, its projector file."""
+        if self.engine is not None:
+            return self.engine.takes_images
+        return self.projector is not None
 
 
 class Lease:
@@ -64,7 +81,8 @@ class ModelManager:
                  engine: str = "llama.cpp", options: LoadOptions | None = None, config: str | None = None,
                  keep_alive: float = 300.0, memory_budget: int | None = None, max_loaded: int | None = None,
                  peers: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
-                 paths: dict[str, Path] | None = None, strict_names: bool = False) -> None:
+                 paths: dict[str, Path] | None = None, strict_names: bool = False,
+                 projectors: dict[str, Path] | None = None) -> None:
         self.peers = dict(peers or {})
         clash = set(models) & set(self.peers)
         if clash:
@@ -72,7 +90,9 @@ class ModelManager:
         if not models and not self.peers:
             raise EdgeLLMError("no models to serve")
         sizes, paths = sizes or {}, paths or {}
-        self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name))
+        self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name),
+                                         file_kind=model_kind(paths[name]).kind if name in paths else None,
+                                         projector=(projectors or {}).get(name))
                        for name, ref in models.items()}
         self.strict_names = strict_names
         self.keep_alive = keep_alive
@@ -89,12 +109,13 @@ class ModelManager:
         that is not on disk fails at start, and is served under its registry name or file stem;
         its load options are checked now too."""
         from edge_llm.engines.base import engine_class
+        from edge_llm.engines.projector import projector_path
         from edge_llm.registry import load_registry, resolve
 
         registry = load_registry(config)
         engine = engine_class(str(kwargs.get("engine", "llama.cpp")))
         options = kwargs.get("options") or LoadOptions()
-        models, sizes, paths = {}, {}, {}
+        models, sizes, paths, projectors = {}, {}, {}, {}
         for ref in refs:
             resolved = resolve(ref, registry)
             if resolved.name in models:
@@ -104,7 +125,10 @@ class ModelManager:
             models[resolved.name] = ref
             sizes[resolved.name] = _weights_size(resolved.path)
             paths[resolved.name] = resolved.path
-        return cls(models, config=config, sizes=sizes, paths=paths, **kwargs)  # type: ignore[arg-type]
+            if resolved.is_gguf and kwargs.get("engine", "llama.cpp") == "llama.cpp":
+                projectors[resolved.name] = projector_path(options.resolve(resolved.spec).mmproj, resolved.path)
+        return cls(models, config=config, sizes=sizes, paths=paths, projectors=projectors,  # type: ignore[arg-type]
+                   **kwargs)
 
     # -- names ----------------------------------------------------------------------------------
 

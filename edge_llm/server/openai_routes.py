@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Awaitable
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
+from edge_llm.engines.media import MEDIA_MARKER
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar, template_call
 from edge_llm.server.errors import error_body
 from edge_llm.server.generation import SSEResponse, context_size
 from edge_llm.server.jsonio import SLICE, RawJSON, dumps, json_response
+from edge_llm.server.media import ImageCollector, join_parts, load_images
 from edge_llm.server.pipeline import (
     Choice,
     Finish,
@@ -33,6 +36,7 @@ from edge_llm.server.pipeline import (
     server_state,
     total_usage,
     with_engine,
+    with_engine_until_disconnect,
 )
 from edge_llm.server.schemas import (
     MAX_BATCH,
@@ -46,6 +50,7 @@ from edge_llm.server.schemas import (
     EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
+    ImageURL,
     ModelCard,
     ModelList,
     NamedToolChoice,
@@ -65,6 +70,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 MIN_LOGPROB = -9999.0
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 # -- simple routes --------------------------------------------------------------------------------
@@ -90,7 +96,10 @@ async def metrics(request: Request) -> Response:
 async def list_models(request: Request) -> ModelList:
     manager = server_state(request).manager
     loaded = manager.loaded()
-    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded) for m in manager.models.values()]
+    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded, kind=m.kind,
+                       capabilities=(["completion", "vision"] if m.vision else ["completion"]) if m.kind == "chat"
+                       else [m.kind])
+             for m in manager.models.values()]
     cards += [ModelCard(id=name, created=0, owned_by="peer", peer=url) for name, url in manager.peers.items()]
     return ModelList(data=cards)
 
@@ -178,27 +187,33 @@ def sse_error(exc: EdgeLLMError) -> str:
 # -- chat -----------------------------------------------------------------------------------------
 
 
-def _content_text(message: ChatMessage, i: int) -> str:
+def _content_text(message: ChatMessage, i: int, images: ImageCollector) -> str:
     content = message.content
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise InvalidParameterError(f"messages[{i}]: only text content parts are supported (got {part.type!r})",
-                                        param=f"messages.{i}.content")
-        texts.append(part.text)
-    return "".join(texts)
+    for k, part in enumerate(content):
+        if part.type == "image_url":
+            url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+            texts.append(images.marker("url", url, f"messages.{i}.content.{k}.image_url"))
+        elif part.type != "text" or part.text is None:
+            raise InvalidParameterError(f"messages[{i}]: only text and image_url content parts are supported "
+                                        f"(got {part.type!r})", param=f"messages.{i}.content")
+        else:
+            texts.append(part.text)
+    return join_parts(texts) if MEDIA_MARKER in texts else "".join(texts)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as chat templates expect them (transformers' conventions)."""
+def template_messages(messages: list[ChatMessage], images: ImageCollector | None = None) -> list[dict]:
+    """Messages as chat templates expect them (transformers' conventions); an image part becomes
+    MEDIA_MARKER in the text, its reference kept in `images`."""
+    images = images if images is not None else ImageCollector()
     out = []
     for i, m in enumerate(messages):
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                                   "content": _content_text(m, i)}
+                                   "content": _content_text(m, i, images)}
         if m.name:
             message["name"] = m.name
         if m.tool_call_id:
@@ -226,13 +241,15 @@ def chat_options(body: ChatCompletionRequest, reasoning_format: str) -> ChatOpti
 @router.post("/chat/completions", include_in_schema=False)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     options = chat_options(body, server_state(request).reasoning_format)
-    messages = template_messages(body.messages)
+    collector = ImageCollector()
+    messages = template_messages(body.messages, collector)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = sampling_values(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    images = await load_images(request, collector.refs)
 
     def prepare(engine: Engine) -> Job:
         options.grammar = response_format_grammar(body.response_format)
-        return chat_job(engine, messages, options, sampling=sampling, max_tokens=requested)
+        return chat_job(engine, messages, options, sampling=sampling, max_tokens=requested, images=images)
 
     def reply(run: Run, choices: list[Choice]) -> dict:
         out = []
@@ -411,18 +428,6 @@ def embedding_inputs(value: str | list[str] | list[int] | list[list[int]]) -> li
     return inputs
 
 
-def embed_all(engine: Engine, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
-    texts = [i if isinstance(i, str) else engine.detokenize(i) for i in inputs]
-    n_tokens = 0
-    for i, text in enumerate(texts):
-        count = len(engine.tokenize(text))
-        if count == 0:
-            # llama.cpp's embedding decode of zero tokens corrupts memory and aborts the process.
-            raise InvalidParameterError(f"input {i} has no tokens to embed", param="input")
-        n_tokens += count
-    return engine.embed(texts), n_tokens
-
-
 @router.post("/v1/embeddings", tags=["openai"], response_model=EmbeddingResponse, responses=ERRORS)
 @router.post("/embeddings", include_in_schema=False)
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
@@ -430,14 +435,15 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
         raise InvalidParameterError("dimensions is not supported: the model's own size is returned",
                                     param="dimensions")
     inputs = embedding_inputs(body.input)
-    done = await with_engine(request, body.model, lambda name, engine: (name, *embed_all(engine, inputs)))
+    done = await with_engine_until_disconnect(
+        request, body.model, lambda name, engine: named(name, engine.embeddings(inputs, normalize=body.embd_normalize)))
     if isinstance(done, Response):
         return done
-    name, vectors, n_tokens = done
+    name, result = done
 
     def build() -> dict:
         data = []
-        for i, vector in enumerate(vectors):
+        for i, vector in enumerate(result.vectors):
             if body.encoding_format == "base64":
                 import numpy as np
 
@@ -445,10 +451,16 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
                              "embedding": base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()})
             else:
                 data.append({"object": "embedding", "index": i, "embedding": vector})
+        n_tokens = result.prompt_tokens
         return {"object": "list", "data": data, "model": name,
                 "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}}
 
     return await json_response(build)
+
+
+async def named(name: str, work: Awaitable[T]) -> tuple[str, T]:
+    """The served name with the work's result (a route's `with_engine_until_disconnect` work)."""
+    return name, await work
 
 
 @router.post("/tokenize", tags=["tokenizer"], response_model=TokenizeResponse, responses=ERRORS)

@@ -30,6 +30,7 @@ from starlette.responses import Response
 
 from edge_llm.chat_tokens import ChatPrompt
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
+from edge_llm.engines.media import MediaPrompt
 from edge_llm.reasoning import ReasoningSplitter
 from edge_llm.sampling import SamplingParams
 from edge_llm.server import templates
@@ -90,6 +91,19 @@ async def with_engine(request: Request, model: str | None, work: Callable[[str, 
         held.release()
 
 
+async def with_engine_until_disconnect(request: Request, model: str | None,
+                                       work: Callable[[str, Engine], Awaitable[T]]) -> T | Response:
+    """`await work(name, engine)` under a lease (embeddings, rerank), cancelled as soon as the client
+    disconnects (the engine stops the work); or the peer's answer."""
+    name, held = await local_or_forward(request, model)
+    if isinstance(held, Response):
+        return held
+    try:
+        return await until_disconnect(request, work(name, held.engine))
+    finally:
+        held.release()
+
+
 # -- what an API asks for ----------------------------------------------------------------------------
 
 
@@ -97,8 +111,9 @@ async def with_engine(request: Request, model: str | None, work: Callable[[str, 
 class Job:
     """One request as the engine sees it, made by the API's `prepare`."""
 
-    # A chat (chat_tokens.ChatPrompt), raw text or token ids; several for a batched /v1/completions.
-    prompts: list[str | list[int] | ChatPrompt]
+    # A chat (chat_tokens.ChatPrompt), raw text or token ids; several for a batched /v1/completions;
+    # a chat with images (engines/media.py).
+    prompts: list[str | list[int] | ChatPrompt | MediaPrompt]
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens
     max_tokens: int | None = None  # requested; capped by what the context leaves
     prompt_param: str = "prompt"  # the request field a too-long prompt is blamed on
@@ -352,6 +367,7 @@ async def handle(request: Request, model: str | None, prepare: Callable[[Engine]
             await on_done(name)
 
     try:
+        lease.engine.check_kind("chat", use="generating text")  # an embedding model or reranker: a 400
         async with templates.rendering(lease.engine):  # prepare renders the chat template
             job = await asyncio.to_thread(prepare, lease.engine)
         run = await start_run(request, name, lease.engine, job)

@@ -15,8 +15,10 @@ import logging
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
-from edge_llm.errors import EdgeLLMError
+from edge_llm.errors import EdgeLLMError, MissingExtraError
+from edge_llm.images import ImageLimits
 from edge_llm.options import (
     PROMPT_CACHE,
     QUEUE,
@@ -29,6 +31,9 @@ from edge_llm.options import (
     size_flag,
 )
 from edge_llm.reasoning import REASONING_FORMATS
+
+if TYPE_CHECKING:
+    from edge_llm.server.media import ImagePolicy
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
 
@@ -80,6 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
                    help="<think> text: auto = split off as reasoning when the chat template knows the tags, "
                         "deepseek = always split, none = leave it inline in the answer (llama-server's flag)")
+    g = parser.add_argument_group("images (models with a vision projector, --mmproj)")
+    g.add_argument("--image-max-bytes", type=size_flag, default=ImageLimits.max_bytes, metavar="SIZE",
+                   help="largest image file (default 10M; the body limit, --max-body-size, applies too)")
+    g.add_argument("--image-max-pixels", type=int, default=ImageLimits.max_pixels, metavar="N",
+                   help="most pixels in one image, checked before it is decoded (default 25000000)")
+    g.add_argument("--max-images", type=int, default=ImageLimits.max_images, metavar="N",
+                   help="most images in one request (default 8)")
+    g.add_argument("--allow-image-urls", default="", metavar="HOST[,HOST]",
+                   help="hosts whose http(s) image URLs the server may fetch (default none: images come "
+                        "as data: URLs or base64)")
+    r = parser.add_argument_group("scaling out on Ray Serve (extra `ray`; README: Scaling out)")
+    r.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="serve as a Ray Serve application on the Ray cluster at ADDRESS (auto: the cluster this "
+                        "machine is in; local: start one here): --replicas copies of this server, each with its "
+                        "own engine, behind one address")
+    r.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas (with --max-replicas: the fewest)")
+    r.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                   help="autoscale up to N replicas on ongoing requests (target: -np per replica)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, metavar="N",
+                   help="CPUs each replica reserves; its llama.cpp threads unless -t (default 1)")
+    r.add_argument("--router", choices=("affinity", "pow2"), default="affinity",
+                   help="affinity (default): a conversation's turns go to the replica holding its KV state, "
+                        "unless it is busier than the others; pow2: Serve's default (power of two choices)")
     add_model_flags(parser, defaults={"n_parallel": 4})
     add_load_flags(parser, PROMPT_CACHE, QUEUE)
     add_sampling_flags(parser, n_predict=None, title="sampling defaults (for what a request leaves unset)")
@@ -99,6 +127,15 @@ def model_refs(args: argparse.Namespace) -> list[str]:
     return [] if args.peer else ["smollm2-135m"]
 
 
+def image_policy(args: argparse.Namespace) -> ImagePolicy:
+    from edge_llm.server.media import ImagePolicy
+
+    if args.image_max_pixels < 1 or args.max_images < 0 or args.image_max_bytes < 1:
+        raise EdgeLLMError("--image-max-pixels and --image-max-bytes must be positive, --max-images >= 0")
+    limits = ImageLimits(max_bytes=args.image_max_bytes, max_pixels=args.image_max_pixels, max_images=args.max_images)
+    return ImagePolicy(limits, frozenset(h.lower() for h in _comma_list(args.allow_image_urls)))
+
+
 def api_keys(args: argparse.Namespace) -> list[str] | None:
     if args.api_key_file:
         from edge_llm.server.auth import read_api_keys
@@ -116,13 +153,11 @@ DRAIN_SECONDS = 10
 FINISH_SECONDS = 3
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    listening = listening_socket(args.host, args.port)  # before any work: a port in use is one line
+def build_app(args: argparse.Namespace):  # noqa: ANN201 - a FastAPI app (imported lazily)
+    """The server's app for parsed `edge-llm serve` flags (also what each Ray Serve replica runs)."""
     from edge_llm.server.app import create_app
     from edge_llm.server.models import ModelManager
 
-    keys = api_keys(args)
     refs = model_refs(args)
     defaults: dict[str, object] = {}
     if len(refs) > 1:
@@ -134,17 +169,31 @@ def main(argv: list[str] | None = None) -> int:
         refs, config=args.config, engine=args.engine, options=options,
         keep_alive=args.keep_alive, max_loaded=args.max_models, peers=parse_peers(args.peer),
         memory_budget=args.memory_budget, strict_names=args.strict_model_names)
-    app = create_app(manager, api_keys=keys, max_body_bytes=args.max_body_size,
-                     bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
-                     cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format,
-                     sampling_defaults=given_sampling(args), access_log=args.access_log)
-    if not keys and not _is_loopback(args.host):
+    return create_app(manager, api_keys=api_keys(args), max_body_bytes=args.max_body_size,
+                      bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
+                      cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format,
+                      sampling_defaults=given_sampling(args), image_policy=image_policy(args),
+                      access_log=args.access_log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.ray:
+        try:
+            from edge_llm.fleet.deployment import run_on_ray
+        except ImportError:
+            raise MissingExtraError("ray[serve] (needed by --ray)", "ray") from None
+        return run_on_ray(args, sys.argv[2:] if argv is None else argv)
+    listening = listening_socket(args.host, args.port)  # before any work: a port in use is one line
+    app = build_app(args)
+    manager = app.state.edge.manager
+    if not api_keys(args) and not _is_loopback(args.host):
         print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])
     print(f"edge-llm serve: http://{args.host}:{args.port}  models: {served}", file=sys.stderr, flush=True)
     if args.access_log:
         _log_requests_to_stderr()
-    _serve(app, listening, log_level="info" if options.verbose else "warning", preload=args.preload)
+    _serve(app, listening, log_level="info" if load_options(args).verbose else "warning", preload=args.preload)
     return 0
 
 
