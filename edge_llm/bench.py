@@ -539,12 +539,23 @@ def build_parser() -> argparse.ArgumentParser:
 def load_results(path: str | Path) -> tuple[dict[str, Any], list[VariantResult], list[Scenario]]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        variants = [VariantResult(**{**v, "scenarios": [ScenarioResult(**s) for s in v["scenarios"]]})
+        variants = [VariantResult(**{**_current_names(v), "scenarios": [ScenarioResult(**s) for s in v["scenarios"]]})
                     for v in data["variants"]]
         scenarios = [Scenario(**s) for s in data["meta"]["scenarios"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EdgeLLMError(f"cannot read bench results {path}: {exc}") from None
     return data["meta"], variants, scenarios
+
+
+def _current_names(variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant of results written before bench took llama-perplexity's KL divergence (the README's
+    tables): `top1_agreement` is today's `same_top`; `mean_kl`, a KL over the reference's top 64
+    tokens only, is not `mean_kld` and is left out rather than shown as one."""
+    older = dict(variant)
+    if "top1_agreement" in older:
+        older["same_top"] = older.pop("top1_agreement")
+    older.pop("mean_kl", None)
+    return older
 
 
 def replot(args: argparse.Namespace) -> int:
