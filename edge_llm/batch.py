@@ -38,6 +38,7 @@ from edge_llm.engines.media import MEDIA_MARKER, MediaPrompt
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.files import check_output_path, json_bytes, os_errors
 from edge_llm.options import (
+    CommandParser,
     add_model_flags,
     add_sampling_flags,
     given_sampling,
@@ -726,7 +727,7 @@ def count_records(path: Path) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm batch", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="edge-llm batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="input JSONL: {\"id\"?, \"prompt\"} or {\"id\"?, \"messages\"} per line "
                                       "({\"input\"} for an embedding model, {\"query\", \"documents\"} for a reranker)")
     parser.add_argument("-o", "--output", required=True, help="output JSONL (appended to; re-running resumes)")

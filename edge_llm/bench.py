@@ -35,6 +35,7 @@ from typing import Any
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.files import check_output_path, os_errors
+from edge_llm.options import CommandParser
 
 DEFAULT_QUANTS = "f16,q8_0,q5_k_m,q4_k_m"
 DEFAULT_KV = "f16,q8_0,q4_0"
@@ -432,18 +433,37 @@ def write_chart(variants: list[VariantResult], scenarios: list[Scenario], path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = chart_figure(variants, scenarios, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def chart_figure(variants: list[VariantResult], scenarios: list[Scenario], title: str) -> Any:
+    """Perplexity per weight quant (left) and generation speed per variant (right). Every label
+    is a level tick label of a categorical axis, so none can land on another: weight quants sit side by
+    side in file-size order (the size in the label), not at their sizes, where q4_k_m and q5_k_m
+    are 7 MiB apart and their labels overlapped; each KV type is a marker beside its quant."""
+    import matplotlib.pyplot as plt
+
     kv_types = list(dict.fromkeys(v.kv for v in variants))
+    sizes: dict[str, float] = {}
+    for v in variants:
+        sizes.setdefault(v.quant, v.file_mib)
+    quants = sorted(sizes, key=sizes.__getitem__)
     markers = "osD^v<>"
+    dodge = 0.5 / max(len(kv_types), 1)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     for j, kv in enumerate(kv_types):
-        pts = [v for v in variants if v.kv == kv and v.ppl is not None]
-        left.scatter([v.file_mib for v in pts], [v.ppl for v in pts], marker=markers[j % len(markers)], s=60,
-                     label=f"KV {kv}")
-        for v in pts:
-            left.annotate(v.quant, (v.file_mib, v.ppl), textcoords="offset points", xytext=(6, 6 - 11 * j), fontsize=8)
-    left.set_xlabel("file size (MiB)")
+        pts = sorted((v for v in variants if v.kv == kv and v.ppl is not None), key=lambda v: quants.index(v.quant))
+        xs = [quants.index(v.quant) + (j - (len(kv_types) - 1) / 2) * dodge for v in pts]
+        left.plot(xs, [v.ppl for v in pts], marker=markers[j % len(markers)], markersize=7, linewidth=1,
+                  alpha=0.85, label=f"KV {kv}")
+    left.set_xticks(range(len(quants)))
+    left.set_xticklabels([f"{q}\n{sizes[q]:.0f} MiB" for q in quants], fontsize=8)
+    left.set_xlabel("weights (file size)")
     left.set_ylabel("perplexity (lower is better)")
-    left.set_title("size vs perplexity")
+    left.set_title("perplexity per weight quant")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
     ok = [v for v in variants if v.scenarios]
@@ -453,18 +473,18 @@ def write_chart(variants: list[VariantResult], scenarios: list[Scenario], path: 
         for v in ok:
             match = [g for g in v.scenarios if (g.n_parallel, g.n_ctx) == (s.n_parallel, s.n_ctx)]
             values.append(match[0].gen_tokens_per_s if match else 0.0)
-        right.bar([i + k * width for i in range(len(ok))], values, width, label=f"generation, {s.label}")
-    right.set_xticks([i + width * (len(scenarios) - 1) / 2 for i in range(len(ok))])
-    right.set_xticklabels([f"{v.quant} / KV {v.kv}" for v in ok], fontsize=7, rotation=40, ha="right")
-    right.set_ylabel("tokens/s (all streams)")
+        right.barh([i + k * width for i in range(len(ok))], values, width, label=f"generation, {s.label}")
+    # Bars across, labels level on the left: rotated labels under upright bars touched their neighbours.
+    right.set_yticks([i + width * (len(scenarios) - 1) / 2 for i in range(len(ok))])
+    right.set_yticklabels([f"{v.quant} / KV {v.kv}" for v in ok], fontsize=7)
+    right.invert_yaxis()  # the first variant on top, as in the table
+    right.set_xlabel("tokens/s (all streams)")
     right.set_title("generation speed per variant")
-    right.legend(fontsize=8)
-    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=8, loc="lower right")
+    right.grid(alpha=0.3, axis="x")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -485,7 +505,7 @@ def _name_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm bench", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="edge-llm bench", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None,
                         help="a GGUF (path or registry name) or an HF checkpoint folder (default: the demo model)")
     parser.add_argument("--config", default=None, help="a models.toml that adds to the built-in registry")
@@ -519,12 +539,23 @@ def build_parser() -> argparse.ArgumentParser:
 def load_results(path: str | Path) -> tuple[dict[str, Any], list[VariantResult], list[Scenario]]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        variants = [VariantResult(**{**v, "scenarios": [ScenarioResult(**s) for s in v["scenarios"]]})
+        variants = [VariantResult(**{**_current_names(v), "scenarios": [ScenarioResult(**s) for s in v["scenarios"]]})
                     for v in data["variants"]]
         scenarios = [Scenario(**s) for s in data["meta"]["scenarios"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EdgeLLMError(f"cannot read bench results {path}: {exc}") from None
     return data["meta"], variants, scenarios
+
+
+def _current_names(variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant of results written before bench took llama-perplexity's KL divergence (the README's
+    tables): `top1_agreement` is today's `same_top`; `mean_kl`, a KL over the reference's top 64
+    tokens only, is not `mean_kld` and is left out rather than shown as one."""
+    older = dict(variant)
+    if "top1_agreement" in older:
+        older["same_top"] = older.pop("top1_agreement")
+    older.pop("mean_kl", None)
+    return older
 
 
 def replot(args: argparse.Namespace) -> int:

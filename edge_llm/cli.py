@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import sys
@@ -27,9 +28,30 @@ COMMANDS = {
 }
 
 
+
+def _run(rest: list[str]) -> list[str]:
+    """Ollama's `run MODEL [PROMPT]`: one answer through the chat template with a prompt, else a chat."""
+    model = ["-m", rest.pop(0)] if rest and not rest[0].startswith("-") else []
+    if rest and not rest[0].startswith("-"):
+        return ["generate", *model, "--chat", *rest]
+    return ["chat", *model, *rest]
+
+
+# Other tools' words for these commands (Ollama's, llama.cpp's): each becomes the edge-llm command
+# line it stands for, so there is one implementation of each thing.
+ALIASES = {
+    "run": (_run, "Ollama's: `run MODEL` = chat -m MODEL; `run MODEL PROMPT` = generate -m MODEL --chat PROMPT"),
+    "list": (lambda rest: ["models", "--local", *rest], "Ollama's: models --local (what is on this machine)"),
+    "ps": (lambda rest: ["models", "--running", *rest], "Ollama's: models --running (what a server has loaded)"),
+    "show": (lambda rest: ["info", *rest], "Ollama's: info"),
+    "server": (lambda rest: ["serve", *rest], "llama.cpp's llama-server: serve"),
+}
+
+
 def usage() -> str:
     lines = ["usage: edge-llm <command> [options]", "", "commands:"]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "aliases:"] + [f"  {name:<11} {help_}" for name, (_, help_) in ALIASES.items()]
     lines += ["", "`edge-llm <command> -h` shows a command's options."]
     return "\n".join(lines)
 
@@ -45,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-llm {version('edge-llm')}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command in ALIASES:
+        command, *rest = ALIASES[command][0](list(rest))
     if command not in COMMANDS:
-        print(f"edge-llm: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        near = difflib.get_close_matches(command, [*COMMANDS, *ALIASES], n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        print(f"edge-llm: unknown command {command!r} ({hint}see edge-llm --help)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if "-v" in rest or "--verbose" in rest else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -18,7 +18,7 @@ import sys
 from edge_llm.engines.base import load_engine
 from edge_llm.errors import InvalidParameterError
 from edge_llm.files import read_text
-from edge_llm.options import add_model_flags, load_options
+from edge_llm.options import CommandParser, add_model_flags, load_options
 
 
 def texts_from(args: argparse.Namespace, flag: str = "-p") -> list[str]:
@@ -33,7 +33,7 @@ def texts_from(args: argparse.Namespace, flag: str = "-p") -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm embed", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="edge-llm embed", description=__doc__.splitlines()[0])
     parser.add_argument("-p", "--prompt", action="append", help="a text to embed (repeat for several)")
     parser.add_argument("-f", "--file", default=None, help="texts to embed, one per line (- reads standard input)")
     parser.add_argument("--normalize", type=int, default=2, metavar="N",

@@ -40,6 +40,7 @@ import numpy as np
 
 from edge_llm import files
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.options import CommandParser
 
 if TYPE_CHECKING:
     from edge_llm.engines.llamacpp import LlamaCppEngine
@@ -439,7 +440,7 @@ def make_imatrix(model: str | Path, out: str | Path, *, text_file: str | Path | 
 def build_parser() -> argparse.ArgumentParser:
     from edge_llm.options import MODEL, add_load_flags
 
-    parser = argparse.ArgumentParser(prog="edge-llm imatrix", description=__doc__.splitlines()[0].strip("`"))
+    parser = CommandParser(prog="edge-llm imatrix", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("model", help="the model: a .gguf (best its f16 / bf16 / f32 form) or a registry name")
     parser.add_argument("-f", "--file", default=None,
                         help=f"calibration text (default: the shipped {DEFAULT_TEXT.name}: prose, a technical "

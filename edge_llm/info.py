@@ -5,7 +5,6 @@ of CPU for a large vocabulary: too slow for the server's /api/show and /api/tags
 
 from __future__ import annotations
 
-import argparse
 import json
 import mmap
 import struct
@@ -14,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_llm.errors import EdgeLLMError
+from edge_llm.options import CommandParser
 from edge_llm.registry import load_registry, resolve
 
 
@@ -244,7 +244,7 @@ def images_line(info: GGUFInfo, resolved) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-llm info", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="edge-llm info", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=None, help="a .gguf path, registry name or hf: reference")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--template", action="store_true", help="also print the chat template")

@@ -34,7 +34,7 @@ import numpy as np
 from edge_llm import files
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.kl_divergence import BaseFile, BaseWriter, ChunkTable, KLDAccumulator, KLDResult
-from edge_llm.options import add_model_flags, load_options
+from edge_llm.options import CommandParser, add_model_flags, load_options
 
 if TYPE_CHECKING:
     from edge_llm.engines.llamacpp import LlamaCppEngine
@@ -240,7 +240,7 @@ class ChunkPrinter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm perplexity", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="edge-llm perplexity", description=__doc__.splitlines()[0])
     parser.add_argument("-f", "--file", default=None,
                         help=f"text file (default: the shipped corpus, {DEFAULT_CORPUS.name})")
     parser.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")

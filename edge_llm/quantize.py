@@ -15,7 +15,6 @@ without one (iq2_xs ...) get one computed from the input (`--imatrix auto`) rath
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import re
@@ -29,12 +28,14 @@ import numpy as np
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.files import check_output_path, os_errors
+from edge_llm.options import CommandParser
 
 # llama.cpp refuses these without an importance matrix ("this quantization requires an imatrix").
 NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s"}
 # llama_ftype names the binding exposes that llama.cpp's quantizer rejects as a target.
 _NOT_TARGETS = {"nvfp4"}
 _PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_FAILED = re.compile(rb"failed to quantize: ([^\n]+)")
 AUTO = "auto"  # --imatrix auto: computed from the input first
 # llama-quantize's metadata keys for the importance matrix it was given (tools/quantize/quantize.cpp).
 _IMATRIX_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
@@ -91,6 +92,7 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
     given = load_imatrix(Path(imatrix)) if imatrix is not None and str(imatrix) != AUTO else None
     auto_file = dst.with_name(f".{dst.name}.imatrix.gguf")
     tmp = dst.with_name(f".{dst.name}.partial")
+    failures: list[str] = []
     try:
         if imatrix is not None and str(imatrix) == AUTO:
             given = _auto_imatrix(src, auto_file, qtype, threads=threads, verbose=verbose, show=progress is not None)
@@ -115,11 +117,10 @@ def quantize_file(src: str | Path, dst: str | Path, qtype: str, *, threads: int 
             table = _tensor_type_array(overrides)
             keep_alive.append(table)
             params.tt_overrides = table[0]
-        with log_to(_progress_reader(progress, verbose)):
+        with log_to(_progress_reader(progress, verbose, failures)):
             status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if status != 0:
-            raise EdgeLLMError(f"llama.cpp could not quantize {src} to {qtype} (status {status}; "
-                               "run with -v for llama.cpp's log)")
+            raise EdgeLLMError(_failure_line(src, qtype, status, failures[-1] if failures else None))
         with os_errors(dst, "write"):
             os.replace(tmp, dst)
     finally:
@@ -139,15 +140,27 @@ def _auto_imatrix(src: Path, out: Path, qtype: str, *, threads: int | None, verb
     return load_imatrix(out)
 
 
-def _progress_reader(progress: Callable[[int, int, str], None] | None, verbose: bool) -> Callable[[bytes], None]:
+def _failure_line(src: Path, qtype: str, status: int, reason: str | None) -> str:
+    if reason is not None and "requantizing" in reason:  # llama.cpp: "requantizing from type q4_1 is disabled"
+        return (f"{src} is already quantized ({reason.split('from type ')[-1].split()[0]}); quantizing it again "
+                "loses more quality than quantizing its f16/bf16 original: pass --allow-requantize to do it anyway")
+    return f"llama.cpp could not quantize {src} to {qtype}: " + (reason or f"status {status}; run with -v for its log")
+
+
+def _progress_reader(progress: Callable[[int, int, str], None] | None, verbose: bool,
+                     failures: list[str]) -> Callable[[bytes], None]:
     """llama.cpp's log while quantizing: each "[ 12/272] blk.1.attn_q.weight" line is progress
-    (llama_model_quantize has no progress callback); the log itself is printed only when verbose
+    (llama_model_quantize has no progress callback), a "failed to quantize: WHY" line goes to
+    `failures` (the status code alone says nothing); the log itself is printed only when verbose
     (llama-cpp-python's own callback lets continuation lines of warnings through even when quiet)."""
 
     def read(text: bytes) -> None:
         match = _PROGRESS.search(text)
         if match and progress is not None:
             progress(int(match[1]), int(match[2]), match[3].decode(errors="replace"))
+        failed = _FAILED.search(text)
+        if failed:
+            failures.append(failed[1].decode(errors="replace").strip())
         if verbose:
             print(text.decode(errors="replace"), end="", file=sys.stderr, flush=True)
 
@@ -304,9 +317,27 @@ def _imatrix_array(entries: dict[str, np.ndarray]) -> list:
 
 
 def default_output(src: Path, qtype: str) -> Path:
-    """model-f16.gguf -> model-q5_k_m.gguf; other names get the type appended."""
-    stem = re.sub(r"[-_.](f32|f16|bf16|q8_0)$", "", src.stem, flags=re.IGNORECASE)
+    """model-f16.gguf -> model-q5_k_m.gguf (model.Q4_1.gguf -> model-q8_0.gguf: the type the name
+    gives is replaced); other names get the type appended."""
+    known = "|".join(sorted(map(re.escape, quant_types()), key=len, reverse=True))
+    stem = re.sub(rf"[-_.]({known})$", "", src.stem, flags=re.IGNORECASE)
     return src.with_name(f"{stem}-{qtype.lower()}.gguf")
+
+
+def input_gguf(ref: str, config: str | None = None) -> tuple[Path, bool]:
+    """The GGUF to quantize: a path as given, else a model reference (registry name, hf:/ms:)
+    resolved offline; and whether it was a reference (its output then goes to the current folder,
+    not beside it in a package or hub cache)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path, False
+    from edge_llm.registry import load_registry, resolve
+
+    resolved = resolve(ref, load_registry(config))
+    if not resolved.is_gguf:
+        raise EdgeLLMError(f"{ref} is an HF checkpoint ({resolved.path}), not a GGUF: "
+                           f"edge-llm convert {ref} --quant TYPE")
+    return resolved.path, True
 
 
 def progress_printer(verb: str) -> Callable[[int, int, str], None]:
@@ -321,14 +352,19 @@ def progress_printer(verb: str) -> Callable[[int, int, str], None]:
 
 def main(argv: list[str] | None = None) -> int:
     types = quant_types()
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="edge-llm quantize", description="Quantize a GGUF file with llama.cpp's own quantizer.",
         epilog="types: " + ", ".join(sorted(types)) + f". Types that need an importance matrix (computed "
                f"when none is given): {', '.join(sorted(NEEDS_IMATRIX))}.")
-    parser.add_argument("input", help="the GGUF to quantize (usually f16, bf16 or f32)")
-    parser.add_argument("type", help="quant type, e.g. q4_k_m, q5_k_m, q8_0, iq4_xs")
+    parser.add_argument("input", help="the GGUF to quantize (usually f16, bf16 or f32): a path or a model reference "
+                                      "(registry name, hf:...)")
+    parser.add_argument("out_type", nargs="+", metavar="[OUT] TYPE",
+                        help="quant type, e.g. q4_k_m, q5_k_m, q8_0, iq4_xs; before it, the output as llama-quantize "
+                             "takes it (or -o)")
     parser.add_argument("-o", "--outfile", default=None,
-                        help="output .gguf, or a folder for the default name (default: INPUT-TYPE.gguf beside it)")
+                        help="output .gguf, or a folder for the default name (default: INPUT-TYPE.gguf beside a "
+                             "path, in the current folder for a model reference)")
+    parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
     parser.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core)")
     parser.add_argument("--imatrix", default=None, metavar="FILE|auto",
                         help="importance matrix from `edge-llm imatrix` or llama-imatrix (GGUF or .dat), or auto: "
@@ -342,12 +378,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     args = parser.parse_args(argv)
+    if len(args.out_type) > 2 or (len(args.out_type) == 2 and args.outfile):
+        parser.error("expected INPUT [OUT] TYPE, with OUT either there or as -o")
+    *out, qtype = args.out_type
+    outfile = out[0] if out else args.outfile
     if args.threads is not None and args.threads < 1:
         raise InvalidParameterError(f"invalid threads: {args.threads} (must be >= 1)", param="threads")
-    src = Path(args.input).expanduser()
-    dst = Path(args.outfile).expanduser() if args.outfile else default_output(src, args.type)
+    src, is_reference = input_gguf(args.input, args.config)
+    default = default_output(src, qtype)
+    dst = Path(outfile).expanduser() if outfile else Path(default.name) if is_reference else default
     show = not args.quiet and not args.verbose and sys.stderr.isatty()
-    dst = quantize_file(src, dst, args.type, threads=args.threads, allow_requantize=args.allow_requantize,
+    dst = quantize_file(src, dst, qtype, threads=args.threads, allow_requantize=args.allow_requantize,
                         verbose=args.verbose, imatrix=args.imatrix, tensor_types=args.tensor_type,
                         output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
                         progress=progress_printer("quantizing") if show else None)

@@ -22,6 +22,7 @@ from edge_llm import hub
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, ModelNotFoundError
 from edge_llm.files import read_text
 from edge_llm.load_options import REGISTRY_FIELDS, LoadOptions
+from edge_llm.options import CommandParser
 from edge_llm.sampling import MODEL_DEFAULT_FIELDS, SamplingParams
 
 if sys.version_info >= (3, 11):
@@ -241,16 +242,20 @@ def convertible(spec: ModelSpec, where: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     """`edge-llm models`: the registry, which models are on this machine, and which HF checkpoints
     `edge-llm convert` turns into GGUFs locally (without torch)."""
-    import argparse
     import json
 
     from edge_llm.model_kind import model_kind
 
-    parser = argparse.ArgumentParser(prog="edge-llm models", description="List the model registry.")
+    parser = CommandParser(prog="edge-llm models", description="List the model registry.")
     parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
     parser.add_argument("--local", action="store_true", help="only models present on this machine")
+    parser.add_argument("--running", nargs="?", const="http://127.0.0.1:8080", default=None, metavar="URL",
+                        help="instead: the models a running edge-llm serve has loaded (default URL "
+                             "http://127.0.0.1:8080; the key from EDGE_LLM_API_KEY)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
+    if args.running is not None:
+        return _print_running(args.running, args.json)
     rows = []
     for name, spec in load_registry(args.config).items():
         where = local_status(spec)
@@ -269,4 +274,39 @@ def main(argv: list[str] | None = None) -> int:
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in columns}
     for row in [dict(zip(columns, columns, strict=False)), *rows]:
         print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+    return 0
+
+
+def _print_running(url: str, as_json: bool) -> int:
+    """`edge-llm ps`: the server's Ollama route /api/ps (name, size, context, when it unloads)."""
+    import json
+    import os
+
+    import httpx
+
+    key = os.environ.get("EDGE_LLM_API_KEY")
+    try:
+        # Generous: a small box may be busy generating when asked.
+        reply = httpx.get(f"{url.rstrip('/')}/api/ps", timeout=60,
+                          headers={"Authorization": f"Bearer {key}"} if key else None)
+        reply.raise_for_status()
+        models = reply.json()["models"]
+    except httpx.HTTPStatusError as exc:
+        raise EdgeLLMError(f"{url} answered /api/ps with HTTP {exc.response.status_code}"
+                           + (" (set EDGE_LLM_API_KEY)" if exc.response.status_code == 401 else "")) from None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        from edge_llm.pull import unreachable_reason
+
+        why = unreachable_reason(exc) or type(exc).__name__
+        raise EdgeLLMError(f"no edge-llm server answers at {url} ({why}); start one with "
+                           "edge-llm serve, or name its URL: --running URL") from None
+    if as_json:
+        print(json.dumps(models, indent=2))
+        return 0
+    rows = [["name", "size", "context", "until"]] + [
+        [m["name"], f"{m['size'] / 2**20:.0f} MiB", str(m.get("context_length", "?")), m.get("expires_at", "?")]
+        for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0

@@ -29,6 +29,7 @@ from edge_llm.generate_command import drafts_note, read_prompt_file
 from edge_llm.options import (
     PREFIXES,
     PROMPT_CACHE,
+    CommandParser,
     add_load_flags,
     add_model_flags,
     add_sampling_flags,
@@ -61,7 +62,7 @@ SHOWN_PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm chat", description=__doc__.splitlines()[0],
+    parser = CommandParser(prog="edge-llm chat", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP)
     g = parser.add_argument_group("conversation")
     g.add_argument("--system", default=None, help="system prompt (chat template mode)")
@@ -225,13 +226,13 @@ class ChatSession:
                 self.screen.error("usage: /save FILE")
             else:
                 self.conversation.save(arg, model=self.engine.model_name)
-                self.screen.info(f"[saved {len(self.conversation.exchanges)} turns to {arg}]")
+                self.screen.info(f"[saved {_count(len(self.conversation.exchanges), 'turn')} to {arg}]")
         elif name == "/load":
             if not arg:
                 self.screen.error("usage: /load FILE")
             else:
                 self.conversation.load(arg)
-                self.screen.info(f"[loaded {len(self.conversation.exchanges)} turns from {arg}]")
+                self.screen.info(f"[loaded {_count(len(self.conversation.exchanges), 'turn')} from {arg}]")
         elif name == "/image":
             self.attach_image(arg)
         elif name == "/params":
@@ -355,7 +356,13 @@ def _token_bytes(engine: Engine, token: int) -> bytes:
 
 
 def _plural(n: int, word: str) -> str:
+    """'the oldest turn', 'the 2 oldest turns'."""
     return f"{word}" if n == 1 else f"{n} {word}s"
+
+
+def _count(n: int, word: str) -> str:
+    """'1 turn', '2 turns', '0 turns'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def make_conversation(engine: Engine, args: argparse.Namespace) -> Conversation:
@@ -402,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.resume and not source.exists():
                 raise EdgeLLMError(f"no conversation to resume: an interactive chat keeps one at exit in {source}")
             conversation.load(source)
-            screen.notice(f"[resumed {len(conversation.exchanges)} turns from {source}]")
+            screen.notice(f"[resumed {_count(len(conversation.exchanges), 'turn')} from {source}]")
         if interactive:
             mode = "prefix mode" if isinstance(conversation, PrefixConversation) else "chat template"
             screen.notice(f"edge-llm chat: {engine.model_name} ({mode}, context {conversation.limit} tokens). "

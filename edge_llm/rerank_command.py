@@ -16,11 +16,11 @@ import sys
 
 from edge_llm.embed_command import texts_from
 from edge_llm.engines.base import load_engine
-from edge_llm.options import add_model_flags, load_options
+from edge_llm.options import CommandParser, add_model_flags, load_options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm rerank", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="edge-llm rerank", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--query", required=True, help="the query")
     parser.add_argument("-d", "--document", dest="prompt", action="append", help="a document (repeat for several)")
     parser.add_argument("-f", "--file", default=None, help="documents, one per line (- reads standard input)")

@@ -5,8 +5,8 @@ vendors.
 Where they come from, first found wins:
 - `$EDGE_LLM_LLAMA_CPP_BIN`: a folder holding them (a llama.cpp `build/bin`);
 - `~/.cache/edge-llm/llama-cpp-tools-VERSION/bin` (or under `$EDGE_LLM_TEST_CACHE`), built there on
-  first use with cmake from the sdist's vendored llama.cpp (`$EDGE_LLM_LLAMA_CPP_SDIST`, else `pip
-  download`, as tests/llama_cpp_reference.py finds it): a few minutes once per machine.
+  first use with cmake from the sdist's vendored llama.cpp (`$EDGE_LLM_LLAMA_CPP_SDIST`, else the sdist
+  tests/llama_cpp_sdist.py downloads once per machine): a few minutes once per machine.
 
 They are built as llama-cpp-python builds its library (Release, the host's CPU features), so on one
 machine both compute the same activations and logits.
@@ -16,42 +16,31 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
-from llama_cpp_reference import PINNED, cache_dir
+from llama_cpp_reference import PINNED, run_in_own_group
+from llama_cpp_sdist import cache_dir, extracted, given_sdist
 
 TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
 
 
 def _source() -> Path:
     """The full vendored llama.cpp tree (CMakeLists.txt, ggml, src, common, tools)."""
-    given = Path(os.environ["EDGE_LLM_LLAMA_CPP_SDIST"]).expanduser() \
-        if os.environ.get("EDGE_LLM_LLAMA_CPP_SDIST") else None
+    given = given_sdist()
     if given and (given / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
         return given / "vendor" / "llama.cpp"
-    folder = cache_dir() / f"llama-cpp-src-{PINNED}"
-    if not (folder / "CMakeLists.txt").is_file():
-        tarball = given if given and given.is_file() else None
-        if tarball is None:
-            downloads = cache_dir() / "downloads"
-            downloads.mkdir(parents=True, exist_ok=True)
-            tarball = downloads / f"llama_cpp_python-{PINNED}.tar.gz"
-            if not tarball.is_file():
-                subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
-                                ":all:", f"llama-cpp-python=={PINNED}", "-d", str(downloads)], check=True)
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with tarfile.open(tarball) as tar:
-            top = tar.getnames()[0].split("/")[0]
-            prefix = f"{top}/vendor/llama.cpp/"
-            tar.extractall(tmp, members=[m for m in tar.getmembers() if m.name.startswith(prefix)], filter="data")
-        (tmp / top / "vendor" / "llama.cpp").rename(folder)
-        shutil.rmtree(tmp)
-    return folder
+    top = extracted(cache_dir() / f"llama-cpp-sources-{PINNED}", ("vendor/llama.cpp/",), PINNED)
+    return top / "vendor" / "llama.cpp"
+
+
+def _build(cmd: list[str]) -> None:
+    """A cmake step in a process group of its own: a test that times out mid-build leaves no
+    compiler running."""
+    done = run_in_own_group(cmd)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])}... failed (exit {done.returncode}):\n"
+                           + "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:]))
 
 
 def tool(name: str) -> Path:
@@ -71,12 +60,11 @@ def tool(name: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
             source = _source()
-            subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                            "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                            "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"],
-                           check=True, capture_output=True)
-            subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(os.cpu_count() or 2),
-                            "--target", *TOOLS], check=True, capture_output=True)
+            _build(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"])
+            _build(["cmake", "--build", str(build), "--config", "Release", "-j", str(os.cpu_count() or 2),
+                    "--target", *TOOLS])
     return path
 
 

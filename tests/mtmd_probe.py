@@ -21,8 +21,9 @@ import numpy as np
 def probe(text_path: str, mmproj_path: str, images: list[str]) -> dict:
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
+    from reference_llama import reference_llama  # this script's folder is on sys.path
 
-    llm = llama_cpp.Llama(model_path=text_path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
+    llm = reference_llama(text_path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
     params = mtmd.mtmd_context_params_default()
     params.use_gpu = False
     params.n_threads = 2

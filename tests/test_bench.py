@@ -85,3 +85,31 @@ def test_markdown_table_marks_failed_variants():
     table = markdown_table([VariantResult("q2_k", "f16", "x.gguf", 50.0, error="worker failed (1): boom")],
                            [Scenario(1, 512)])
     assert "failed: worker failed" in table and "| q2_k | f16 | 50.0 |" in table
+
+
+@pytest.mark.parametrize("results", ["bench-smollm2-demo.json", "bench-smollm2-converted.json"])
+def test_no_label_of_the_chart_overlaps_another(results):
+    """The README's charts: every piece of text in either panel (tick labels, titles, legends) has
+    room of its own (q4_k_m and q5_k_m, 7 MiB apart, once wrote their labels over each other)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edge_llm.bench import chart_figure, load_results
+    from tests.conftest import ROOT
+
+    _, variants, scenarios = load_results(ROOT / "docs" / results)
+    fig = chart_figure(variants, scenarios, "title")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    try:
+        for axes in fig.axes:
+            texts = [t for t in axes.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+            assert len(boxes) > 8
+            for i, (a, box_a) in enumerate(boxes):
+                for b, box_b in boxes[i + 1:]:
+                    assert not box_a.overlaps(box_b), (a, b)
+    finally:
+        plt.close(fig)

@@ -63,11 +63,10 @@ def test_perplexity_matches_an_independent_llama_perplexity_computation(demo_pat
     """Restate llama-perplexity's rule here (n_chunk = n_tokens / n_ctx; BOS first if the model adds
     it; score positions n_ctx/2 .. n_ctx-2 against the next token) and evaluate every chunk with
     llama-cpp-python's high-level Llama and its `scores`, a separate code path."""
-    from llama_cpp import Llama
+    from reference_llama import reference_llama
 
     result, _ = ppl_run
-    llm = Llama(model_path=str(demo_path), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False,
-                flash_attn=False)
+    llm = reference_llama(demo_path, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False, flash_attn=False)
     try:
         add_bos = llm._model.add_bos_token()
         tokens = llm.tokenize(DEFAULT_CORPUS.read_bytes(), add_bos=add_bos, special=False)

@@ -100,8 +100,12 @@ def test_pull_checkpoint_snapshot_with_include_then_convert(tmp_path):
     names = sorted(os.listdir(folder))
     assert "pytorch_model.bin" not in names and "model.safetensors" in names and "config.json" in names
     assert _resolve_offline("hf:acme/TinyLlama-HF", env) == folder
-    out = run_cli("convert", folder, "-o", str(tmp_path / "tiny.gguf"), env={**env, "HF_HUB_OFFLINE": "1"})
+    # Converted by its reference, as every command takes one.
+    out = run_cli("convert", "hf:acme/TinyLlama-HF", "-o", str(tmp_path / "tiny.gguf"), env={**env, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "tiny.gguf")
+    out = run_cli("convert", "smollm2-135m", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 1 and "smollm2-135m is a GGUF already" in out.stderr, out.stderr
     from gguf import GGUFReader
 
     reader = GGUFReader(tmp_path / "tiny.gguf")
@@ -161,6 +165,32 @@ def test_reference_parsing():
                                                     file="qwen2-7b-instruct-q5_k_m.gguf")
     assert shard_names("m-00001-of-00003.gguf", []) == [f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert shard_names("m.gguf", ["m.gguf"]) == ["m.gguf"]
+
+
+def _refused_url() -> str:
+    """A URL on 127.0.0.1 whose port nothing listens on: every connection is refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("ref", ["qwen2-0.5b", f"hf:{GGUF_REPO}:q8_0", "hf:acme/Tiny-Checkpoint",
+                                 # importing modelscope and its one retry take ~10 s
+                                 pytest.param(f"ms:{GGUF_REPO}:q8_0", marks=pytest.mark.slow),
+                                 pytest.param("ms:acme/Tiny-Checkpoint", marks=pytest.mark.slow)])
+def test_an_unreachable_hub_is_one_line(ref, tmp_path):
+    """No network: one line saying which hub cannot be reached and why, for registry names, hf:
+    (a GGUF or a checkpoint) and ms:; no retry warnings, no traceback."""
+    url = _refused_url()
+    out = run_cli("pull", ref, env=_env(tmp_path, HF_ENDPOINT=url, MODELSCOPE_ENDPOINT=url,
+                                        MODELSCOPE_CACHE=str(tmp_path / "ms"),
+                                        MODELSCOPE_API_MAX_RETRIES="1"), timeout=120)
+    assert out.returncode == 1, out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    hub_name = f"the Hugging Face Hub at {url}" if not ref.startswith("ms:") else "ModelScope"
+    assert f"error: cannot reach {hub_name} (connection refused)" in out.stderr, out.stderr
 
 
 VISION_REPO = "acme/TinyVision-GGUF"

@@ -128,7 +128,7 @@ def test_bad_inputs(f32_gguf, tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf" * 10)
     cases = [
-        ((str(tmp_path / "missing.gguf"), "q4_0"), "input file not found"),
+        ((str(tmp_path / "missing.gguf"), "q4_0"), f"model file not found: {tmp_path / 'missing.gguf'}"),
         ((str(junk), "q4_0"), "is not a GGUF file"),
         ((str(src), "q9_k"), "unknown quant type 'q9_k'"),
         ((str(src), "q4_0", "--imatrix", str(tmp_path / "none.gguf")), "imatrix file not found"),
@@ -167,6 +167,35 @@ def test_output_into_a_folder_or_a_read_only_one(f32_gguf, tmp_path, read_only_f
     assert out.returncode == 1
     assert out.stderr == f"edge-llm quantize: error: cannot write {locked / 'm.gguf'}: Permission denied\n"
     assert list(locked.iterdir()) == []
+
+
+def test_model_references_and_llama_quantizes_argument_order(f32_gguf, tmp_path, demo_path):
+    """A registry name works as the input (its output goes to the current folder, not into the
+    package); requantizing says which flag allows it; `IN OUT TYPE` as llama-quantize takes them."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def quantize(*args: str):
+        return subprocess.run([sys.executable, "-m", "edge_llm", "quantize", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+    refused = quantize("smollm2-135m", "q8_0")
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert f"{demo_path} is already quantized (q4_1)" in refused.stderr
+    assert "pass --allow-requantize" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
+    done = quantize("smollm2-135m", "q8_0", "--allow-requantize", "-q")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SmolLM2-135M-Instruct-q8_0.gguf"
+    assert _file_type(tmp_path / "SmolLM2-135M-Instruct-q8_0.gguf") == quant_types()["q8_0"]
+
+    src, _ = f32_gguf
+    out = quantize(str(src), "positional.gguf", "q4_0")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "positional.gguf").read_bytes() == quantize_file(src, tmp_path / "lib.gguf", "q4_0").read_bytes()
 
 
 def test_types_that_need_an_imatrix_get_one(f32_gguf, tmp_path):

@@ -507,6 +507,13 @@ def test_cli_serve_with_api_key(demo_path, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    # One log line per request (server/access_log.py), the refusals too; /health and /metrics polls left out.
+    log = proc.stdout.read()
+    assert re.search(r"^\S+ \S+ 127\.0\.0\.1 GET /v1/models 401 \d+\.\d\d s$", log, re.M), log
+    usage = out.usage
+    assert re.search(rf"^\S+ \S+ 127\.0\.0\.1 POST /v1/chat/completions 200 \d+\.\d\d s, {usage.prompt_tokens} "
+                     rf"prompt \+ {usage.completion_tokens} generated tokens$", log, re.M), log
+    assert "/health" not in log and "/metrics" not in log and "Traceback" not in log
 
 
 def _health(base: str) -> bool:

@@ -552,6 +552,60 @@ def test_serve_sampling_flags_fill_what_a_request_leaves_unset_above_the_models_
         assert (seen.temperature, seen.top_k, seen.top_p, seen.max_tokens) == (1.2, 5, 0.9, 3)
 
 
+def test_each_request_is_one_log_line_with_its_tokens(caplog):
+    """serve's access log (server/access_log.py): method, path, status, seconds and, where the
+    request generated, its prompt and generated tokens; refusals too; /health and /metrics not;
+    no line at all without `access_log` (serve --no-access-log)."""
+    from edge_llm.server.serve import build_parser
+
+    assert build_parser().parse_args([]).access_log is True
+    assert build_parser().parse_args(["--no-access-log"]).access_log is False
+    engine = FakeEngine(ANSWER, model_name="m")
+    caplog.set_level("INFO", logger="edge_llm.server.access_log")
+    with serve({"m": engine}, api_keys=["sekrit"], access_log=True) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", timeout=30, max_retries=0)
+        whole = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        streamed = list(oa.completions.create(model="m", prompt="abc", max_tokens=3, n=2, stream=True,
+                                              stream_options={"include_usage": True}))
+        httpx.get(f"{url}/v1/models")  # no key: 401
+        httpx.get(f"{url}/health")
+        httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sekrit"})
+        httpx.post(f"{url}/v1/chat/completions?key=secret", json={"model": "m"},
+                   headers={"Authorization": "Bearer sekrit"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "edge_llm.server.access_log"]
+    stamp, seconds = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d 127\.0\.0\.1", r"\d+\.\d\d s"
+    usage = streamed[-1].usage
+    expected = [
+        rf"{stamp} POST /v1/chat/completions 200 {seconds}, {whole.usage.prompt_tokens} prompt \+ 4 generated tokens",
+        rf"{stamp} POST /v1/completions 200 {seconds}, {usage.prompt_tokens} prompt \+ 6 generated tokens",
+        rf"{stamp} GET /v1/models 401 {seconds}",
+        rf"{stamp} POST /v1/chat/completions 400 {seconds}",  # the query string is never written
+    ]
+    assert len(lines) == len(expected), lines
+    for line, pattern in zip(lines, expected, strict=True):
+        assert re.fullmatch(pattern, line), line
+    assert usage.completion_tokens == 6
+    caplog.clear()
+    with serve({"m": engine}) as url:
+        openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=30).models.list()
+    assert not [r for r in caplog.records if r.name == "edge_llm.server.access_log"]
+
+
+def test_ps_lists_what_a_running_server_has_loaded(engines, url, oa, capsys):
+    """`edge-llm ps` (models --running): the server's /api/ps as a table; no server is one line."""
+    from edge_llm import cli
+
+    oa.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert cli.main(["ps", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "size", "context", "until"]
+    assert any(re.match(rf"demo +\d+ MiB +{N_CTX // N_PARALLEL} +\d{{4}}-", line) for line in lines[1:]), lines
+    closed = url.rsplit(":", 1)[0] + ":9"
+    assert cli.main(["ps", closed]) == 1
+    assert capsys.readouterr().err == (f"edge-llm models: error: no edge-llm server answers at {closed} (connection "
+                                       "refused); start one with edge-llm serve, or name its URL: --running URL\n")
+
+
 # -- tools on a template without tool markup (generic_tools.py): the same calls on every API ---------------
 
 GENERIC_CALLS = ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, '

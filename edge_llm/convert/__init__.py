@@ -12,7 +12,6 @@ when complete: an error or Ctrl-C leaves nothing behind.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import os
@@ -52,6 +51,7 @@ from edge_llm.convert.qwen import Qwen2Model, Qwen2MoeModel, Qwen3Model, Qwen3Mo
 from edge_llm.convert.qwenvl import Qwen2VLModel, Qwen2VLProjector
 from edge_llm.convert.smolvlm import Idefics3Projector
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, MissingExtraError
+from edge_llm.options import CommandParser
 from edge_llm.quantize import progress_printer, quant_types, quantize_file
 
 __all__ = ["convert", "convert_checkpoint", "convert_mmproj", "Converted", "main", "ARCHITECTURES", "PROJECTORS",
@@ -341,14 +341,34 @@ def convert_mmproj(hf_dir: str | Path, out: str | Path | None = None, outtype: s
                               progress=progress).mmproj
 
 
+def checkpoint_folder(ref: str, config: str | None = None) -> Path:
+    """A model reference (hf:/ms:, a registry name) resolved offline to the pulled checkpoint it
+    names; anything else is a folder (load_config says what is wrong with one that is not)."""
+    from edge_llm import hub
+    from edge_llm.registry import load_registry, resolve
+
+    path = Path(ref).expanduser()
+    registry = load_registry(config)
+    if path.exists() or not (hub.is_hub_ref(ref) or ref in registry):
+        return path
+    resolved = resolve(ref, registry)
+    if resolved.is_gguf:
+        raise EdgeLLMError(f"{ref} is a GGUF already ({resolved.path}); convert reads HF checkpoints "
+                           f"(edge-llm quantize {ref} TYPE requantizes it)")
+    return resolved.path
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="edge-llm convert", description="Convert an HF checkpoint folder (safetensors or .bin) to GGUF. "
         "A vision-language checkpoint gives two files: the language model, and its vision tower and projector "
         "(mmproj-NAME-TYPE.gguf beside it, the file llama.cpp's mtmd and `edge-llm serve --mmproj` load).",
         epilog=f"supported architectures: {', '.join(sorted(ARCHITECTURES))}; "
                f"projectors: {', '.join(sorted(PROJECTORS))}")
-    parser.add_argument("hf_dir", help="the checkpoint folder (config.json, weights, tokenizer)")
+    parser.add_argument("hf_dir", metavar="CHECKPOINT",
+                        help="the checkpoint folder (config.json, weights, tokenizer), or a model reference to a "
+                             "pulled one (registry name such as qwen3-0.6b-hf, hf:ORG/REPO)")
+    parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
     parser.add_argument("-o", "--outfile", default=None,
                         help="output .gguf or folder (default: ./NAME-TYPE.gguf; with --mmproj-only, the projector's)")
     parser.add_argument("--outtype", default="f16", choices=list(OUTTYPES),
@@ -375,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InvalidParameterError("--mmproj-only writes one file: give -o or --mmproj-outfile, not both",
                                     param="mmproj-outfile")
     done = convert_checkpoint(
-        args.hf_dir, None if args.mmproj_only else args.outfile, args.outtype, args.quant,
+        checkpoint_folder(args.hf_dir, args.config), None if args.mmproj_only else args.outfile, args.outtype, args.quant,
         text=not args.mmproj_only, mmproj=False if args.no_mmproj else (True if args.mmproj_only else None),
         mmproj_out=(args.mmproj_outfile or args.outfile) if args.mmproj_only else args.mmproj_outfile,
         threads=args.threads, progress=progress_printer("converting") if show else None,

@@ -1,7 +1,8 @@
 """create_app(): the FastAPI application around a ModelManager.
 
-Middleware order (outermost first): the Host / Origin policy for browsers, the chat page, the API
-key, then the body size limit, so a client without the key is refused before its body is read.
+Middleware order (outermost first): the log line of each request (with `access_log`), the Host /
+Origin policy for browsers, the chat page, the API key, then the body size limit, so a client
+without the key is refused before its body is read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from edge_llm.server.access_log import AccessLogMiddleware
 from edge_llm.server.auth import APIKeyMiddleware
 from edge_llm.server.browsers import BrowserPolicyMiddleware
 from edge_llm.server.errors import install_error_handlers
@@ -45,7 +47,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False, bound_host: str = "127.0.0.1",
                allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
                reasoning_format: str = "auto", sampling_defaults: dict[str, Any] | None = None,
-               image_policy: ImagePolicy | None = None) -> FastAPI:
+               image_policy: ImagePolicy | None = None, access_log: bool = False) -> FastAPI:
     from edge_llm.server import (
         anthropic_routes,
         ollama_routes,
@@ -89,6 +91,8 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
     # Outermost: which Host names and web pages may reach anything at all (browsers.py).
     app.add_middleware(BrowserPolicyMiddleware, bound_host=bound_host, allowed_hosts=allowed_hosts,
                        cors_origins=cors_origins)
+    if access_log:  # around everything, refusals included
+        app.add_middleware(AccessLogMiddleware)
     _document_400_not_422(app)
     return app
 

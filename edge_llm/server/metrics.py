@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 if TYPE_CHECKING:
     from edge_llm.engines.base import Delta
+    from edge_llm.server.access_log import RequestTokens
     from edge_llm.server.models import ModelManager
 
 PREFIX = "edge_llm:"
@@ -63,19 +64,21 @@ class ServerMetrics:
                              LABEL, buckets=E2E_BUCKETS, registry=r)
         r.register(_EngineStateCollector(manager))
 
-    def observer(self, model: str) -> RequestObserver:
-        return RequestObserver(self, model)
+    def observer(self, model: str, tokens: RequestTokens | None = None) -> RequestObserver:
+        return RequestObserver(self, model, tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class RequestObserver:
-    """Timing and token counts of one request, fed delta by delta."""
+    """Timing and token counts of one request, fed delta by delta; the counts also go to the
+    request's log line (`tokens`, access_log.py) when it has one."""
 
-    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+    def __init__(self, metrics: ServerMetrics, model: str, tokens: RequestTokens | None = None) -> None:
         self.metrics = metrics
         self.model = model
+        self.tokens = tokens
         self.start = time.perf_counter()
         self._last_token: dict[int, float] = {}
         self._reasons: list[str] = []
@@ -97,6 +100,8 @@ class RequestObserver:
             self._reasons.append(delta.finish_reason)
             usage = delta.usage
             if usage is not None:
+                if self.tokens is not None:
+                    self.tokens.add(usage.prompt_tokens if len(self._reasons) == 1 else 0, usage.completion_tokens)
                 m.generation_tokens.labels(self.model).inc(usage.completion_tokens)
                 m.spec_decode_draft_tokens.labels(self.model).inc(usage.draft_tokens)
                 m.spec_decode_accepted_tokens.labels(self.model).inc(usage.accepted_tokens)

@@ -34,6 +34,7 @@ from edge_llm.engines.media import MediaPrompt
 from edge_llm.reasoning import ReasoningSplitter
 from edge_llm.sampling import SamplingParams
 from edge_llm.server import templates
+from edge_llm.server.access_log import request_tokens
 from edge_llm.server.forward import forward
 from edge_llm.server.generation import (
     Generation,
@@ -326,13 +327,14 @@ async def start_run(request: Request, name: str, engine: Engine, job: Job) -> Ru
     if _stripped_stops(job):
         sampling["include_stop_str_in_output"] = True
     observer = server_state(request).metrics.observer
+    log_tokens = request_tokens(request)  # for the request's log line (access_log.py)
     generations: list[Generation] = []
     try:
         for prompt in job.prompts:
             tokens = await asyncio.to_thread(engine.prompt_tokens, prompt)
             max_tokens = capped_max_tokens(engine, len(tokens), requested_max, param=job.prompt_param)
             params = SamplingParams.create(**sampling, max_tokens=max_tokens)
-            generations.append(Generation(engine, tokens, params, observer(name),
+            generations.append(Generation(engine, tokens, params, observer(name, log_tokens),
                                           closing=server_state(request).closing))
         for g in generations:
             await until_disconnect(request, g.start())

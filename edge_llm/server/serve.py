@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
+import logging
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -19,6 +22,7 @@ from edge_llm.images import ImageLimits
 from edge_llm.options import (
     PROMPT_CACHE,
     QUEUE,
+    CommandParser,
     add_load_flags,
     add_model_flags,
     add_sampling_flags,
@@ -45,7 +49,7 @@ def parse_peers(values: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm serve", description=__doc__.splitlines()[0],
+    parser = CommandParser(prog="edge-llm serve", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("models", nargs="*", metavar="MODEL",
@@ -54,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8080)
+    g.add_argument("--no-access-log", "--log-disable", dest="access_log", action="store_false",
+                   help="no log line per request on stderr (time, client, method, path, status, seconds, tokens)")
     keys = g.add_mutually_exclusive_group()
     keys.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     keys.add_argument("--api-key-file", default=None, help="file with one accepted key per line")
@@ -166,7 +172,8 @@ def build_app(args: argparse.Namespace):  # noqa: ANN201 - a FastAPI app (import
     return create_app(manager, api_keys=api_keys(args), max_body_bytes=args.max_body_size,
                       bound_host=args.host, allowed_hosts=_comma_list(args.allowed_hosts),
                       cors_origins=_comma_list(args.cors), reasoning_format=args.reasoning_format,
-                      sampling_defaults=given_sampling(args), image_policy=image_policy(args))
+                      sampling_defaults=given_sampling(args), image_policy=image_policy(args),
+                      access_log=args.access_log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,18 +184,48 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             raise MissingExtraError("ray[serve] (needed by --ray)", "ray") from None
         return run_on_ray(args, sys.argv[2:] if argv is None else argv)
+    listening = listening_socket(args.host, args.port)  # before any work: a port in use is one line
     app = build_app(args)
     manager = app.state.edge.manager
     if not api_keys(args) and not _is_loopback(args.host):
         print(f"edge-llm serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     served = ", ".join([*manager.models, *(f"{n} (peer)" for n in manager.peers)])
     print(f"edge-llm serve: http://{args.host}:{args.port}  models: {served}", file=sys.stderr, flush=True)
-    _serve(app, args.host, args.port, log_level="info" if load_options(args).verbose else "warning",
-           preload=args.preload)
+    if args.access_log:
+        _log_requests_to_stderr()
+    _serve(app, listening, log_level="info" if load_options(args).verbose else "warning", preload=args.preload)
     return 0
 
 
-def _serve(app: object, host: str, port: int, log_level: str, *, preload: bool = False) -> None:
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound as uvicorn binds it (Config.bind_socket) but first thing, so that
+    a port in use is one error line before any model is read or banner printed."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = ("the address is in use (another server?); choose another --port" if exc.errno == errno.EADDRINUSE
+                  else exc.strerror or str(exc))
+        raise EdgeLLMError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _log_requests_to_stderr() -> None:
+    """access_log.py's lines on stderr, as they are (the CLI's root handler prints warnings only)."""
+    from edge_llm.server import access_log
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_log.logger.addHandler(handler)
+    access_log.logger.setLevel(logging.INFO)
+    access_log.logger.propagate = False
+
+
+def _serve(app: object, listening: socket.socket, log_level: str, *, preload: bool = False) -> None:
     """Run uvicorn with a graceful drain: on SIGTERM (or Ctrl-C) it stops accepting at once and
     in-flight requests run on for up to DRAIN_SECONDS. Then every running generation ends at its
     next token (generation.py): each unfinished choice gets a last event with finish_reason
@@ -250,11 +287,13 @@ def _serve(app: object, host: str, port: int, log_level: str, *, preload: bool =
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     # uvicorn's own timeout is only the backstop for requests still running after all that.
+    host, port = listening.getsockname()[:2]
+    # uvicorn's own access log would repeat access_log.py's line (with -v) without the tokens.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=BoundedH11Protocol,
-                            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS, access_log=False,
                             timeout_graceful_shutdown=DRAIN_SECONDS + FINISH_SECONDS + 2)
     server = DrainingServer(config)
-    server.run()
+    server.run(sockets=[listening])
     if server.failed is not None:
         raise server.failed
 
