@@ -2,7 +2,11 @@
 
 Each input line is `{"id"?, "prompt"}` or `{"id"?, "messages": [...]}` plus optional sampling
 fields (SamplingParams names: temperature, max_tokens, stop, seed, ...); every other field is
-carried through to the output. Records run concurrently: through the engine's parallel slots
+carried through to the output. For an embedding model, `{"id"?, "input": text or [texts]}` gets
+`embedding` (or `embeddings`); for a reranker, `{"id"?, "query", "documents": [texts]}` gets
+`scores`, one per document in their order. Images (models with a vision projector): `"images": [PATH or
+data: URL, ...]` on a record go before its (last) user message's text, and `messages` may carry
+OpenAI content parts (`{"type": "image_url", "image_url": {"url": ...}}`). Records run concurrently: through the engine's parallel slots
 (continuous batching), or against an OpenAI-compatible server (`--url`) with bounded
 concurrency.
 
@@ -15,6 +19,7 @@ records and a line cut short by a crash are dropped and those records run again.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -29,9 +34,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_llm.engines.base import Delta, Engine, Usage, load_engine, merge_delta
+from edge_llm.engines.media import MEDIA_MARKER, MediaPrompt
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.files import check_output_path, json_bytes, os_errors
 from edge_llm.options import (
+    CommandParser,
     add_model_flags,
     add_sampling_flags,
     given_sampling,
@@ -42,7 +49,10 @@ from edge_llm.sampling import SamplingParams
 
 SAMPLING_FIELDS = frozenset(SamplingParams.model_fields)
 # Output fields written by the runner; input fields of the same name are overwritten.
-RESERVED_FIELDS = ("line", "output", "choices", "finish_reason", "usage", "timing", "error", "error_type")
+RESERVED_FIELDS = ("line", "output", "choices", "finish_reason", "usage", "timing", "error", "error_type",
+                   "embedding", "embeddings", "scores")
+# Records of an embedding model or reranker in flight at once: their inputs share the pooled decodes.
+POOLED_CONCURRENCY = 16
 
 
 @dataclass
@@ -53,6 +63,9 @@ class BatchRecord:
     data: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
     messages: list[dict] | None = None
+    inputs: list[str] | None = None  # texts to embed
+    query: str | None = None  # a rerank record's query, and its `inputs` the documents
+    images: list[str] = field(default_factory=list)  # paths or data: URLs, before the last user text
     sampling: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     error_type: str = "invalid_record"
@@ -68,6 +81,8 @@ class Completion:
 
     choices: list[Delta]
     prompt_tokens: int = 0
+    vectors: list[list[float]] | None = None  # an embedding record's
+    scores: list[float] | None = None  # a rerank record's
     cached_tokens: int = 0
     ttft_s: float | None = None
     latency_s: float = 0.0
@@ -131,6 +146,27 @@ def parse_record(raw: str, line: int, *, template: str | None = None, chat: bool
         return BatchRecord(line, error=f"line {line}: a record must be a JSON object, got {type(data).__name__}")
     record = BatchRecord(line, data=data)
     record.sampling = {k: v for k, v in data.items() if k in SAMPLING_FIELDS}
+    if "query" in data or "documents" in data:
+        texts = data.get("documents")
+        if not isinstance(data.get("query"), str) or not data["query"] or not isinstance(texts, list) or not texts \
+                or not all(isinstance(t, str) and t for t in texts):
+            record.error = f"line {line}: a rerank record needs a non-empty `query` and `documents`, a list of texts"
+        else:
+            record.query, record.inputs = data["query"], texts
+        return record
+    if "input" in data:
+        texts = [data["input"]] if isinstance(data["input"], str) else data["input"]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            record.error = f"line {line}: `input` must be a non-empty text or a list of them"
+        else:
+            record.inputs = texts
+        return record
+    images = data.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        record.error = f"line {line}: `images` must be a list of image paths or data: URLs"
+        return record
+    record.images = images
+    chat = chat or bool(images)  # images go in a user message: the chat template places them
     if template is not None:
         try:
             text = string.Formatter().vformat(template, (), _TemplateFields(data))
@@ -245,6 +281,8 @@ class OutputWriter:
 
 
 def result_record(record: BatchRecord, completion: Completion) -> dict[str, Any]:
+    if completion.vectors is not None or completion.scores is not None:
+        return pooled_record(record, completion)
     out = dict(record.data)
     choices = completion.choices
     first = choices[0]
@@ -267,6 +305,20 @@ def result_record(record: BatchRecord, completion: Completion) -> dict[str, Any]
     return out
 
 
+def pooled_record(record: BatchRecord, completion: Completion) -> dict[str, Any]:
+    out = {k: v for k, v in record.data.items() if k not in RESERVED_FIELDS}
+    out["line"] = record.line
+    if completion.scores is not None:
+        out["scores"] = completion.scores
+    elif isinstance(record.data.get("input"), str):
+        out["embedding"] = completion.vectors[0]
+    else:
+        out["embeddings"] = completion.vectors
+    out["usage"] = {"prompt_tokens": completion.prompt_tokens}
+    out["timing"] = {"latency_s": round(completion.latency_s, 4)}
+    return out
+
+
 def error_record(record: BatchRecord, message: str, error_type: str) -> dict[str, Any]:
     out = {k: v for k, v in record.data.items() if k not in RESERVED_FIELDS}
     out.update(line=record.line, error=message, error_type=error_type)
@@ -284,7 +336,13 @@ class EngineBackend:
 
     def run(self, record: BatchRecord, params: SamplingParams, explicit: dict[str, Any],
             stop: threading.Event) -> Completion:
+        if record.inputs is not None:
+            return self._pooled(record)
         prompt = self.engine.chat_prompt(record.messages) if record.messages is not None else record.prompt
+        if record.messages is not None and (record.images or _has_parts(record.messages)):
+            prompt = self._media_prompt(record)
+        else:
+            prompt = self.engine.chat_prompt(record.messages) if record.messages is not None else record.prompt
         choices = [Delta(index=i) for i in range(params.n)]
         start = time.perf_counter()
         ttft = None
@@ -302,6 +360,24 @@ class EngineBackend:
         return Completion(choices, prompt_tokens=usage.prompt_tokens if usage else 0,
                           cached_tokens=usage.cached_tokens if usage else 0, ttft_s=ttft,
                           latency_s=time.perf_counter() - start)
+
+    def _pooled(self, record: BatchRecord) -> Completion:
+        """An embedding or rerank record: the engine's pooled decodes, shared with the records in flight."""
+        start = time.perf_counter()
+        if record.query is not None:
+            result = asyncio.run(self.engine.rerank(record.query, record.inputs))
+            return Completion([], prompt_tokens=result.prompt_tokens, scores=result.scores,
+                              latency_s=time.perf_counter() - start)
+        done = asyncio.run(self.engine.embeddings(record.inputs))
+        return Completion([], prompt_tokens=done.prompt_tokens, vectors=done.vectors,
+                          latency_s=time.perf_counter() - start)
+
+    def _media_prompt(self, record: BatchRecord) -> MediaPrompt:
+        from edge_llm.images import decode_image, image_file_bytes
+
+        messages, refs = _marked_messages(record)
+        images = [decode_image(image_file_bytes(ref, param=ref[:80]), param=ref[:80]) for ref in refs]
+        return MediaPrompt(self.engine.chat_prompt(messages), images)
 
     def interrupt(self) -> None:
         pass  # the workers see `stop` at their next token and cancel their requests
@@ -344,9 +420,11 @@ class HTTPBackend:
             stop: threading.Event) -> Completion:
         import httpx
 
+        if record.inputs is not None:
+            return self._pooled(record)
         body: dict[str, Any] = {"model": self.model, **_json_safe(explicit)}
         if record.messages is not None:
-            route, body["messages"] = "chat/completions", record.messages
+            route, body["messages"] = "chat/completions", _with_image_parts(record)
         else:
             route, body["prompt"] = "completions", record.prompt
         start = time.perf_counter()
@@ -381,11 +459,105 @@ class HTTPBackend:
         return Completion(choices, prompt_tokens=usage.get("prompt_tokens") or 0, cached_tokens=cached,
                           latency_s=latency)
 
+    def _pooled(self, record: BatchRecord) -> Completion:
+        if record.query is not None:
+            route, body = "rerank", {"model": self.model, "query": record.query, "documents": record.inputs}
+        else:
+            route, body = "embeddings", {"model": self.model, "input": record.inputs}
+        start = time.perf_counter()
+        payload = self._post(route, body)
+        usage = payload.get("usage") or {}
+        if record.query is not None:
+            scores = [0.0] * len(record.inputs)
+            for result in payload.get("results", []):
+                scores[result["index"]] = result["relevance_score"]
+            return Completion([], prompt_tokens=usage.get("prompt_tokens") or 0, scores=scores,
+                              latency_s=time.perf_counter() - start)
+        vectors = [d["embedding"] for d in sorted(payload.get("data", []), key=lambda d: d["index"])]
+        return Completion([], prompt_tokens=usage.get("prompt_tokens") or 0, vectors=vectors,
+                          latency_s=time.perf_counter() - start)
+
+    def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        try:
+            response = self.client.post(f"{self.base}/{route}", content=json.dumps(body, allow_nan=False),
+                                        headers={"Content-Type": "application/json"})
+            payload = response.json()
+        except httpx.HTTPError as exc:
+            raise _RecordFailed(f"request failed: {exc}", "http_error") from None
+        except ValueError:
+            payload = {}
+        if response.status_code != 200 or not isinstance(payload, dict):
+            error = payload.get("error") if isinstance(payload, dict) else None
+            message = error.get("message") if isinstance(error, dict) else response.text[:500]
+            raise _RecordFailed(f"server answered {response.status_code}: {message}",
+                                (error or {}).get("code") if isinstance(error, dict) else f"http_{response.status_code}")
+        return payload
+
     def interrupt(self) -> None:
         self.client.close()  # requests in flight fail at once instead of running to the end
 
     def close(self) -> None:
         self.client.close()
+
+
+def _has_parts(messages: list[dict]) -> bool:
+    return any(isinstance(m.get("content"), list) for m in messages)
+
+
+def _last_user(messages: list[dict]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return i
+    raise InvalidParameterError("a record with images needs a user message", param="images")
+
+
+def _marked_messages(record: BatchRecord) -> tuple[list[dict], list[str]]:
+    """Messages for the chat template, each image (an OpenAI image_url part, or one of the record's
+    `images`, which go before the last user message's text) as MEDIA_MARKER; the images' refs."""
+    from edge_llm.server.media import join_parts
+
+    refs: list[str] = []
+    out = []
+    last = _last_user(record.messages) if record.images else -1
+    for i, message in enumerate(record.messages):
+        parts = [MEDIA_MARKER] * len(record.images) if i == last else []
+        refs += record.images if i == last else []
+        content = message.get("content")
+        for part in content if isinstance(content, list) else [content or ""]:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") == "image_url":
+                url = part.get("image_url")
+                refs.append(url.get("url", "") if isinstance(url, dict) else str(url))
+                parts.append(MEDIA_MARKER)
+            else:
+                raise InvalidParameterError(f"message {i}: unsupported content part {part!r:.60}", param="messages")
+        out.append({**message, "content": join_parts(parts) if MEDIA_MARKER in parts else "".join(parts)})
+    return out, refs
+
+
+def _with_image_parts(record: BatchRecord) -> list[dict]:
+    """For a server: the record's `images` as data: URL image_url parts before the last user text."""
+    if not record.images:
+        return record.messages
+    import base64
+
+    from edge_llm.images import image_file_bytes
+
+    messages = [dict(m) for m in record.messages]
+    last = _last_user(messages)
+    parts = []
+    for ref in record.images:
+        url = ref if ref.startswith("data:") else \
+            "data:image/png;base64," + base64.b64encode(image_file_bytes(ref, param=ref[:80])).decode()
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    content = messages[last].get("content")
+    messages[last]["content"] = parts + (content if isinstance(content, list) else [{"type": "text", "text": content or ""}])
+    return messages
 
 
 def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
@@ -492,7 +664,7 @@ class BatchRunner:
                 summary.errors += 1
             else:
                 summary.done += 1
-                summary.completion_tokens += out["usage"]["completion_tokens"]
+                summary.completion_tokens += out["usage"].get("completion_tokens", 0)
             if progress:
                 progress.advance(out)
             del record
@@ -538,7 +710,7 @@ class Progress:
         if "error" in out:
             self.errors += 1
         else:
-            self.tokens += out["usage"]["completion_tokens"]
+            self.tokens += out["usage"].get("completion_tokens", 0)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rates = f"{self.finished / elapsed:.2f} rec/s  {self.tokens / elapsed:.1f} tok/s"
         if self.errors:
@@ -555,8 +727,9 @@ def count_records(path: Path) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm batch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="input JSONL: {\"id\"?, \"prompt\"} or {\"id\"?, \"messages\"} per line")
+    parser = CommandParser(prog="edge-llm batch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", help="input JSONL: {\"id\"?, \"prompt\"} or {\"id\"?, \"messages\"} per line "
+                                      "({\"input\"} for an embedding model, {\"query\", \"documents\"} for a reranker)")
     parser.add_argument("-o", "--output", required=True, help="output JSONL (appended to; re-running resumes)")
     parser.add_argument("--url", default=None,
                         help="run against an OpenAI-compatible server (e.g. http://127.0.0.1:8080) instead of "
@@ -597,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
                                        concurrency=concurrency)
     else:
         engine = load_engine(args.model, engine=args.engine, options=options, config=args.config)
-        concurrency = engine.n_parallel
+        concurrency = engine.n_parallel if engine.kind == "chat" else POOLED_CONCURRENCY
         backend = EngineBackend(engine)
     runner = BatchRunner(backend, base, explicit, concurrency=concurrency)
     writer = OutputWriter(out_path)

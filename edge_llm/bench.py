@@ -1,15 +1,17 @@
 """`edge-llm bench`: what weight quantization and KV-cache quantization save and cost.
 
 For every weight quant (made with llama.cpp's quantizer from the given GGUF, or from an f16 GGUF
-converted from an HF checkpoint) and every KV-cache type, in a fresh subprocess per measurement
+converted from an HF checkpoint; `TYPE+imatrix` with an importance matrix, `--imatrix FILE` or one
+computed once from the source with the shipped calibration text) and every KV-cache type, in a fresh subprocess per measurement
 (so one variant's memory never pollutes another's):
 
 - file size, load time, peak RSS and KV-cache memory for each scenario (`-np` parallel sequences
   sharing a context of `-c` tokens, as llama-server's -np/-c; default: 1 x 512 and 8 x 2048);
 - prompt tokens/s (one stream) and generation tokens/s (one stream and all `-np` streams together);
 - perplexity on a text (llama-perplexity's method, edge_llm/perplexity.py), its change against the
-  highest-precision variant (largest file, highest-precision KV cache), and the top-1 agreement
-  and mean KL divergence of next-token distributions against it.
+  highest-precision variant (largest file, highest-precision KV cache), and the KL divergence of
+  next-token distributions against it as llama-perplexity --kl-divergence reports it (mean, 99th
+  percentile, same top token).
 
 Writes bench.md (a markdown table), bench.json and bench.png (size vs perplexity, speed per
 variant) to the output folder.
@@ -33,9 +35,11 @@ from typing import Any
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.files import check_output_path, os_errors
+from edge_llm.options import CommandParser
 
 DEFAULT_QUANTS = "f16,q8_0,q5_k_m,q4_k_m"
 DEFAULT_KV = "f16,q8_0,q4_0"
+IMATRIX_SUFFIX = "+imatrix"  # q4_k_m+imatrix: quantized with the importance matrix
 RESULT_MARK = "EDGE_LLM_BENCH_RESULT "
 
 
@@ -75,8 +79,9 @@ class VariantResult:
     ppl: float | None = None
     ppl_error: float | None = None
     ppl_delta: float | None = None  # vs the reference variant
-    top1_agreement: float | None = None
-    mean_kl: float | None = None
+    mean_kld: float | None = None  # vs the reference variant, as llama-perplexity --kl-divergence
+    kld_p99: float | None = None
+    same_top: float | None = None  # share of positions whose most likely token is the reference's
     reference: bool = False
     error: str | None = None
 
@@ -198,14 +203,12 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
             prompt_tokens_per_s=pp, gen_tokens_per_s=tg, prompt_tokens=n_prompt, gen_tokens=n_gen))}
         ppl = spec.get("ppl")
         if ppl:
-            from edge_llm.perplexity import TopKReference
+            from edge_llm.kl_divergence import BaseFile
 
-            reference = TopKReference.load(ppl["reference"]) if ppl.get("reference") else None
-            result, saved = compute_perplexity(engine, text, n_ctx=ppl["n_ctx"], max_chunks=ppl.get("chunks"),
-                                               reference=reference, save_top_k=64 if ppl.get("save") else 0,
-                                               cache_type_k=spec["kv"], cache_type_v=spec["kv"])
-            if saved is not None:
-                saved.save(ppl["save"])
+            base = BaseFile.open(ppl["base"]) if ppl.get("base") else None
+            result = compute_perplexity(engine, text, n_ctx=ppl["n_ctx"], max_chunks=ppl.get("chunks"),
+                                        kld_base=base, save_base=ppl.get("save"),
+                                        cache_type_k=spec["kv"], cache_type_v=spec["kv"])
             out["perplexity"] = asdict(result)
     finally:
         engine.close()
@@ -266,8 +269,23 @@ def file_type_name(path: Path) -> str | None:
     return (read_gguf_info(path).file_type or "").lower() or None
 
 
-def make_variants(src: Path, quants: list[str], work_dir: Path) -> dict[str, Path]:
-    """One GGUF per quant, through llama.cpp's quantizer; cached in work_dir between runs."""
+def check_quants(quants: list[str]) -> None:
+    """Known types; those that cannot be made without an importance matrix must say +imatrix."""
+    from edge_llm.quantize import NEEDS_IMATRIX, quant_types
+
+    types = quant_types()
+    for quant in quants:
+        base = quant.removesuffix(IMATRIX_SUFFIX)
+        if base not in types:
+            raise InvalidParameterError(f"unknown quant type {base!r}; see `edge-llm quantize -h`", param="quants")
+        if base in NEEDS_IMATRIX and not quant.endswith(IMATRIX_SUFFIX):
+            raise InvalidParameterError(f"{base} cannot be made without an importance matrix: list it as "
+                                        f"{base}{IMATRIX_SUFFIX}", param="quants")
+
+
+def make_variants(src: Path, quants: list[str], work_dir: Path, imatrix: str | None = None) -> dict[str, Path]:
+    """One GGUF per quant, through llama.cpp's quantizer; cached in work_dir between runs.
+    `TYPE+imatrix` uses `imatrix` (a file), else one computed from `src` once and kept in work_dir."""
     from edge_llm.quantize import quantize_file
 
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -278,15 +296,29 @@ def make_variants(src: Path, quants: list[str], work_dir: Path) -> dict[str, Pat
         if quant == src_type:
             paths[quant] = src
             continue
-        target = work_dir / f"{stem}.{quant}.gguf"
+        base = quant.removesuffix(IMATRIX_SUFFIX)
+        weighted = quant != base
+        target = work_dir / f"{stem}.{base}{'.imatrix' if weighted else ''}.gguf"
         if not target.exists():
+            matrix = (imatrix or str(source_imatrix(src, work_dir))) if weighted else None
             print(f"bench: quantizing {src.name} -> {target.name}", file=sys.stderr)
             # llama.cpp prints a warning per tensor that falls back to another type (e.g. rows of
             # 576 are not a multiple of the k-quants' 256): keep them in a log, not on the screen.
             with _stderr_to(work_dir / f"{target.name}.log"):
-                quantize_file(src, target, quant, allow_requantize=True)
+                quantize_file(src, target, base, allow_requantize=True, imatrix=matrix)
         paths[quant] = target
     return paths
+
+
+def source_imatrix(src: Path, work_dir: Path) -> Path:
+    """The importance matrix of the source over the shipped calibration text, computed once."""
+    from edge_llm.imatrix import make_imatrix
+
+    target = work_dir / f"{src.name.removesuffix('.gguf')}.imatrix.gguf"
+    if not target.exists():
+        print(f"bench: computing the importance matrix of {src.name} -> {target.name}", file=sys.stderr)
+        make_imatrix(src, target, progress=True)
+    return target
 
 
 @contextlib.contextmanager
@@ -307,13 +339,17 @@ def _stderr_to(path: Path) -> Iterator[None]:
 
 def run_bench(src: Path, quants: list[str], kv_types: list[str], scenarios: list[Scenario], work_dir: Path, *,
               ppl_ctx: int = 512, ppl_chunks: int | None = 8, corpus: str | None = None, threads: int | None = None,
-              n_prompt: int = 256, n_gen: int = 64) -> list[VariantResult]:
-    paths = make_variants(src, quants, work_dir)
+              n_prompt: int = 256, n_gen: int = 64, imatrix: str | None = None) -> list[VariantResult]:
+    paths = make_variants(src, quants, work_dir, imatrix)
     kv_order = sorted(kv_types, key=kv_bytes_per_element, reverse=True)
-    order = sorted(quants, key=lambda q: quant_rank(paths[q]), reverse=True)
+    # TYPE+imatrix ranks with TYPE (its file is a few metadata bytes longer), listed after it.
+    order = sorted(quants, key=lambda q: quant_rank(paths.get(q.removesuffix(IMATRIX_SUFFIX), paths[q])),
+                   reverse=True)
     variants = [VariantResult(q, kv, str(paths[q]), paths[q].stat().st_size / 2**20) for q in order for kv in kv_order]
     variants[0].reference = True
-    ref_file = work_dir / f"reference-{src.name.removesuffix('.gguf')}-{order[0]}-{kv_order[0]}-c{ppl_ctx}.npz"
+    # The reference's log-probabilities (llama-perplexity's base file, ~2 bytes per vocabulary entry
+    # and scored token): written by its run, read by the others', removed at the end.
+    ref_file = work_dir / f"reference-{src.name.removesuffix('.gguf')}-{order[0]}-{kv_order[0]}-c{ppl_ctx}.kld"
     total = len(variants) * len(scenarios)
     done = 0
     for variant in variants:
@@ -324,7 +360,7 @@ def run_bench(src: Path, quants: list[str], kv_types: list[str], scenarios: list
                                     "n_prompt": n_prompt, "n_gen": n_gen}
             if k == 0:
                 spec["ppl"] = {"n_ctx": ppl_ctx, "chunks": ppl_chunks,
-                               "save" if variant.reference else "reference": str(ref_file)}
+                               "save" if variant.reference else "base": str(ref_file)}
             print(f"bench: [{done}/{total}] {variant.quant} KV {variant.kv} {scenario.label} ...", end="",
                   file=sys.stderr, flush=True)
             start = time.perf_counter()
@@ -336,18 +372,23 @@ def run_bench(src: Path, quants: list[str], kv_types: list[str], scenarios: list
                 variant.error = getattr(exc, "message", str(exc))
                 print(f" failed: {variant.error}", file=sys.stderr)
                 if variant.reference:
+                    ref_file.unlink(missing_ok=True)
                     raise EdgeLLMError(f"the reference variant failed: {variant.error}") from None
                 continue
             variant.scenarios.append(ScenarioResult(**result["scenario"]))
             if "perplexity" in result:
                 p = result["perplexity"]
                 variant.ppl, variant.ppl_error = p["ppl"], p["ppl_error"]
-                variant.top1_agreement, variant.mean_kl = p["top1_agreement"], p["mean_kl"]
+                if p.get("kld"):
+                    kld = p["kld"]
+                    variant.mean_kld, variant.kld_p99 = kld["mean_kld"], kld["kld_percentiles"].get("99.0")
+                    variant.same_top = kld["same_top"]
             print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    ref_file.unlink(missing_ok=True)
     ref = variants[0]
     for variant in variants:
         if variant.reference:
-            variant.top1_agreement, variant.mean_kl = 1.0, 0.0
+            variant.mean_kld, variant.kld_p99, variant.same_top = 0.0, 0.0, 1.0
         if variant.ppl is not None and ref.ppl is not None:
             variant.ppl_delta = variant.ppl - ref.ppl
     return variants
@@ -364,7 +405,7 @@ def markdown_table(variants: list[VariantResult], scenarios: list[Scenario]) -> 
     head = ["weights", "KV", "file MiB", "load s"]
     head += [f"RSS MiB {s.label}" for s in scenarios] + [f"KV MiB {s.label}" for s in scenarios]
     head += ["prompt t/s"] + [f"gen t/s np={s.n_parallel}" for s in scenarios]
-    head += ["PPL", "ΔPPL", "top-1 %", "mean KL"]
+    head += ["PPL", "ΔPPL", "mean KLD", "KLD p99", "same top %"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
         by = {(s.n_parallel, s.n_ctx): s for s in v.scenarios}
@@ -376,9 +417,8 @@ def markdown_table(variants: list[VariantResult], scenarios: list[Scenario]) -> 
         cells += [_fmt(g.kv_mib if g else None, ".1f") for g in got]
         cells += [_fmt(first.prompt_tokens_per_s if first else None, ".0f")]
         cells += [_fmt(g.gen_tokens_per_s if g else None, ".1f") for g in got]
-        cells += [_fmt(v.ppl, ".3f"), _fmt(v.ppl_delta, "+.3f"),
-                  _fmt(v.top1_agreement * 100 if v.top1_agreement is not None else None, ".1f"),
-                  _fmt(v.mean_kl, ".4f")]
+        cells += [_fmt(v.ppl, ".3f"), _fmt(v.ppl_delta, "+.3f"), _fmt(v.mean_kld, ".4f"), _fmt(v.kld_p99, ".3f"),
+                  _fmt(v.same_top * 100 if v.same_top is not None else None, ".1f")]
         if v.error:
             cells[-1] += f" (failed: {v.error[:60]})"
         rows.append("| " + " | ".join(cells) + " |")
@@ -393,18 +433,37 @@ def write_chart(variants: list[VariantResult], scenarios: list[Scenario], path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = chart_figure(variants, scenarios, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def chart_figure(variants: list[VariantResult], scenarios: list[Scenario], title: str) -> Any:
+    """Perplexity per weight quant (left) and generation speed per variant (right). Every label
+    is a level tick label of a categorical axis, so none can land on another: weight quants sit side by
+    side in file-size order (the size in the label), not at their sizes, where q4_k_m and q5_k_m
+    are 7 MiB apart and their labels overlapped; each KV type is a marker beside its quant."""
+    import matplotlib.pyplot as plt
+
     kv_types = list(dict.fromkeys(v.kv for v in variants))
+    sizes: dict[str, float] = {}
+    for v in variants:
+        sizes.setdefault(v.quant, v.file_mib)
+    quants = sorted(sizes, key=sizes.__getitem__)
     markers = "osD^v<>"
+    dodge = 0.5 / max(len(kv_types), 1)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     for j, kv in enumerate(kv_types):
-        pts = [v for v in variants if v.kv == kv and v.ppl is not None]
-        left.scatter([v.file_mib for v in pts], [v.ppl for v in pts], marker=markers[j % len(markers)], s=60,
-                     label=f"KV {kv}")
-        for v in pts:
-            left.annotate(v.quant, (v.file_mib, v.ppl), textcoords="offset points", xytext=(6, 6 - 11 * j), fontsize=8)
-    left.set_xlabel("file size (MiB)")
+        pts = sorted((v for v in variants if v.kv == kv and v.ppl is not None), key=lambda v: quants.index(v.quant))
+        xs = [quants.index(v.quant) + (j - (len(kv_types) - 1) / 2) * dodge for v in pts]
+        left.plot(xs, [v.ppl for v in pts], marker=markers[j % len(markers)], markersize=7, linewidth=1,
+                  alpha=0.85, label=f"KV {kv}")
+    left.set_xticks(range(len(quants)))
+    left.set_xticklabels([f"{q}\n{sizes[q]:.0f} MiB" for q in quants], fontsize=8)
+    left.set_xlabel("weights (file size)")
     left.set_ylabel("perplexity (lower is better)")
-    left.set_title("size vs perplexity")
+    left.set_title("perplexity per weight quant")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
     ok = [v for v in variants if v.scenarios]
@@ -414,18 +473,18 @@ def write_chart(variants: list[VariantResult], scenarios: list[Scenario], path: 
         for v in ok:
             match = [g for g in v.scenarios if (g.n_parallel, g.n_ctx) == (s.n_parallel, s.n_ctx)]
             values.append(match[0].gen_tokens_per_s if match else 0.0)
-        right.bar([i + k * width for i in range(len(ok))], values, width, label=f"generation, {s.label}")
-    right.set_xticks([i + width * (len(scenarios) - 1) / 2 for i in range(len(ok))])
-    right.set_xticklabels([f"{v.quant} / KV {v.kv}" for v in ok], fontsize=7, rotation=40, ha="right")
-    right.set_ylabel("tokens/s (all streams)")
+        right.barh([i + k * width for i in range(len(ok))], values, width, label=f"generation, {s.label}")
+    # Bars across, labels level on the left: rotated labels under upright bars touched their neighbours.
+    right.set_yticks([i + width * (len(scenarios) - 1) / 2 for i in range(len(ok))])
+    right.set_yticklabels([f"{v.quant} / KV {v.kv}" for v in ok], fontsize=7)
+    right.invert_yaxis()  # the first variant on top, as in the table
+    right.set_xlabel("tokens/s (all streams)")
     right.set_title("generation speed per variant")
-    right.legend(fontsize=8)
-    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=8, loc="lower right")
+    right.grid(alpha=0.3, axis="x")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -446,12 +505,16 @@ def _name_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm bench", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="edge-llm bench", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None,
                         help="a GGUF (path or registry name) or an HF checkpoint folder (default: the demo model)")
     parser.add_argument("--config", default=None, help="a models.toml that adds to the built-in registry")
     parser.add_argument("--quants", type=_name_list, default=_name_list(DEFAULT_QUANTS),
-                        help=f"weight quants to compare (default {DEFAULT_QUANTS})")
+                        help=f"weight quants to compare (default {DEFAULT_QUANTS}); TYPE{IMATRIX_SUFFIX}: quantized "
+                             "with an importance matrix")
+    parser.add_argument("--imatrix", default=None, metavar="FILE",
+                        help=f"the importance matrix for TYPE{IMATRIX_SUFFIX} (default: computed from the source "
+                             "with the shipped calibration text, once, kept in the work folder)")
     parser.add_argument("--kv", type=_name_list, default=_name_list(DEFAULT_KV),
                         help=f"KV cache types, used for K and V (default {DEFAULT_KV})")
     parser.add_argument("-np", "--parallel", dest="parallel", type=_int_list, default=[1, 8],
@@ -476,12 +539,23 @@ def build_parser() -> argparse.ArgumentParser:
 def load_results(path: str | Path) -> tuple[dict[str, Any], list[VariantResult], list[Scenario]]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        variants = [VariantResult(**{**v, "scenarios": [ScenarioResult(**s) for s in v["scenarios"]]})
+        variants = [VariantResult(**{**_current_names(v), "scenarios": [ScenarioResult(**s) for s in v["scenarios"]]})
                     for v in data["variants"]]
         scenarios = [Scenario(**s) for s in data["meta"]["scenarios"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EdgeLLMError(f"cannot read bench results {path}: {exc}") from None
     return data["meta"], variants, scenarios
+
+
+def _current_names(variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant of results written before bench took llama-perplexity's KL divergence (the README's
+    tables): `top1_agreement` is today's `same_top`; `mean_kl`, a KL over the reference's top 64
+    tokens only, is not `mean_kld` and is left out rather than shown as one."""
+    older = dict(variant)
+    if "top1_agreement" in older:
+        older["same_top"] = older.pop("top1_agreement")
+    older.pop("mean_kl", None)
+    return older
 
 
 def replot(args: argparse.Namespace) -> int:
@@ -509,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "raise -c", param="ctx")
     for kv in args.kv:
         kv_bytes_per_element(kv)
+    check_quants(args.quants)
+    if args.imatrix and not Path(args.imatrix).is_file():
+        raise EdgeLLMError(f"imatrix file not found: {args.imatrix}")
     out = Path(args.out)
     # The results folder is made and checked before the long run, not after it.
     with os_errors(out, "create folder"):
@@ -523,11 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     src = source_gguf(model, work_dir, args.config)
     variants = run_bench(src, args.quants, args.kv, scenarios, work_dir, ppl_ctx=args.ppl_ctx,
                          ppl_chunks=args.chunks or None, corpus=args.file, threads=args.threads,
-                         n_prompt=args.n_prompt, n_gen=args.n_gen)
+                         n_prompt=args.n_prompt, n_gen=args.n_gen, imatrix=args.imatrix)
     table = markdown_table(variants, scenarios)
     meta = {"model": str(src), "scenarios": [asdict(s) for s in scenarios], "ppl_ctx": args.ppl_ctx,
             "ppl_chunks": args.chunks or None, "corpus": args.file or "edge_llm/data/genesis-kjv.txt",
             "threads": args.threads, "cpu_count": os.cpu_count(), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+            "imatrix": args.imatrix or ("auto" if any(q.endswith(IMATRIX_SUFFIX) for q in args.quants) else None),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "variants": [asdict(v) for v in variants]}, indent=1),
                                     encoding="utf-8")

@@ -174,12 +174,16 @@ def _check_messages(messages: list[dict[str, Any]]) -> None:
             raise InvalidParameterError(f"messages[{i}].content must be text", param=f"messages.{i}.content")
 
 
-def named_formatter(name: str, bos_token: str = "", eos_token: str = "") -> JinjaChatFormatter:
-    try:
-        return JinjaChatFormatter(NAMED_TEMPLATES[name], bos_token, eos_token, trusted=True)
-    except KeyError:
+def check_chat_format(name: str | None) -> None:
+    """A --chat-format value: 'auto' (the model's own template) or a built-in name."""
+    if name and name != "auto" and name not in NAMED_TEMPLATES:
         known = ", ".join(sorted(NAMED_TEMPLATES))
-        raise EdgeLLMError(f"unknown chat format {name!r}; known: {known}, or 'auto'") from None
+        raise EdgeLLMError(f"unknown chat format {name!r}; known: {known}, or 'auto'")
+
+
+def named_formatter(name: str, bos_token: str = "", eos_token: str = "") -> JinjaChatFormatter:
+    check_chat_format(name)
+    return JinjaChatFormatter(NAMED_TEMPLATES[name], bos_token, eos_token, trusted=True)
 
 
 def unescape(text: str) -> str:

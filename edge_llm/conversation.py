@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_llm.chat_tokens import chat_tokens
 from edge_llm.engines.base import Engine
+from edge_llm.engines.media import MEDIA_MARKER, MediaPrompt
 from edge_llm.errors import ContextLengthError, EdgeLLMError
 from edge_llm.files import json_bytes, os_errors, read_text
 
@@ -45,6 +47,7 @@ class Exchange:
     # The answer as generated (end-of-turn token included); None after /load, when only the
     # text is known and the answer must be tokenized again.
     answer_ids: list[int] | None = None
+    images: list[Any] = field(default_factory=list)  # images.Image, before the user's text (REPL /image)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Prompt:
     dropped: int = 0  # oldest exchanges dropped to make room in the context
     text: str = ""  # the rendered text of `tokens`, where known (template mode)
     user: str | None = None
+    images: list[Any] = field(default_factory=list)  # this turn's images
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Conversation(ABC):
         # A slot's size: the prompt and the answer must fit in it.
         self.limit = limit or engine.n_ctx_seq
         self._eog_ids = engine.eog_ids
+        self._images: list[Any] = []  # the images of the turn being built
 
     # -- editing --------------------------------------------------------------------------------
 
@@ -88,22 +93,26 @@ class Conversation(ABC):
         self.system = text or None
         self._forget_tokens()
 
-    def messages(self) -> list[dict[str, str]]:
-        """The conversation as OpenAI-style messages."""
+    def messages(self, *, markers: bool = False) -> list[dict[str, str]]:
+        """The conversation as OpenAI-style messages (`markers`: MEDIA_MARKER before a user text for
+        each of its images, for the engine; saved files keep the text only)."""
         out = [{"role": "system", "content": self.system}] if self.system else []
         for exchange in self.exchanges:
             if exchange.user is not None:
-                out.append({"role": "user", "content": exchange.user})
+                images = MEDIA_MARKER * len(exchange.images) if markers else ""
+                out.append({"role": "user", "content": images + exchange.user})
             out.append({"role": "assistant", "content": exchange.answer})
         return out
 
     # -- turns ----------------------------------------------------------------------------------
 
-    def prompt(self, user: str | None, *, reserve: int = 0) -> Prompt:
-        """The tokens for the next turn. If the prompt plus `reserve` tokens of answer do not fit,
-        the oldest exchanges are dropped until the prompt takes at most half the context.
-        Raises ContextLengthError if even the system prompt and this turn alone do not fit."""
+    def prompt(self, user: str | None, *, reserve: int = 0, images: list[Any] | None = None) -> Prompt:
+        """The tokens for the next turn (`images`: this turn's, placed before its text). If the
+        prompt plus `reserve` tokens of answer do not fit, the oldest exchanges are dropped until
+        the prompt takes at most half the context. Raises ContextLengthError if even the system
+        prompt and this turn alone do not fit."""
         before = list(self.exchanges)
+        self._images = list(images or [])
         prompt = self._extend(user)
         dropped = 0
         # Once turns must go, drop down to half the context, as llama.cpp's context shift does:
@@ -123,12 +132,13 @@ class Conversation(ABC):
                 "shorten it, shorten the system prompt, or raise -c")
         prompt.dropped = dropped
         prompt.user = user
+        prompt.images = self._images
         return prompt
 
     def record(self, prompt: Prompt, answer: Answer) -> str:
         """Add the exchange that `prompt` started and the model answered. Returns text the
         conversation added after the answer (llama-cli's injected reverse prompt), to show."""
-        self.exchanges.append(Exchange(prompt.user, answer.text, list(answer.token_ids)))
+        self.exchanges.append(Exchange(prompt.user, answer.text, list(answer.token_ids), list(prompt.images)))
         return self._advance(prompt, answer)
 
     @abstractmethod
@@ -211,11 +221,21 @@ class TemplateConversation(Conversation):
     def _extend(self, user: str | None) -> Prompt:
         if user is None:
             raise EdgeLLMError("a chat-template conversation needs a user message for each turn")
-        text = self.engine.chat_prompt(self.messages() + [{"role": "user", "content": user}])
-        if self._tokens is not None and text.startswith(self._text):
-            tail = self.engine.tokenize(text[len(self._text):], special=True, add_bos=False)
+        images = [image for exchange in self.exchanges for image in exchange.images] + self._images
+        if images:
+            # With images the whole conversation goes through the projector's tokenizer each turn;
+            # the slot still holds what the turns share (images are keyed by their content).
+            chat = self.engine.chat_prompt(self.messages(markers=True) + [
+                {"role": "user", "content": MEDIA_MARKER * len(self._images) + user}])
+            tokens = self.engine.prompt_tokens(MediaPrompt(chat, images))
+            return Prompt(tokens, len(tokens), text=chat.text)
+        chat = self.engine.chat_prompt(self.messages() + [{"role": "user", "content": user}])
+        text = chat.text
+        # Content is text (chat_tokens.py): the tail is tokenized by the same rule as a whole prompt.
+        if self._tokens is not None and text.startswith(self._text) and not chat.cuts_markup(len(self._text)):
+            tail = chat_tokens(self.engine, chat, start=len(self._text))
             return Prompt(self._tokens + tail, len(tail), text=text)
-        tokens = self.engine.tokenize(text)
+        tokens = chat_tokens(self.engine, chat)
         return Prompt(tokens, len(tokens), rebuilt=self._tokens is not None or bool(self.exchanges), text=text)
 
     def _advance(self, prompt: Prompt, answer: Answer) -> str:
@@ -275,6 +295,8 @@ class PrefixConversation(Conversation):
         return self.engine.tokenize(self.system or "")
 
     def _extend(self, user: str | None) -> Prompt:
+        if self._images:
+            raise EdgeLLMError("images need a chat template: not with --in-prefix / -p prompts")
         fresh = self._tokens is None
         if fresh:
             self._tokens = self._initial_tokens()

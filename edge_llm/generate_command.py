@@ -12,15 +12,18 @@ import time
 from typing import Any
 
 from edge_llm.engines.base import load_engine
-from edge_llm.files import read_text
-from edge_llm.options import add_model_flags, add_sampling_flags, load_options, sampling_params
+from edge_llm.files import decode_utf8, read_text
+from edge_llm.options import CommandParser, add_model_flags, add_sampling_flags, load_options, sampling_params
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm generate", description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser = CommandParser(prog="edge-llm generate", description=__doc__.splitlines()[0])
+    parser.add_argument("text", nargs="?", metavar="PROMPT", help="the prompt text (or -p, -f; else stdin when piped)")
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("-p", "--prompt", help="the prompt text")
-    source.add_argument("-f", "--file", help="read the prompt from a file")
+    source.add_argument("-f", "--file", help="read the prompt from a file (- for stdin)")
+    parser.add_argument("-no-cnv", "--no-conversation", action="store_true",
+                        help="accepted for llama-cli's habit: generate never converses (edge-llm chat does)")
     parser.add_argument("--chat", action="store_true",
                         help="send the prompt as a user message through the model's chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
@@ -31,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    prompt = args.prompt if args.prompt is not None else read_prompt_file(args.file)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompt = prompt_of(args, parser)
     params = sampling_params(args)
     engine = load_engine(args.model, engine=args.engine, options=load_options(args), config=args.config)
     try:
@@ -54,6 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
     return 0
+
+
+def prompt_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The one prompt: PROMPT, -p, -f FILE, -f - (stdin), or stdin when it is piped and none is given."""
+    given = [flag for flag, value in (("PROMPT", args.text), ("-p", args.prompt), ("-f", args.file))
+             if value is not None]
+    if len(given) > 1:
+        parser.error(f"one prompt at a time: {' and '.join(given)} both given")
+    if args.text is not None or args.prompt is not None:
+        return args.text if args.text is not None else args.prompt
+    if args.file == "-" or (args.file is None and not sys.stdin.isatty()):
+        return decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin")
+    if args.file is None:
+        parser.error('no prompt: give one (edge-llm generate "TEXT"), -p TEXT, -f FILE, or pipe it in (-f -)')
+    return read_prompt_file(args.file)
 
 
 def read_prompt_file(path: str) -> str:

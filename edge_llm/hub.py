@@ -87,12 +87,49 @@ def cached_repo_dirs(source: str, repo: str, revision: str | None = None) -> lis
     return [d for d in candidates if d.is_dir()]
 
 
+def is_mmproj(name: str) -> bool:
+    """A projector GGUF (the vision/audio half llama.cpp's mtmd loads beside a model): hub repos name
+    them mmproj-*.gguf (mmproj-model-f16.gguf, mmproj-F16.gguf, mmproj-gemma-3-4b-it-f16.gguf...)."""
+    base = Path(name).name.lower()
+    return base.startswith("mmproj") and base.endswith(".gguf")
+
+
 def pick_gguf(files: list[str], quant: str) -> str | None:
-    """The GGUF among `files` whose name carries `quant` (first shard of a split file)."""
+    """The model GGUF among `files` whose name carries `quant` (first shard of a split file); a
+    projector (mmproj-*.gguf) is never the model, whatever its type."""
     pattern = re.compile(rf"(^|[-_.]){re.escape(quant.lower())}([-_.]|$)")
-    matches = [f for f in files if f.lower().endswith(".gguf") and pattern.search(Path(f).stem.lower())]
+    matches = [f for f in files if f.lower().endswith(".gguf") and not is_mmproj(f)
+               and pattern.search(Path(f).stem.lower())]
     first_shards = [f for f in matches if not _SHARD.search(f) or _SHARD.search(f).group(1) == "00001"]
     return sorted(first_shards, key=len)[0] if first_shards else None
+
+
+# The projector a pull takes when the repo has several: the model's own float type when a projector
+# has it, else f16 (what llama.cpp's converter writes and mtmd runs at full speed on any CPU; bf16 is
+# slow without AVX512-BF16, f32 twice the size, quantized projectors lose accuracy), then these.
+MMPROJ_PREFERENCE = ("f16", "bf16", "q8_0", "f32")
+
+
+def pick_mmproj(files: list[str], model_file: str | None = None, quant: str | None = None) -> str | None:
+    """The projector to fetch with `model_file` (or a model of type `quant`): among the repo's
+    mmproj-*.gguf, those in the model's folder first; by type as MMPROJ_PREFERENCE says."""
+    projectors = [f for f in files if is_mmproj(f)]
+    if model_file is not None:
+        folder = str(Path(model_file).parent)
+        beside = [f for f in projectors if str(Path(f).parent) == folder]
+        projectors = beside or projectors
+    if not projectors:
+        return None
+
+    def kind(name: str) -> str | None:
+        stem = Path(name).stem.lower()
+        return next((k for k in MMPROJ_PREFERENCE if re.search(rf"(^|[-_.]){k}([-_.]|$)", stem)), None)
+
+    wanted = quant.lower() if quant else None
+    if wanted is None and model_file is not None:
+        wanted = kind(model_file)
+    order = ([wanted] if wanted in MMPROJ_PREFERENCE else []) + list(MMPROJ_PREFERENCE)
+    return min(projectors, key=lambda f: (order.index(kind(f)) if kind(f) in order else len(order), len(f), f))
 
 
 def find_cached_gguf(ref: HubRef) -> Path | None:
@@ -103,7 +140,7 @@ def find_cached_gguf(ref: HubRef) -> Path | None:
             if candidate.is_file():
                 return candidate
             continue
-        files = [str(p.relative_to(folder)) for p in folder.rglob("*.gguf")]
+        files = [str(p.relative_to(folder)) for p in folder.rglob("*.gguf") if not is_mmproj(p.name)]
         name = pick_gguf(files, ref.quant) if ref.quant else (files[0] if len(files) == 1 else None)
         if name:
             return folder / name

@@ -105,7 +105,7 @@ class LoadOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    n_ctx: Annotated[int | None, Field(ge=0), _opt(
+    n_ctx: Annotated[int | None, Field(ge=0, le=2**32 - 1), _opt(  # llama.cpp's n_ctx is 32 bits
         "-c", "--ctx-size", "--max-model-len", metavar="N",
         help="context size in tokens, shared by the parallel slots (default: 4096, at most the model's; "
              "0 = the model's; --max-model-len is vLLM's name)")] = None
@@ -154,6 +154,14 @@ class LoadOptions(BaseModel):
     chat_format: Annotated[str | None, _opt(
         "--chat-format", metavar="NAME", default="auto",
         help="chat template: auto (the GGUF's own) or a built-in name")] = None
+    mmproj: Annotated[str | None, _opt(
+        "-mm", "--mmproj", metavar="FILE",
+        help="the vision projector GGUF (llama.cpp's mmproj), for images in prompts (default: the one "
+             "mmproj*.gguf beside a local model file, if there is exactly one; 'none': no projector)")] = None
+    trust_content_markup: Annotated[bool | None, _opt(
+        "--trust-content-markup", off_flags=("--no-trust-content-markup",), default=False, registry=False,
+        help="chat messages may write the model's control tokens (<|im_end|> ...) and they count as the "
+             "template's: for trusted clients only (default: message content is text)")] = None
     verbose: Annotated[bool | None, _opt(
         "-v", "--verbose", default=False, registry=False, help="show llama.cpp's own log")] = None
     seed: Annotated[int | None, _opt(help="the context's seed (from the sampling flag -s)", registry=False)] = None

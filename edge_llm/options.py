@@ -11,7 +11,9 @@ Sampling: -n --temp --top-k --top-p --min-p --repeat-penalty --repeat-last-n --p
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,8 +34,29 @@ from edge_llm.load_options import (
 )
 from edge_llm.sampling import SamplingParams
 
-__all__ = ["GPU_ENGINES", "MODEL", "PREFIXES", "PROMPT_CACHE", "QUEUE", "add_load_flags", "add_model_flags",
-           "add_sampling_flags", "given_sampling", "load_options", "sampling_params", "size_flag"]
+__all__ = ["GPU_ENGINES", "MODEL", "PREFIXES", "PROMPT_CACHE", "QUEUE", "CommandParser", "add_load_flags",
+           "add_model_flags", "add_sampling_flags", "given_sampling", "load_options", "sampling_params", "size_flag"]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every command's parser: a bad flag or value is one line with a hint, not the whole usage
+    (serve's runs to 60 lines) above it; a mistyped flag gets the nearest real one."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        hint = self._nearest_flag(message)
+        print(f"{self.prog}: error: {message}{hint} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+    def _nearest_flag(self, message: str) -> str:
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return ""
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        for word in message[len(prefix):].split():
+            close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+            if word.startswith("-") and close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 # Where load_options finds which load flags a parser declared, and the command's own defaults.
 _DECLARED = "_load_flags"

@@ -10,19 +10,16 @@
 - ppl = exp(mean NLL over all scored tokens), printed as a running value after each chunk
   (`[1]12.3456,[2]...`), with llama.cpp's error estimate at the end.
 
-It can also save the top-k next-token log-probabilities of every scored position (`--save-reference`)
-and compare another model (a quantized variant of it) against them (`--reference`): top-1
-agreement and mean KL divergence. Keeping only the reference's top-k (default 64) keeps the file
-small (the full distribution is 49k floats a position for SmolLM2); the KL is then computed over
-those k tokens plus the rest of the probability mass as one bucket, which is a lower bound of the
-full KL (merging outcomes never increases it) and very close when the reference's mass is in its
-top k, as it is for next-token distributions.
+With `--kl-divergence-base FILE` it also saves the model's log-probabilities at every scored position
+in llama-perplexity's base-file format; `--kl-divergence-base FILE --kl-divergence` then evaluates
+another model (a quant of it) on the file's own tokens and reports what llama-perplexity reports:
+mean KL divergence, its percentiles (99th ...), Δp and the same-top-token share
+(edge_llm/kl_divergence.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -36,14 +33,14 @@ import numpy as np
 
 from edge_llm import files
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.options import add_model_flags, load_options
+from edge_llm.kl_divergence import BaseFile, BaseWriter, ChunkTable, KLDAccumulator, KLDResult
+from edge_llm.options import CommandParser, add_model_flags, load_options
 
 if TYPE_CHECKING:
     from edge_llm.engines.llamacpp import LlamaCppEngine
 
 DEFAULT_CORPUS = Path(__file__).with_name("data") / "genesis-kjv.txt"
 DEFAULT_N_CTX = 512
-DEFAULT_TOP_K = 64
 
 
 @dataclass(frozen=True)
@@ -79,37 +76,6 @@ def plan_chunks(n_tokens: int, n_ctx: int, max_chunks: int | None = None) -> Chu
 
 
 @dataclass
-class TopKReference:
-    """Top-k next-token log-probs at every scored position of a reference run."""
-
-    n_ctx: int
-    n_chunks: int
-    tokens_sha256: str  # of the evaluated tokens: a reference only fits the same text and chunking
-    ids: np.ndarray  # (positions, k) int32, best first
-    logprobs: np.ndarray  # (positions, k) float32
-
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial.npz")
-        try:
-            with files.os_errors(path, "write"):
-                np.savez_compressed(tmp, n_ctx=self.n_ctx, n_chunks=self.n_chunks,
-                                    tokens_sha256=self.tokens_sha256, ids=self.ids, logprobs=self.logprobs)
-                tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    @classmethod
-    def load(cls, path: str | Path) -> TopKReference:
-        try:
-            with np.load(path) as data:
-                return cls(int(data["n_ctx"]), int(data["n_chunks"]), str(data["tokens_sha256"]),
-                           data["ids"], data["logprobs"])
-        except (OSError, KeyError, ValueError) as exc:
-            raise EdgeLLMError(f"cannot read perplexity reference {path}: {exc}") from None
-
-
-@dataclass
 class PerplexityResult:
     ppl: float
     ppl_error: float  # llama.cpp's +/- (standard error of the mean NLL, scaled by ppl)
@@ -121,8 +87,7 @@ class PerplexityResult:
     seconds: float
     tokens_per_s: float  # evaluated tokens per second (prompt processing with logits)
     running: list[float] = field(default_factory=list)  # ppl after each chunk
-    top1_agreement: float | None = None  # vs the reference
-    mean_kl: float | None = None
+    kld: KLDResult | None = None  # against a --kl-divergence-base file
 
 
 class PerplexityContext:
@@ -179,98 +144,82 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x
 
 
-def top_k(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best token ids of each row, best first, and their log-probs."""
-    k = min(k, logprobs.shape[1])
-    ids = np.argpartition(-logprobs, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(logprobs, ids, axis=1), axis=1)
-    ids = np.take_along_axis(ids, order, axis=1)
-    return ids.astype(np.int32), np.take_along_axis(logprobs, ids, axis=1).astype(np.float32)
-
-
-def kl_top_k(ref_ids: np.ndarray, ref_logprobs: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
-    """KL(reference || model) per row over the reference's top-k tokens plus one bucket for the rest."""
-    p_log = ref_logprobs.astype(np.float64)
-    q_log = np.take_along_axis(logprobs, ref_ids.astype(np.int64), axis=1)
-    p = np.exp(p_log)
-    kl = (p * (p_log - q_log)).sum(axis=1)
-    p_rest = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
-    q_rest = np.clip(1.0 - np.exp(q_log).sum(axis=1), 1e-30, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rest = np.where(p_rest > 0, p_rest * (np.log(np.maximum(p_rest, 1e-30)) - np.log(q_rest)), 0.0)
-    return kl + rest
-
-
 def tokenize_corpus(engine: LlamaCppEngine, text: str) -> list[int]:
     # llama-perplexity: common_tokenize(ctx, text, add_special=true, parse_special=false).
     return engine.tokenize(text, special=False, add_bos=engine.add_bos)
 
 
-def compute_perplexity(engine: LlamaCppEngine, text: str, *, n_ctx: int = DEFAULT_N_CTX,
-                       max_chunks: int | None = None, reference: TopKReference | None = None,
-                       save_top_k: int = 0, cache_type_k: str | None = None, cache_type_v: str | None = None,
-                       flash_attn: str | None = None, n_threads: int | None = None,
+def compute_perplexity(engine: LlamaCppEngine, text: str | None, *, n_ctx: int = DEFAULT_N_CTX,
+                       max_chunks: int | None = None, kld_base: BaseFile | None = None,
+                       save_base: str | Path | None = None, cache_type_k: str | None = None,
+                       cache_type_v: str | None = None, flash_attn: str | None = None, n_threads: int | None = None,
                        on_chunk: Callable[[int, int, float, float], None] | None = None,
-                       ) -> tuple[PerplexityResult, TopKReference | None]:
+                       on_kld_chunk: Callable[[int, KLDAccumulator], None] | None = None) -> PerplexityResult:
     """Perplexity of `text` in llama-perplexity's manner. `on_chunk(i, n_chunks, running_ppl,
-    seconds_so_far)` is called after each chunk. Returns the result and, with save_top_k > 0, the
-    top-k reference of this run."""
-    tokens = tokenize_corpus(engine, text)
-    plan = plan_chunks(len(tokens), n_ctx, max_chunks)
-    evaluated = tokens[: plan.n_chunks * n_ctx]
-    sha = hashlib.sha256(np.asarray(evaluated, dtype=np.int32).tobytes()).hexdigest()
-    if reference is not None and (reference.n_ctx, reference.n_chunks, reference.tokens_sha256) != (
-            n_ctx, plan.n_chunks, sha):
-        raise EdgeLLMError("the reference was computed on another text, context size or number of chunks")
+    seconds_so_far)` is called after each chunk.
+
+    `save_base`: also write the log-probabilities of every scored position there (a base file).
+    `kld_base`: evaluate the base file's own tokens (`text` unused) and add the KL-divergence
+    statistics against it (`on_kld_chunk(i, accumulator)` after each chunk)."""
+    if kld_base is not None:
+        if kld_base.n_vocab != engine.n_vocab:
+            raise EdgeLLMError(f"{kld_base.path} was made with a vocabulary of {kld_base.n_vocab} tokens; this model "
+                               f"has {engine.n_vocab}")
+        tokens = kld_base.tokens
+        n_ctx = kld_base.n_ctx
+        n_chunks = min(kld_base.n_chunks, max_chunks) if max_chunks else kld_base.n_chunks
+        plan = ChunkPlan(n_ctx, n_chunks)
+    else:
+        if text is None:
+            raise InvalidParameterError("no text to evaluate", param="file")
+        tokens = tokenize_corpus(engine, text)
+        plan = plan_chunks(len(tokens), n_ctx, max_chunks)
     first, last = plan.first, n_ctx - 2
+    writer = BaseWriter(save_base, n_ctx, engine.n_vocab, tokens, plan.n_chunks) if save_base else None
+    kld = KLDAccumulator() if kld_base is not None else None
     ctx = PerplexityContext(engine, n_ctx, n_threads=n_threads, cache_type_k=cache_type_k,
                             cache_type_v=cache_type_v, flash_attn=flash_attn)
     nll = nll2 = 0.0
     count = 0
-    same_top = 0
-    kl_sum = 0.0
     running: list[float] = []
-    saved_ids, saved_lp = [], []
     start = time.perf_counter()
     try:
         for i in range(plan.n_chunks):
             chunk = list(tokens[i * n_ctx: (i + 1) * n_ctx])
             if engine.add_bos:
                 chunk[0] = engine.bos_id
-            logprobs = log_softmax(ctx.logits(chunk, first, last))
+            raw = ctx.logits(chunk, first, last)
+            logprobs = log_softmax(raw)
             targets = np.asarray(chunk[first + 1:], dtype=np.int64)
             token_nll = -logprobs[np.arange(len(targets)), targets]
             nll += float(token_nll.sum())
             nll2 += float((token_nll ** 2).sum())
             count += len(targets)
-            if save_top_k:
-                ids, lp = top_k(logprobs, save_top_k)
-                saved_ids.append(ids)
-                saved_lp.append(lp)
-            if reference is not None:
-                rows = slice(i * plan.scored_per_chunk, (i + 1) * plan.scored_per_chunk)
-                ref_ids, ref_lp = reference.ids[rows], reference.logprobs[rows]
-                same_top += int((logprobs.argmax(axis=1) == ref_ids[:, 0]).sum())
-                kl_sum += float(kl_top_k(ref_ids, ref_lp, logprobs).sum())
+            if writer is not None:
+                writer.add(raw)
+            if kld is not None:
+                kld.add(raw, kld_base.chunk_records(i), targets)
+                if on_kld_chunk is not None:
+                    on_kld_chunk(i, kld)
             running.append(math.exp(nll / count))
             if on_chunk is not None:
                 on_chunk(i, plan.n_chunks, running[-1], time.perf_counter() - start)
+        if writer is not None:
+            writer.commit()
+            writer = None
     finally:
         ctx.close()
+        if writer is not None:
+            writer.discard()
     seconds = time.perf_counter() - start
     mean = nll / count
     var = nll2 / count - mean * mean
     ppl = math.exp(mean)
-    result = PerplexityResult(
+    return PerplexityResult(
         ppl=ppl, ppl_error=math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else 0.0,
         mean_nll=mean, n_ctx=n_ctx, n_chunks=plan.n_chunks, n_scored=count, n_tokens=len(tokens),
         seconds=seconds, tokens_per_s=plan.n_chunks * n_ctx / seconds if seconds > 0 else 0.0, running=running,
-        top1_agreement=same_top / count if reference is not None else None,
-        mean_kl=kl_sum / count if reference is not None else None)
-    saved = None
-    if save_top_k:
-        saved = TopKReference(n_ctx, plan.n_chunks, sha, np.concatenate(saved_ids), np.concatenate(saved_lp))
-    return result, saved
+        kld=kld.result() if kld is not None else None)
 
 
 def read_text(path: str | Path | None) -> str:
@@ -291,15 +240,16 @@ class ChunkPrinter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm perplexity", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="edge-llm perplexity", description=__doc__.splitlines()[0])
     parser.add_argument("-f", "--file", default=None,
                         help=f"text file (default: the shipped corpus, {DEFAULT_CORPUS.name})")
     parser.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
-    parser.add_argument("--save-reference", default=None, metavar="FILE.npz",
-                        help="save this model's top-k next-token log-probs for later --reference runs")
-    parser.add_argument("--reference", default=None, metavar="FILE.npz",
-                        help="report top-1 agreement and mean KL against a saved reference")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="log-probs kept per position in a reference")
+    parser.add_argument("--kl-divergence-base", default=None, metavar="FILE",
+                        help="save this model's log-probabilities to FILE (llama-perplexity's format); with "
+                             "--kl-divergence, read them and compare this model against them")
+    parser.add_argument("--kl-divergence", action="store_true",
+                        help="KL divergence, Δp and same-top-token share against --kl-divergence-base "
+                             "(on the tokens stored there; -f is not read)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_model_flags(parser, defaults={"n_parallel": 1})
     return parser
@@ -309,28 +259,31 @@ def main(argv: list[str] | None = None) -> int:
     from edge_llm.engines.base import load_engine
 
     args = build_parser().parse_args(argv)
-    n_ctx = args.n_ctx or DEFAULT_N_CTX
-    text = read_text(args.file)
-    if args.save_reference:
-        files.check_output_path(args.save_reference)
-    reference = TopKReference.load(args.reference) if args.reference else None
+    if args.kl_divergence and not args.kl_divergence_base:
+        raise InvalidParameterError("--kl-divergence needs --kl-divergence-base FILE (made by a run without "
+                                    "--kl-divergence, on the base model)", param="kl_divergence_base")
+    base = BaseFile.open(args.kl_divergence_base) if args.kl_divergence else None
+    if base is not None and args.n_ctx and args.n_ctx != base.n_ctx:
+        raise InvalidParameterError(f"{base.path} was computed with -c {base.n_ctx}, not {args.n_ctx}", param="n_ctx")
+    n_ctx = base.n_ctx if base is not None else (args.n_ctx or DEFAULT_N_CTX)
+    text = None if base is not None else read_text(args.file)
+    save = args.kl_divergence_base if args.kl_divergence_base and not args.kl_divergence else None
+    if save:
+        files.check_output_path(save)
     # The engine's own (scheduler) context is not used for scoring: keep it minimal.
     engine = load_engine(args.model, engine=args.engine, options=load_options(args, n_ctx=64, n_parallel=1),
                          config=args.config)
     try:
-        result, saved = compute_perplexity(engine, text, n_ctx=n_ctx, max_chunks=args.chunks, reference=reference,
-                                           save_top_k=args.top_k if args.save_reference else 0,
-                                           on_chunk=ChunkPrinter())
+        result = compute_perplexity(engine, text, n_ctx=n_ctx, max_chunks=args.chunks, kld_base=base, save_base=save,
+                                    on_chunk=ChunkPrinter() if base is None else None,
+                                    on_kld_chunk=ChunkTable())
     finally:
         engine.close()
-    if saved is not None:
-        saved.save(args.save_reference)
     if args.json:
         print(json.dumps(asdict(result)))
+    elif result.kld is not None:
+        print(result.kld.report())
     else:
         print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}  ({result.n_chunks} chunks of "
               f"{result.n_ctx}, {result.n_scored} tokens scored, {result.tokens_per_s:.0f} tokens/s)")
-        if result.top1_agreement is not None:
-            print(f"vs reference: top-1 agreement {result.top1_agreement * 100:.2f}%, "
-                  f"mean KL {result.mean_kl:.6f}")
     return 0

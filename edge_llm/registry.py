@@ -22,6 +22,7 @@ from edge_llm import hub
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, ModelNotFoundError
 from edge_llm.files import read_text
 from edge_llm.load_options import REGISTRY_FIELDS, LoadOptions
+from edge_llm.options import CommandParser
 from edge_llm.sampling import MODEL_DEFAULT_FIELDS, SamplingParams
 
 if sys.version_info >= (3, 11):
@@ -57,6 +58,8 @@ class ModelSpec(_Settings):
     architecture: str | None = None  # an HF checkpoint's config.json `architectures[0]`
     quant: str | None = None
     engines: list[str] = Field(default_factory=lambda: ["llama.cpp"])
+    # What the model is for: chat, embedding or rerank (a GGUF on disk says so itself; model_kind.py).
+    kind: Literal["chat", "embedding", "rerank"] = "chat"
 
     def sampling_defaults(self) -> dict[str, object]:
         """The sampling parameters this entry sets (engines fill a request's unset ones from them)."""
@@ -110,13 +113,22 @@ def _read_registry_file(path: Path) -> dict[str, ModelSpec]:
     except tomllib.TOMLDecodeError as exc:
         raise EdgeLLMError(f"{path}: not valid TOML: {exc}") from None
     specs = {}
-    for name, entry in data.get("models", {}).items():
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise EdgeLLMError(f"{path}: `models` must be a table of [models.NAME] entries (got {type(models).__name__})")
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            raise EdgeLLMError(f"{path}: model {name!r}: expected a [models.{name}] table (got {type(entry).__name__})")
         try:
             specs[name] = ModelSpec(name=name, **entry)
         except (ValidationError, TypeError) as exc:
             raise EdgeLLMError(f"{path}: model {name!r}: {_first_error(exc)}") from None
         if specs[name].source == "local" and not Path(specs[name].path).is_absolute():
             specs[name] = specs[name].model_copy(update={"path": str(path.parent / specs[name].path)})
+        mmproj = specs[name].mmproj
+        if mmproj and mmproj.lower() != "none" and not Path(mmproj).is_absolute() \
+                and (path.parent / mmproj).is_file():  # else: a file name beside the weights
+            specs[name] = specs[name].model_copy(update={"mmproj": str(path.parent / mmproj)})
     return specs
 
 
@@ -222,36 +234,79 @@ def convertible(spec: ModelSpec, where: str = "") -> str:
             pass
     if arch is None:
         return "?"
-    from edge_llm.convert import ARCHITECTURES
+    from edge_llm.convert import supported_architecture
 
-    return "yes" if arch in ARCHITECTURES else f"no: {arch}"
+    return "yes" if supported_architecture(arch) else f"no: {arch}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """`edge-llm models`: the registry, which models are on this machine, and which HF checkpoints
     `edge-llm convert` turns into GGUFs locally (without torch)."""
-    import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="edge-llm models", description="List the model registry.")
+    from edge_llm.model_kind import model_kind
+
+    parser = CommandParser(prog="edge-llm models", description="List the model registry.")
     parser.add_argument("--config", default=None, help="a models.toml to add to the built-in registry")
     parser.add_argument("--local", action="store_true", help="only models present on this machine")
+    parser.add_argument("--running", nargs="?", const="http://127.0.0.1:8080", default=None, metavar="URL",
+                        help="instead: the models a running edge-llm serve has loaded (default URL "
+                             "http://127.0.0.1:8080; the key from EDGE_LLM_API_KEY)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
+    if args.running is not None:
+        return _print_running(args.running, args.json)
     rows = []
     for name, spec in load_registry(args.config).items():
         where = local_status(spec)
         if args.local and not where:
             continue
         source = spec.source if spec.source in ("demo", "local") else f"{spec.source}:{spec.repo}"
-        rows.append({"name": name, "quant": spec.quant or "-", "chat": spec.chat_format or "auto",
+        kind = model_kind(Path(where)).kind if where.endswith(".gguf") else spec.kind
+        rows.append({"name": name, "kind": kind, "quant": spec.quant or "-",
+                     "chat": spec.chat_format or "auto" if kind == "chat" else "-",
                      "engines": ",".join(spec.engines), "source": source, "convert": convertible(spec, where),
                      "local": where or f"- (edge-llm pull {name})"})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    columns = ["name", "quant", "chat", "engines", "source", "convert", "local"]
+    columns = ["name", "kind", "quant", "chat", "engines", "source", "convert", "local"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in columns}
     for row in [dict(zip(columns, columns, strict=False)), *rows]:
         print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+    return 0
+
+
+def _print_running(url: str, as_json: bool) -> int:
+    """`edge-llm ps`: the server's Ollama route /api/ps (name, size, context, when it unloads)."""
+    import json
+    import os
+
+    import httpx
+
+    key = os.environ.get("EDGE_LLM_API_KEY")
+    try:
+        # Generous: a small box may be busy generating when asked.
+        reply = httpx.get(f"{url.rstrip('/')}/api/ps", timeout=60,
+                          headers={"Authorization": f"Bearer {key}"} if key else None)
+        reply.raise_for_status()
+        models = reply.json()["models"]
+    except httpx.HTTPStatusError as exc:
+        raise EdgeLLMError(f"{url} answered /api/ps with HTTP {exc.response.status_code}"
+                           + (" (set EDGE_LLM_API_KEY)" if exc.response.status_code == 401 else "")) from None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        from edge_llm.pull import unreachable_reason
+
+        why = unreachable_reason(exc) or type(exc).__name__
+        raise EdgeLLMError(f"no edge-llm server answers at {url} ({why}); start one with "
+                           "edge-llm serve, or name its URL: --running URL") from None
+    if as_json:
+        print(json.dumps(models, indent=2))
+        return 0
+    rows = [["name", "size", "context", "until"]] + [
+        [m["name"], f"{m['size'] / 2**20:.0f} MiB", str(m.get("context_length", "?")), m.get("expires_at", "?")]
+        for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0

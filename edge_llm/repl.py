@@ -29,6 +29,7 @@ from edge_llm.generate_command import drafts_note, read_prompt_file
 from edge_llm.options import (
     PREFIXES,
     PROMPT_CACHE,
+    CommandParser,
     add_load_flags,
     add_model_flags,
     add_sampling_flags,
@@ -45,6 +46,7 @@ HELP = """commands:
   /save FILE         save the conversation as JSON (OpenAI-style messages)
   /load FILE         replace the conversation with a saved one
   /params [K=V ...]  show or set sampling values, e.g. /params temp=0.2 top_k=20 n=128
+  /image PATH        attach an image to your next message (models with a vision projector, --mmproj)
   /exit              leave (also: exit, quit, Ctrl-D; Ctrl-C at the prompt)
 input: end a line with \\ to continue on the next one; pasted text may span lines;
   start a message with // to send a line that begins with /.
@@ -60,13 +62,15 @@ SHOWN_PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm chat", description=__doc__.splitlines()[0],
+    parser = CommandParser(prog="edge-llm chat", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP)
     g = parser.add_argument_group("conversation")
     g.add_argument("--system", default=None, help="system prompt (chat template mode)")
     g.add_argument("-f", "--file", default=None,
                    help="initial prompt file, as llama-cli -f (e.g. prompts/chat-with-qwen.txt); no chat template")
     g.add_argument("-p", "--prompt", default=None, help="initial prompt text (escapes like \\n interpreted); no template")
+    g.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image for your first message (repeatable; models with --mmproj); later ones: /image")
     g.add_argument("-i", "--interactive", action="store_true",
                    help="let the model continue the initial prompt before the first user turn (llama-cli -i)")
     g.add_argument("-if", "--interactive-first", action="store_true",
@@ -110,6 +114,7 @@ class ChatSession:
         self.params = params
         self.settings = settings
         self.screen = screen
+        self.images: list = []  # attached with /image, sent with the next message
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -126,10 +131,11 @@ class ChatSession:
         params = self.turn_params()
         reserve = min(params.max_tokens or self.conversation.limit // 4, self.conversation.limit // 2)
         try:
-            prompt = self.conversation.prompt(user, reserve=reserve)
+            prompt = self.conversation.prompt(user, reserve=reserve, images=self.images)
         except EdgeLLMError as exc:
             self.screen.error(f"error: {exc.message}")
             return None
+        self.images = []
         if prompt.dropped:
             kept = " (system prompt kept)" if self.conversation.system else ""
             self.screen.notice(f"[context full: dropped the {_plural(prompt.dropped, 'oldest turn')}{kept}; "
@@ -220,13 +226,15 @@ class ChatSession:
                 self.screen.error("usage: /save FILE")
             else:
                 self.conversation.save(arg, model=self.engine.model_name)
-                self.screen.info(f"[saved {len(self.conversation.exchanges)} turns to {arg}]")
+                self.screen.info(f"[saved {_count(len(self.conversation.exchanges), 'turn')} to {arg}]")
         elif name == "/load":
             if not arg:
                 self.screen.error("usage: /load FILE")
             else:
                 self.conversation.load(arg)
-                self.screen.info(f"[loaded {len(self.conversation.exchanges)} turns from {arg}]")
+                self.screen.info(f"[loaded {_count(len(self.conversation.exchanges), 'turn')} from {arg}]")
+        elif name == "/image":
+            self.attach_image(arg)
         elif name == "/params":
             if arg:
                 self.params = update_params(self.params, arg)
@@ -235,6 +243,21 @@ class ChatSession:
             self.screen.error(f"unknown command {name}; /help lists them (start with // to send a line "
                               "beginning with /)")
         return True
+
+    def attach_image(self, path: str) -> None:
+        from edge_llm.files import os_errors
+        from edge_llm.images import decode_image
+
+        if not path:
+            self.screen.error("usage: /image PATH")
+            return
+        if not self.engine.takes_images:
+            self.screen.error(f"error: {self.engine.model_name} does not take images (load it with --mmproj FILE)")
+            return
+        with os_errors(path, "read"):
+            data = Path(path).expanduser().read_bytes()
+        self.images.append(decode_image(data, param=path))
+        self.screen.info(f"[{path}: image attached to your next message]")
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -326,12 +349,20 @@ def _stats_line(prompt: Prompt, answer: Answer, usage: Usage | None, speed: floa
 
 
 def _token_bytes(engine: Engine, token: int) -> bytes:
+    if token < 0:
+        return b"[image]"  # an image's placeholder (engines/media.py)
     # a special token renders as nothing: show its name
     return engine.token_piece(token) or engine.token_text(token).encode("utf-8")
 
 
 def _plural(n: int, word: str) -> str:
+    """'the oldest turn', 'the 2 oldest turns'."""
     return f"{word}" if n == 1 else f"{n} {word}s"
+
+
+def _count(n: int, word: str) -> str:
+    """'1 turn', '2 turns', '0 turns'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def make_conversation(engine: Engine, args: argparse.Namespace) -> Conversation:
@@ -378,14 +409,17 @@ def main(argv: list[str] | None = None) -> int:
             if not args.resume and not source.exists():
                 raise EdgeLLMError(f"no conversation to resume: an interactive chat keeps one at exit in {source}")
             conversation.load(source)
-            screen.notice(f"[resumed {len(conversation.exchanges)} turns from {source}]")
+            screen.notice(f"[resumed {_count(len(conversation.exchanges), 'turn')} from {source}]")
         if interactive:
             mode = "prefix mode" if isinstance(conversation, PrefixConversation) else "chat template"
             screen.notice(f"edge-llm chat: {engine.model_name} ({mode}, context {conversation.limit} tokens). "
                           "/help for commands, Ctrl-D to leave.")
         history = default_history_file() if args.history_file is None else Path(args.history_file)
         reader = LineReader(screen, history if interactive and args.history_file != "" else None)
-        return ChatSession(engine, conversation, params, settings, screen).run(reader)
+        session = ChatSession(engine, conversation, params, settings, screen)
+        for path in args.image:
+            session.attach_image(path)
+        return session.run(reader)
     finally:
         if interactive and conversation is not None and conversation.exchanges:
             _autosave(conversation, engine, screen)

@@ -15,6 +15,15 @@ from edge_llm.errors import InvalidParameterError
 
 # Above this many logprobs per token the response gets large for no use; OpenAI caps at 20.
 MAX_LOGPROBS = 20
+# logit_bias: OpenAI's range of a bias (-100 bans a token in practice, 100 all but forces it), and
+# at most this many tokens (a banned-word list; each entry is a sampler entry checked every step).
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 1024
+# Stop strings and stop token ids are checked on the engine thread for every token: bounded, so
+# one request cannot slow the others' streams (OpenAI allows 4 stop strings; clients use a few).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 8192  # all of a request's stop strings together
+MAX_STOP_TOKEN_IDS = 256
 # The parameters a model's registry entry may give defaults for (a model card's recommended
 # settings, as an Ollama Modelfile's PARAMETER lines): below a request's or a flag's own values.
 MODEL_DEFAULT_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "penalty_last_n",
@@ -35,7 +44,7 @@ class SamplingParams(BaseModel):
     # llama.cpp applies penalties over the last N tokens; -1 means the whole context.
     penalty_last_n: Annotated[int, Field(ge=-1)] = 64
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()  # a set: looked up for every token
     include_stop_str_in_output: bool = False
     # A GBNF grammar (llama.cpp syntax) that constrains the output, e.g. from a JSON schema.
     # (Declared before ignore_eos, whose check reads it.)
@@ -44,6 +53,8 @@ class SamplingParams(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = 256
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Added to the logits of these token ids before sampling (OpenAI's and llama-server's logit_bias).
+    logit_bias: dict[int, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
     # Speculative decoding: the most drafted tokens per step for this request, at most the engine's
     # --draft-max (0: none); None: the engine's.
     draft_max: Annotated[int, Field(ge=0, le=256)] | None = None
@@ -82,20 +93,50 @@ class SamplingParams(BaseModel):
             return ()
         if isinstance(value, str):
             value = (value,)
-        if any(isinstance(s, str) and s == "" for s in value):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+            raise ValueError("must be a string or a list of strings")
+        if any(s == "" for s in value):
             raise ValueError("stop strings must not be empty")
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings (got {len(value)})")
+        if sum(len(s) for s in value) > MAX_STOP_CHARS:
+            raise ValueError(f"the stop strings may hold at most {MAX_STOP_CHARS} characters together")
         return tuple(value)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_of_token_ids(cls, value: Any) -> Any:
+        # JSON object keys are strings: {"15043": -100} names token 15043, as OpenAI's API has it.
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("must be a map of token id to bias")
+        if len(value) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"may bias at most {MAX_LOGIT_BIAS_TOKENS} tokens")
+        out = {}
+        for key, bias in value.items():
+            token = key if isinstance(key, int) and not isinstance(key, bool) else \
+                int(key) if isinstance(key, str) and key.strip().isdigit() else None
+            if token is None:
+                raise ValueError(f"keys must be token ids (got {key!r})")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise ValueError(f"biases must be numbers (got {bias!r})")
+            out[token] = float(bias)
+        return out or None
 
     @field_validator("stop_token_ids", mode="before")
     @classmethod
-    def _ids_as_tuple(cls, value: Any) -> Any:
+    def _ids_as_set(cls, value: Any) -> Any:
         if value is None:
-            return ()
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in value):
-            raise ValueError("token ids must be integers")
+            return frozenset()
+        if not isinstance(value, (list, tuple, set, frozenset)) or any(
+                isinstance(t, bool) or not isinstance(t, int) for t in value):
+            raise ValueError("must be a list of integer token ids")
         if any(t < 0 for t in value):
             raise ValueError("token ids must be >= 0")
-        return tuple(value)
+        if len(value) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids (got {len(value)})")
+        return frozenset(value)
 
     @property
     def greedy(self) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the fixtures and the reference harness live with the tests
+from smollm2_checkpoint import smollm2_checkpoint  # noqa: E402  (beside this script)
 
 # Runs a command as its only child and reports that child's wall time and peak RSS.
 _MEASURE = """
@@ -50,24 +51,6 @@ def measure(cmd: list[str], pythonpath: str | None = None) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"measuring {cmd[:3]} failed: {out.stderr.strip()[-500:]}")
     return json.loads(out.stdout)
-
-
-def smollm2_checkpoint(folder: Path) -> Path:
-    """The bundled SmolLM2 GGUF rebuilt as an HF checkpoint (bf16 safetensors, like hub releases)."""
-    import torch
-    import transformers
-
-    from edge_llm.registry import demo_model_path
-
-    gguf_path = demo_model_path()
-    kwargs = dict(gguf_file=gguf_path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.bfloat16, **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def moe_checkpoint(folder: Path) -> Path:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.metadata
 import json
 import os
 import shlex
@@ -34,7 +33,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -45,7 +43,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's edge_llm, whatever is installed
-LLAMA_CPP_PYTHON = "llama-cpp-python"
+sys.path.insert(1, str(ROOT / "tests"))  # the sdist fetcher is shared with the converter tests
+from llama_cpp_sdist import SdistError, cache_dir, extracted, given_sdist, pinned_version  # noqa: E402
+
 START_TIMEOUT_S = 180.0
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 20.0
@@ -79,19 +79,10 @@ def resolve_model(ref: str | None) -> Path:
 # -- llama-server, built from the pinned sdist -----------------------------------------------------
 
 
-def pinned_version() -> str:
-    """The llama-cpp-python version installed here: the one edge-llm pins."""
-    return importlib.metadata.version(LLAMA_CPP_PYTHON)
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edge-llm"
-
-
 def llama_server_binary(path: str | Path | None = None, *, jobs: int | None = None) -> Path:
-    """`path` if given; else llama-server from the cache, built there first if missing
-    (pip download of the sdist, then cmake: about 10 minutes on 2 cores, once)."""
+    """`path` if given; else llama-server from the cache, built there first if missing (from the
+    sdist that tests/llama_cpp_sdist.py fetches once per machine, or $EDGE_LLM_LLAMA_CPP_SDIST;
+    then cmake: about 10 minutes on 2 cores, once)."""
     if path is not None:
         binary = Path(path)
         if not (binary.is_file() and os.access(binary, os.X_OK)):
@@ -102,10 +93,14 @@ def llama_server_binary(path: str | Path | None = None, *, jobs: int | None = No
     binary = home / "build" / "bin" / "llama-server"
     if binary.is_file():
         return binary
-    home.mkdir(parents=True, exist_ok=True)
-    source = home / "src"
-    if not (source / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
-        _download_sdist(version, source)
+    given = given_sdist()
+    if given is not None and (given / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+        source, temporary = given, False
+    else:
+        try:
+            source, temporary = extracted(home / "src", release=version), True
+        except SdistError as exc:
+            raise SystemExit(str(exc)) from None
     llama_cpp_dir = source / "vendor" / "llama.cpp"
     build = home / "build"
     print(f"building llama-server {version} in {build} (once)...", file=sys.stderr, flush=True)
@@ -113,24 +108,9 @@ def llama_server_binary(path: str | Path | None = None, *, jobs: int | None = No
     _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 1)])
     if not binary.is_file():
         raise SystemExit(f"the build finished but {binary} is missing")
-    shutil.rmtree(source)  # ~200 MB; the binary needs only the build folder's libraries
+    if temporary:
+        shutil.rmtree(source)  # ~200 MB; the binary needs only the build folder's libraries
     return binary
-
-
-def _download_sdist(version: str, source: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-              f"{LLAMA_CPP_PYTHON}=={version}", "-d", tmp])
-        archives = list(Path(tmp).glob("*.tar.gz"))
-        if len(archives) != 1:
-            raise SystemExit(f"expected one sdist from pip download, got {archives}")
-        unpacked = Path(tmp) / "unpacked"
-        with tarfile.open(archives[0]) as tar:
-            tar.extractall(unpacked, filter="data")
-        (top,) = unpacked.iterdir()
-        if source.exists():
-            shutil.rmtree(source)
-        shutil.move(str(top), source)
 
 
 def _run(cmd: list[str]) -> None:

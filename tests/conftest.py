@@ -116,19 +116,12 @@ def llama(url, client_timeout):
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(demo_path, tmp_path_factory) -> Path:
     """The bundled SmolLM2 GGUF rebuilt as an HF checkpoint (float32 safetensors + tokenizer) by
-    transformers' own GGUF loader: real weights for converter and engine tests, no download."""
-    import torch
-    import transformers
-
+    transformers' own GGUF loader: real weights for converter and engine tests, no download. Made
+    by the command the README gives for it (scripts/smollm2_checkpoint.py), as a user runs it."""
     out = tmp_path_factory.mktemp("smollm2-hf")
-    kwargs = dict(gguf_file=demo_path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(demo_path.parent, dtype=torch.float32, **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(demo_path.parent, **kwargs)
-    # The weights are dequantized to float32 now; drop the GGUF "quantizer" so they can be saved.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "smollm2_checkpoint.py"), str(out),
+                           "--dtype", "float32"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == str(out), done.stderr
     return out
 
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from edge_llm.chat_format import NAMED_TEMPLATES, JinjaChatFormatter
+from edge_llm.chat_tokens import ControlToken
 from edge_llm.engines.base import Delta, Engine, TokenLogprob, Usage
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.errors import InvalidParameterError
@@ -82,6 +83,9 @@ class FakeEngine(Engine):
                 tokens.extend(BYTE0 + b for b in text[i].encode("utf-8"))
                 i += 1
         return tokens
+
+    def control_token_list(self) -> list[ControlToken]:
+        return [ControlToken(text) for text in SPECIALS]
 
     def token_piece(self, token: int) -> bytes:
         return b"" if token < BYTE0 else bytes([token - BYTE0])

@@ -1,11 +1,9 @@
 """llama.cpp's own converter as the reference for edge-llm's: `convert_hf_to_gguf.py` from the
 llama.cpp that the pinned llama-cpp-python vendors, run in a subprocess with its own gguf-py.
 
-Where the sources come from, first found wins:
-- `$EDGE_LLM_LLAMA_CPP_SDIST`: an extracted llama-cpp-python sdist folder, or its `.tar.gz`;
-- `~/.cache/edge-llm/llama_cpp_python-VERSION/` (or `$EDGE_LLM_TEST_CACHE/...`), filled on first use by
-  `pip download --no-deps --no-binary :all: llama-cpp-python==VERSION` (only the converter, its
-  `conversion/` package and `gguf-py/` are extracted).
+The sources come from `llama_cpp_sdist.py` ($EDGE_LLM_LLAMA_CPP_SDIST, else the sdist downloaded
+once per machine into the test cache); only the converter, its `conversion/` package and `gguf-py/`
+are extracted, into `CACHE/llama_cpp_python-VERSION/`.
 
 The upstream converter needs torch and transformers (the `dev` extra has them). Its output is cached
 under the same cache folder, keyed by the checkpoint's bytes, the sdist version, the output type and
@@ -19,17 +17,20 @@ table does not know the tokenizer; edge-llm must then find the same name by itse
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import os
+import signal
 import subprocess
 import sys
-import tarfile
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+from llama_cpp_sdist import cache_dir, extracted, given_sdist, pinned_version
 
-PINNED = version("llama-cpp-python")
+PINNED = pinned_version()
+PR_SET_PDEATHSIG = 1
 _MEMBERS = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
 
 # Runs upstream's converter as its own __main__, with `get_vocab_base_pre` falling back to the
@@ -53,43 +54,37 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("EDGE_LLM_TEST_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "edge-llm"
-
-
-def _extract(tarball: Path, dest: Path) -> Path:
-    tmp = dest.with_name(dest.name + ".partial")
-    with tarfile.open(tarball) as tar:
-        top = tar.getnames()[0].split("/")[0]
-        members = [m for m in tar.getmembers()
-                   if any(m.name.removeprefix(top + "/").startswith(p) for p in _MEMBERS)]
-        tar.extractall(tmp, members=members, filter="data")
-    (tmp / top).rename(dest)
-    tmp.rmdir()
-    return dest
-
-
 def llama_cpp_dir() -> Path:
     """The vendored llama.cpp folder (convert_hf_to_gguf.py, conversion/, gguf-py/)."""
-    given = Path(os.environ["EDGE_LLM_LLAMA_CPP_SDIST"]).expanduser() \
-        if os.environ.get("EDGE_LLM_LLAMA_CPP_SDIST") else None
-    folder = given if given and given.is_dir() else cache_dir() / f"llama_cpp_python-{PINNED}"
-    if not folder.is_dir():
-        tarball = given
-        if tarball is None:
-            downloads = cache_dir() / "downloads"
-            downloads.mkdir(parents=True, exist_ok=True)
-            tarball = downloads / f"llama_cpp_python-{PINNED}.tar.gz"
-            if not tarball.is_file():
-                subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
-                                ":all:", f"llama-cpp-python=={PINNED}", "-d", str(downloads)], check=True)
-        _extract(tarball, folder)
+    given = given_sdist()
+    folder = given if given is not None and given.is_dir() else \
+        extracted(cache_dir() / f"llama_cpp_python-{PINNED}", _MEMBERS, PINNED)
     vendored = folder / "vendor" / "llama.cpp"
     if not (vendored / "convert_hf_to_gguf.py").is_file():
         raise FileNotFoundError(f"{folder}: not an extracted llama-cpp-python sdist (no vendor/llama.cpp/"
                                 "convert_hf_to_gguf.py); set EDGE_LLM_LLAMA_CPP_SDIST")
     return vendored
+
+
+def run_in_own_group(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run, with the command and anything it starts in a process group of their own
+    that is killed when the caller stops waiting for any reason (a test's timeout raises in
+    here; Ctrl-C), and sent SIGKILL if the caller's process dies (Linux), so none outlives it."""
+    process = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _checkpoint_hash(hf_dir: Path) -> str:
@@ -109,12 +104,12 @@ def reference_gguf(hf_dir: Path, outtype: str = "f16", pre: str | None = None, p
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     vendored = llama_cpp_dir()
-    tmp = out.with_suffix(".partial")
+    tmp = out.with_suffix(f".{os.getpid()}.partial")  # concurrent test processes may convert the same fixture
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(vendored / "gguf-py"), str(vendored)]),
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", _RUNNER, str(vendored / "convert_hf_to_gguf.py"), pre or "",
-                             patch, str(hf_dir), "--outfile", str(tmp), "--outtype", outtype],
-                            capture_output=True, text=True, env=env, cwd=vendored)
+    result = run_in_own_group([sys.executable, "-c", _RUNNER, str(vendored / "convert_hf_to_gguf.py"), pre or "",
+                               patch, str(hf_dir), "--outfile", str(tmp), "--outtype", outtype],
+                              env=env, cwd=vendored)
     if result.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama.cpp's converter failed on {hf_dir.name} (exit {result.returncode}):\n"

@@ -45,17 +45,26 @@ def test_an_hf_checkpoint_is_converted_to_f16_first(tmp_path, smollm2_hf_dir):
 @pytest.mark.slow
 def test_bench_command_end_to_end(demo_path, tmp_path):
     out = tmp_path / "out"
-    r = run_cli("bench", "-m", str(demo_path), "--quants", "q8_0,q4_0", "--kv", "f16,q8_0", "-np", "2", "-c", "512",
-                "--ppl-ctx", "64", "--chunks", "3", "--n-prompt", "32", "--n-gen", "12", "-o", str(out), timeout=900)
+    matrix = tmp_path / "imatrix.gguf"
+    r = run_cli("imatrix", str(demo_path), "-c", "64", "--chunks", "4", "-o", str(matrix))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("bench", "-m", str(demo_path), "--quants", "q8_0,q4_0,q4_0+imatrix", "--imatrix", str(matrix),
+                "--kv", "f16,q8_0", "-np", "2", "-c", "512", "--ppl-ctx", "64", "--chunks", "3", "--n-prompt", "32",
+                "--n-gen", "12", "-o", str(out), timeout=900)
     assert r.returncode == 0, r.stderr
     data = json.loads((out / "bench.json").read_text())
     variants = {(v["quant"], v["kv"]): v for v in data["variants"]}
-    assert list(variants) == [("q8_0", "f16"), ("q8_0", "q8_0"), ("q4_0", "f16"), ("q4_0", "q8_0")]
+    assert list(variants) == [("q8_0", "f16"), ("q8_0", "q8_0"), ("q4_0", "f16"), ("q4_0", "q8_0"),
+                              ("q4_0+imatrix", "f16"), ("q4_0+imatrix", "q8_0")]
     ref = variants[("q8_0", "f16")]
-    assert ref["reference"] and ref["ppl_delta"] == 0 and ref["top1_agreement"] == 1.0
+    assert ref["reference"] and ref["ppl_delta"] == 0 and ref["same_top"] == 1.0 and ref["mean_kld"] == 0
     assert variants[("q4_0", "f16")]["file_mib"] < ref["file_mib"]
     q4 = variants[("q4_0", "f16")]
-    assert q4["mean_kl"] > 0 and q4["top1_agreement"] < 1.0 and q4["ppl_delta"] != 0
+    assert q4["mean_kld"] > 0 and q4["kld_p99"] > q4["mean_kld"] and q4["same_top"] < 1.0 and q4["ppl_delta"] != 0
+    weighted = variants[("q4_0+imatrix", "f16")]
+    assert weighted["file_mib"] == pytest.approx(q4["file_mib"], abs=0.5)  # + the quantize.imatrix.* keys
+    assert weighted["mean_kld"] != q4["mean_kld"]
+    assert not list(out.glob("variants/*.kld"))  # the reference's log-probs are removed after the run
     for v in variants.values():
         assert v["error"] is None
         (s,) = v["scenarios"]
@@ -65,7 +74,7 @@ def test_bench_command_end_to_end(demo_path, tmp_path):
         assert s["prompt_tokens_per_s"] > 0 and s["gen_tokens_per_s"] > 0
     assert variants[("q8_0", "q8_0")]["scenarios"][0]["kv_mib"] < ref["scenarios"][0]["kv_mib"]
     table = (out / "bench.md").read_text()
-    assert "| q8_0 (ref) | f16 |" in table and table.count("\n| q") == 4
+    assert "| q8_0 (ref) | f16 |" in table and table.count("\n| q") == 6
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table.split("\n", 2)[2].strip() in r.stdout  # the table is printed too
 
@@ -76,3 +85,31 @@ def test_markdown_table_marks_failed_variants():
     table = markdown_table([VariantResult("q2_k", "f16", "x.gguf", 50.0, error="worker failed (1): boom")],
                            [Scenario(1, 512)])
     assert "failed: worker failed" in table and "| q2_k | f16 | 50.0 |" in table
+
+
+@pytest.mark.parametrize("results", ["bench-smollm2-demo.json", "bench-smollm2-converted.json"])
+def test_no_label_of_the_chart_overlaps_another(results):
+    """The README's charts: every piece of text in either panel (tick labels, titles, legends) has
+    room of its own (q4_k_m and q5_k_m, 7 MiB apart, once wrote their labels over each other)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edge_llm.bench import chart_figure, load_results
+    from tests.conftest import ROOT
+
+    _, variants, scenarios = load_results(ROOT / "docs" / results)
+    fig = chart_figure(variants, scenarios, "title")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    try:
+        for axes in fig.axes:
+            texts = [t for t in axes.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+            assert len(boxes) > 8
+            for i, (a, box_a) in enumerate(boxes):
+                for b, box_b in boxes[i + 1:]:
+                    assert not box_a.overlaps(box_b), (a, b)
+    finally:
+        plt.close(fig)

@@ -115,12 +115,68 @@ def test_doctor():
     assert report["llama_cpp_python"] == "0.3.36"
     assert isinstance(report["gpu_offload"], bool)
     assert report["cpu_threads"] >= 1
+    assert report["cpu_features"] and all(re.fullmatch(r"[A-Z0-9_]+", f) for f in report["cpu_features"])
+    from edge_llm.doctor import cpu_features
+
+    two_backends = "CUDA : ARCHS = 890 | USE_GRAPHS = 1 | CPU : SSE3 = 1 | AVX = 1 | AVX512 = 0 |"
+    assert cpu_features(two_backends) == ["AVX", "SSE3", "USE_GRAPHS"]
 
 
 def test_unknown_command_and_help():
-    assert run_cli("frobnicate").returncode == 2
+    out = run_cli("frobnicate")
+    assert out.returncode == 2 and out.stderr == "edge-llm: unknown command 'frobnicate' (see edge-llm --help)\n"
+    out = run_cli("generat")
+    assert out.stderr == "edge-llm: unknown command 'generat' (did you mean generate? see edge-llm --help)\n"
     out = run_cli("--help")
-    assert out.returncode == 0 and "generate" in out.stdout
+    assert out.returncode == 0 and "generate" in out.stdout and "aliases:" in out.stdout
+
+
+@pytest.mark.parametrize("args, line", [
+    (["generate", "--tmp", "0", "-p", "x"],
+     "edge-llm generate: error: unrecognized arguments: --tmp; did you mean --temp? (see edge-llm generate --help)"),
+    (["serve", "--port", "eighty"],
+     "edge-llm serve: error: argument --port: invalid int value: 'eighty' (see edge-llm serve --help)"),
+    (["generate", "hello", "-p", "hi"],
+     "edge-llm generate: error: one prompt at a time: PROMPT and -p both given (see edge-llm generate --help)"),
+    (["quantize", "a.gguf", "b.gguf", "q4_0", "-o", "c.gguf"],
+     "edge-llm quantize: error: expected INPUT [OUT] TYPE, with OUT either there or as -o "
+     "(see edge-llm quantize --help)"),
+])
+def test_a_bad_flag_is_one_line_with_a_hint_not_the_usage(args, line):
+    out = run_cli(*args, input="")
+    assert out.returncode == 2
+    assert out.stderr == line + "\n"
+
+
+def test_the_prompt_as_an_argument_from_a_file_or_from_stdin(tmp_path):
+    """llama-cli's -f, a plain argument and a pipe (`-f -`, or nothing given) are the same prompt."""
+    text = "The capital of France is"
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    sampling = ["-n", "8", "--temp", "0"]
+    reference = run_cli("generate", "-p", text, *sampling)
+    assert reference.returncode == 0 and reference.stdout.strip(), reference.stderr
+    for args, stdin in [([text], None), (["-f", str(tmp_path / "prompt.txt")], None), (["-f", "-"], text),
+                        ([], text), ([text, "-no-cnv"], None)]:
+        out = run_cli("generate", *args, *sampling, input=stdin)
+        assert (out.returncode, out.stdout) == (0, reference.stdout), (args, out.stderr)
+
+
+def test_ollamas_and_llama_cpps_words_run_the_same_commands(demo_path):
+    """`run`, `list`, `show`, `server` are other command lines of edge-llm's own commands."""
+    sampling = ["-n", "8", "--temp", "0"]
+    one_shot = run_cli("run", "smollm2-135m", "Name a colour.", *sampling)
+    assert one_shot.returncode == 0, one_shot.stderr
+    assert one_shot.stdout == run_cli("generate", "-m", "smollm2-135m", "--chat", "-p", "Name a colour.",
+                                      *sampling).stdout
+    chat = run_cli("run", "smollm2-135m", *sampling, input="Say hello.\n")
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    assert chat.stdout == run_cli("chat", "-m", "smollm2-135m", *sampling, input="Say hello.\n").stdout
+    listed = run_cli("list")
+    assert listed.returncode == 0 and listed.stdout == run_cli("models", "--local").stdout
+    assert str(demo_path) in listed.stdout and "qwen2-7b" not in listed.stdout
+    shown = run_cli("show", "smollm2-135m")
+    assert shown.returncode == 0 and shown.stdout == run_cli("info", "smollm2-135m").stdout
+    assert "edge-llm serve" in run_cli("server", "--help").stdout
 
 
 # -- files: every input is bytes that may be invalid; every OS error is one line naming the file ----
@@ -198,3 +254,16 @@ def test_chat_saves_a_conversation_typed_with_invalid_bytes(tmp_path):
     messages = json.loads(saved.read_bytes().decode("utf-8"))["messages"]
     assert messages[0]["role"] == "user" and messages[0]["content"].startswith("hi ")
     assert len(messages) == 2
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_any_banner():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_cli("serve", "--port", str(port), timeout=120)
+    assert out.returncode == 1
+    assert out.stderr == (f"edge-llm serve: error: cannot listen on 127.0.0.1:{port}: the address is in use "
+                          "(another server?); choose another --port\n")

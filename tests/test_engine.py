@@ -132,8 +132,8 @@ def test_gguf_chat_template_renders_conversation(any_engine):
     expected = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                 "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
                 "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
-    assert any_engine.chat_prompt(messages) == expected
-    with_system = any_engine.chat_prompt([{"role": "system", "content": "Be terse."}, messages[0]])
+    assert any_engine.chat_prompt(messages).text == expected
+    with_system = any_engine.chat_prompt([{"role": "system", "content": "Be terse."}, messages[0]]).text
     assert with_system == ("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                            "<|im_start|>assistant\n")
     # Special tokens in the rendered prompt become single special token ids.

@@ -50,6 +50,14 @@ def test_tensor_split_array_for_llamacpp():
         tensor_split_array(tuple([1.0] * (llama_cpp.llama_max_devices() + 1)))
 
 
+@pytest.mark.model
+def test_the_default_load_generates_on_this_cpu(demo_path):
+    """On an AMX machine the default load used to crash at the first decode (llama.cpp#20824):
+    AMX's weight buffers are left out at backend init (llama_runtime.leave_out_amx)."""
+    out = run_cli("generate", "-m", str(demo_path), "-p", "The capital of France is", "-n", "4", "--temp", "0")
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-500:]
+
+
 def test_llamacpp_accepts_split_options_on_cpu(demo_path):
     """On a CPU build the split settings are accepted and change nothing (no GPU to split over)."""
     from edge_llm.api import load

@@ -122,7 +122,7 @@ def test_chat_prompt_equals_tokenizer_apply_chat_template(hf_engine):
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
     expected = hf_engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert hf_engine.chat_prompt(messages) == expected
+    assert hf_engine.chat_prompt(messages).text == expected
 
 
 def test_embeddings_agree_with_llamacpp(hf_engine, engine):

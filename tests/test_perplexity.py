@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 
 from edge_llm.errors import EdgeLLMError
-from edge_llm.perplexity import (
-    DEFAULT_CORPUS,
-    TopKReference,
-    compute_perplexity,
-    kl_top_k,
-    log_softmax,
-    plan_chunks,
-    top_k,
-)
+from edge_llm.kl_divergence import BaseFile
+from edge_llm.perplexity import DEFAULT_CORPUS, compute_perplexity, plan_chunks
 from tests.conftest import run_cli
 
 N_CTX = 128
@@ -41,37 +34,28 @@ def test_chunk_plan_follows_llama_perplexity():
         plan_chunks(1023, 512)
 
 
-def test_kl_over_top_k_is_zero_for_the_same_distribution_and_a_lower_bound_otherwise():
-    rng = np.random.default_rng(0)
-    p = log_softmax(rng.normal(size=(5, 300)) * 6)  # peaked, as next-token distributions are
-    q = log_softmax(np.log(np.exp(p) + 0.002))  # a perturbed distribution
-    ids, lp = top_k(p, 50)
-    assert np.all(np.diff(lp, axis=1) <= 0)  # best first
-    assert np.allclose(kl_top_k(ids, lp, p), 0.0, atol=1e-6)
-    full = (np.exp(p) * (p - q)).sum(axis=1)
-    approx = kl_top_k(ids, lp, q)
-    assert np.all(approx <= full + 1e-9) and np.all(approx > 0.95 * full)
-
-
 @pytest.fixture(scope="module")
-def ppl_run(engine):
+def ppl_run(engine, tmp_path_factory):
     text = DEFAULT_CORPUS.read_text(encoding="utf-8")
+    base = tmp_path_factory.mktemp("ppl") / "base.kld"
     # Flash attention changes the numbers slightly (about 0.5% here): fix it on both sides.
-    return compute_perplexity(engine, text, n_ctx=N_CTX, max_chunks=CHUNKS, save_top_k=16, flash_attn="off")
+    result = compute_perplexity(engine, text, n_ctx=N_CTX, max_chunks=CHUNKS, save_base=base, flash_attn="off")
+    return result, base
 
 
 @pytest.mark.model
 def test_perplexity_is_finite_and_reproducible(engine, ppl_run):
-    result, saved = ppl_run
+    result, base = ppl_run
     assert math.isfinite(result.ppl) and 1.0 < result.ppl < 1000.0
     assert result.n_chunks == CHUNKS and result.n_scored == CHUNKS * (N_CTX - N_CTX // 2 - 1)
     assert len(result.running) == CHUNKS and result.running[-1] == result.ppl
-    # Same model, same text: the same number again, and agreement with itself is total.
-    again, _ = compute_perplexity(engine, DEFAULT_CORPUS.read_text(encoding="utf-8"), n_ctx=N_CTX,
-                                  max_chunks=CHUNKS, reference=saved, flash_attn="off")
-    assert again.ppl == pytest.approx(result.ppl, rel=1e-6)
-    assert again.top1_agreement == 1.0 and again.mean_kl == pytest.approx(0.0, abs=1e-6)
-    assert saved.ids.shape == (result.n_scored, 16)
+    # Same model, its own base file: the same perplexity, no divergence, the same top token everywhere.
+    again = compute_perplexity(engine, None, kld_base=BaseFile.open(base), flash_attn="off")
+    assert again.ppl == pytest.approx(result.ppl, rel=1e-6) and again.n_scored == result.n_scored
+    assert again.kld.same_top == 1.0 and abs(again.kld.mean_kld) < 1e-4
+    assert again.kld.ppl_base == pytest.approx(result.ppl, rel=1e-3)  # the base file's own log-probs, 16-bit
+    opened = BaseFile.open(base)
+    assert (opened.n_ctx, opened.n_chunks, opened.n_vocab) == (N_CTX, CHUNKS, engine.n_vocab)
 
 
 @pytest.mark.model
@@ -79,11 +63,10 @@ def test_perplexity_matches_an_independent_llama_perplexity_computation(demo_pat
     """Restate llama-perplexity's rule here (n_chunk = n_tokens / n_ctx; BOS first if the model adds
     it; score positions n_ctx/2 .. n_ctx-2 against the next token) and evaluate every chunk with
     llama-cpp-python's high-level Llama and its `scores`, a separate code path."""
-    from llama_cpp import Llama
+    from reference_llama import reference_llama
 
     result, _ = ppl_run
-    llm = Llama(model_path=str(demo_path), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False,
-                flash_attn=False)
+    llm = reference_llama(demo_path, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False, flash_attn=False)
     try:
         add_bos = llm._model.add_bos_token()
         tokens = llm.tokenize(DEFAULT_CORPUS.read_bytes(), add_bos=add_bos, special=False)
@@ -111,14 +94,24 @@ def test_perplexity_matches_an_independent_llama_perplexity_computation(demo_pat
 
 @pytest.mark.model
 def test_perplexity_command(demo_path, tmp_path):
-    ref = tmp_path / "ref.npz"
-    r = run_cli("perplexity", "-m", str(demo_path), "-c", "64", "--chunks", "2", "--json", "--save-reference",
-                str(ref), "--top-k", "8")
+    base = tmp_path / "base.kld"
+    r = run_cli("perplexity", "-m", str(demo_path), "-c", "64", "--chunks", "2", "--json", "--kl-divergence-base",
+                str(base))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["n_chunks"] == 2 and math.isfinite(out["ppl"])
+    assert out["n_chunks"] == 2 and math.isfinite(out["ppl"]) and out["kld"] is None
     assert "[1]" in r.stderr and "[2]" in r.stderr  # running values, as llama-perplexity prints them
-    assert TopKReference.load(ref).ids.shape == (2 * 31, 8)
+    # 20-byte header, 2 x 64 tokens, 2 x 31 scored positions of (4 + 49152) uint16
+    assert base.stat().st_size == 20 + 4 * 128 + 2 * 31 * 49156 * 2
+    r = run_cli("perplexity", "-m", str(demo_path), "--kl-divergence-base", str(base), "--kl-divergence")
+    assert r.returncode == 0, r.stderr
+    assert "Same top p: 100.000" in r.stdout and "Mean    KLD:" in r.stdout
+    assert "KL Divergence" in r.stderr  # llama-perplexity's table per chunk
+    for args, fragment in ((["--kl-divergence"], "needs --kl-divergence-base"),
+                           (["--kl-divergence-base", str(base), "--kl-divergence", "-c", "128"], "computed with -c 64"),
+                           (["--kl-divergence-base", str(demo_path), "--kl-divergence"], "not a KL-divergence base")):
+        r = run_cli("perplexity", "-m", str(demo_path), *args)
+        assert r.returncode == 1 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr
     short = tmp_path / "short.txt"
     short.write_text("Too short to score.", encoding="utf-8")
     r = run_cli("perplexity", "-m", str(demo_path), "-f", str(short), "-c", "64")

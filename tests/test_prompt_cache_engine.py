@@ -30,7 +30,7 @@ def greedy(n):
 
 def first_turn(engine, question):
     """One exchange; returns the prompt of the next turn (history + answer ids + new user turn)."""
-    prompt = engine.tokenize(engine.chat_prompt([{"role": "user", "content": question}]))
+    prompt = engine.prompt_tokens(engine.chat_prompt([{"role": "user", "content": question}]))
     answer = collect(engine.stream(prompt, greedy(24)))[0]
     return prompt + answer.token_ids + engine.tokenize(FOLLOW, add_bos=False)
 
@@ -101,7 +101,7 @@ def test_a_history_read_from_scratch_continues_as_the_restored_one(demo_path, tm
                                 {"role": "user", "content": "Name three rivers of Europe."},
                                 {"role": "assistant", "content": "The Danube, the Rhine and the Loire."},
                                 {"role": "user", "content": "Which is the longest?"}])
-    prompt = history.tokenize(text)
+    prompt = history.prompt_tokens(text)
     collect(history.stream(prompt[:-12], greedy(1)))  # read the history; keep it on disk at close
     history.close()
 
@@ -209,7 +209,7 @@ def test_a_forged_cache_file_with_a_valid_checksum_is_refused_and_the_prompt_rea
     # than it claims. Restoring it must fail cleanly: the prompt is read instead, the answer is
     # the from-scratch one, the file is deleted, and the engine serves on.
     history = make(demo_path, flash_attn="off", cache_dir=str(tmp_path))
-    prompt = history.tokenize(history.chat_prompt([{"role": "user", "content": "Name three rivers of Europe."}]))
+    prompt = history.prompt_tokens(history.chat_prompt([{"role": "user", "content": "Name three rivers of Europe."}]))
     collect(history.stream(prompt[:-4], greedy(1)))
     history.close()
     (path,) = tmp_path.glob("*" + SUFFIX)

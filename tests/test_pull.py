@@ -100,8 +100,12 @@ def test_pull_checkpoint_snapshot_with_include_then_convert(tmp_path):
     names = sorted(os.listdir(folder))
     assert "pytorch_model.bin" not in names and "model.safetensors" in names and "config.json" in names
     assert _resolve_offline("hf:acme/TinyLlama-HF", env) == folder
-    out = run_cli("convert", folder, "-o", str(tmp_path / "tiny.gguf"), env={**env, "HF_HUB_OFFLINE": "1"})
+    # Converted by its reference, as every command takes one.
+    out = run_cli("convert", "hf:acme/TinyLlama-HF", "-o", str(tmp_path / "tiny.gguf"), env={**env, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "tiny.gguf")
+    out = run_cli("convert", "smollm2-135m", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 1 and "smollm2-135m is a GGUF already" in out.stderr, out.stderr
     from gguf import GGUFReader
 
     reader = GGUFReader(tmp_path / "tiny.gguf")
@@ -161,3 +165,85 @@ def test_reference_parsing():
                                                     file="qwen2-7b-instruct-q5_k_m.gguf")
     assert shard_names("m-00001-of-00003.gguf", []) == [f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert shard_names("m.gguf", ["m.gguf"]) == ["m.gguf"]
+
+
+def _refused_url() -> str:
+    """A URL on 127.0.0.1 whose port nothing listens on: every connection is refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("ref", ["qwen2-0.5b", f"hf:{GGUF_REPO}:q8_0", "hf:acme/Tiny-Checkpoint",
+                                 # importing modelscope and its one retry take ~10 s
+                                 pytest.param(f"ms:{GGUF_REPO}:q8_0", marks=pytest.mark.slow),
+                                 pytest.param("ms:acme/Tiny-Checkpoint", marks=pytest.mark.slow)])
+def test_an_unreachable_hub_is_one_line(ref, tmp_path):
+    """No network: one line saying which hub cannot be reached and why, for registry names, hf:
+    (a GGUF or a checkpoint) and ms:; no retry warnings, no traceback."""
+    url = _refused_url()
+    out = run_cli("pull", ref, env=_env(tmp_path, HF_ENDPOINT=url, MODELSCOPE_ENDPOINT=url,
+                                        MODELSCOPE_CACHE=str(tmp_path / "ms"),
+                                        MODELSCOPE_API_MAX_RETRIES="1"), timeout=120)
+    assert out.returncode == 1, out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    hub_name = f"the Hugging Face Hub at {url}" if not ref.startswith("ms:") else "ModelScope"
+    assert f"error: cannot reach {hub_name} (connection refused)" in out.stderr, out.stderr
+
+
+VISION_REPO = "acme/TinyVision-GGUF"
+VISION_FILES = {
+    "TinyVision-Q4_K_M.gguf": b"GGUF model q4_k_m",
+    "TinyVision-F16.gguf": b"GGUF model f16",
+    "mmproj-TinyVision-f32.gguf": b"GGUF projector f32",
+    "mmproj-TinyVision-f16.gguf": b"GGUF projector f16",
+    "mmproj-TinyVision-bf16.gguf": b"GGUF projector bf16",
+}
+
+
+def test_pull_fetches_the_projector_beside_the_model(tmp_path):
+    """A GGUF from a repo with projectors comes with one (f16 for a quantized model, the model's own
+    type when there is one), in the same snapshot folder; stdout stays the model's path alone, the
+    projector is named on stderr. The model, not a projector, is what `:f16` and a bare repo mean."""
+    with FakeHub({VISION_REPO: VISION_FILES}) as server:
+        env = _env(tmp_path, server)
+        out = run_cli("pull", f"hf:{VISION_REPO}:q4_k_m", env=env)
+        assert out.returncode == 0, out.stderr
+        model = out.stdout.strip()
+        assert open(model, "rb").read() == VISION_FILES["TinyVision-Q4_K_M.gguf"]
+        projector = os.path.join(os.path.dirname(model), "mmproj-TinyVision-f16.gguf")
+        assert open(projector, "rb").read() == VISION_FILES["mmproj-TinyVision-f16.gguf"]
+        assert out.stderr.strip() == f"mmproj: {projector}"
+        assert [p.rsplit("/", 1)[-1] for p in _gets(server)] == ["TinyVision-Q4_K_M.gguf", "mmproj-TinyVision-f16.gguf"]
+
+        server.requests.clear()
+        out = run_cli("pull", f"hf:{VISION_REPO}:f16", env=env)
+        assert out.returncode == 0 and out.stdout.strip().endswith("/TinyVision-F16.gguf"), out.stderr
+        assert [p.rsplit("/", 1)[-1] for p in _gets(server)] == ["TinyVision-F16.gguf"]  # its projector is here
+
+        other = _env(tmp_path / "other", server)
+        out = run_cli("pull", f"hf:{VISION_REPO}:q4_k_m", "--mmproj", "mmproj-TinyVision-bf16.gguf", env=other)
+        assert out.returncode == 0 and out.stderr.strip().endswith("/mmproj-TinyVision-bf16.gguf"), out.stderr
+        server.requests.clear()
+        out = run_cli("pull", f"hf:{VISION_REPO}:f16", "--no-mmproj", env=other)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        assert [p.rsplit("/", 1)[-1] for p in _gets(server)] == ["TinyVision-F16.gguf"]
+
+        missing = run_cli("pull", f"hf:{VISION_REPO}:q4_k_m", "--mmproj", "mmproj-x.gguf", env=other)
+        assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+        assert "has no projector file mmproj-x.gguf (it has: mmproj-TinyVision-f32.gguf" in missing.stderr
+    assert _resolve_offline(f"hf:{VISION_REPO}:q4_k_m", env) == model
+
+
+def test_projector_choice():
+    files = ["m-Q4_K_M.gguf", "m-BF16.gguf", "mmproj-F32.gguf", "mmproj-BF16.gguf", "mmproj-F16.gguf",
+             "mmproj-Q8_0.gguf", "sub/mmproj-sub-f32.gguf", "sub/m-Q8_0.gguf"]
+    assert hub.pick_mmproj(files, "m-Q4_K_M.gguf") == "mmproj-F16.gguf"  # f16 by default
+    assert hub.pick_mmproj(files, "m-BF16.gguf") == "mmproj-BF16.gguf"  # else the model's own type
+    assert hub.pick_mmproj(files, None, "q8_0") == "mmproj-Q8_0.gguf"
+    assert hub.pick_mmproj(files, "sub/m-Q8_0.gguf") == "sub/mmproj-sub-f32.gguf"  # the model's folder first
+    assert hub.pick_mmproj(["mmproj-F32.gguf", "mmproj-Q8_0.gguf"], "m-Q4_K_M.gguf") == "mmproj-Q8_0.gguf"
+    assert hub.pick_mmproj(["m.gguf"], "m.gguf") is None
+    assert hub.pick_gguf(files, "bf16") == "m-BF16.gguf" and hub.pick_gguf(["mmproj-F16.gguf"], "f16") is None

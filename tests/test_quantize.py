@@ -96,7 +96,9 @@ def _write_gguf_imatrix(path, src, counts: float = 4.0):
 def test_imatrix_gguf_and_legacy(f32_gguf, tmp_path):
     src, ids = f32_gguf
     expected = _write_gguf_imatrix(tmp_path / "imatrix.gguf", src)
-    loaded = load_imatrix(tmp_path / "imatrix.gguf")
+    matrix = load_imatrix(tmp_path / "imatrix.gguf")
+    assert matrix.datasets == ["test"] and matrix.chunk_count == 1
+    loaded = matrix.entries
     assert sorted(loaded) == sorted(expected)
     assert all(np.allclose(loaded[k], expected[k]) for k in expected)
 
@@ -105,13 +107,14 @@ def test_imatrix_gguf_and_legacy(f32_gguf, tmp_path):
         legacy += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", 3, values.size)
         legacy += (values * 3).astype(np.float32).tobytes()
     (tmp_path / "imatrix.dat").write_bytes(bytes(legacy))
-    from_dat = load_imatrix(tmp_path / "imatrix.dat")
+    from_dat = load_imatrix(tmp_path / "imatrix.dat").entries
     assert all(np.allclose(from_dat[k], expected[k], rtol=1e-6) for k in expected)
 
     # IQ2_XS refuses to run without one; with it, llama.cpp quantizes and the model still works.
     out = run_cli("quantize", str(src), "iq2_xs", "-o", str(tmp_path / "iq2.gguf"), "--imatrix",
                   str(tmp_path / "imatrix.gguf"))
     assert out.returncode == 0, out.stderr
+    assert out.stderr == ""  # given a matrix, nothing is computed
     assert _file_type(tmp_path / "iq2.gguf") == quant_types()["iq2_xs"]
     assert np.isfinite(llama_cpp_logits(tmp_path / "iq2.gguf", ids)).all()
     # The importance weights change the rounding: not the same file as without them.
@@ -125,10 +128,13 @@ def test_bad_inputs(f32_gguf, tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf" * 10)
     cases = [
-        ((str(tmp_path / "missing.gguf"), "q4_0"), "input file not found"),
+        ((str(tmp_path / "missing.gguf"), "q4_0"), f"model file not found: {tmp_path / 'missing.gguf'}"),
         ((str(junk), "q4_0"), "is not a GGUF file"),
         ((str(src), "q9_k"), "unknown quant type 'q9_k'"),
-        ((str(src), "iq2_xxs"), "iq2_xxs needs an importance matrix: pass --imatrix FILE"),
+        ((str(src), "q4_0", "--imatrix", str(tmp_path / "none.gguf")), "imatrix file not found"),
+        ((str(src), "q4_0", "--tensor-type", "attn_v"), "expected PATTERN=TYPE"),
+        ((str(src), "q4_0", "--tensor-type", "attn_v=q9_k"), "unknown ggml type 'q9_k'"),
+        ((str(src), "q4_0", "--output-tensor-type", "int7"), "--output-tensor-type: unknown ggml type 'int7'"),
         ((str(src), "q4_0", "-o", str(src)), "would overwrite the input"),
         ((str(src), "q4_0", "--imatrix", str(junk)), "not a valid imatrix file"),
         ((str(src), "q4_0", "-o", str(tmp_path / "no" / "x.gguf")),
@@ -161,3 +167,77 @@ def test_output_into_a_folder_or_a_read_only_one(f32_gguf, tmp_path, read_only_f
     assert out.returncode == 1
     assert out.stderr == f"edge-llm quantize: error: cannot write {locked / 'm.gguf'}: Permission denied\n"
     assert list(locked.iterdir()) == []
+
+
+def test_model_references_and_llama_quantizes_argument_order(f32_gguf, tmp_path, demo_path):
+    """A registry name works as the input (its output goes to the current folder, not into the
+    package); requantizing says which flag allows it; `IN OUT TYPE` as llama-quantize takes them."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def quantize(*args: str):
+        return subprocess.run([sys.executable, "-m", "edge_llm", "quantize", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+    refused = quantize("smollm2-135m", "q8_0")
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert f"{demo_path} is already quantized (q4_1)" in refused.stderr
+    assert "pass --allow-requantize" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
+    done = quantize("smollm2-135m", "q8_0", "--allow-requantize", "-q")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SmolLM2-135M-Instruct-q8_0.gguf"
+    assert _file_type(tmp_path / "SmolLM2-135M-Instruct-q8_0.gguf") == quant_types()["q8_0"]
+
+    src, _ = f32_gguf
+    out = quantize(str(src), "positional.gguf", "q4_0")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "positional.gguf").read_bytes() == quantize_file(src, tmp_path / "lib.gguf", "q4_0").read_bytes()
+
+
+def test_types_that_need_an_imatrix_get_one(f32_gguf, tmp_path):
+    """No --imatrix for iq2_xxs: one is computed from the input over the shipped text (as --imatrix auto),
+    recorded in the output's metadata, and removed; the model still works."""
+    from gguf import GGUFReader
+
+    src, ids = f32_gguf
+    out = run_cli("quantize", str(src), "iq2_xxs", "-o", str(tmp_path / "iq2.gguf"), timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "computing an importance matrix of tiny-f32.gguf for iq2_xxs" in out.stderr
+    assert _file_type(tmp_path / "iq2.gguf") == quant_types()["iq2_xxs"]
+    assert np.isfinite(llama_cpp_logits(tmp_path / "iq2.gguf", ids)).all()
+    meta = {f.name: f.contents() for f in GGUFReader(tmp_path / "iq2.gguf").fields.values()
+            if f.name.startswith("quantize.")}
+    assert meta["quantize.imatrix.file"] == "auto"
+    assert meta["quantize.imatrix.dataset"] == "edge_llm/data/calibration.txt"
+    assert meta["quantize.imatrix.chunks_count"] == 64 and meta["quantize.imatrix.entries_count"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["iq2.gguf"]
+
+
+def test_convert_quantizes_with_an_imatrix(f32_gguf, tmp_path):
+    """convert --quant TYPE --imatrix FILE: the matrix reaches llama.cpp (recorded in the metadata) and the
+    quant differs from the one made without it; --imatrix without --quant is one error line."""
+    from gguf import GGUFReader
+
+    from edge_llm.imatrix import Entry, write_imatrix
+
+    src, _ = f32_gguf
+    hf_dir = src.parent / "llama"
+    rng = np.random.default_rng(1)
+    entries = {t.name: Entry(rng.uniform(0.1, 5, size=(1, int(t.shape[0]))).astype(np.float32), np.array([64]))
+               for t in GGUFReader(src).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    matrix = write_imatrix(tmp_path / "m.gguf", entries, datasets=["random"], chunk_count=1, chunk_size=64)
+    out = run_cli("convert", str(hf_dir), "--quant", "q4_k_m", "--imatrix", str(matrix), "-o", str(tmp_path / "w.gguf"))
+    assert out.returncode == 0, out.stderr
+    meta = {f.name: f.contents() for f in GGUFReader(tmp_path / "w.gguf").fields.values()}
+    assert meta["quantize.imatrix.file"] == str(matrix) and meta["quantize.imatrix.dataset"] == "random"
+    assert meta["quantize.imatrix.entries_count"] == len(entries)
+    plain = run_cli("convert", str(hf_dir), "--quant", "q4_k_m", "-o", str(tmp_path / "p.gguf"))
+    assert plain.returncode == 0, plain.stderr
+    assert (tmp_path / "w.gguf").read_bytes() != (tmp_path / "p.gguf").read_bytes()
+    bad = run_cli("convert", str(hf_dir), "--imatrix", str(matrix), "-o", str(tmp_path / "x.gguf"))
+    assert bad.returncode == 1 and "--imatrix is for --quant TYPE" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "p.gguf", "w.gguf"]

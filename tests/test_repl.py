@@ -82,7 +82,7 @@ def test_second_turn_evaluates_only_the_new_tokens(engine, tmp_path):
     leave(child)
 
     assert stats1.cached == 0 and stats1.prompt == len(ids1) == stats1.evaluated
-    assert ids1 == engine.tokenize(engine.chat_prompt([{"role": "user", "content": "Hi"}]))
+    assert ids1 == engine.prompt_tokens(engine.chat_prompt([{"role": "user", "content": "Hi"}]))
     # Turn 2 = turn 1's prompt + the generated tokens + the template text of the new turn.
     between = engine.tokenize(f"<|im_end|>\n{CHATML_PREFIX}What is 2+2?{CHATML_SUFFIX}", add_bos=False)
     assert ids2[: len(ids1)] == ids1 and ids2[-len(between):] == between
@@ -95,7 +95,7 @@ def test_second_turn_evaluates_only_the_new_tokens(engine, tmp_path):
     # The same conversation rendered whole by the template tokenizes to the same sequence.
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer1},
                 {"role": "user", "content": "What is 2+2?"}]
-    assert ids2 == engine.tokenize(engine.chat_prompt(messages))
+    assert ids2 == engine.prompt_tokens(engine.chat_prompt(messages))
     assert answer2
 
 
@@ -107,7 +107,7 @@ def test_system_reset_save_load_params_and_history(engine, tmp_path):
     child.expect_exact("[system prompt set]")
     ids1, answer1, stats1 = ask(child, "Hi")
     assert engine.detokenize(ids1).startswith("system\nYou are a pirate.\nuser\nHi\n")  # specials render as ""
-    assert ids1 == engine.tokenize(engine.chat_prompt([{"role": "system", "content": "You are a pirate."},
+    assert ids1 == engine.prompt_tokens(engine.chat_prompt([{"role": "system", "content": "You are a pirate."},
                                                        {"role": "user", "content": "Hi"}]))
     # A line ending in a backslash continues on the next one.
     child.expect_exact("> ")
@@ -339,6 +339,8 @@ class TemplateEngine:
         self.formatter = JinjaChatFormatter(template)
         self.n_ctx = self.n_ctx_seq = engine.n_ctx_seq
         self.eog_ids = engine.eog_ids
+        self.control_tokens = engine.control_tokens
+        self.trust_content_markup = False
 
     def tokenize(self, text, *, special=True, add_bos=None):
         return self._engine.tokenize(text, special=special, add_bos=add_bos)
@@ -347,7 +349,9 @@ class TemplateEngine:
         return self._engine.detokenize(tokens)
 
     def chat_prompt(self, messages):
-        return self.formatter.render(messages)
+        from edge_llm.chat_tokens import render_chat
+
+        return render_chat(self, messages)
 
 
 @pytest.mark.model

@@ -68,6 +68,7 @@ def test_commands_save_load_params_and_errors(engine, tmp_path):
     assert saved["model"] == "fake" and any(m.get("content") == ANSWER for m in saved["messages"])
     assert chat.command("/reset") and chat.conversation.exchanges == []
     assert chat.command(f"/load {target}") and len(chat.conversation.exchanges) == 1
+    assert f"[saved 1 turn to {target}]" in err.getvalue() and f"[loaded 1 turn from {target}]" in err.getvalue()
     assert chat.command("/params max_tokens=3") and chat.params.max_tokens == 3
     assert chat.turn("Short").text == ANSWER[:3]
     assert chat.command("/nothing") and "unknown command /nothing" in err.getvalue()

@@ -70,3 +70,14 @@ def test_booleans_are_not_numbers(field):
     assert caught.value.param == field
     with pytest.raises(InvalidParameterError):
         SamplingParams.create(stop_token_ids=[True])
+
+
+def test_logit_bias_takes_token_ids_within_range():
+    params = SamplingParams.create(logit_bias={"15": -100, 7: 2.5})
+    assert params.logit_bias == {15: -100.0, 7: 2.5}
+    assert SamplingParams.create(logit_bias={}).logit_bias is None
+    for bad, fragment in [({"15": 101}, "less than or equal"), ({"x": 1}, "token ids"), ({"1": True}, "numbers"),
+                          ({"-1": 1}, "token ids"), ({str(i): 1 for i in range(1025)}, "at most 1024")]:
+        with pytest.raises(InvalidParameterError, match=fragment) as caught:
+            SamplingParams.create(logit_bias=bad)
+        assert caught.value.param.startswith("logit_bias")

@@ -127,7 +127,7 @@ def test_cancelling_one_stream_frees_its_slot_and_spares_the_others(engine8):
 def test_follow_up_turn_evaluates_only_the_new_tokens(engine8):
     stats = engine8.scheduler.stats
     conversation = [{"role": "user", "content": "Tell me a fact about owls."}]
-    prompt1 = engine8.tokenize(engine8.chat_prompt(conversation))
+    prompt1 = engine8.prompt_tokens(engine8.chat_prompt(conversation))
     answer = collect(engine8.stream(prompt1, SamplingParams.create(temperature=0, max_tokens=24)))[0]
     # Some other conversations run in between; the first one's cache must survive them.
     run_concurrently(engine8, [(p, greedy(8), 0) for p in PROMPTS[:4]])

@@ -397,6 +397,23 @@ def test_disconnect_mid_stream_frees_the_slot(url, server):
     assert wait_until(lambda: engine.scheduler.running == 0)
 
 
+def test_router_gauges_under_both_names(url, http):
+    """What an endpoint picker reads (deploy/kubernetes/inference-pool.yaml): requests running and
+    waiting, and the share of the KV cache they hold, under edge-llm's names and vLLM's."""
+    names = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+    with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/completions", json={
+            "model": "demo-a", "prompt": "Tell a long story about the sea.", "max_tokens": 400, "stream": True,
+            "ignore_eos": True}) as response:
+        lines = response.iter_lines()
+        assert any(next(lines).startswith("data: {") for _ in range(3))
+        during = http.get("/metrics").text
+    ours = {n: metric(during, "edge_llm:" + n, "demo-a") for n in names}
+    assert ours == {n: metric(during, "vllm:" + n, "demo-a") for n in names}
+    assert ours["num_requests_running"] == 1 and ours["num_requests_waiting"] == 0
+    assert 0 < ours["kv_cache_usage_perc"] < 1
+    assert wait_until(lambda: metric(http.get("/metrics").text, "vllm:kv_cache_usage_perc", "demo-a") == 0)
+
+
 # -- servers with other settings ------------------------------------------------------------------------
 
 
@@ -490,6 +507,13 @@ def test_cli_serve_with_api_key(demo_path, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    # One log line per request (server/access_log.py), the refusals too; /health and /metrics polls left out.
+    log = proc.stdout.read()
+    assert re.search(r"^\S+ \S+ 127\.0\.0\.1 GET /v1/models 401 \d+\.\d\d s$", log, re.M), log
+    usage = out.usage
+    assert re.search(rf"^\S+ \S+ 127\.0\.0\.1 POST /v1/chat/completions 200 \d+\.\d\d s, {usage.prompt_tokens} "
+                     rf"prompt \+ {usage.completion_tokens} generated tokens$", log, re.M), log
+    assert "/health" not in log and "/metrics" not in log and "Traceback" not in log
 
 
 def _health(base: str) -> bool:

@@ -64,7 +64,8 @@ def test_responses_plain_and_streamed(oa):
     assert whole.status in ("completed", "incomplete") and whole.output_text.strip()
     assert whole.usage.output_tokens <= 12 and whole.usage.input_tokens > 5
     events = list(oa.responses.create(**kw, stream=True))
-    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert events[0].type == "response.created"
+    assert events[-1].type == {"completed": "response.completed", "incomplete": "response.incomplete"}[whole.status]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert streamed == whole.output_text == events[-1].response.output_text
@@ -241,3 +242,123 @@ def test_thinking_is_split_from_the_answer(oa, server, url):
         ollama_chat = ollama.Client(host=url).chat(model="demo", messages=messages,
                                                    options={"temperature": 0, "num_predict": 10})
         assert ollama_chat.message.thinking == reasoning
+
+
+# -- tools on SmolLM2, whose template has no tool markup (generic_tools.py) --------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                 "parameters": WEATHER_SCHEMA}}
+
+
+def test_forced_and_auto_tools_without_tool_markup_openai_chat(oa):
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model="demo", tools=[WEATHER_TOOL], max_tokens=40, temperature=0)
+    forced = oa.chat.completions.create(messages=question, tool_choice="required", **kw)
+    call = forced.choices[0].message.tool_calls[0]
+    assert forced.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str) and call.id.startswith("call_")
+    chunks = list(oa.chat.completions.create(messages=question, stream=True, **kw,
+                                             tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    streamed = "".join(tc.function.arguments or "" for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or [])
+    assert streamed == call.function.arguments  # greedy: the same call, streamed in pieces
+    # the round trip: the call and its result go back, and the model answers
+    follow = oa.chat.completions.create(messages=[
+        *question, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 C"}], **kw)
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # auto: plain text or a valid call, never a 400; with structured output, that JSON or a call
+    auto = oa.chat.completions.create(messages=question, tool_choice="auto", **kw)
+    message = auto.choices[0].message
+    assert message.content or all(json.loads(t.function.arguments) for t in message.tool_calls)
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"]}
+    formatted = oa.chat.completions.create(messages=question, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}}, **kw).choices[0].message
+    assert formatted.tool_calls or isinstance(json.loads(formatted.content)["answer"], str)
+
+
+def test_forced_tools_without_tool_markup_other_apis(oa, claude, llama):
+    tool = {"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER_SCHEMA}
+    out = oa.responses.create(model="demo", input="Weather in Rome?", tools=[tool], tool_choice="required",
+                              max_output_tokens=40, temperature=0)
+    calls = [item for item in out.output if item.type == "function_call"]
+    assert len(calls) >= 1 and isinstance(json.loads(calls[0].arguments)["city"], str)
+    follow = oa.responses.create(model="demo", max_output_tokens=10, temperature=0, tools=[tool], input=[
+        {"role": "user", "content": "Weather in Rome?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 24 C"}])
+    assert follow.status in ("completed", "incomplete")
+    anthropic_tool = {"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER_SCHEMA}
+    kw = dict(model="demo", max_tokens=40, extra_body={"temperature": 0}, tools=[anthropic_tool],
+              messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    message = claude.messages.create(**kw, tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    uses = [b for b in message.content if b.type == "tool_use"]
+    assert message.stop_reason == "tool_use" and len(uses) == 1 and isinstance(uses[0].input["city"], str)
+    with claude.messages.stream(**kw, tool_choice={"type": "tool", "name": "get_weather"}) as stream:
+        final = stream.get_final_message()
+    assert [b.input for b in final.content if b.type == "tool_use"][0] == uses[0].input
+    follow = claude.messages.create(**kw | {"messages": [
+        *kw["messages"], {"role": "assistant", "content": message.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "Sunny"}]}]})
+    assert follow.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    # Ollama has no forced call: tools are offered, and the answer is text or a call
+    answer = llama.chat(model="demo", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                        tools=[WEATHER_TOOL], options={"temperature": 0, "num_predict": 30})
+    assert answer.message.content or answer.message.tool_calls
+
+
+# -- usage: every API's counts add up to the prompt's tokens ---------------------------------------------
+
+
+def test_usage_adds_up_to_the_prompt_on_every_api(oa, claude, llama, http):
+    system, user = "You are brief.", "Name a color."
+    n_prompt = claude.messages.count_tokens(model="demo", system=system,
+                                            messages=[{"role": "user", "content": user}]).input_tokens
+    # twice each: the second time most of the prompt comes from the cache
+    for _ in range(2):
+        chat = oa.chat.completions.create(model="demo", max_tokens=3, temperature=0, messages=[
+            {"role": "system", "content": system}, {"role": "user", "content": user}])
+        assert chat.usage.prompt_tokens == n_prompt
+    assert chat.usage.prompt_tokens_details.cached_tokens > 0
+    chunks = list(oa.chat.completions.create(model="demo", max_tokens=3, temperature=0, stream=True,
+                                             stream_options={"include_usage": True},
+                                             messages=[{"role": "system", "content": system},
+                                                       {"role": "user", "content": user}]))
+    assert chunks[-1].usage.prompt_tokens == n_prompt
+    response = oa.responses.create(model="demo", instructions=system, input=user, max_output_tokens=3, temperature=0)
+    assert response.usage.input_tokens == n_prompt and response.usage.input_tokens_details.cached_tokens > 0
+    kw = dict(model="demo", max_tokens=3, system=system, extra_body={"temperature": 0},
+              messages=[{"role": "user", "content": user}])
+    whole = claude.messages.create(**kw)
+    with claude.messages.stream(**kw) as stream:
+        streamed = stream.get_final_message()
+    for usage in (whole.usage, streamed.usage):
+        # Anthropic's input_tokens are the part not read from the cache
+        assert usage.input_tokens + usage.cache_read_input_tokens == n_prompt and usage.cache_read_input_tokens > 0
+    assert streamed.usage == whole.usage
+    ollama_chat = llama.chat(model="demo", options={"temperature": 0, "num_predict": 3},
+                             messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
+    assert ollama_chat.prompt_eval_count == n_prompt
+    prompt = "The capital of France is"
+    completion = oa.completions.create(model="demo", prompt=prompt, max_tokens=2, temperature=0)
+    assert completion.usage.prompt_tokens == http.post("/tokenize", json={"content": prompt,
+                                                                          "add_special": True}).json()["count"]
+
+
+# -- logit_bias ------------------------------------------------------------------------------------------
+
+
+def test_logit_bias_bans_and_forces_tokens(oa, http):
+    kw = dict(model="demo", prompt="The capital of France is", max_tokens=1, temperature=0)
+    first = oa.completions.create(**kw).choices[0].text
+    (token,) = http.post("/tokenize", json={"content": first}).json()["tokens"]
+    banned = oa.completions.create(**kw, logit_bias={str(token): -100}).choices[0].text
+    assert banned != first
+    forced_id = http.post("/tokenize", json={"content": " banana", "with_pieces": True}).json()["tokens"][0]
+    forced = oa.completions.create(**kw, logit_bias={str(forced_id["id"]): 100}).choices[0].text
+    assert forced == forced_id["piece"]
+    chat = oa.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                      temperature=0, logit_bias={str(forced_id["id"]): 100})
+    assert chat.choices[0].message.content == forced_id["piece"]
+    # llama-server's list form
+    listed = http.post("/v1/completions", json={**kw, "logit_bias": [[forced_id["id"], 100]]}).json()
+    assert listed["choices"][0]["text"] == forced_id["piece"]

@@ -17,7 +17,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from fake_engine import THINK_TOOLS_TEMPLATE, FakeEngine
+from fake_engine import BYTE0, SPECIALS, THINK_TOOLS_TEMPLATE, FakeEngine
 from live_server import live_server
 from test_server import WEATHER, wait_until
 
@@ -169,6 +169,9 @@ def test_responses_plain_and_streamed(oa, engines):
     assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
     short = oa.responses.create(**kw, max_output_tokens=4)
     assert short.status == "incomplete" and short.output_text == ANSWER[:4]
+    events = list(oa.responses.create(**kw, max_output_tokens=4, stream=True))  # cut: OpenAI's terminal event
+    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
 def test_anthropic_create_and_stream(claude, engines):
@@ -267,7 +270,15 @@ def long_prompt(words: int) -> str:
     ({"messages": [{"role": "user", "content": "x"}], "top_k": 0}, 400, "top_k", "invalid_parameter"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 8}, 400, "n", "invalid_parameter"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens", "invalid_request"),
-    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, 400, "logit_bias", "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 500}}, 400, "logit_bias.1",
+     "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"one": 5}}, 400, "logit_bias", "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999": 5}}, 400, "logit_bias",
+     "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {str(i): 1 for i in range(1025)}}, 400,
+     "logit_bias", "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": [[1, 5, 3]]}, 400, "logit_bias.0",
+     "invalid_parameter"),
     ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "model_not_found"),
     ({"model": "/etc/passwd", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "model_not_found"),
     ({"messages": [{"role": "user", "content": long_prompt(600)}]}, 400, "messages", "context_length_exceeded"),
@@ -326,12 +337,6 @@ def test_other_malformed_requests(http):
         assert response.json()["error"]["code"] == code
 
 
-def test_tools_need_a_template_that_supports_them(oa):
-    with pytest.raises(openai.BadRequestError, match="no tool support"):
-        oa.chat.completions.create(model="demo-b", messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                       tools=[WEATHER], max_tokens=20)
-
-
 @pytest.mark.parametrize("path, body, status", [
     ("/v1/responses", {"input": []}, 400),
     ("/v1/responses", {"model": "nope", "input": "x"}, 404),
@@ -375,9 +380,10 @@ def test_clients_raise_their_own_errors(oa, claude, llama):
         oa.responses.create(model="demo", input="x", previous_response_id="resp_1")
     with pytest.raises(anthropic.NotFoundError, match="does not exist"):
         claude.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(anthropic.BadRequestError, match="tool support"):
+    with pytest.raises(anthropic.BadRequestError, match="not in tools"):
         claude.messages.create(model="demo", max_tokens=5, messages=[{"role": "user", "content": "x"}],
-                               tools=[{"name": "f", "input_schema": {"type": "object"}}])
+                               tools=[{"name": "f", "input_schema": {"type": "object"}}],
+                               tool_choice={"type": "tool", "name": "g"})
     with pytest.raises(ollama.ResponseError) as caught:
         llama.chat(model="nope", messages=[{"role": "user", "content": "x"}])
     assert caught.value.status_code == 404 and "does not exist" in caught.value.error
@@ -544,3 +550,216 @@ def test_serve_sampling_flags_fill_what_a_request_leaves_unset_above_the_models_
                                    max_tokens=3, top_p=0.9)
         seen = engine.params[-1]
         assert (seen.temperature, seen.top_k, seen.top_p, seen.max_tokens) == (1.2, 5, 0.9, 3)
+
+
+def test_each_request_is_one_log_line_with_its_tokens(caplog):
+    """serve's access log (server/access_log.py): method, path, status, seconds and, where the
+    request generated, its prompt and generated tokens; refusals too; /health and /metrics not;
+    no line at all without `access_log` (serve --no-access-log)."""
+    from edge_llm.server.serve import build_parser
+
+    assert build_parser().parse_args([]).access_log is True
+    assert build_parser().parse_args(["--no-access-log"]).access_log is False
+    engine = FakeEngine(ANSWER, model_name="m")
+    caplog.set_level("INFO", logger="edge_llm.server.access_log")
+    with serve({"m": engine}, api_keys=["sekrit"], access_log=True) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", timeout=30, max_retries=0)
+        whole = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        streamed = list(oa.completions.create(model="m", prompt="abc", max_tokens=3, n=2, stream=True,
+                                              stream_options={"include_usage": True}))
+        httpx.get(f"{url}/v1/models")  # no key: 401
+        httpx.get(f"{url}/health")
+        httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sekrit"})
+        httpx.post(f"{url}/v1/chat/completions?key=secret", json={"model": "m"},
+                   headers={"Authorization": "Bearer sekrit"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "edge_llm.server.access_log"]
+    stamp, seconds = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d 127\.0\.0\.1", r"\d+\.\d\d s"
+    usage = streamed[-1].usage
+    expected = [
+        rf"{stamp} POST /v1/chat/completions 200 {seconds}, {whole.usage.prompt_tokens} prompt \+ 4 generated tokens",
+        rf"{stamp} POST /v1/completions 200 {seconds}, {usage.prompt_tokens} prompt \+ 6 generated tokens",
+        rf"{stamp} GET /v1/models 401 {seconds}",
+        rf"{stamp} POST /v1/chat/completions 400 {seconds}",  # the query string is never written
+    ]
+    assert len(lines) == len(expected), lines
+    for line, pattern in zip(lines, expected, strict=True):
+        assert re.fullmatch(pattern, line), line
+    assert usage.completion_tokens == 6
+    caplog.clear()
+    with serve({"m": engine}) as url:
+        openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=30).models.list()
+    assert not [r for r in caplog.records if r.name == "edge_llm.server.access_log"]
+
+
+def test_ps_lists_what_a_running_server_has_loaded(engines, url, oa, capsys):
+    """`edge-llm ps` (models --running): the server's /api/ps as a table; no server is one line."""
+    from edge_llm import cli
+
+    oa.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert cli.main(["ps", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "size", "context", "until"]
+    assert any(re.match(rf"demo +\d+ MiB +{N_CTX // N_PARALLEL} +\d{{4}}-", line) for line in lines[1:]), lines
+    closed = url.rsplit(":", 1)[0] + ":9"
+    assert cli.main(["ps", closed]) == 1
+    assert capsys.readouterr().err == (f"edge-llm models: error: no edge-llm server answers at {closed} (connection "
+                                       "refused); start one with edge-llm serve, or name its URL: --running URL\n")
+
+
+# -- tools on a template without tool markup (generic_tools.py): the same calls on every API ---------------
+
+GENERIC_CALLS = ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                 '{"name": "get_weather", "arguments": {"city": "Rome"}}]}')
+
+
+@pytest.fixture(scope="module")
+def generic():
+    engine = FakeEngine(GENERIC_CALLS, n_ctx=8192, n_parallel=1, model_name="plain")  # ChatML: no tools in it
+    with serve({"plain": engine}) as url:
+        yield url, engine
+
+
+def prompt_text(engine: FakeEngine) -> str:
+    """The last prompt as text, special tokens by name."""
+    return b"".join(SPECIALS[t].encode() if t < BYTE0 else bytes([t - BYTE0]) for t in engine.prompts[-1]).decode()
+
+
+def test_generic_tool_calls_openai_chat(generic):
+    url, engine = generic
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    kw = dict(model="plain", messages=[{"role": "user", "content": "Weather in Paris and Rome?"}], tools=[WEATHER])
+    whole = client.chat.completions.create(**kw)
+    calls = whole.choices[0].message.tool_calls
+    assert [json.loads(c.function.arguments) for c in calls] == CITIES and whole.choices[0].message.content is None
+    assert calls[0].id.startswith("call_") and calls[0].id != calls[1].id and whole.choices[0].finish_reason == "tool_calls"
+    # the tool list is in the system message, and a grammar holds the answer to text or a call
+    prompt = prompt_text(engine)
+    assert prompt.startswith("<|im_start|>system\nYou can call these tools") and '"name": "get_weather"' in prompt
+    assert "Otherwise, answer in plain text." in prompt
+    grammar = engine.params[-1].grammar
+    assert "root ::= tool-calls | text" in grammar and '(", " tool-call)*' in grammar
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed: dict[int, dict] = {}
+    for c in chunks:
+        for tc in c.choices[0].delta.tool_calls or []:
+            if tc.id:
+                streamed[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": ""}
+            streamed[tc.index]["arguments"] += tc.function.arguments or ""
+    assert [json.loads(streamed[i]["arguments"]) for i in (0, 1)] == CITIES
+    assert sum(1 for c in chunks if c.choices[0].delta.tool_calls) > 4  # the arguments came in pieces
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)
+    # forced: no text branch, the named tool only, one call when parallel calls are off
+    client.chat.completions.create(**kw, tool_choice="required")
+    assert "root ::= tool-calls\n" in engine.params[-1].grammar + "\n"
+    assert "Call the tool get_weather now" in prompt_text(engine)
+    client.chat.completions.create(**kw, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                   parallel_tool_calls=False)
+    assert "tool-call)*" not in engine.params[-1].grammar
+    # with structured output, the text branch is that schema's JSON
+    client.chat.completions.create(**kw, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}})
+    assert "root ::= tool-calls | format-root" in engine.params[-1].grammar
+
+
+def test_generic_tool_calls_other_apis(generic):
+    url, _ = generic
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA}
+    out = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).responses.create(
+        model="plain", input="?", tools=[tool], stream=True)
+    final = list(out)[-1].response
+    assert [json.loads(item.arguments) for item in final.output if item.type == "function_call"] == CITIES
+    claude = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0)
+    with claude.messages.stream(model="plain", max_tokens=500, tools=[{"name": "get_weather", "input_schema": WEATHER_SCHEMA}],
+                                tool_choice={"type": "any"}, messages=[{"role": "user", "content": "?"}]) as stream:
+        message = stream.get_final_message()
+    assert [b.input for b in message.content if b.type == "tool_use"] == CITIES and message.stop_reason == "tool_use"
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}]
+    chunks = list(ollama.Client(host=url).chat(model="plain", messages=[{"role": "user", "content": "?"}],
+                                               tools=tools, stream=True))
+    assert [dict(call.function.arguments) for c in chunks for call in c.message.tool_calls or []] == CITIES
+
+
+def test_generic_tool_history_and_plain_answers(generic):
+    url, engine = generic
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    engine.answer = "It is sunny in Paris."
+    try:
+        out = client.chat.completions.create(model="plain", tools=[WEATHER], messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}])
+        assert out.choices[0].message.content == "It is sunny in Paris." and not out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "stop"
+        prompt = prompt_text(engine)
+        # the earlier call as the model writes one, its result as a user turn: roles every template has
+        assert ('<|im_start|>assistant\n{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}'
+                '<|im_end|>') in prompt
+        assert '<|im_start|>user\n{"tool_response": {"name": "get_weather", "content": "Sunny"}}<|im_end|>' in prompt
+        assert "<|im_start|>tool" not in prompt
+        # an answer that begins like JSON but is not a call is text
+        engine.answer = '{"tool": "x"}'
+        out = client.chat.completions.create(model="plain", tools=[WEATHER], messages=[{"role": "user", "content": "?"}])
+        assert out.choices[0].message.content == '{"tool": "x"}' and not out.choices[0].message.tool_calls
+    finally:
+        engine.answer = GENERIC_CALLS
+
+
+# -- what clients written for other servers send ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", [None, "application/octet-stream", "text/plain", "text/plain;charset=UTF-8",
+                                          "application/x-www-form-urlencoded"])
+def test_json_bodies_are_read_whatever_their_content_type(url, content_type):
+    # litellm's async Ollama provider sends application/octet-stream or text/plain
+    headers = {"content-type": content_type} if content_type else {}
+    for path, body in [("/api/chat", {"model": "demo", "stream": False, "messages": [{"role": "user", "content": "x"}]}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})]:
+        response = httpx.post(url + path, content=json.dumps(body).encode(), headers=headers)
+        assert response.status_code == 200, response.text
+    refused = httpx.post(url + "/v1/chat/completions", content=b"messages=x", headers={"content-type": "text/plain"})
+    assert refused.status_code == 400 and "Content-Type text/plain" in refused.json()["error"]["message"]
+    refused = httpx.post(url + "/api/chat", content=b"\x00\x01", headers={"content-type": "application/octet-stream"})
+    assert refused.status_code == 400 and "Content-Type application/octet-stream" in refused.json()["error"]
+
+
+def test_openai_routes_without_v1_and_system_fingerprint(url):
+    bare = openai.OpenAI(base_url=url, api_key="x", max_retries=0)  # a base URL without /v1
+    assert {m.id for m in bare.models.list().data} == {"demo", "demo-b"}
+    chat = bare.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    assert chat.choices[0].message.content == ANSWER[:3] and chat.system_fingerprint.startswith("fp_")
+    chunks = list(bare.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], stream=True))
+    assert {c.system_fingerprint for c in chunks} == {chat.system_fingerprint}
+    completion = bare.completions.create(model="demo", prompt="x", max_tokens=3)
+    assert completion.choices[0].text == ANSWER[:3] and completion.system_fingerprint == chat.system_fingerprint
+    assert len(bare.embeddings.create(model="demo", input="x").data[0].embedding) > 0
+    assert bare.responses.create(model="demo", input="x", max_output_tokens=3).output_text == ANSWER[:3]
+    # another model, another fingerprint
+    other = bare.chat.completions.create(model="demo-b", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert other.system_fingerprint != chat.system_fingerprint
+
+
+def test_one_served_model_answers_any_name():
+    engine = FakeEngine(ANSWER, model_name="only")
+    with serve({"only": engine}) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        chat = oa.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}])
+        assert chat.model == "only" and chat.choices[0].message.content == ANSWER  # named as it is
+        assert ollama.Client(host=url).chat(model="test", messages=[{"role": "user", "content": "x"}]).model == "only"
+        message = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0).messages.create(
+            model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        assert message.model == "only"
+    from edge_llm.server import ModelManager, create_app
+
+    strict = ModelManager({"only": "only"}, loader=lambda ref: engine, keep_alive=-1, strict_names=True)
+    with live_server(create_app(strict)) as url:
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).chat.completions.create(
+                model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}])
+
+
+def test_strict_model_names_flag():
+    from edge_llm.server.serve import build_parser
+
+    assert build_parser().parse_args(["--strict-model-names"]).strict_model_names
+    assert not build_parser().parse_args([]).strict_model_names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -151,3 +152,88 @@ def test_a_body_that_trickles_in_too_slowly_gets_a_408(monkeypatch):
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-length", b"10")]}
     asyncio.run(asyncio.wait_for(limits.BodySizeLimitMiddleware(app)(scope, receive, send), 30))
     assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+
+
+# -- tools in the generic form (generic_tools.py) ---------------------------------------------------------
+
+
+def _generic_events(text: str, step: int) -> list:
+    from edge_llm.server.generic_tools import GenericToolCallParser
+
+    parser = GenericToolCallParser()
+    events = []
+    for i in range(0, len(text), step):
+        events += parser.feed(text[i:i + step])
+    return events + parser.finish()
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_generic_calls_are_parsed_however_the_text_is_split(step):
+    from edge_llm.server.tool_calls import CallArguments, CallStart, collect_events
+
+    text = ('{"tool_calls": [{"name": "f", "arguments": {"s": "}]\\"{", "n": [1, {"a": 2}]} }, '
+            '{"name": "g", "arguments": {}}]}')
+    events = _generic_events(text, step)
+    parsed = collect_events(events)
+    assert parsed.content is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls] == [
+        ("f", {"s": '}]"{', "n": [1, {"a": 2}]}), ("g", {})]
+    assert [e.name for e in events if isinstance(e, CallStart)] == ["f", "g"]
+    streamed = "".join(e.text for e in events if isinstance(e, CallArguments) and e.index == 0)
+    assert json.loads(streamed) == {"s": '}]"{', "n": [1, {"a": 2}]}
+
+
+@pytest.mark.parametrize("text", ["Hello {world}", '{"tool": 1}', '{"tool_calls"', "", "  {\"tool_calls\": []}"])
+def test_generic_text_that_is_not_a_call_is_content(text):
+    from edge_llm.server.tool_calls import collect_events
+
+    for step in (1, 4, 1000):
+        parsed = collect_events(_generic_events(text, step))
+        assert parsed.content == (text or None) and parsed.tool_calls == []
+
+
+def test_a_generic_call_cut_off_is_content_as_written():
+    from edge_llm.server.tool_calls import collect_events
+
+    whole = '{"tool_calls": [{"name": "f", "arguments": {"a": 1}}, '
+    text = whole + '{"name": "g", "arguments": {"b": "unfini'
+    parsed = collect_events(_generic_events(text, 3))
+    assert [c["function"]["name"] for c in parsed.tool_calls] == ["f"]
+    assert parsed.content == ', {"name": "g", "arguments": {"b": "unfini'
+
+
+def test_generic_grammar_and_prompt():
+    from edge_llm.server import generic_tools
+
+    tools = [{"type": "function", "function": {"name": 'we"ird', "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]
+    auto = generic_tools.grammar(tools, forced=False)
+    assert 'root ::= tool-calls | text' in auto and r'"{\"name\": \"we\\\"ird\", \"arguments\": "' in auto
+    assert "tool-call)*" not in generic_tools.grammar(tools, forced=True, parallel=False)
+    combined = generic_tools.grammar(tools, forced=False, format_grammar=grammars.json_object_grammar())
+    assert "root ::= tool-calls | format-root" in combined and re.search(r"^format-root\s+::=", combined, re.M)
+    # every rule a renamed grammar defines has the prefix (llama.cpp parses it in test_server_apis.py)
+    renamed = generic_tools.renamed_rules(grammars.json_schema_grammar({"type": "array", "maxItems": 3}), "f-")
+    defined = set(re.findall(r"^(\S+)\s*::=", renamed, re.M))
+    assert all(name.startswith("f-") for name in defined) and "f-root" in defined
+    with pytest.raises(InvalidParameterError, match="tool parameters"):
+        generic_tools.grammar([{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "string", "maxLength": 10**6}}}}}], forced=True)
+    messages = generic_tools.prompt_messages(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "?"},
+         {"role": "assistant", "content": "Checking.", "tool_calls": [
+             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+             {"id": "c2", "type": "function", "function": {"name": "g", "arguments": {}}}]},
+         {"role": "tool", "tool_call_id": "c1", "content": "one"}, {"role": "tool", "tool_call_id": "c2", "content": "two"},
+         {"role": "user", "content": "And?"}], tools, None, None)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0]["content"].startswith("Be brief.\n\nYou can call these tools")
+    assert messages[2]["content"] == ('Checking.\n{"tool_calls": [{"name": "f", "arguments": {"x": 1}}, '
+                                      '{"name": "g", "arguments": {}}]}')
+    assert messages[3]["content"] == ('{"tool_response": {"name": "f", "content": "one"}}\n'
+                                      '{"tool_response": {"name": "g", "content": "two"}}\n\nAnd?')
+    # a template that refuses a system message gets the tools in the first user turn
+    refusing = generic_tools.prompt_messages([{"role": "user", "content": "?"}], tools, tools,
+                                             "{{ raise_exception('System role not supported') }}")
+    assert [m["role"] for m in refusing] == ["user"] and refusing[0]["content"].endswith("\n\n?")
+    assert "Call the tool we\"ird now" in refusing[0]["content"]

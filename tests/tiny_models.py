@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from reference_llama import reference_llama
 
 # Mixed English / Chinese / emoji / code, with characters the tiny SentencePiece model never saw
 # (byte fallback) and digits.
@@ -799,7 +800,7 @@ def llama_cpp_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
     """Logits of every position from llama.cpp, with an f32 KV cache so f32 weights stay f32."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(64, len(ids) + 8), n_batch=512, logits_all=True,
+    llm = reference_llama(gguf_path, n_ctx=max(64, len(ids) + 8), n_batch=512, logits_all=True,
                           verbose=False, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
                           type_v=llama_cpp.GGML_TYPE_F32)
     try:

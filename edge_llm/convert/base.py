@@ -188,8 +188,10 @@ class Model:
                     add(rope[key])
         elif rope_type in ("su", "longrope"):
             w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
-        elif rope_type not in (None, "default", "llama3", "dynamic"):
+        elif rope_type not in (None, "default", "llama3", "dynamic", "mrope"):  # transformers reads "mrope" as default
             logger.warning("rope scaling %r is not carried over to the GGUF", rope_type)
+        if "mrope_section" in self.rope:  # M-RoPE (Qwen2-VL): [time, height, width, extra] rotary sections
+            w.add_rope_dimension_sections([*self.rope["mrope_section"], 0, 0, 0, 0][:4])
         if self.rope_theta is not None:
             w.add_rope_freq_base(self.rope_theta)
         local_theta = self.rope.get("sliding_attention", {}).get("rope_theta")
@@ -236,7 +238,9 @@ class Model:
         if (name.startswith(("mlp", "vit.", "vpm.", "siglip2.", "merger.", "resampler."))
                 or any(part in name for part in _NOT_TEXT)):
             return None
-        return name.replace("language_model.", "")
+        # Vision-language wrappers: `language_model.` (LLaVA, Gemma 3, InternVL), `model.text_model.`
+        # (SmolVLM / Idefics3, whose names llama.cpp's map lists and gguf-py's release does not).
+        return name.replace("language_model.", "").replace("model.text_model.", "model.")
 
     def expert_name(self, prefix: str, kind: str, bid: int) -> str:
         """The HF-style name of a layer's stacked experts of one kind, as the tensor map knows it."""

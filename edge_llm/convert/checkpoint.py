@@ -90,7 +90,8 @@ class Lazy:
         return Lazy(shape, lambda: np.stack([p.load() for p in parts]), rows if len(inner) >= 1 else None)
 
 
-def load_config(hf_dir: Path) -> dict:
+def read_config(hf_dir: Path) -> dict:
+    """config.json as it is on disk (a JSON object)."""
     path = hf_dir / "config.json"
     if not hf_dir.is_dir():
         raise CheckpointError(f"{hf_dir}: not a folder (convert takes an HF checkpoint folder)")
@@ -100,12 +101,27 @@ def load_config(hf_dir: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
-    text = config.get("text_config")
-    if isinstance(text, dict):  # multimodal wrappers keep the language model's settings here
-        # ...but the wrapper names the architecture (a text_config written by transformers'
-        # to_dict() carries "architectures": null)
-        config = {**config, **text, "architectures": config.get("architectures") or text.get("architectures")}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
     return config
+
+
+def text_model_config(config: dict) -> dict:
+    """The language model's settings: multimodal wrappers keep them in `text_config` (InternVL's
+    remote-code release in `llm_config`), merged over the wrapper's own. The architecture is the
+    text_config's when it names one (SmolVLM's VLlama3ForCausalLM, InternVL's Qwen2ForCausalLM), as
+    llama.cpp's converter picks it, else the wrapper's (a text_config written by transformers'
+    to_dict() carries "architectures": null)."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        text = config.get("llm_config")
+    if not isinstance(text, dict):
+        return config
+    return {**config, **text, "architectures": text.get("architectures") or config.get("architectures")}
+
+
+def load_config(hf_dir: Path) -> dict:
+    return text_model_config(read_config(hf_dir))
 
 
 def _safetensors_tensors(path: Path) -> dict[str, Lazy]:

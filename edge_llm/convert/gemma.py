@@ -4,7 +4,8 @@ All three scale by (1 + weight) in their RMSNorms, so 1 is added to every norm w
 the output layer is the tied embedding (a stray lm_head is dropped, as llama.cpp's converter does);
 their SentencePiece vocabularies add no dummy prefix. Gemma 2 adds logit soft-capping and a
 sliding window; Gemma 3 has q/k norms, a local RoPE base for its sliding layers, and drops
-embedding rows past the tokenizer's vocabulary.
+embedding rows past the tokenizer's vocabulary. Gemma3ForConditionalGeneration's vision half is
+`Gemma3Projector`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import gguf
 
 from edge_llm.convert.base import Model
 from edge_llm.convert.checkpoint import Lazy
+from edge_llm.convert.mmproj import Projector
 from edge_llm.convert.vocab import add_bpe_vocab, add_sentencepiece_vocab
 
 GEMMA_BLOCK = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
@@ -106,3 +108,46 @@ class Gemma3Model(GemmaModel):
 
     def expected_shapes(self) -> dict[str, tuple]:
         return {**super().expected_shapes(), "token_embd": (self.vocab_rows(), self.n_embd)}
+
+
+class Gemma3Projector(Projector):
+    """Gemma 3's SigLIP tower and its projector (average pool, RMS norm, one matrix). The hub's
+    checkpoints name the tower `vision_tower.vision_model.*`; transformers 5 saves it as
+    `vision_tower.*`: both are read (llama.cpp's converter knows only the first)."""
+
+    hf_architectures = ("Gemma3ForConditionalGeneration",)
+    projector_type = gguf.VisionProjectorType.GEMMA3
+
+    def owns(self, name: str) -> str | None:
+        name = name.removeprefix("model.") if name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) \
+            else name
+        if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+            name = "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+        if "vision_model.head." in name:  # SigLIP's pooling head: Gemma 3 does not use it
+            return None
+        if not name.startswith(("multi_modal_projector.", "vision_tower.", "multimodal_projector.", "vision_model.")):
+            return None
+        return name.replace("_weight", ".weight")
+
+    def set_params(self, w: gguf.GGUFWriter) -> None:
+        super().set_params(w)
+        w.add_vision_attention_layernorm_eps(self.vision.get("layer_norm_eps", 1e-6))
+        w.add_vision_use_gelu(True)
+        # Tokens per image = (patches per side / this factor)^2; llama.cpp assumes 4 (896-pixel images,
+        # 14-pixel patches, 256 tokens) and writes the key only for other shapes.
+        per_side = int(self.preprocessor.get("image_seq_length", 256) ** 0.5)
+        factor = (self.vparam("image_size") // self.vparam("patch_size")) // per_side
+        if factor > 0 and factor != 4:
+            w.add_vision_projector_scale_factor(factor)
+
+    def modify(self, name: str, tensor: Lazy, bid: int | None) -> Iterable[tuple[str, Lazy]]:
+        if "soft_emb_norm.weight" in name:  # Gemma's RMSNorm scales by (1 + weight)
+            tensor = tensor.then(lambda x: x + 1)
+        yield from super().modify(name, tensor, bid)
+
+    def forced_qtype(self, hf_name: str, name: str, outtype: str) -> gguf.GGMLQuantizationType | None:
+        if "input_projection" in hf_name:  # llama.cpp issue 13025: kept F16 whatever the output type
+            return gguf.GGMLQuantizationType.F16
+        if ".embeddings." in hf_name:
+            return gguf.GGMLQuantizationType.F32
+        return super().forced_qtype(hf_name, name, outtype)

@@ -17,7 +17,11 @@ from edge_llm.convert.vocab import add_sentencepiece_vocab, special_vocab, token
 
 class LlamaModel(Model):
     arch = gguf.MODEL_ARCH.LLAMA
-    hf_architectures = ("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM")
+    # The language model of LLaVA and SmolVLM / Idefics3 checkpoints too (SmolVLM's text_config
+    # names it VLlama3ForCausalLM; Idefics3-8B's names none).
+    hf_architectures = ("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM", "VLlama3ForCausalLM",
+                        "LlavaForConditionalGeneration", "Idefics3ForConditionalGeneration",
+                        "SmolVLMForConditionalGeneration")
     permute_qk = True
 
     def set_vocab(self, w: gguf.GGUFWriter) -> None:

@@ -8,8 +8,10 @@ transformers, so no transformers (and no torch) is imported.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
 
@@ -99,6 +101,44 @@ def tokenizer_config(hf_dir: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
 
 
+class SpecialVocab(gguf.SpecialVocab):
+    """gguf-py's SpecialVocab plus the BertNormalizer options of tokenizer.json (lowercase, strip
+    accents), which llama.cpp's WPM tokenizer reads and newer gguf-py writes."""
+
+    def _load(self, path: Path) -> None:
+        super()._load(path)
+        self.normalizer_options: dict[str, bool] = {}
+        tokenizer_file = path / "tokenizer.json"
+        if tokenizer_file.is_file():
+            try:
+                normalizer = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("normalizer") or {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return
+            self._parse_normalizer(normalizer)
+
+    def _parse_normalizer(self, normalizer: dict) -> None:
+        kind = normalizer.get("type")
+        if kind == "Lowercase":
+            self.normalizer_options["lowercase"] = True
+        elif kind == "StripAccents":
+            self.normalizer_options["strip_accents"] = True
+        elif kind == "BertNormalizer":
+            for key in ("lowercase", "strip_accents"):
+                if key in normalizer:
+                    if normalizer[key] is None:
+                        self.normalizer_options.pop(key, None)
+                    else:
+                        self.normalizer_options[key] = bool(normalizer[key])
+        elif kind == "Sequence":
+            for step in normalizer.get("normalizers", []):
+                self._parse_normalizer(step)
+
+    def add_to_gguf(self, gw: gguf.GGUFWriter, quiet: bool = False) -> None:
+        super().add_to_gguf(gw, quiet=quiet)
+        for key, value in self.normalizer_options.items():
+            gw.add_bool(f"tokenizer.ggml.normalizer.{key}", value)
+
+
 def special_vocab(hf_dir: Path, n_vocab: int | None = None, **kwargs) -> gguf.SpecialVocab:
     """Special token ids, add_bos/add_eos and the chat template (gguf-py reads tokenizer_config.json,
     tokenizer.json, config.json and chat_template.jinja/.json). gguf-py's warnings about post-processor
@@ -108,12 +148,16 @@ def special_vocab(hf_dir: Path, n_vocab: int | None = None, **kwargs) -> gguf.Sp
     if not logger.isEnabledFor(logging.INFO):
         gguf_logger.setLevel(logging.ERROR)
     try:
-        return gguf.SpecialVocab(hf_dir, n_vocab=n_vocab, **kwargs)
+        return SpecialVocab(hf_dir, n_vocab=n_vocab, **kwargs)
     finally:
         gguf_logger.setLevel(level)
 
 
 def load_sentencepiece(hf_dir: Path):
+    return load_sentencepiece_file(hf_dir / "tokenizer.model")
+
+
+def load_sentencepiece_file(path: Path):
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
@@ -121,9 +165,9 @@ def load_sentencepiece(hf_dir: Path):
 
     sp = SentencePieceProcessor()
     try:
-        sp.LoadFromFile(str(hf_dir / "tokenizer.model"))
+        sp.LoadFromFile(str(path))
     except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{hf_dir / 'tokenizer.model'}: not a SentencePiece model ({exc})") from None
+        raise CheckpointError(f"{path}: not a SentencePiece model ({exc})") from None
     return sp
 
 
@@ -226,12 +270,8 @@ def bpe_pre_tokenizer(tokenizer, tokenizer_json: dict, regex_pre: dict[str, str]
                           "tokenize this model's text correctly, so it is not converted")
 
 
-def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, *, special: bool = True,
-                  regex_pre: dict[str, str] | None = None) -> int:
-    """Write a byte-level BPE vocabulary (`tokenizer.ggml.model` "gpt2") with its merges; returns its
-    size. `regex_pre` renames what the split regex alone says, for a family whose own name llama.cpp
-    treats differently (e.g. GLM-4's cl100k regex is "glm4", not "llama-bpe"), when the hash is
-    unknown. `special=False` leaves the special tokens to the caller."""
+def load_tokenizer_json(hf_dir: Path):
+    """(tokenizers.Tokenizer, the parsed tokenizer.json) of the checkpoint."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -243,17 +283,18 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None,
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # the tokenizers library raises bare Exception subclasses
         raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from None
-    model = data.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise CheckpointError(f"{path}: only byte-level BPE tokenizers (GPT-2 style) are supported from "
-                              f"tokenizer.json; this one is {model.get('type')} with byte_fallback="
-                              f"{model.get('byte_fallback')}")
-    pre = bpe_pre_tokenizer(tokenizer, data, regex_pre or {})
+    return tokenizer, data
 
+
+def hf_vocab_tokens(hf_dir: Path, tokenizer, data: dict, vocab_size: int | None) -> tuple[list[str], list[int]]:
+    """(tokens, types) of a tokenizer.json vocabulary, as llama.cpp's `get_vocab_base` lists them:
+    every id up to vocab_size, added tokens CONTROL when special (or looking special), else
+    USER_DEFINED with "\u2581" pre-normalized to a space; ids without a token are [PADn]."""
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     n = vocab_size or (max(vocab.values()) + 1)
     if max(vocab.values()) >= n:
-        raise CheckpointError(f"{path}: token id {max(vocab.values())} does not fit vocab_size {n} of config.json")
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: token id {max(vocab.values())} does not fit "
+                              f"vocab_size {n} of config.json")
     added = {t["id"]: t for t in data.get("added_tokens", [])}
     for tid, info in tokenizer_config(hf_dir).get("added_tokens_decoder", {}).items():
         added.setdefault(int(tid), {"content": info["content"], "special": info.get("special", False)})
@@ -274,6 +315,24 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None,
         else:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, *, special: bool = True,
+                  regex_pre: dict[str, str] | None = None) -> int:
+    """Write a byte-level BPE vocabulary (`tokenizer.ggml.model` "gpt2") with its merges; returns its
+    size. `regex_pre` renames what the split regex alone says, for a family whose own name llama.cpp
+    treats differently (e.g. GLM-4's cl100k regex is "glm4", not "llama-bpe"), when the hash is
+    unknown. `special=False` leaves the special tokens to the caller."""
+    tokenizer, data = load_tokenizer_json(hf_dir)
+    path = hf_dir / "tokenizer.json"
+    model = data.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise CheckpointError(f"{path}: only byte-level BPE tokenizers (GPT-2 style) are supported from "
+                              f"tokenizer.json; this one is {model.get('type')} with byte_fallback="
+                              f"{model.get('byte_fallback')}")
+    pre = bpe_pre_tokenizer(tokenizer, data, regex_pre or {})
+    tokens, types = hf_vocab_tokens(hf_dir, tokenizer, data, vocab_size)
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -282,3 +341,172 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None,
     if special:
         special_vocab(hf_dir, len(tokens), load_merges=True).add_to_gguf(writer, quiet=True)
     return len(tokens)
+
+
+# --- encoder vocabularies (BERT's WordPiece, XLM-RoBERTa's SentencePiece unigram) ---------------------
+
+def add_wordpiece_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None) -> int:
+    """A BERT WordPiece vocabulary (`tokenizer.ggml.model` "bert") from tokenizer.json, as llama.cpp's
+    BertModel.set_vocab writes it: tokens in the "phantom space" form its WPM tokenizer reads
+    ("##x" -> "x", other normal tokens "\u2581x"; control tokens as they are). The pre-tokenizer
+    name is the hash's when llama.cpp knows it; llama.cpp's WPM tokenizer does not read it."""
+    tokenizer, data = load_tokenizer_json(hf_dir)
+    if data.get("model", {}).get("type") != "WordPiece":
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: a BERT model needs a WordPiece tokenizer, this one "
+                              f"is {data.get('model', {}).get('type')}")
+    digest = sha256(str(tokenizer.encode(CHKTXT).ids).encode()).hexdigest()
+    tokens, types = hf_vocab_tokens(hf_dir, tokenizer, data, vocab_size)
+
+    def phantom(token: str, kind: int) -> str:
+        if kind == gguf.TokenType.CONTROL:
+            return token
+        return token[2:] if token.startswith("##") else "\u2581" + token
+
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre(KNOWN_PRE_HASHES.get(digest, "default"))
+    writer.add_token_list([phantom(t, k) for t, k in zip(tokens, types, strict=True)])
+    writer.add_token_types(types)
+    special_vocab(hf_dir, len(tokens)).add_to_gguf(writer, quiet=True)
+    return len(tokens)
+
+
+def _proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a protobuf message: varints as ints, length-delimited as bytes
+    (enough of the wire format to read a SentencePiece model's specs without protobuf)."""
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while i < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, varint()
+        elif wire == 2:
+            size = varint()
+            yield number, data[i:i + size]
+            i += size
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def sentencepiece_specs(path: Path) -> dict:
+    """model_type (1: unigram), add_dummy_prefix, remove_extra_whitespaces and precompiled_charsmap
+    of a SentencePiece model file (sentencepiece_model.proto: trainer_spec 2, normalizer_spec 3)."""
+    specs = {"model_type": 1, "add_dummy_prefix": True, "remove_extra_whitespaces": True,
+             "precompiled_charsmap": b""}
+    try:
+        for number, value in _proto_fields(path.read_bytes()):
+            if number == 2 and isinstance(value, bytes):
+                for n, v in _proto_fields(value):
+                    if n == 3:
+                        specs["model_type"] = v
+            elif number == 3 and isinstance(value, bytes):
+                names = {2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces"}
+                for n, v in _proto_fields(value):
+                    if n in names:
+                        specs[names[n]] = v if n == 2 else bool(v)
+    except (IndexError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a SentencePiece model ({exc})") from None
+    return specs
+
+
+def _write_unigram(writer: gguf.GGUFWriter, hf_dir: Path, tokens: list[bytes], scores: list[float],
+                   types: list[int], add_prefix: bool, remove_whitespaces: bool, charsmap: bytes,
+                   token_type_count: int) -> None:
+    writer.add_tokenizer_model("t5")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(add_prefix)
+    writer.add_token_type_count(token_type_count)
+    writer.add_remove_extra_whitespaces(remove_whitespaces)
+    if charsmap:
+        writer.add_precompiled_charsmap(charsmap)
+    special_vocab(hf_dir, len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def add_unigram_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int | None, token_type_count: int) -> int:
+    """XLM-RoBERTa's SentencePiece unigram vocabulary (`tokenizer.ggml.model` "t5", llama.cpp's UGM),
+    as llama.cpp's `_xlmroberta_set_vocab` writes it: from `sentencepiece.bpe.model` with the
+    fairseq ids (<s> <pad> </s> <unk> first, every piece one id later), else from tokenizer.json's
+    Unigram model as it is."""
+    spm_path = hf_dir / "sentencepiece.bpe.model"
+    if spm_path.is_file():
+        specs = sentencepiece_specs(spm_path)
+        if specs["model_type"] != 1:
+            raise CheckpointError(f"{spm_path}: an XLM-RoBERTa vocabulary must be a unigram model "
+                                  f"(model_type {specs['model_type']})")
+        sp = load_sentencepiece_file(spm_path)
+        n = max(vocab_size or 0, sp.vocab_size())
+        tokens = [f"[PAD{i}]".encode() for i in range(n)]
+        scores = [-10000.0] * n
+        types = [gguf.TokenType.UNUSED] * n
+        for i in range(sp.vocab_size()):
+            types[i] = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+                        else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
+                        else gguf.TokenType.NORMAL)
+            tokens[i], scores[i] = sp.IdToPiece(i).encode(), sp.GetScore(i)
+        # fairseq's ids, as the HF tokenizer has them (llama.cpp's converter drops the last entry)
+        tokens = [b"<s>", b"<pad>", b"</s>", b"<unk>"] + tokens[3:-1]
+        scores = [0.0, 0.0, 0.0, 0.0] + scores[3:-1]
+        types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.UNKNOWN] + types[3:-1]
+        _write_unigram(writer, hf_dir, tokens, scores, types, specs["add_dummy_prefix"],
+                       specs["remove_extra_whitespaces"], specs["precompiled_charsmap"], token_type_count)
+        return len(tokens)
+
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{hf_dir}: no sentencepiece.bpe.model or tokenizer.json")
+    tokenizer, data = load_tokenizer_json(hf_dir)
+    model = data.get("model", {})
+    if model.get("type") != "Unigram":
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: expected a Unigram tokenizer, this one is "
+                              f"{model.get('type')}")
+    config = tokenizer_config(hf_dir)
+    pieces = model.get("vocab", [])
+    n_base = tokenizer.get_vocab_size(with_added_tokens=False)
+    n = max(vocab_size or 0, n_base)
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    unk_id = added.get(config.get("unk_token"), model.get("unk_id", 3))
+    special_ids = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    scores = [-10000.0] * n
+    types = [gguf.TokenType.UNUSED] * n
+    for i in range(n_base):
+        piece = tokenizer.id_to_token(i)
+        if piece is None:
+            continue
+        tokens[i], scores[i] = piece.encode(), float(pieces[i][1])
+        types[i] = (gguf.TokenType.UNKNOWN if i == unk_id else gguf.TokenType.CONTROL if i in special_ids
+                    else gguf.TokenType.USER_DEFINED if i in added.values() else gguf.TokenType.NORMAL)
+    normalizer = data.get("normalizer") or {}
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    charsmap = next((base64.b64decode(s["precompiled_charsmap"]) for s in steps
+                     if s.get("type") == "Precompiled" and s.get("precompiled_charsmap")), b"")
+    _write_unigram(writer, hf_dir, tokens, scores, types, _adds_prefix_space(data, config),
+                   bool(config.get("clean_up_tokenization_spaces", False)), charsmap, token_type_count)
+    return len(tokens)
+
+
+def _adds_prefix_space(data: dict, config: dict) -> bool:
+    """Whether the tokenizer puts "\u2581" before the first word (its Metaspace pre-tokenizer)."""
+    if config.get("add_prefix_space") is not None:
+        return bool(config["add_prefix_space"])
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True)
+    return True

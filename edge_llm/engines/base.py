@@ -6,14 +6,19 @@ transformers or vLLM changes nothing above it.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from edge_llm.chat_tokens import ChatPrompt, ControlToken, ControlTokens, chat_tokens, render_chat
+from edge_llm.engines.media import MediaPrompt, MediaTokens
 from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, MissingExtraError
 from edge_llm.load_options import LoadOptions
+from edge_llm.model_kind import Kind
 from edge_llm.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -41,6 +46,22 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Embeddings:
+    """Pooled vectors, one per input, and the tokens evaluated to make them."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass
+class Scores:
+    """Rerank scores, one per document (in the documents' order), and the tokens evaluated."""
+
+    scores: list[float]
+    prompt_tokens: int
 
 
 @dataclass
@@ -72,10 +93,16 @@ class Engine(ABC):
 
     name: ClassVar[str]
     model_name: str
+    # What the model is for (model_kind.py): "chat" generates; "embedding" and "rerank" models only
+    # pool (their routes and commands refuse the others, and generating routes refuse them).
+    kind: Kind = "chat"
     n_ctx: int  # the whole context, in tokens
     n_vocab: int
     eog_ids: frozenset[int] = frozenset()  # tokens that end a generation
     formatter: ChatFormatter  # renders chat messages to the prompt text
+    # Message content may write control tokens that count as the template's (--trust-content-markup):
+    # only for trusted clients. Off: content is text (chat_tokens.py).
+    trust_content_markup: bool = False
     n_parallel: int = 1  # requests decoded at once (llama.cpp's slots)
     kv_unified: bool = False  # one KV pool any request may fill (llama.cpp -kvu)
     # llama.cpp's continuous-batching scheduler and prompt cache; None elsewhere (read by /metrics).
@@ -92,11 +119,29 @@ class Engine(ABC):
         """Tokens one request may hold (prompt + output)."""
         return self.n_ctx
 
+    @classmethod
+    def check_options(cls, options: LoadOptions) -> None:
+        """Refuse, before any model is loaded, resolved options this engine would refuse at load:
+        `serve` checks every model's at start, so a bad value is one line then, not an error at
+        its first request."""
+        from edge_llm.chat_format import check_chat_format
+
+        check_chat_format(options.chat_format)
+
     # -- vocabulary -------------------------------------------------------------------------------
 
     @abstractmethod
     def tokenize(self, text: str, *, special: bool = True, add_bos: bool | None = None) -> list[int]:
         """Text to token ids; add_bos None: the beginning-of-sequence token where the model wants it."""
+
+    @abstractmethod
+    def control_token_list(self) -> list[ControlToken]:
+        """The vocabulary's control tokens: the texts tokenize(special=True) turns into one token
+        and tokenize(special=False) leaves as text."""
+
+    @cached_property
+    def control_tokens(self) -> ControlTokens:
+        return ControlTokens(self.control_token_list())
 
     @abstractmethod
     def token_piece(self, token: int) -> bytes:
@@ -121,20 +166,51 @@ class Engine(ABC):
                 raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param=param)
 
     def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        return self.formatter.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+                    add_generation_prompt: bool = True) -> ChatPrompt:
+        """The chat template applied; its content stays text when tokenized (chat_tokens.py)."""
+        return render_chat(self, messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
-    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+    @property
+    def takes_images(self) -> bool:
+        """Whether prompts may carry images (a vision projector is loaded)."""
+        return False
+
+    def media_tokens(self, prompt: MediaPrompt) -> MediaTokens:
+        """A prompt with images -> token ids with the images' placeholders (engines with a projector)."""
+        raise InvalidParameterError(f"{self.model_name} does not take images: it was loaded without a vision "
+                                    "projector (serve a vision model with --mmproj FILE)", param="messages")
+
+    def prompt_tokens(self, prompt: str | list[int] | ChatPrompt | MediaPrompt) -> list[int]:
+        """A raw prompt's tokens (special tokens parsed: the caller owns the whole text), a chat's
+        (only the template's markup is control tokens), a chat with images (placeholders), or token
+        ids checked."""
+        if isinstance(prompt, ChatPrompt):
+            return chat_tokens(self, prompt)
         if isinstance(prompt, str):
             return self.tokenize(prompt)
+        if isinstance(prompt, MediaPrompt):
+            return self.media_tokens(prompt)
+        if isinstance(prompt, MediaTokens):
+            return prompt  # made by media_tokens: placeholders stand for images
         tokens = list(prompt)
         self.check_token_ids(tokens)
         return tokens
 
     # -- generation -------------------------------------------------------------------------------
 
+    def check_kind(self, *kinds: Kind, use: str) -> None:
+        """Refuse a request for `use` (what it asks, in words) unless the model is of one of `kinds`."""
+        if self.kind not in kinds:
+            what = {"chat": "a chat model (it generates text)", "embedding": "an embedding model",
+                    "rerank": "a reranker"}[self.kind]
+            hint = {"chat": "send it chat or completion requests", "embedding": "use /v1/embeddings or /api/embed",
+                    "rerank": "use /v1/rerank"}[self.kind]
+            raise InvalidParameterError(f"{self.model_name} is {what}: it cannot be used for {use}; {hint}",
+                                        param="model")
+
     def validate(self, tokens: list[int], params: SamplingParams) -> None:
         """Refuse, before any work, a request this engine cannot run as asked."""
+        self.check_kind("chat", use="generating text")
         if not tokens:
             raise InvalidParameterError("the prompt is empty", param="prompt")
         if len(tokens) >= self.n_ctx_seq:
@@ -146,8 +222,9 @@ class Engine(ABC):
             raise InvalidParameterError(f"the {self.name} engine does not support grammars / JSON schemas; use "
                                         "the llama.cpp engine (or vLLM) for constrained output", param="grammar")
         self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
+        self.check_token_ids(list(params.logit_bias or ()), param="logit_bias")
 
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
+    def stream(self, prompt: str | list[int] | ChatPrompt, params: SamplingParams) -> Iterator[Delta]:
         """Generate synchronously; closing the iterator cancels the request. Prompt errors are
         raised here, before the first delta."""
         tokens = self.prompt_tokens(prompt)
@@ -155,7 +232,7 @@ class Engine(ABC):
         self.validate(tokens, params)
         return self._stream(tokens, params)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(self, prompt: str | list[int] | ChatPrompt, params: SamplingParams) -> AsyncIterator[Delta]:
         """Generate from asyncio; closing the iterator (client gone) cancels the request."""
         tokens = self.prompt_tokens(prompt)
         params = params.with_defaults(self.sampling_defaults)
@@ -188,9 +265,32 @@ class Engine(ABC):
     # -- embeddings and lifecycle -----------------------------------------------------------------
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        """Mean-pooled, L2-normalised embeddings, one per text."""
+        """Pooled, L2-normalised embeddings, one per text (a chat model's are mean-pooled)."""
         raise InvalidParameterError(f"the {self.name} engine does not make embeddings; use the llama.cpp or "
                                     "transformers engine", param="model")
+
+    async def embeddings(self, inputs: list[str | list[int]], *, normalize: int = 2) -> Embeddings:
+        """Embeddings of texts or token ids, normalized as llama-server's `embd_normalize` says
+        (2: euclidean); cancelling the awaiting task stops the work. This default runs `embed` in a
+        worker thread (euclidean only)."""
+        self.check_kind("chat", "embedding", use="embeddings")
+        if normalize != 2:
+            raise InvalidParameterError(f"the {self.name} engine normalizes embeddings to unit length only",
+                                        param="embd_normalize")
+        texts = [i if isinstance(i, str) else self.detokenize(i) for i in inputs]
+        n_tokens = 0
+        for i, text in enumerate(texts):
+            count = len(self.tokenize(text))
+            if count == 0:
+                raise InvalidParameterError(f"input {i} is empty: no tokens to embed", param="input")
+            n_tokens += count
+        return Embeddings(await asyncio.to_thread(self.embed, texts), n_tokens)
+
+    async def rerank(self, query: str, documents: list[str]) -> Scores:
+        """The relevance of each document to the query, as the model scores it (a reranker's)."""
+        self.check_kind("rerank", use="reranking")
+        raise InvalidParameterError(f"the {self.name} engine does not rerank; use the llama.cpp engine",
+                                    param="model")
 
     @abstractmethod
     def close(self) -> None: ...

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from edge_llm.chat_tokens import ControlToken
 from edge_llm.engines.base import Engine
 from edge_llm.errors import EdgeLLMError, ModelLoadError
 from edge_llm.registry import ResolvedModel
@@ -136,6 +137,7 @@ class HFVocabulary(Engine):
             bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
             in_prefix=options.in_prefix, in_suffix=options.in_suffix,
         )
+        self.trust_content_markup = bool(options.trust_content_markup)
 
     # -- vocabulary -----------------------------------------------------------------------------
 
@@ -145,6 +147,16 @@ class HFVocabulary(Engine):
         if add_bos is None:
             add_bos = not (special and bos and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add_bos, split_special_tokens=not special)["input_ids"])
+
+    def control_token_list(self) -> list[ControlToken]:
+        # The added tokens marked special: split_special_tokens leaves exactly these as text.
+        # (Added tokens not marked special, like Qwen3's <think>, are cut out either way.)
+        out = []
+        for added in getattr(self.tokenizer, "added_tokens_decoder", {}).values():
+            if getattr(added, "special", False):
+                out.append(ControlToken(str(added.content), bool(getattr(added, "lstrip", False)),
+                                        bool(getattr(added, "rstrip", False))))
+        return out
 
     def token_piece(self, token: int) -> bytes:
         return self._pieces.piece(token)

@@ -37,6 +37,14 @@ def set_verbose(verbose: bool) -> None:
     _logger.logger.setLevel(logging.DEBUG if verbose else logging.CRITICAL + 1)
 
 
+def route_mtmd_log() -> None:
+    """libmtmd (the vision projector) logs through its own callback, to stderr unless told: send it
+    where llama.cpp's log goes (quiet unless -v)."""
+    from llama_cpp import mtmd_cpp
+
+    mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 # llama.cpp has one log callback per process: one `log_to` at a time.
 _redirect = threading.Lock()
 

@@ -11,7 +11,9 @@ when llama_cpp loads it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +25,7 @@ configure_openmp()
 
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler  # noqa: E402
 
 from edge_llm.errors import InvalidParameterError, ModelLoadError  # noqa: E402
@@ -128,7 +130,7 @@ def check_gguf_file(path: Path) -> None:
 
 def load_model(path: Path, options: LoadOptions) -> LlamaModel:
     """The weights, placed as the resolved options say (-ngl, --split-mode, --tensor-split,
-    --mlock, --no-mmap)."""
+    --mlock, --no-mmap, --repack)."""
     init_backend()
     params = llama_cpp.llama_model_default_params()
     ngl = options.n_gpu_layers
@@ -201,6 +203,19 @@ def vocab_texts(vocab: llama_cpp.llama_vocab_p) -> list[bytes]:
     return [llama_cpp.llama_vocab_get_text(vocab, t) or b"" for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
 
 
+def control_tokens(vocab: llama_cpp.llama_vocab_p) -> list[tuple[bytes, bool, bool]]:
+    """(text, lstrip, rstrip) of the tokens that llama_tokenize cuts out of a text only with
+    parse_special: control and unknown tokens (tokenizer_st_partition skips them otherwise)."""
+    out = []
+    parsed_only = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    for t in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attr = int(llama_cpp.llama_vocab_get_attr(vocab, t))
+        if attr & parsed_only:
+            out.append((llama_cpp.llama_vocab_get_text(vocab, t) or b"", bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
+                        bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP)))
+    return out
+
+
 # -- contexts -------------------------------------------------------------------------------------
 
 
@@ -215,8 +230,9 @@ def kv_type(name: str, param: str) -> int:
 def context_params(*, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, n_threads_batch: int | None = None,
                    n_ubatch: int | None = None, flash_attn: str = "auto", cache_type_k: str = "f16",
                    cache_type_v: str = "f16", kv_unified: bool = False,
-                   embeddings: bool = False) -> llama_cpp.llama_context_params:
-    """llama_context_params with edge-llm's names; embeddings: mean-pooled sequence embeddings."""
+                   pooling: int | None = None) -> llama_cpp.llama_context_params:
+    """llama_context_params with edge-llm's names; `pooling` (a llama_pooling_type): a context of
+    pooled sequence outputs (embeddings, rerank scores) instead of logits."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = n_batch
@@ -228,11 +244,63 @@ def context_params(*, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, 
     params.flash_attn_type = FLASH_ATTN[flash_attn]
     params.type_k = kv_type(cache_type_k, "cache_type_k")
     params.type_v = kv_type(cache_type_v, "cache_type_v")
-    if embeddings:
+    if pooling is not None:
         params.embeddings = True
-        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        params.pooling_type = pooling
     params.no_perf = True
     return params
+
+
+def kv_bytes_per_token(model: LlamaModel, cache_type_k: str, cache_type_v: str) -> int | None:
+    """KV cache bytes one token takes in every layer, for plain attention; None where the layout
+    is not that (recurrent and hybrid memory, sliding-window layers, DeepSeek's compressed MLA
+    cache): those would be overestimated, and a context refused that fits."""
+    m = model.model
+    meta = model.metadata()
+    arch = meta.get("general.architecture", "")
+    if (llama_cpp.llama_model_is_recurrent(m) or llama_cpp.llama_model_is_hybrid(m)
+            or llama_cpp.llama_model_n_swa(m) > 0 or f"{arch}.attention.kv_lora_rank" in meta):
+        return None
+    n_head, n_head_kv = int(llama_cpp.llama_model_n_head(m)), int(llama_cpp.llama_model_n_head_kv(m))
+    if n_head <= 0 or n_head_kv <= 0:
+        return None
+    head = int(llama_cpp.llama_model_n_embd(m)) // n_head
+    k_len = int(meta.get(f"{arch}.attention.key_length", head))
+    v_len = int(meta.get(f"{arch}.attention.value_length", head))
+
+    def size(name: str, n: int) -> float:
+        block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(KV_CACHE_TYPES[name.lower()])]
+        return n * nbytes / block
+
+    return int(int(llama_cpp.llama_model_n_layer(m)) * n_head_kv * (size(cache_type_k, k_len) + size(cache_type_v, v_len)))
+
+
+def available_memory() -> int:
+    """Bytes the system can still give (Linux: MemAvailable, page cache it can drop included)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_context_fits(model: LlamaModel, n_ctx: int, cache_type_k: str, cache_type_v: str) -> None:
+    """Refuse, before llama.cpp allocates (and zeroes) it, a KV cache that cannot fit in memory,
+    saying what would (llama.cpp would take minutes of swapping, or gigabytes, before failing)."""
+    per_token = kv_bytes_per_token(model, cache_type_k, cache_type_v)
+    if not per_token:
+        return
+    need, free = n_ctx * per_token, available_memory()
+    if need <= free:
+        return
+    fits = free // per_token // 256 * 256
+    hint = f"at most -c {fits} fits" if fits >= 256 else "no useful context fits"
+    raise ModelLoadError(f"a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB of KV cache "
+                         f"(-ctk {cache_type_k} -ctv {cache_type_v}) but {free / 2**30:.1f} GiB of memory is "
+                         f"available: {hint} (a q8_0 cache, -ctk q8_0 -ctv q8_0, takes about half)")
 
 
 def new_context(model: LlamaModel, params: llama_cpp.llama_context_params, *, verbose: bool,
@@ -282,6 +350,43 @@ def decode(ctx: LlamaContext, batch: LlamaBatch) -> None:
         raise RuntimeError(f"llama_decode returned {status}")
 
 
+def decode_embeddings(ctx: LlamaContext, embeddings: np.ndarray, positions: np.ndarray, seq_id: int, *,
+                      non_causal: bool) -> None:
+    """Image embeddings (rows of the model's input width) into one sequence at `positions`
+    ((1, n), or (4, n) section-major for M-RoPE), in their own decode: llama.cpp takes a batch of
+    token ids or of embeddings, not both. `non_causal`: the rows attend to each other both ways
+    (Gemma 3), so they must all be in this one decode."""
+    n, width = embeddings.shape
+    rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+    base = rows.ctypes.data
+    row_bytes = width * 4
+    batch = llama_cpp.llama_batch_ext_init(ctx.ctx)
+    if not batch:
+        raise RuntimeError("llama_batch_ext_init failed")
+    pos = (llama_cpp.llama_pos * 4)()
+    n_sections = positions.shape[0]
+    try:
+        for i in range(n):
+            row = llama_cpp.llama_embd(ctypes.cast(base + i * row_bytes, ctypes.POINTER(ctypes.c_float)), 1, width)
+            idx = llama_cpp.llama_batch_ext_add_embd(batch, seq_id, row)
+            if idx < 0:
+                raise RuntimeError(f"llama_batch_ext_add_embd returned {idx}")
+            for j in range(n_sections):
+                pos[j] = int(positions[j, i])
+            llama_cpp.llama_batch_ext_set_pos(batch, idx, pos)
+        if non_causal:
+            llama_cpp.llama_set_causal_attn(ctx.ctx, False)
+        try:
+            status = llama_cpp.llama_process(ctx.ctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
+        finally:
+            if non_causal:
+                llama_cpp.llama_set_causal_attn(ctx.ctx, True)
+    finally:
+        llama_cpp.llama_batch_ext_free(batch)
+    if status != 0:
+        raise RuntimeError(f"llama_process returned {status} for image embeddings")
+
+
 def set_threads(ctx: LlamaContext, n_threads: int, n_threads_batch: int) -> None:
     llama_cpp.llama_set_n_threads(ctx.ctx, n_threads, n_threads_batch)
 
@@ -297,7 +402,7 @@ def logits(ctx: LlamaContext, index: int, n_vocab: int) -> np.ndarray:
 
 def sampler_chain(params: SamplingParams, *, vocab: llama_cpp.llama_vocab_p, n_vocab: int,
                   eog_ids: frozenset[int], penalty_last_n: int, seed: int | None) -> LlamaSampler:
-    """llama.cpp's sampler chain for one choice: grammar, ignore_eos bias, penalties over the last
+    """llama.cpp's sampler chain for one choice: grammar, logit_bias and ignore_eos bias, penalties over the last
     `penalty_last_n` tokens, then greedy or top-k / top-p / min-p / temperature / seeded draw."""
     sampler = LlamaSampler()
     if params.grammar:
@@ -306,8 +411,11 @@ def sampler_chain(params: SamplingParams, *, vocab: llama_cpp.llama_vocab_p, n_v
             sampler.close()
             raise InvalidParameterError("the grammar does not parse (llama.cpp GBNF)", param="grammar")
         llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
-    if params.ignore_eos and eog_ids:
-        sampler.add_logit_bias(n_vocab, {t: float("-inf") for t in eog_ids})
+    bias = dict(params.logit_bias or {})
+    if params.ignore_eos:
+        bias.update({t: float("-inf") for t in eog_ids})
+    if bias:
+        sampler.add_logit_bias(n_vocab, bias)
     if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
         sampler.add_penalties(n_vocab, penalty_last_n, params.repetition_penalty,
                               params.frequency_penalty, params.presence_penalty)

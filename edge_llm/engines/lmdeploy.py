@@ -85,6 +85,9 @@ def gen_config_kwargs(params: SamplingParams, eog_ids: list[int], seed: int | No
     if params.grammar:
         raise InvalidParameterError("the LMDeploy engine takes no GBNF grammar; use llama.cpp or vLLM",
                                     param="grammar")
+    if params.logit_bias:
+        raise InvalidParameterError("the LMDeploy engine takes no logit_bias; use llama.cpp or vLLM",
+                                    param="logit_bias")
     kwargs: dict[str, Any] = dict(
         n=1, max_new_tokens=params.max_tokens, do_sample=not params.greedy,
         temperature=params.temperature if not params.greedy else 1.0,

@@ -141,19 +141,34 @@ class DiskEntry:
     mtime: float
 
 
+def check_cache_dir(root: str | Path, budget: int | None = None) -> Path:
+    """--cache-dir made if needed and proven writable by writing a file there (a directory can look
+    writable and take no files: /proc/self, a read-only mount seen by root); --cache-disk > 0."""
+    import tempfile
+
+    if budget is not None and budget <= 0:
+        raise EdgeLLMError("--cache-disk must be a positive size (leave --cache-dir out to keep nothing on disk)")
+    root = Path(root).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgeLLMError(f"cannot use the cache directory {root}: {exc.strerror or exc}") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".edge-llm-probe-"):
+            pass
+    except OSError as exc:
+        raise EdgeLLMError(f"cannot use the cache directory {root}: no file can be written there "
+                           f"({exc.strerror or exc})") from None
+    return root
+
+
 class DiskStore:
     """Entry files in one directory, for one fingerprint. Other files are left alone."""
 
     def __init__(self, root: Path, fingerprint: str, budget: int) -> None:
-        self.root = Path(root).expanduser()
+        self.root = check_cache_dir(root, budget)
         self.fingerprint = fingerprint
         self.budget = budget
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise EdgeLLMError(f"cannot use the cache directory {self.root}: {exc.strerror}") from None
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise EdgeLLMError(f"cannot use the cache directory {self.root}: not writable")
 
     def path_for(self, key: str) -> Path:
         return self.root / (key + SUFFIX)
@@ -606,8 +621,6 @@ def open_prompt_cache(model_path: Path, settings: dict[str, object], *, ram_budg
     if cache_dir:
         root = Path(cache_dir).expanduser()
         store_budget = DEFAULT_DISK_BUDGET if disk_budget is None else disk_budget
-        if store_budget <= 0:
-            raise EdgeLLMError("--cache-disk must be a positive size")
         disk = DiskStore(root, "", store_budget)  # checks the folder before the model is hashed
         try:
             digest = file_digest(Path(model_path), root)

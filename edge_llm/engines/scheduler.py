@@ -52,6 +52,8 @@ import numpy as np
 from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
+from edge_llm.engines.media import has_placeholders, images_of, kv_position, next_image, whole_images
+from edge_llm.engines.projector import VisionWorker
 from edge_llm.engines.prompt_cache import PromptCache
 from edge_llm.engines.slots import (
     Slot,
@@ -200,6 +202,14 @@ class Scheduler:
         self._governor = ThreadGovernor(engine.n_threads, adapt=options.adapt_threads)
         self._threads_batch = options.n_threads_batch  # the user's -tb, or None: follow the governor
         self._threads_set = (engine.n_threads, options.n_threads_batch or engine.n_threads)
+        # Images: encoded by the vision worker's thread while this one decodes the other slots.
+        projector = getattr(engine, "projector", None)
+        self.vision = VisionWorker(self._wake) if projector is not None else None
+        self._waiting_on_vision = False  # the last step had nothing to run but slots waiting for images
+        self._vision_signal = False  # an image was encoded since the engine thread last looked
+        # Decode threads while the vision tower works (0: no change); the engine's cores less the
+        # tower's share, at least one.
+        self.vision_threads_while_encoding = max(1, engine.n_threads // 2) if self.vision is not None else 0
         self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
         self._thread.start()
 
@@ -212,6 +222,14 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of the context's KV cells held by running requests, 0 to 1 (vLLM's
+        kv_cache_usage_perc: what an idle slot keeps for a returning conversation can be given up,
+        so it counts as free). Read at scrape time from another thread: a gauge, not a promise."""
+        held = sum(len(s.cached) + len(s.prefill) for s in list(self.slots) if not s.idle)
+        return min(1.0, held / self.engine.n_ctx)
 
     @property
     def threads(self) -> int:
@@ -264,6 +282,8 @@ class Scheduler:
             self._persist_idle()  # the engine thread is gone: the slots can be read here
             if self.drafter is not None:
                 self.drafter.close()
+            if self.vision is not None:
+                self.vision.close()
         self._batch.close()
 
     # -- engine thread --------------------------------------------------------------------------
@@ -277,6 +297,9 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed:
                     break
+                if self._waiting_on_vision and not self._vision_signal:
+                    self._cond.wait(timeout=0.5)  # woken by the vision worker (or a new request)
+                self._vision_signal = False
             try:
                 self._step()
             except Exception as exc:  # keep serving others; fail only what was running
@@ -294,13 +317,26 @@ class Scheduler:
     def _nothing_to_do(self) -> bool:
         return not self._closed and not self._waiting and all(s.idle for s in self.slots)
 
+    def _wake(self) -> None:
+        """The vision worker finished an image (its thread)."""
+        with self._cond:
+            self._vision_signal = True  # not lost if the engine thread is in a step, not waiting
+            self._cond.notify()
+
     def _step(self) -> None:
         self._drop_cancelled()
+        if self.vision is not None:
+            self._fail_images()
         self._admit()
         generating = [s for s in self.slots if s.choice is not None and s.choice.pending is not None and not s.prefill]
         reading = sorted((s for s in self.slots if s.prefill), key=lambda s: s.choice.request.id)
-        chunks = {reading[i].seq_id: n for i, n in plan_prefill([len(s.prefill) for s in reading],
+        runnable = [self._runnable(s) for s in reading] if self.vision is not None else [len(s.prefill) for s in reading]
+        self._waiting_on_vision = bool(reading) and not generating and not any(runnable)
+        reading = [s for s, n in zip(reading, runnable, strict=True) if n]
+        chunks = {reading[i].seq_id: n for i, n in plan_prefill([n for n in runnable if n],
                                                                   used=len(generating), n_batch=self.n_batch)}
+        if self.vision is not None:
+            self._decode_images(chunks)  # own decodes, before the batch whose logits are sampled
         drafts = self._drafts(generating, chunks)
         batch = self._batch
         batch.reset()
@@ -343,10 +379,70 @@ class Scheduler:
         for slot, draft, first in verifying:
             self._verify(slot, draft, first)
 
+    # -- images (engines/media.py, engines/projector.py) ----------------------------------------
+
+    def _runnable(self, slot: Slot) -> int:
+        """Prompt tokens a reading slot can evaluate now: its text up to the next image; an image
+        once the vision worker has encoded it (what is left of it); none while it has not."""
+        at = len(slot.cached)
+        span = next_image(at, images_of(slot.choice.request.tokens))
+        if span is None:
+            return len(slot.prefill)
+        if at < span.start:
+            return span.start - at
+        return span.end - at if span.embeddings is not None else 0
+
+    def _fail_images(self) -> None:
+        """Requests whose image the vision encoder could not encode get its error."""
+        for slot in self.slots:
+            if not slot.prefill:
+                continue
+            span = next_image(len(slot.cached), images_of(slot.choice.request.tokens))
+            if span is not None and span.error is not None:
+                request = slot.choice.request
+                for other in self.slots:
+                    if other.choice is not None and other.choice.request is request:
+                        self._release(other)
+                _release_media(request)
+                request.put(span.error)
+                request.end()
+
+    def _decode_images(self, chunks: dict[int, int]) -> None:
+        """Image rows of this step's prompt chunks into their slots (each chunk whose slot stands at
+        an image is taken out of `chunks`). Rows that attend both ways (Gemma 3) go in whole."""
+        for slot in self.slots:
+            n = chunks.get(slot.seq_id)
+            if not n:
+                continue
+            images = images_of(slot.choice.request.tokens)
+            at = len(slot.cached)
+            span = next_image(at, images)
+            if span is None or at < span.start:
+                continue
+            del chunks[slot.seq_id]
+            chunk = span.chunk
+            if chunk.non_causal:
+                n = span.end - at
+            first = at - span.start
+            positions = chunk.positions(kv_position(span.start, images))[:, first:first + n]
+            self._set_threads()
+            self._flush()  # the last step's deltas go out while the image rows are decoded
+            self.stats.decode_calls += 1
+            rt.decode_embeddings(self.ctx, span.embeddings[first:first + n], positions, slot.seq_id,
+                                 non_causal=chunk.non_causal)
+            slot.cached.extend(slot.prefill[:n])
+            slot.prefill = slot.prefill[n:]
+            if at + n == span.end:
+                span.release()  # in the KV now: its pixels and embeddings can go
+
     def _set_threads(self) -> None:
         """Threads for this decode, as the governor says (fewer while other programs hold cores);
         a -tb of its own gives up as many threads as -t does."""
         n = self._governor.threads()
+        if self.vision is not None and self.vision.busy and self.vision_threads_while_encoding:
+            # The vision tower runs on the same cores now: decode on what it leaves (at least one
+            # thread, which has no barriers to spin at).
+            n = min(n, self.vision_threads_while_encoding)
         batch = max(1, self._threads_batch - (self._governor.limit - n)) if self._threads_batch else n
         wanted = (n, batch)
         if wanted != self._threads_set:
@@ -358,9 +454,9 @@ class Scheduler:
     def _add(self, slot: Slot, tokens: list[int], *, outputs: int) -> int:
         """Append tokens of one sequence to the batch, the last `outputs` of them wanting logits;
         return the batch index of the last one."""
-        pos = len(slot.cached)
-        if pos + len(tokens) > self.n_ctx_seq:  # never hand llama.cpp a position past the slot
-            raise RuntimeError(f"position {pos + len(tokens)} past the slot size {self.n_ctx_seq}")
+        if len(slot.cached) + len(tokens) > self.n_ctx_seq:  # never hand llama.cpp a cell past the slot
+            raise RuntimeError(f"position {len(slot.cached) + len(tokens)} past the slot size {self.n_ctx_seq}")
+        pos = kv_position(len(slot.cached), images_of(slot.choice.request.tokens)) if slot.choice else len(slot.cached)
         first_output = len(tokens) - outputs
         index = rt.add_tokens(self._batch, tokens, pos=pos, seq_id=slot.seq_id,
                               logits=lambda i: i >= first_output)
@@ -389,11 +485,16 @@ class Scheduler:
         # A costly drafter (a draft model) is asked only for slots that would verify a full draft; a
         # cheap one (lookup) first, so that a step without proposals spends nothing on the plan.
         asked = plan(room) if self.drafter.costly else {seq_id: n for seq_id, n in room.items() if n > 0}
+        if self.drafter.costly:  # a draft model has no projector: it cannot follow a prompt with images
+            asked = {s.seq_id: asked[s.seq_id] for s in generating
+                     if s.seq_id in asked and not images_of(s.choice.request.tokens)}
         if not asked:
             return {}
         start = time.perf_counter()
         proposals = self.drafter.propose({s.seq_id: ([*s.cached, s.choice.pending], asked[s.seq_id])
                                           for s in generating if s.seq_id in asked})
+        if self.vision is not None:  # an image's placeholders are not tokens: a draft stops before one
+            proposals = {k: _before_placeholder(v) for k, v in proposals.items()}
         self.cost.observe_drafting(max(map(len, proposals.values()), default=0), time.perf_counter() - start)
         if not any(proposals.values()):
             return {}
@@ -480,15 +581,22 @@ class Scheduler:
             slot.last_used = time.monotonic()
         main.copies = others
         self.stats.prompt_tokens_evaluated += len(tokens) - reuse
+        for span in images_of(tokens):
+            if span.end <= reuse:
+                request.tokens.release_span(span)  # already in the slot: nothing to encode
+            elif not span.queued:
+                self.vision.submit(span, request.cancelled.is_set)
 
     def _place(self, tokens: list[int], idle: list[Slot]) -> tuple[Slot, int, int]:
         """Pick the slot for a prompt and make it hold the longest cached prefix there is: its
         own, or a saved state restored from the prompt cache. Returns the slot, how many prompt
         tokens it holds, and how many of those were restored."""
         main, reuse = pick_slot(tokens, idle)
+        images = images_of(tokens)
+        reuse = whole_images(reuse, images)
         if self.cache is not None:
             entry, found = self.cache.lookup(tokens)
-            found = usable_prefix(found, len(tokens))
+            found = whole_images(usable_prefix(found, len(tokens)), images)
             if entry is not None and worth_restoring(found, reuse):
                 # The least recently used idle slot is the cheapest to give up; it is saved first.
                 target = least_recently_used(idle)
@@ -498,7 +606,7 @@ class Scheduler:
                 if state is not None:
                     self._save(target)
                     if self._restore(target, state, entry.tokens.tolist()):
-                        self._truncate(target, found)
+                        self._truncate(target, found, images)
                         found = len(target.cached)  # less if the tail could not be cut
                         self.cache.note_restore(found)
                         return target, found, found
@@ -507,7 +615,7 @@ class Scheduler:
                         reuse = 0
         if reuse < len(main.cached):
             self._save(main)
-        self._truncate(main, reuse)
+        self._truncate(main, reuse, images)
         return main, len(main.cached), 0
 
     def _make_choices(self, request: Request) -> list[Choice]:
@@ -533,14 +641,17 @@ class Scheduler:
         if not params.grammar and params.repetition_penalty != 1.0:
             # vLLM and llama-server apply the repetition penalty to prompt tokens too.
             for token in request.tokens[-last_n:] if last_n else []:
-                sampler.accept(token)
+                if token >= 0:  # not an image's placeholder
+                    sampler.accept(token)
         return Choice(request, index, sampler, TextAssembler(params.stop, params.include_stop_str_in_output),
                       n_prompt, n_cached, acceptance=self._acceptance.start())
 
-    def _truncate(self, slot: Slot, keep: int) -> None:
-        """Drop the slot's cached tokens past `keep`."""
+    def _truncate(self, slot: Slot, keep: int, images: tuple = ()) -> None:
+        """Drop the slot's cached tokens past `keep` (`images`: the spans of the prompt its tokens
+        belong to, default the running request's: they place the cut with M-RoPE)."""
         if len(slot.cached) > keep:
-            if not self.memory.cut(slot.seq_id, keep):
+            images = images or (images_of(slot.choice.request.tokens) if slot.choice is not None else ())
+            if not self.memory.cut(slot.seq_id, kv_position(keep, images)):
                 # Some memory types cannot drop a tail; then start the sequence over.
                 self.memory.clear(slot.seq_id)
                 keep = 0
@@ -611,7 +722,7 @@ class Scheduler:
         # parse; the cells it restored must also be exactly positions 0..n-1, or the state does
         # not stand for these tokens (a forged or mislabelled file).
         if not (self.memory.write_state(slot.seq_id, state)
-                and self.memory.positions(slot.seq_id) == (0, len(tokens) - 1)):
+                and _positions_fit(self.memory.positions(slot.seq_id), tokens)):
             log.warning("prompt cache: llama.cpp could not restore a state of %d tokens; evaluating instead",
                         len(tokens))
             self.memory.clear(slot.seq_id)
@@ -708,6 +819,7 @@ class Scheduler:
                                             logprobs=logprobs, finish_reason=reason, usage=usage)))
         self._release(slot)
         if not any(s.choice is not None and s.choice.request is request for s in self.slots):
+            _release_media(request)
             self._outbox.append((request, None))
 
     def _flush(self) -> None:
@@ -740,6 +852,7 @@ class Scheduler:
             for request in gone:
                 self._waiting.remove(request)
         for request in gone:
+            _release_media(request)
             request.end()
         for slot in self.slots:
             if slot.choice is not None and slot.choice.request.cancelled.is_set():
@@ -756,13 +869,35 @@ class Scheduler:
                 self.memory.clear(slot.seq_id)
                 slot.cached = []
         for request in requests:
+            _release_media(request)
             request.put(error)
             request.end()
 
 
 def _plain_greedy(params: SamplingParams) -> bool:
     """Greedy with nothing that changes the logits or keeps state between tokens (penalties,
-    grammars): then the argmax of the logits is exactly what the sampler chain would return."""
-    return (params.greedy and not params.grammar and params.repetition_penalty == 1.0
+    grammars, logit_bias): then the argmax of the logits is exactly what the sampler chain would return."""
+    return (params.greedy and not params.grammar and not params.logit_bias and params.repetition_penalty == 1.0
             and not params.frequency_penalty and not params.presence_penalty)
 
+
+def _release_media(request: Request) -> None:
+    if images_of(request.tokens):
+        request.tokens.release()
+
+
+def _before_placeholder(tokens: list[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token < 0:
+            return tokens[:i]
+    return tokens
+
+
+def _positions_fit(positions: tuple[int, int], tokens: list[int]) -> bool:
+    """Whether a restored state's KV positions are those of `tokens`: exactly 0..n-1, or, where
+    image placeholders are among them (M-RoPE images take fewer positions than cells), from 0 and
+    no further than n-1."""
+    low, high = positions
+    if has_placeholders(tokens):
+        return low == 0 and high <= len(tokens) - 1
+    return (low, high) == (0, len(tokens) - 1)

@@ -10,13 +10,62 @@ Two things make streaming text harder than joining token strings:
 from __future__ import annotations
 
 import codecs
+from functools import lru_cache
+
+
+class StopStrings:
+    """One request's stop strings as an Aho-Corasick automaton: text is read once, a character
+    at a time, whatever the number of stop strings, so a request with many of them costs the
+    engine thread (which decodes every slot) no more per token than a request with one. The
+    state after the text says how much of its end could still begin a stop string (held back)."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.goto: list[dict[str, int]] = [{}]
+        self.depth = [0]  # characters matched in this state
+        self.ends = [0]  # length of the longest stop string ending in this state (0: none)
+        for stop in stops:
+            state = 0
+            for ch in stop:
+                nxt = self.goto[state].get(ch)
+                if nxt is None:
+                    nxt = self.goto[state][ch] = len(self.goto)
+                    self.goto.append({})
+                    self.depth.append(self.depth[state] + 1)
+                    self.ends.append(0)
+                state = nxt
+            self.ends[state] = max(self.ends[state], len(stop))
+        self.fail = [0] * len(self.goto)
+        queue = list(self.goto[0].values())
+        for state in queue:  # breadth first: a state's fallback is shallower, so it is done
+            for ch, nxt in self.goto[state].items():
+                back = self.fail[state]
+                while back and ch not in self.goto[back]:
+                    back = self.fail[back]
+                fallback = self.goto[back].get(ch, 0)
+                self.fail[nxt] = fallback if fallback != nxt else 0
+                # a stop string that ends in the fallback ends here too; an earlier start wins
+                self.ends[nxt] = self.ends[nxt] or self.ends[self.fail[nxt]]
+                queue.append(nxt)
+
+    def step(self, state: int, ch: str) -> int:
+        goto, fail = self.goto, self.fail
+        while state and ch not in goto[state]:
+            state = fail[state]
+        return goto[state].get(ch, 0)
+
+
+@lru_cache(maxsize=64)
+def stop_strings(stops: tuple[str, ...]) -> StopStrings:
+    """Built once per set of stop strings (a client's usual few, sent with every request)."""
+    return StopStrings(stops)
 
 
 class TextAssembler:
     def __init__(self, stop: tuple[str, ...] = (), include_stop: bool = False) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stop = stop
-        self._longest_stop = max((len(s) for s in stop), default=0)
+        self._stops = stop_strings(tuple(stop)) if stop else None
+        self._state = 0
+        self._scanned = 0  # characters of `text` the automaton has read
         self._include_stop = include_stop
         self.text = ""  # everything decoded so far, stop string included
         self._sent = 0
@@ -39,34 +88,21 @@ class TextAssembler:
 
     def _release(self, final: bool) -> str:
         end = len(self.text)
-        if self._stop:
-            hit = self._find_stop()
-            if hit is not None:
-                start, stop = hit
-                self.stopped = True
-                end = start + (len(stop) if self._include_stop else 0)
-                self.text = self.text[:end]
-            elif not final:
-                end -= self._partial_stop_length()
+        stops = self._stops
+        if stops is not None:
+            # The answer ends where a stop string is first complete (the longest, if several end there).
+            state, ends = self._state, stops.ends
+            for i in range(self._scanned, end):
+                state = stops.step(state, self.text[i])
+                if ends[state]:
+                    self.stopped = True
+                    end = i + 1 - (0 if self._include_stop else ends[state])
+                    self.text = self.text[:end]
+                    break
+            else:
+                self._state, self._scanned = state, end
+                if not final:
+                    end -= stops.depth[state]  # could be the start of a stop string: held back
         out = self.text[self._sent : end]
         self._sent = max(self._sent, end)
         return out
-
-    def _find_stop(self) -> tuple[int, str] | None:
-        # Only text near the unsent tail can hold a stop string not seen before.
-        search_from = max(0, self._sent - self._longest_stop + 1)
-        best = None
-        for stop in self._stop:
-            index = self.text.find(stop, search_from)
-            if index >= 0 and (best is None or index < best[0]):
-                best = (index, stop)
-        return best
-
-    def _partial_stop_length(self) -> int:
-        """Length of the longest unsent tail that is the beginning of some stop string."""
-        tail = self.text[self._sent :]
-        for length in range(min(len(tail), self._longest_stop - 1), 0, -1):
-            suffix = tail[-length:]
-            if any(stop.startswith(suffix) for stop in self._stop):
-                return length
-        return 0

@@ -35,6 +35,9 @@ class TokenSampler:
     def sample(self, raw_logits: torch.Tensor) -> int:
         params = self.params
         logits = raw_logits.detach().to("cpu", torch.float32).clone()
+        if params.logit_bias:
+            ids = [t for t in params.logit_bias if t < logits.numel()]
+            logits[ids] += torch.tensor([params.logit_bias[t] for t in ids], dtype=logits.dtype)
         if self._eog:
             logits[self._eog] = float("-inf")
         self._apply_penalties(logits)

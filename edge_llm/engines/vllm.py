@@ -75,6 +75,8 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         include_stop_str_in_output=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
         max_tokens=params.max_tokens, seed=params.seed, logprobs=params.logprobs,
     )
+    if params.logit_bias:
+        kwargs["logit_bias"] = dict(params.logit_bias)
     if params.greedy:  # vLLM's greedy: temperature 0; truncation settings do not matter then
         kwargs.update(top_p=1.0, top_k=-1, min_p=0.0)
     return kwargs

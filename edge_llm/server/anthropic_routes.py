@@ -23,12 +23,14 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 from starlette.responses import Response
 
-from edge_llm.engines.base import Engine
+from edge_llm.engines.base import Engine, Usage
+from edge_llm.engines.media import MEDIA_MARKER, MediaTokens
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.errors import edge_error_body
 from edge_llm.server.generation import SSEResponse
 from edge_llm.server.jsonio import dumps
+from edge_llm.server.media import ImageCollector, join_parts, load_images
 from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state, with_engine
 from edge_llm.server.schemas import MaxTokens, Seed, TopK, TopP, _Body
 from edge_llm.server.tool_calls import CallArguments, CallEnd, CallStart
@@ -46,6 +48,7 @@ class Block(_Body):
     content: str | list[dict[str, Any]] | None = None
     is_error: bool | None = None
     thinking: str | None = None
+    source: dict[str, Any] | None = None  # an image block's: {type: base64, media_type, data} or {type: url, url}
 
 
 class Message(_Body):
@@ -122,7 +125,20 @@ def _text(blocks: str | list, param: str) -> str:
     return "".join(texts)
 
 
-def template_messages(system: str | list[Block] | None, messages: list[Message]) -> list[dict]:
+def _image_marker(block: Block, images: ImageCollector, param: str) -> str:
+    source = block.source or {}
+    if source.get("type") == "base64":
+        return images.marker("base64", source.get("data"), f"{param}.source.data")
+    if source.get("type") == "url":
+        return images.marker("url", source.get("url"), f"{param}.source.url")
+    raise InvalidParameterError("an image block's source must be base64 (or url)", param=f"{param}.source")
+
+
+def template_messages(system: str | list[Block] | None, messages: list[Message],
+                      images: ImageCollector | None = None) -> list[dict]:
+    """Messages as chat templates expect them; an image block becomes MEDIA_MARKER in the text,
+    its data kept in `images`."""
+    images = images if images is not None else ImageCollector()
     out: list[dict] = []
     if system:
         out.append({"role": "system", "content": _text(system, "system")})
@@ -132,10 +148,13 @@ def template_messages(system: str | list[Block] | None, messages: list[Message])
             out.append({"role": message.role, "content": blocks})
             continue
         turn: dict[str, Any] = {"role": message.role, "content": ""}
+        parts: list[str] = []
         for k, block in enumerate(blocks):
             param = f"messages.{i}.content.{k}"
             if block.type == "text" and block.text is not None:
-                turn["content"] += block.text
+                parts.append(block.text)
+            elif block.type == "image" and message.role == "user":
+                parts.append(_image_marker(block, images, param))
             elif block.type == "thinking" and message.role == "assistant":
                 turn["reasoning_content"] = turn.get("reasoning_content", "") + (block.thinking or "")
             elif block.type == "redacted_thinking":
@@ -150,6 +169,7 @@ def template_messages(system: str | list[Block] | None, messages: list[Message])
             else:
                 raise InvalidParameterError(f"content blocks of type {block.type!r} are not supported in "
                                             f"{message.role} messages (or lack their fields)", param=param)
+        turn["content"] = join_parts(parts) if MEDIA_MARKER in parts else "".join(parts)
         if turn["content"] or len(turn) > 2 or message.role == "assistant":
             out.append(turn)
     return out
@@ -184,12 +204,15 @@ def tool_choice(choice: ToolChoice | None) -> str | None:
 
 @router.post("/v1/messages")
 async def create_message(body: MessagesRequest, request: Request) -> Any:
-    messages = template_messages(body.system, body.messages)
+    collector = ImageCollector()
+    messages = template_messages(body.system, body.messages, collector)
+    images = await load_images(request, collector.refs)
     reasoning_format = server_state(request).reasoning_format
     if body.thinking is not None and body.thinking.type == "disabled":
         reasoning_format = "none"
     options = ChatOptions(tools=chat_tools(body.tools), tool_choice=tool_choice(body.tool_choice),
-                          reasoning_format=reasoning_format, format_param="output_config.format")
+                          reasoning_format=reasoning_format, format_param="output_config.format",
+                          parallel_tool_calls=not (body.tool_choice and body.tool_choice.disable_parallel_tool_use))
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                     stop=body.stop_sequences)
 
@@ -198,7 +221,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
     def prepare(engine: Engine) -> Job:
         if output_format is not None:
             options.grammar = format_grammar("json_schema", output_format.schema_, param="output_config.format.schema")
-        return chat_job(engine, messages, options, sampling=sampling, max_tokens=body.max_tokens)
+        return chat_job(engine, messages, options, sampling=sampling, max_tokens=body.max_tokens, images=images)
 
     def reply(run: Run, choices: list[Choice]) -> dict:
         c = choices[0]
@@ -211,11 +234,8 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
             content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                             "input": json.loads(call["function"]["arguments"])})
         reason, sequence = stop_reason(c.finish, bool(c.tool_calls))
-        usage = c.finish.usage if c.finish else None
-        return {**message_start(run, usage.prompt_tokens if usage else 0), "content": content,
-                "stop_reason": reason, "stop_sequence": sequence,
-                "usage": usage_body(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-                                    usage.cached_tokens if usage else 0)}
+        return {**message_start(run), "content": content, "stop_reason": reason, "stop_sequence": sequence,
+                "usage": usage_body(c.finish.usage if c.finish else None)}
 
     def stream_reply(run: Run) -> Response:
         return SSEResponse(message_events(run, request.url.path))
@@ -225,14 +245,20 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request) -> Any:
-    messages = template_messages(body.system, body.messages)
+    collector = ImageCollector()
+    messages = template_messages(body.system, body.messages, collector)
+    images = await load_images(request, collector.refs)
     options = ChatOptions(tools=chat_tools(body.tools))
 
     def count(name: str, engine: Engine) -> dict:
-        job = chat_job(engine, messages, options, sampling={}, max_tokens=None)
-        return {"input_tokens": len(engine.prompt_tokens(job.prompts[0]))}
+        job = chat_job(engine, messages, options, sampling={}, max_tokens=None, images=images)
+        tokens = engine.prompt_tokens(job.prompts[0])
+        if isinstance(tokens, MediaTokens):
+            tokens.release()
+        return {"input_tokens": len(tokens)}
 
-    return await with_engine(request, body.model, count)
+    # count renders the template: it waits for the engine's one render slot as generation does.
+    return await with_engine(request, body.model, count, renders_template=True)
 
 
 def stop_reason(finish: Finish | None, calls: bool) -> tuple[str, str | None]:
@@ -245,14 +271,20 @@ def stop_reason(finish: Finish | None, calls: bool) -> tuple[str, str | None]:
     return "end_turn", None
 
 
-def usage_body(input_tokens: int, output_tokens: int, cached: int = 0) -> dict:
-    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "cache_read_input_tokens": cached,
-            "cache_creation_input_tokens": 0}
+def usage_body(usage: Usage | None) -> dict:
+    """Anthropic's usage: `input_tokens` are the prompt tokens evaluated for this request, those taken
+    from the prompt cache are `cache_read_input_tokens` (together: the whole prompt)."""
+    usage = usage or Usage()
+    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens, "output_tokens": usage.completion_tokens,
+            "cache_read_input_tokens": usage.cached_tokens, "cache_creation_input_tokens": 0}
 
 
-def message_start(run: Run, input_tokens: int) -> dict:
+def message_start(run: Run) -> dict:
+    # How much of the prompt the cache held is known only at the end: the stream's message_start
+    # counts the whole prompt as input, and its message_delta carries the final split.
     return {"id": f"msg_{run.id}", "type": "message", "role": "assistant", "model": run.name, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": usage_body(input_tokens, 0)}
+            "stop_reason": None, "stop_sequence": None,
+            "usage": usage_body(Usage(prompt_tokens=run.generations[0].n_prompt))}
 
 
 async def message_events(run: Run, path: str):
@@ -276,7 +308,7 @@ async def message_events(run: Run, path: str):
         open_kind = None
         return [event("content_block_stop", index=index)]
 
-    yield event("message_start", message=message_start(run, run.generations[0].n_prompt))
+    yield event("message_start", message=message_start(run))
     yield event("ping")
     try:
         async for _, part in run.parts():
@@ -299,9 +331,9 @@ async def message_events(run: Run, path: str):
             elif isinstance(part, Finish):
                 events += stop()
                 reason, sequence = stop_reason(part, part.tool_calls > 0)
-                output_tokens = part.usage.completion_tokens if part.usage else 0
+                # The whole usage, as Anthropic's message_delta has it: its SDK takes each field given.
                 events += [event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                                 usage={"output_tokens": output_tokens}),
+                                 usage=usage_body(part.usage)),
                            event("message_stop")]
             for e in events:
                 yield e

@@ -1,7 +1,8 @@
 """create_app(): the FastAPI application around a ModelManager.
 
-Middleware order (outermost first): the Host / Origin policy for browsers, the chat page, the API
-key, then the body size limit, so a client without the key is refused before its body is read.
+Middleware order (outermost first): the log line of each request (with `access_log`), the Host /
+Origin policy for browsers, the chat page, the API key, then the body size limit, so a client
+without the key is refused before its body is read.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from edge_llm.server.access_log import AccessLogMiddleware
 from edge_llm.server.auth import APIKeyMiddleware
 from edge_llm.server.browsers import BrowserPolicyMiddleware
 from edge_llm.server.errors import install_error_handlers
 from edge_llm.server.forward import peer_client
 from edge_llm.server.jsonio import AssumeJSONMiddleware, JSONResponse
 from edge_llm.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
+from edge_llm.server.media import ImagePolicy
 from edge_llm.server.metrics import ServerMetrics
 from edge_llm.server.models import ModelManager
 from edge_llm.webui import install_webui
@@ -37,22 +40,25 @@ class ServerState:
     # serve's sampling flags (--temp, -n ...): for what a request leaves unset, above a model's
     # registry defaults (pipeline.start_run); SamplingParams names, max_tokens included.
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    image_policy: ImagePolicy = field(default_factory=ImagePolicy)  # image limits, allowed URL hosts
 
 
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = False, bound_host: str = "127.0.0.1",
                allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
-               reasoning_format: str = "auto", sampling_defaults: dict[str, Any] | None = None) -> FastAPI:
+               reasoning_format: str = "auto", sampling_defaults: dict[str, Any] | None = None,
+               image_policy: ImagePolicy | None = None, access_log: bool = False) -> FastAPI:
     from edge_llm.server import (
         anthropic_routes,
         ollama_routes,
         openai_routes,
+        rerank_routes,
         responses_routes,
         simple_routes,
     )
 
     state = ServerState(manager, ServerMetrics(manager), reasoning_format=reasoning_format,
-                        sampling_defaults=dict(sampling_defaults or {}))
+                        sampling_defaults=dict(sampling_defaults or {}), image_policy=image_policy or ImagePolicy())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,7 +71,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
             await manager.close()
 
     app = FastAPI(title="edge-llm", version=_version(), lifespan=lifespan, default_response_class=JSONResponse,
-                  description="OpenAI-compatible API for local models (chat, completions, embeddings, Responses), "
+                  description="OpenAI-compatible API for local models (chat, completions, embeddings, Responses), rerank, "
                               "Anthropic's Messages API, the Ollama API, and the simple JSON APIs of vLLM's "
                               "api_server (/generate), mosec-style services (/inference) and the FastAPI "
                               "chat demo (/).")
@@ -76,6 +82,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
     app.include_router(anthropic_routes.router)
     app.include_router(ollama_routes.router)
     app.include_router(simple_routes.router)
+    app.include_router(rerank_routes.router)
     app.add_middleware(AssumeJSONMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     if api_keys:
@@ -84,6 +91,8 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
     # Outermost: which Host names and web pages may reach anything at all (browsers.py).
     app.add_middleware(BrowserPolicyMiddleware, bound_host=bound_host, allowed_hosts=allowed_hosts,
                        cors_origins=cors_origins)
+    if access_log:  # around everything, refusals included
+        app.add_middleware(AccessLogMiddleware)
     _document_400_not_422(app)
     return app
 

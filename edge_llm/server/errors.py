@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from edge_llm.errors import EdgeLLMError, OverloadedError
-from edge_llm.server.jsonio import dumps
+from edge_llm.server.jsonio import DECLARED_CONTENT_TYPE, dumps
 
 log = logging.getLogger(__name__)
 # Seconds a client should wait before retrying a 503; short, since slots free up within a generation.
@@ -116,8 +116,9 @@ def edge_error_response(exc: EdgeLLMError) -> ErrorResponse:
     return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=headers)
 
 
-def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """One line naming the first bad field, like SamplingParams' errors."""
+def validation_message(exc: RequestValidationError, content_type: str | None = None) -> tuple[str, str | None]:
+    """One line naming the first bad field, like SamplingParams' errors; `content_type`: what the
+    request declared (every body is read as JSON whatever it says)."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
@@ -125,7 +126,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+        declared = f"Content-Type {content_type}" if content_type else "no Content-Type"
+        return (f"the request body is not valid JSON ({declared}; bodies are read as JSON whatever "
+                f"the Content-Type): {first.get('ctx', {}).get('error', first['msg'])}"), None
     if first.get("type") == "missing" and param is None:
         return "the request needs a JSON body", None
     message = first["msg"]
@@ -142,7 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         # OpenAI and vLLM answer a malformed body with 400, not FastAPI's 422.
-        message, param = validation_message(exc)
+        message, param = validation_message(exc, request.scope.get(DECLARED_CONTENT_TYPE))
         return error_response(400, message, param=param, code="invalid_request")
 
     @app.exception_handler(StarletteHTTPException)

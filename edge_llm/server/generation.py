@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import anyio
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -22,6 +24,7 @@ from edge_llm.server.errors import ClientDisconnected
 from edge_llm.server.metrics import RequestObserver
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
 SEND_TIMEOUT_SECONDS = 120.0
@@ -230,4 +233,32 @@ async def _event_bytes(events: AsyncIterator[str]) -> AsyncIterator[bytes | str]
 
 
 class StreamResponse(_CleansUp, StreamingResponse):
+    """A streamed body (Ollama's NDJSON, the simple APIs). As with SSEResponse, a client that
+    stops reading without disconnecting is dropped after SEND_TIMEOUT_SECONDS: its request is
+    cancelled and its slot and lease given back (the cleanup), instead of held while the
+    server's writes wait for it."""
+
+    _timed_out = False
+
+    async def stream_response(self, send: Send) -> None:
+        async def timed_send(message: dict) -> None:
+            with anyio.move_on_after(SEND_TIMEOUT_SECONDS) as scope:
+                await send(message)
+            if scope.cancelled_caught:
+                self._timed_out = True
+                raise _SendTimeout()
+
+        await super().stream_response(timed_send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException:
+            if not self._timed_out:
+                raise
+            # uvicorn closes the connection of a response left unfinished (one line in its log)
+            logger.info("a client stopped reading its stream for %.0f s: dropped", SEND_TIMEOUT_SECONDS)
+
+
+class _SendTimeout(Exception):
     pass

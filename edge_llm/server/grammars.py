@@ -28,7 +28,7 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """A bound was passed inside the converter; turned into the request's 400."""
 
 
@@ -40,12 +40,12 @@ def json_object_grammar() -> str:
 
 def json_schema_grammar(schema: Any, *, param: str = "response_format.json_schema.schema") -> str:
     """GBNF for output that is one JSON value valid under `schema`."""
-    converter = _converter(schema, param)
+    converter = schema_converter(schema, param)
     try:
         # resolve_refs rewrites the $refs it resolves: work on a copy, not the request's body.
         converter.visit(converter.resolve_refs(copy.deepcopy(schema), "request"), "")
         return converter.format_grammar()
-    except _Refused as exc:
+    except Refused as exc:
         raise InvalidParameterError(f"the JSON schema {exc}", param=param) from None
     except Exception as exc:  # the converter raises many types on schemas it cannot handle
         raise InvalidParameterError(f"cannot turn this JSON schema into a grammar: {exc}", param=param) from None
@@ -63,7 +63,7 @@ def tool_call_grammar(tools: list[dict[str, Any]], *, param: str = "tools") -> s
         function = tool["function"]
         parameters = copy.deepcopy(function.get("parameters") or {"type": "object"})
         if converter is None:
-            converter = _converter(parameters, param)
+            converter = schema_converter(parameters, param)
         else:
             check_schema_bounds(parameters, param)
         try:
@@ -79,13 +79,13 @@ def tool_call_grammar(tools: list[dict[str, Any]], *, param: str = "tools") -> s
         body = converter.visit(schema, "tool-call-json")
         converter._add_rule("root", f'"{TOOL_CALL_OPEN}" "\\n"? {body} "\\n"? "{TOOL_CALL_CLOSE}"')
         return converter.format_grammar()
-    except _Refused as exc:
+    except Refused as exc:
         raise InvalidParameterError(f"the tool parameters {exc}", param=param) from None
     except Exception as exc:
         raise InvalidParameterError(f"cannot turn these tool parameters into a grammar: {exc}", param=param) from None
 
 
-def _converter(schema: Any, param: str) -> Any:
+def schema_converter(schema: Any, param: str) -> Any:
     if not isinstance(schema, dict):
         raise InvalidParameterError("the JSON schema must be an object", param=param)
     check_schema_bounds(schema, param)
@@ -114,14 +114,14 @@ def _check_repetition(item_rule: str, min_items: Any, max_items: Any, separator_
         if count is None:
             continue
         if isinstance(count, bool) or not isinstance(count, int):
-            raise _Refused(f"has a repetition count that is not an integer: {count!r}")
+            raise Refused(f"has a repetition count that is not an integer: {count!r}")
         if not 0 <= count <= MAX_REPEAT:
-            raise _Refused(f"repeats something {count} times, above the limit of {MAX_REPEAT} for "
+            raise Refused(f"repeats something {count} times, above the limit of {MAX_REPEAT} for "
                            "grammar-constrained output (minItems, maxItems, minLength, maxLength or a "
                            "regex {m,n})")
     times = max_items if max_items is not None else min_items
     if (len(item_rule) + len(separator_rule or "") + 8) * times > MAX_GRAMMAR_CHARS:
-        raise _Refused("makes a grammar too large to run")
+        raise Refused("makes a grammar too large to run")
 
 
 _converter_class: type | None = None
@@ -154,7 +154,7 @@ def _bounded_converter_class() -> type:
         def _add_rule(self, name: str, rule: str) -> str:
             self._size += len(name) + len(rule) + 5
             if self._size > MAX_GRAMMAR_CHARS:
-                raise _Refused("makes a grammar too large to run")
+                raise Refused("makes a grammar too large to run")
             return super()._add_rule(name, rule)
 
         def _resolve_ref(self, ref: str) -> str:

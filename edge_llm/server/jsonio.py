@@ -104,10 +104,16 @@ async def json_response(build: Callable[[], Any]) -> Response:
     return StreamingResponse(pieces(), media_type="application/json", headers={"content-length": str(size)})
 
 
+# Where AssumeJSONMiddleware leaves the Content-Type a request declared, for the error that names it.
+DECLARED_CONTENT_TYPE = "edge_llm.declared_content_type"
+
+
 class AssumeJSONMiddleware:
-    """Every POST body here is JSON. vLLM and the FastAPI demos read it whatever the Content-Type
-    says, and their documented `curl -d '{...}'` sends application/x-www-form-urlencoded: treat
-    such bodies (and bodies without a type) as JSON so those commands work unchanged."""
+    """Every POST body here is JSON, and is read as JSON whatever its Content-Type says, as
+    llama-server, vLLM and the FastAPI demos do: their documented `curl -d '{...}'` sends
+    application/x-www-form-urlencoded, and litellm's async Ollama calls send application/octet-stream
+    or text/plain. The declared type is kept in the scope, so a body that is not JSON gets a 400 that
+    names it (errors.py)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -115,7 +121,7 @@ class AssumeJSONMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
-            if not content_type or content_type.startswith(b"application/x-www-form-urlencoded"):
-                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")],
+                     DECLARED_CONTENT_TYPE: content_type.decode("latin-1")}
         await self.app(scope, receive, send)

@@ -1,5 +1,7 @@
 """/metrics in Prometheus' text format, named like vLLM's (`vllm:` becomes `edge_llm:`), one
-series per served model (label `model_name`), so a vLLM dashboard works with a prefix change.
+series per served model (label `model_name`), so a vLLM dashboard works with a prefix change. The
+gauges a router or autoscaler reads (running, waiting, KV-cache use) are also exported under vLLM's
+own names, so an endpoint picker (Gateway API Inference Extension, llm-d) needs no setting.
 
 Counters live in the server, not in the engines, so they keep counting across a model's unload
 and reload; the running/waiting gauges are read from the loaded engines' schedulers at scrape time.
@@ -17,9 +19,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 if TYPE_CHECKING:
     from edge_llm.engines.base import Delta
+    from edge_llm.server.access_log import RequestTokens
     from edge_llm.server.models import ModelManager
 
 PREFIX = "edge_llm:"
+VLLM_PREFIX = "vllm:"
 # vLLM's buckets, trimmed: a laptop CPU is slower than a GPU, so the long tail matters more.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -60,19 +64,21 @@ class ServerMetrics:
                              LABEL, buckets=E2E_BUCKETS, registry=r)
         r.register(_EngineStateCollector(manager))
 
-    def observer(self, model: str) -> RequestObserver:
-        return RequestObserver(self, model)
+    def observer(self, model: str, tokens: RequestTokens | None = None) -> RequestObserver:
+        return RequestObserver(self, model, tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class RequestObserver:
-    """Timing and token counts of one request, fed delta by delta."""
+    """Timing and token counts of one request, fed delta by delta; the counts also go to the
+    request's log line (`tokens`, access_log.py) when it has one."""
 
-    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+    def __init__(self, metrics: ServerMetrics, model: str, tokens: RequestTokens | None = None) -> None:
         self.metrics = metrics
         self.model = model
+        self.tokens = tokens
         self.start = time.perf_counter()
         self._last_token: dict[int, float] = {}
         self._reasons: list[str] = []
@@ -94,6 +100,8 @@ class RequestObserver:
             self._reasons.append(delta.finish_reason)
             usage = delta.usage
             if usage is not None:
+                if self.tokens is not None:
+                    self.tokens.add(usage.prompt_tokens if len(self._reasons) == 1 else 0, usage.completion_tokens)
                 m.generation_tokens.labels(self.model).inc(usage.completion_tokens)
                 m.spec_decode_draft_tokens.labels(self.model).inc(usage.draft_tokens)
                 m.spec_decode_accepted_tokens.labels(self.model).inc(usage.accepted_tokens)
@@ -128,8 +136,10 @@ class _EngineStateCollector:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests decoding in a slot", labels=LABEL)
-        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests queued for a slot", labels=LABEL)
+        running, running_vllm = _twice("num_requests_running", "Requests decoding in a slot")
+        waiting, waiting_vllm = _twice("num_requests_waiting", "Requests queued for a slot")
+        kv_usage, kv_usage_vllm = _twice("kv_cache_usage_perc", "Share of the KV cache held by running requests "
+                                         "(0 to 1; what idle slots keep for returning conversations is free)")
         loaded = GaugeMetricFamily(PREFIX + "model_loaded", "1 if the model is in memory", labels=LABEL)
         slots = GaugeMetricFamily(PREFIX + "num_slots", "Parallel sequences (-np) of a loaded model", labels=LABEL)
         threads = GaugeMetricFamily(PREFIX + "cpu_threads", "Threads a decode uses now (fewer than the cores "
@@ -160,11 +170,23 @@ class _EngineStateCollector:
             engine = engines.get(name)
             scheduler = engine.scheduler if engine is not None else None
             loaded.add_metric([name], 1.0 if engine is not None else 0.0)
-            running.add_metric([name], float(scheduler.running) if scheduler is not None else 0.0)
-            waiting.add_metric([name], float(scheduler.waiting) if scheduler is not None else 0.0)
+            for family in (running, running_vllm):
+                family.add_metric([name], float(scheduler.running) if scheduler is not None else 0.0)
+            for family in (waiting, waiting_vllm):
+                family.add_metric([name], float(scheduler.waiting) if scheduler is not None else 0.0)
+            for family in (kv_usage, kv_usage_vllm):
+                family.add_metric([name], float(scheduler.kv_usage) if scheduler is not None else 0.0)
             if engine is not None:
                 slots.add_metric([name], float(engine.n_parallel))
             if getattr(scheduler, "threads", None) is not None:
                 threads.add_metric([name], float(scheduler.threads))
                 yielded.add_metric([name], float(scheduler.stats.decodes_with_fewer_threads))
-        yield from (running, waiting, loaded, slots, threads, yielded)
+        yield from (running, waiting, kv_usage, loaded, slots, threads, yielded)
+        yield from (running_vllm, waiting_vllm, kv_usage_vllm)
+
+
+def _twice(name: str, documentation: str) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    """A gauge under edge-llm's name and under vLLM's own (`vllm:`), so the endpoint pickers,
+    autoscalers and dashboards written for vLLM read edge-llm unchanged (deploy/kubernetes/)."""
+    return (GaugeMetricFamily(PREFIX + name, documentation, labels=LABEL),
+            GaugeMetricFamily(VLLM_PREFIX + name, documentation + " (vLLM's name)", labels=LABEL))

@@ -1,7 +1,9 @@
 """Which models a server answers for, and which of them are in memory.
 
 - Only the models the server was started with can be named by a request (by served name, never
-  by path): an unknown name is a 404, whatever it looks like.
+  by path). A server of exactly one model serves it under any name, as llama-server does (scripts
+  hard-code "gpt-3.5-turbo"; the answer names the real model); with several models, or with
+  --strict-model-names, an unknown name is a 404, whatever it looks like.
 - Models load on their first request (`--preload` loads them at start), and unload after
   `keep_alive` seconds without requests (negative: never).
 - A memory budget bounds the models kept at once. A model's cost is the size of its weights
@@ -24,6 +26,7 @@ from pathlib import Path
 from edge_llm.engines.base import Engine, load_engine
 from edge_llm.errors import EdgeLLMError, ModelLoadError, ModelNotFoundError, OverloadedError
 from edge_llm.load_options import LoadOptions
+from edge_llm.model_kind import Kind, model_kind
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,22 @@ class ServedModel:
     last_used: float = field(default_factory=time.monotonic)
     path: Path | None = None  # the weights on disk, when resolved at start (for model info)
     keep_alive: float | None = None  # set by a request (Ollama's keep_alive); None: the server's
+    file_kind: Kind | None = None  # what the file says it is for (model_kind.py), before it is loaded
+
+    @property
+    def kind(self) -> Kind:
+        """chat, embedding or rerank: the loaded engine's, else the file's."""
+        if self.engine is not None:
+            return self.engine.kind
+        return self.file_kind or "chat"
+    projector: Path | None = None  # the vision projector it loads with (--mmproj, or found beside the weights)
+
+    @property
+    def vision(self) -> bool:
+        """Whether it takes images: the loaded engine says; before loading, its projector file."""
+        if self.engine is not None:
+            return self.engine.takes_images
+        return self.projector is not None
 
 
 class Lease:
@@ -62,7 +81,8 @@ class ModelManager:
                  engine: str = "llama.cpp", options: LoadOptions | None = None, config: str | None = None,
                  keep_alive: float = 300.0, memory_budget: int | None = None, max_loaded: int | None = None,
                  peers: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
-                 paths: dict[str, Path] | None = None) -> None:
+                 paths: dict[str, Path] | None = None, strict_names: bool = False,
+                 projectors: dict[str, Path] | None = None) -> None:
         self.peers = dict(peers or {})
         clash = set(models) & set(self.peers)
         if clash:
@@ -70,8 +90,11 @@ class ModelManager:
         if not models and not self.peers:
             raise EdgeLLMError("no models to serve")
         sizes, paths = sizes or {}, paths or {}
-        self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name))
+        self.models = {name: ServedModel(name, ref, sizes.get(name, 0), path=paths.get(name),
+                                         file_kind=model_kind(paths[name]).kind if name in paths else None,
+                                         projector=(projectors or {}).get(name))
                        for name, ref in models.items()}
+        self.strict_names = strict_names
         self.keep_alive = keep_alive
         self.memory_budget = memory_budget
         self.max_loaded = max_loaded
@@ -83,19 +106,29 @@ class ModelManager:
     @classmethod
     def from_refs(cls, refs: list[str], *, config: str | None = None, **kwargs: object) -> ModelManager:
         """Serve model references as given on the command line: each is resolved now, so a model
-        that is not on disk fails at start, and is served under its registry name or file stem."""
+        that is not on disk fails at start, and is served under its registry name or file stem;
+        its load options are checked now too."""
+        from edge_llm.engines.base import engine_class
+        from edge_llm.engines.projector import projector_path
         from edge_llm.registry import load_registry, resolve
 
         registry = load_registry(config)
-        models, sizes, paths = {}, {}, {}
+        engine = engine_class(str(kwargs.get("engine", "llama.cpp")))
+        options = kwargs.get("options") or LoadOptions()
+        models, sizes, paths, projectors = {}, {}, {}, {}
         for ref in refs:
             resolved = resolve(ref, registry)
             if resolved.name in models:
                 raise EdgeLLMError(f"two models would be served as {resolved.name!r}")
+            # What its engine would refuse at the first request (a cache type, a cache folder, -md ...)
+            engine.check_options(options.resolve(resolved.spec))  # type: ignore[union-attr]
             models[resolved.name] = ref
             sizes[resolved.name] = _weights_size(resolved.path)
             paths[resolved.name] = resolved.path
-        return cls(models, config=config, sizes=sizes, paths=paths, **kwargs)  # type: ignore[arg-type]
+            if resolved.is_gguf and kwargs.get("engine", "llama.cpp") == "llama.cpp":
+                projectors[resolved.name] = projector_path(options.resolve(resolved.spec).mmproj, resolved.path)
+        return cls(models, config=config, sizes=sizes, paths=paths, projectors=projectors,  # type: ignore[arg-type]
+                   **kwargs)
 
     # -- names ----------------------------------------------------------------------------------
 
@@ -104,11 +137,14 @@ class ModelManager:
         return next(iter(self.models)) if self.models else next(iter(self.peers))
 
     def resolve_name(self, name: str | None) -> str:
-        """The served name a request means: its `model`, or the first model when it names none."""
+        """The served name a request means: its `model`; the first model when it names none; the
+        only model when it names another (unless strict_names)."""
         if name is None or name == "":
             return self.default_name
         if name in self.models or name in self.peers:
             return name
+        if not self.strict_names and len(self.models) + len(self.peers) == 1:
+            return self.default_name
         raise ModelNotFoundError(f"the model {name!r} does not exist on this server; "
                                  f"served: {', '.join([*self.models, *self.peers])}", param="model")
 
@@ -168,10 +204,14 @@ class ModelManager:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    async def preload(self) -> None:
+        """Load every model now (serve --preload)."""
+        for name in self.models:
+            (await self.acquire(name)).release()
+
     async def start(self, *, preload: bool = False) -> None:
         if preload:
-            for name in self.models:
-                (await self.acquire(name)).release()
+            await self.preload()
         if self.models:
             self._reaper = asyncio.create_task(self._unload_idle_forever())
 

@@ -28,12 +28,24 @@ from pydantic import AfterValidator, Field
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
+from edge_llm.engines.media import MediaPrompt
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.sampling import SamplingParams
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.generation import StreamResponse, context_size
 from edge_llm.server.jsonio import dumps
-from edge_llm.server.openai_routes import embed_all
-from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state, with_engine
+from edge_llm.server.media import ImageCollector, join_parts, load_images
+from edge_llm.server.openai_routes import named
+from edge_llm.server.pipeline import (
+    Choice,
+    Finish,
+    Job,
+    Run,
+    TextPart,
+    handle,
+    server_state,
+    with_engine_until_disconnect,
+)
 from edge_llm.server.schemas import MAX_EMBEDDING_INPUTS, _Body
 from edge_llm.server.tool_calls import CallEnd, CallStart
 
@@ -126,6 +138,13 @@ def sampling_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], in
     """SamplingParams values and the output budget from Ollama `options`."""
     options = options or {}
     values = {field: options[name] for name, field in OPTION_NAMES.items() if name in options}
+    for name, field in OPTION_NAMES.items():  # each checked alone, so the error names Ollama's option
+        if options.get(name) is not None:
+            try:
+                SamplingParams.create(**{field: options[name]})
+            except InvalidParameterError as exc:
+                raise InvalidParameterError(f"options.{name}: {exc.message.split(': ', 1)[-1]}",
+                                            param="options") from None
     predict = options.get("num_predict")
     if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int)):
         raise InvalidParameterError(f"options.num_predict must be an integer (got {predict!r})", param="options")
@@ -143,13 +162,18 @@ def grammar_of(format: str | dict[str, Any] | None) -> str | None:
     raise InvalidParameterError(f'format must be "json" or a JSON schema (got {format!r})', param="format")
 
 
-def template_messages(messages: list[OllamaMessage]) -> list[dict]:
+def image_markers(images: list[Any] | None, collector: ImageCollector, param: str) -> list[str]:
+    """Ollama's images (base64), each as MEDIA_MARKER; they go before the message's text."""
+    return [collector.marker("base64", image, f"{param}.{k}") for k, image in enumerate(images or [])]
+
+
+def template_messages(messages: list[OllamaMessage], images: ImageCollector | None = None) -> list[dict]:
+    images = images if images is not None else ImageCollector()
     out = []
     for i, m in enumerate(messages):
-        if m.images:
-            raise InvalidParameterError(f"messages[{i}]: images are not supported by the served models",
-                                        param="messages")
-        message: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        markers = image_markers(m.images, images, f"messages.{i}.images")
+        message: dict[str, Any] = {"role": m.role, "content": join_parts([*markers, m.content or ""]) if markers
+                                   else m.content or ""}
         if m.thinking:
             message["reasoning_content"] = m.thinking
         if m.tool_name:
@@ -251,7 +275,9 @@ async def _keep_alive_hook(request: Request, keep_alive: str | float | None):  #
 @router.post("/api/chat")
 async def chat(body: ChatRequest, request: Request) -> Any:
     began = time.monotonic()
-    messages = template_messages(body.messages)
+    collector = ImageCollector()
+    messages = template_messages(body.messages, collector)
+    images = await load_images(request, collector.refs)
     values, max_tokens = sampling_options(body.options)
     options = ChatOptions(tools=body.tools or None, tool_choice=None, format_param="format",
                           reasoning_format=reasoning_format(request, body.think))
@@ -262,7 +288,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
 
     def prepare(engine: Engine) -> Job:
         options.grammar = grammar_of(body.format)
-        return chat_job(engine, messages, options, sampling=values, max_tokens=max_tokens)
+        return chat_job(engine, messages, options, sampling=values, max_tokens=max_tokens, images=images)
 
     def message(content: str, thinking: str | None, calls: list | None) -> dict:
         out: dict[str, Any] = {"role": "assistant", "content": content}
@@ -288,8 +314,12 @@ async def chat(body: ChatRequest, request: Request) -> Any:
 @router.post("/api/generate")
 async def generate(body: GenerateRequest, request: Request) -> Any:
     began = time.monotonic()
-    if body.images:
-        raise InvalidParameterError("images are not supported by the served models", param="images")
+    collector = ImageCollector()
+    markers = image_markers(body.images, collector, "images")
+    if markers and body.context:
+        raise InvalidParameterError("images cannot be combined with context: send the conversation to /api/chat",
+                                    param="context")
+    images = await load_images(request, collector.refs)
     if body.suffix:
         raise InvalidParameterError("suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.template:
@@ -304,13 +334,19 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 
     def prepare(engine: Engine) -> Job:
         options.grammar = grammar_of(body.format)
+        if body.raw and images:  # the prompt as given, the images before it
+            if not engine.takes_images:
+                raise InvalidParameterError(f"the model {engine.model_name} does not take images", param="images")
+            prompt = MediaPrompt(join_parts([*markers, body.prompt]), images)
+            return Job([prompt], {**values, "grammar": options.grammar}, max_tokens)
         if body.raw:  # the prompt as given, no template (and no thinking to split)
             return Job([context + engine.tokenize(body.prompt)], {**values, "grammar": options.grammar}, max_tokens)
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        job = chat_job(engine, [*messages, {"role": "user", "content": body.prompt}], options, sampling=values,
-                       max_tokens=max_tokens)
+        content = join_parts([*markers, body.prompt]) if markers else body.prompt
+        job = chat_job(engine, [*messages, {"role": "user", "content": content}], options, sampling=values,
+                       max_tokens=max_tokens, images=images)
         if context:  # an earlier answer's context continues
-            job.prompts = [context + engine.tokenize(job.prompts[0])]
+            job.prompts = [context + engine.prompt_tokens(job.prompts[0])]
         return job
 
     def response(content: str, thinking: str | None, calls: list | None) -> dict:
@@ -353,20 +389,21 @@ async def embed(body: EmbedRequest, request: Request) -> Any:
     if body.dimensions is not None:
         raise InvalidParameterError("dimensions is not supported: the model's own size is returned",
                                     param="dimensions")
-    done = await with_engine(request, body.model, lambda name, engine: (name, *embed_all(engine, inputs)))
+    done = await with_engine_until_disconnect(request, body.model,
+                                              lambda name, engine: named(name, engine.embeddings(inputs)))
     if isinstance(done, Response):
         return done
-    name, vectors, n_tokens = done
-    return {"model": name, "embeddings": vectors, "total_duration": int((time.monotonic() - began) * 1e9),
-            "load_duration": 0, "prompt_eval_count": n_tokens}
+    name, result = done
+    return {"model": name, "embeddings": result.vectors, "total_duration": int((time.monotonic() - began) * 1e9),
+            "load_duration": 0, "prompt_eval_count": result.prompt_tokens}
 
 
 @router.post("/api/embeddings")
 async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
     if not body.prompt:
         raise InvalidParameterError("prompt must not be empty", param="prompt")
-    done = await with_engine(request, body.model, lambda name, engine: embed_all(engine, [body.prompt]))
-    return done if isinstance(done, Response) else {"embedding": done[0][0]}
+    done = await with_engine_until_disconnect(request, body.model, lambda name, engine: engine.embeddings([body.prompt]))
+    return done if isinstance(done, Response) else {"embedding": done.vectors[0]}
 
 
 # -- models ----------------------------------------------------------------------------------------------
@@ -374,7 +411,8 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
 
 @lru_cache(maxsize=64)
 def _gguf_details(path: str, mtime: float) -> tuple[dict, dict, str | None]:
-    """(details, model_info, chat template) of a GGUF file; cached while the file is unchanged."""
+    """(details, model_info, chat template) of a GGUF file, from its header (info.py: no token
+    arrays are read); cached while the file is unchanged."""
     from edge_llm.info import read_gguf_info
 
     info = read_gguf_info(path)
@@ -409,7 +447,7 @@ def _modified_at(path: Path | None) -> str:
 def _entry(name: str, model: Any) -> dict:
     # No digest: Ollama's is the sha256 of its blob, and hashing gigabytes per listing is not worth it.
     return {"name": name, "model": name, "modified_at": _modified_at(model.path), "size": model.size_bytes,
-            "digest": "", "details": model_details(model.path)[0]}
+            "digest": "", "details": model_details(model.path)[0], "kind": model.kind}
 
 
 @router.get("/api/tags")
@@ -449,12 +487,15 @@ async def show(body: ShowRequest, request: Request) -> dict:
     details, model_info, template = await asyncio.to_thread(model_details, model.path)
     if not template and model.engine is not None:  # not in the file: the template the engine renders with
         template = model.engine.formatter.template
-    capabilities = ["completion"]
-    if template and "tools" in template:
-        capabilities.append("tools")
-    if template and "</think>" in template:
+    # Ollama's names: an embedding model's capability is "embedding"; a reranker's is edge-llm's "rerank".
+    # Every chat model takes tools: in its template's own markup, or in the generic form (generic_tools.py).
+    capabilities = {"chat": ["completion", "tools"], "embedding": ["embedding"], "rerank": ["rerank"]}[model.kind]
+    if model.kind == "chat" and model.vision:
+        capabilities.append("vision")
+    if model.kind == "chat" and template and "</think>" in template:
         capabilities.append("thinking")
-    return {"modelfile": f"FROM {model.path or model.ref}\n", "parameters": _parameters(model.engine),
+    # The served name, not the file: a client has no business knowing where the weights are.
+    return {"modelfile": f"FROM {name}\n", "parameters": _parameters(model.engine),
             "template": template or "",
             "details": details, "model_info": model_info, "capabilities": capabilities,
             "modified_at": _modified_at(model.path)}

@@ -9,18 +9,23 @@ request without max_tokens may generate until its context slot is full.
 from __future__ import annotations
 
 import base64
-from typing import Any
+import hashlib
+from collections.abc import Awaitable
+from functools import lru_cache
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
+from edge_llm.engines.media import MEDIA_MARKER
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar, template_call
 from edge_llm.server.errors import error_body
 from edge_llm.server.generation import SSEResponse, context_size
 from edge_llm.server.jsonio import SLICE, RawJSON, dumps, json_response
+from edge_llm.server.media import ImageCollector, join_parts, load_images
 from edge_llm.server.pipeline import (
     Choice,
     Finish,
@@ -31,6 +36,7 @@ from edge_llm.server.pipeline import (
     server_state,
     total_usage,
     with_engine,
+    with_engine_until_disconnect,
 )
 from edge_llm.server.schemas import (
     MAX_BATCH,
@@ -44,6 +50,7 @@ from edge_llm.server.schemas import (
     EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
+    ImageURL,
     ModelCard,
     ModelList,
     NamedToolChoice,
@@ -63,6 +70,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 MIN_LOGPROB = -9999.0
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 # -- simple routes --------------------------------------------------------------------------------
@@ -81,11 +89,17 @@ async def metrics(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+# Every OpenAI route also answers without its /v1 prefix, as llama-server's do: a client whose base URL
+# lacks /v1 (http://host:8080) works unchanged.
 @router.get("/v1/models", response_model=ModelList, tags=["openai"], responses=ERRORS)
+@router.get("/models", response_model=ModelList, include_in_schema=False)
 async def list_models(request: Request) -> ModelList:
     manager = server_state(request).manager
     loaded = manager.loaded()
-    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded) for m in manager.models.values()]
+    cards = [ModelCard(id=m.name, created=m.created, loaded=m.name in loaded, kind=m.kind,
+                       capabilities=(["completion", "vision"] if m.vision else ["completion"]) if m.kind == "chat"
+                       else [m.kind])
+             for m in manager.models.values()]
     cards += [ModelCard(id=name, created=0, owned_by="peer", peer=url) for name, url in manager.peers.items()]
     return ModelList(data=cards)
 
@@ -105,9 +119,22 @@ def sampling_fields(body: BaseModel) -> dict[str, Any]:
 
 
 def sampling_values(body: SamplingFields, **overrides: Any) -> dict[str, Any]:
-    if body.logit_bias:
-        raise InvalidParameterError("logit_bias is not supported", param="logit_bias")
-    return {**sampling_fields(body), **overrides}
+    return {**sampling_fields(body), "logit_bias": logit_bias(body.logit_bias), **overrides}
+
+
+def logit_bias(value: dict[str, float] | list[list] | None) -> dict | list | None:
+    """OpenAI's {"token id": bias} map, or llama-server's [[token id, bias], ...] list, as the map
+    SamplingParams checks (ids, range, count)."""
+    if not value:
+        return None
+    if isinstance(value, dict):
+        return value
+    pairs = {}
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool)):
+            raise InvalidParameterError("logit_bias as a list takes [token id, bias] pairs", param=f"logit_bias.{i}")
+        pairs[pair[0]] = pair[1]
+    return pairs
 
 
 def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
@@ -160,27 +187,33 @@ def sse_error(exc: EdgeLLMError) -> str:
 # -- chat -----------------------------------------------------------------------------------------
 
 
-def _content_text(message: ChatMessage, i: int) -> str:
+def _content_text(message: ChatMessage, i: int, images: ImageCollector) -> str:
     content = message.content
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise InvalidParameterError(f"messages[{i}]: only text content parts are supported (got {part.type!r})",
-                                        param=f"messages.{i}.content")
-        texts.append(part.text)
-    return "".join(texts)
+    for k, part in enumerate(content):
+        if part.type == "image_url":
+            url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+            texts.append(images.marker("url", url, f"messages.{i}.content.{k}.image_url"))
+        elif part.type != "text" or part.text is None:
+            raise InvalidParameterError(f"messages[{i}]: only text and image_url content parts are supported "
+                                        f"(got {part.type!r})", param=f"messages.{i}.content")
+        else:
+            texts.append(part.text)
+    return join_parts(texts) if MEDIA_MARKER in texts else "".join(texts)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as chat templates expect them (transformers' conventions)."""
+def template_messages(messages: list[ChatMessage], images: ImageCollector | None = None) -> list[dict]:
+    """Messages as chat templates expect them (transformers' conventions); an image part becomes
+    MEDIA_MARKER in the text, its reference kept in `images`."""
+    images = images if images is not None else ImageCollector()
     out = []
     for i, m in enumerate(messages):
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                                   "content": _content_text(m, i)}
+                                   "content": _content_text(m, i, images)}
         if m.name:
             message["name"] = m.name
         if m.tool_call_id:
@@ -200,19 +233,23 @@ def chat_options(body: ChatCompletionRequest, reasoning_format: str) -> ChatOpti
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidParameterError("top_logprobs needs logprobs: true", param="top_logprobs")
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-    return ChatOptions(tools=tools, tool_choice=choice, reasoning_format=body.reasoning_format or reasoning_format)
+    return ChatOptions(tools=tools, tool_choice=choice, reasoning_format=body.reasoning_format or reasoning_format,
+                       parallel_tool_calls=body.parallel_tool_calls is not False)
 
 
 @router.post("/v1/chat/completions", tags=["openai"], responses=ERRORS)
+@router.post("/chat/completions", include_in_schema=False)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     options = chat_options(body, server_state(request).reasoning_format)
-    messages = template_messages(body.messages)
+    collector = ImageCollector()
+    messages = template_messages(body.messages, collector)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = sampling_values(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    images = await load_images(request, collector.refs)
 
     def prepare(engine: Engine) -> Job:
         options.grammar = response_format_grammar(body.response_format)
-        return chat_job(engine, messages, options, sampling=sampling, max_tokens=requested)
+        return chat_job(engine, messages, options, sampling=sampling, max_tokens=requested, images=images)
 
     def reply(run: Run, choices: list[Choice]) -> dict:
         out = []
@@ -243,7 +280,28 @@ def stream_chunk(meta: dict, kind: str, choice: dict, include_usage: bool) -> st
 
 
 def chat_meta(run: Run) -> dict:
-    return {"id": f"chatcmpl-{run.id}", "created": run.created, "model": run.name}
+    return {"id": f"chatcmpl-{run.id}", "created": run.created, "model": run.name,
+            "system_fingerprint": system_fingerprint(run.engine)}
+
+
+def system_fingerprint(engine: Engine) -> str:
+    """OpenAI's system_fingerprint: names the backend that answered (edge-llm's and llama.cpp's
+    versions, the engine, the model), so a client sees when answers may change for that reason."""
+    return _fingerprint(engine.name, engine.model_name or "")
+
+
+@lru_cache(maxsize=64)
+def _fingerprint(engine_name: str, model_name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from edge_llm.server.app import _version
+
+    try:
+        backend = version("llama-cpp-python") if engine_name == "llama.cpp" else ""
+    except PackageNotFoundError:
+        backend = ""
+    key = "|".join([_version(), engine_name, backend, model_name])
+    return "fp_" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:12]
 
 
 async def chat_events(run: Run, include_usage: bool):
@@ -295,6 +353,7 @@ def listed(value: str | list[str] | list[int] | list[list[int]], *, param: str, 
 
 
 @router.post("/v1/completions", tags=["openai"], responses=ERRORS)
+@router.post("/completions", include_in_schema=False)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.suffix:
         raise InvalidParameterError("suffix (fill-in-the-middle) is not supported", param="suffix")
@@ -325,7 +384,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 
 def completion_meta(run: Run) -> dict:
-    return {"id": f"cmpl-{run.id}", "created": run.created, "model": run.name}
+    return {"id": f"cmpl-{run.id}", "created": run.created, "model": run.name,
+            "system_fingerprint": system_fingerprint(run.engine)}
 
 
 async def completion_events(run: Run, top: int, include_usage: bool):
@@ -368,32 +428,22 @@ def embedding_inputs(value: str | list[str] | list[int] | list[list[int]]) -> li
     return inputs
 
 
-def embed_all(engine: Engine, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
-    texts = [i if isinstance(i, str) else engine.detokenize(i) for i in inputs]
-    n_tokens = 0
-    for i, text in enumerate(texts):
-        count = len(engine.tokenize(text))
-        if count == 0:
-            # llama.cpp's embedding decode of zero tokens corrupts memory and aborts the process.
-            raise InvalidParameterError(f"input {i} has no tokens to embed", param="input")
-        n_tokens += count
-    return engine.embed(texts), n_tokens
-
-
 @router.post("/v1/embeddings", tags=["openai"], response_model=EmbeddingResponse, responses=ERRORS)
+@router.post("/embeddings", include_in_schema=False)
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     if body.dimensions is not None:
         raise InvalidParameterError("dimensions is not supported: the model's own size is returned",
                                     param="dimensions")
     inputs = embedding_inputs(body.input)
-    done = await with_engine(request, body.model, lambda name, engine: (name, *embed_all(engine, inputs)))
+    done = await with_engine_until_disconnect(
+        request, body.model, lambda name, engine: named(name, engine.embeddings(inputs, normalize=body.embd_normalize)))
     if isinstance(done, Response):
         return done
-    name, vectors, n_tokens = done
+    name, result = done
 
     def build() -> dict:
         data = []
-        for i, vector in enumerate(vectors):
+        for i, vector in enumerate(result.vectors):
             if body.encoding_format == "base64":
                 import numpy as np
 
@@ -401,10 +451,16 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
                              "embedding": base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()})
             else:
                 data.append({"object": "embedding", "index": i, "embedding": vector})
+        n_tokens = result.prompt_tokens
         return {"object": "list", "data": data, "model": name,
                 "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}}
 
     return await json_response(build)
+
+
+async def named(name: str, work: Awaitable[T]) -> tuple[str, T]:
+    """The served name with the work's result (a route's `with_engine_until_disconnect` work)."""
+    return name, await work
 
 
 @router.post("/tokenize", tags=["tokenizer"], response_model=TokenizeResponse, responses=ERRORS)

@@ -28,10 +28,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
+from edge_llm.chat_tokens import ChatPrompt
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
+from edge_llm.engines.media import MediaPrompt
 from edge_llm.reasoning import ReasoningSplitter
 from edge_llm.sampling import SamplingParams
 from edge_llm.server import templates
+from edge_llm.server.access_log import request_tokens
 from edge_llm.server.forward import forward
 from edge_llm.server.generation import (
     Generation,
@@ -39,6 +42,7 @@ from edge_llm.server.generation import (
     merged,
     until_disconnect,
 )
+from edge_llm.server.generic_tools import GenericToolCallParser
 from edge_llm.server.jsonio import json_response
 from edge_llm.server.tool_calls import (
     CallArguments,
@@ -87,6 +91,19 @@ async def with_engine(request: Request, model: str | None, work: Callable[[str, 
         held.release()
 
 
+async def with_engine_until_disconnect(request: Request, model: str | None,
+                                       work: Callable[[str, Engine], Awaitable[T]]) -> T | Response:
+    """`await work(name, engine)` under a lease (embeddings, rerank), cancelled as soon as the client
+    disconnects (the engine stops the work); or the peer's answer."""
+    name, held = await local_or_forward(request, model)
+    if isinstance(held, Response):
+        return held
+    try:
+        return await until_disconnect(request, work(name, held.engine))
+    finally:
+        held.release()
+
+
 # -- what an API asks for ----------------------------------------------------------------------------
 
 
@@ -94,13 +111,16 @@ async def with_engine(request: Request, model: str | None, work: Callable[[str, 
 class Job:
     """One request as the engine sees it, made by the API's `prepare`."""
 
-    prompts: list[str | list[int]]  # text or token ids; several for a batched /v1/completions
+    # A chat (chat_tokens.ChatPrompt), raw text or token ids; several for a batched /v1/completions;
+    # a chat with images (engines/media.py).
+    prompts: list[str | list[int] | ChatPrompt | MediaPrompt]
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens
     max_tokens: int | None = None  # requested; capped by what the context leaves
     prompt_param: str = "prompt"  # the request field a too-long prompt is blamed on
     reasoning: bool = False  # split <think> thinking from the answer
     thinking_open: bool = False  # ... the prompt already opened it
     tools: bool = False  # parse tool calls out of the answer
+    tool_format: Literal["native", "generic"] = "native"  # ... as tool_calls.py or generic_tools.py reads them
     plan: Any = None  # the API's own notes for its reply
 
 
@@ -171,7 +191,8 @@ class OutputParser:
 
     def __init__(self, job: Job) -> None:
         self._splitter = ReasoningSplitter(open=job.thinking_open) if job.reasoning else None
-        self._tools = ToolCallParser() if job.tools else None
+        self._tools = (GenericToolCallParser() if job.tool_format == "generic" else ToolCallParser()) \
+            if job.tools else None
         self.calls = 0
         self.reasoning_tokens = 0
 
@@ -282,7 +303,10 @@ def _stripped_stops(job: Job) -> tuple[str, ...]:
     stop = job.sampling.get("stop")
     if not stop or job.sampling.get("include_stop_str_in_output"):
         return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
+    if isinstance(stop, str):
+        return (stop,)
+    # anything but a list of strings is SamplingParams' to refuse (a 400 naming `stop`)
+    return tuple(stop) if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop) else ()
 
 
 def _cut_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
@@ -303,13 +327,14 @@ async def start_run(request: Request, name: str, engine: Engine, job: Job) -> Ru
     if _stripped_stops(job):
         sampling["include_stop_str_in_output"] = True
     observer = server_state(request).metrics.observer
+    log_tokens = request_tokens(request)  # for the request's log line (access_log.py)
     generations: list[Generation] = []
     try:
         for prompt in job.prompts:
             tokens = await asyncio.to_thread(engine.prompt_tokens, prompt)
             max_tokens = capped_max_tokens(engine, len(tokens), requested_max, param=job.prompt_param)
             params = SamplingParams.create(**sampling, max_tokens=max_tokens)
-            generations.append(Generation(engine, tokens, params, observer(name),
+            generations.append(Generation(engine, tokens, params, observer(name, log_tokens),
                                           closing=server_state(request).closing))
         for g in generations:
             await until_disconnect(request, g.start())
@@ -342,6 +367,7 @@ async def handle(request: Request, model: str | None, prepare: Callable[[Engine]
             await on_done(name)
 
     try:
+        lease.engine.check_kind("chat", use="generating text")  # an embedding model or reranker: a 400
         async with templates.rendering(lease.engine):  # prepare renders the chat template
             job = await asyncio.to_thread(prepare, lease.engine)
         run = await start_run(request, name, lease.engine, job)

@@ -4,7 +4,8 @@
 function_call_output items, earlier reasoning items); `instructions` is the system message;
 function tools and `tool_choice`; `text.format` json_object / json_schema; `max_output_tokens`.
 The answer's output items are, in order: reasoning (the model's <think> text), the message, the
-function calls. Streamed with the Responses event types, each with its sequence_number.
+function calls. Streamed with the Responses event types, each with its sequence_number; the last is
+response.completed, or response.incomplete for an answer cut at max_output_tokens.
 
 Nothing is stored: `store` is accepted and ignored, `previous_response_id` is refused (send the
 conversation as input items instead), as llama-server and vLLM do without a store.
@@ -19,10 +20,12 @@ from pydantic import Field
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
+from edge_llm.engines.media import MEDIA_MARKER
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar, template_call
 from edge_llm.server.generation import SSEResponse
 from edge_llm.server.jsonio import dumps
+from edge_llm.server.media import ImageCollector, join_parts, load_images
 from edge_llm.server.openai_routes import ERRORS
 from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state
 from edge_llm.server.schemas import MaxTokens, MinP, Seed, Temperature, TopK, TopP, _Body
@@ -84,7 +87,7 @@ _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "develop
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 
 
-def _item_text(content: Any, param: str) -> str:
+def _item_text(content: Any, param: str, images: ImageCollector | None = None) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -92,16 +95,23 @@ def _item_text(content: Any, param: str) -> str:
     texts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "input_image" and images is not None:
+            if part.get("file_id") is not None:
+                raise InvalidParameterError("file_id images are not supported: send image_url (a data: URL)",
+                                            param=f"{param}.{k}.file_id")
+            texts.append(images.marker("url", part.get("image_url"), f"{param}.{k}.image_url"))
+            continue
         if kind not in _TEXT_PARTS:
             raise InvalidParameterError(f"only text content parts are supported (got {kind!r})", param=f"{param}.{k}")
         text = part.get("text", part.get("refusal"))
         if not isinstance(text, str):
             raise InvalidParameterError("a text part needs its text", param=f"{param}.{k}.text")
         texts.append(text)
-    return "".join(texts)
+    return join_parts(texts) if MEDIA_MARKER in texts else "".join(texts)
 
 
-def input_messages(instructions: str | None, items: str | list[dict[str, Any]]) -> list[dict]:
+def input_messages(instructions: str | None, items: str | list[dict[str, Any]],
+                   images: ImageCollector | None = None) -> list[dict]:
     messages: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
     if isinstance(items, str):
         return [*messages, {"role": "user", "content": items}]
@@ -113,7 +123,8 @@ def input_messages(instructions: str | None, items: str | list[dict[str, Any]]) 
             role = _ROLES.get(item["role"]) if isinstance(item.get("role"), str) else None
             if role is None:
                 raise InvalidParameterError(f"unknown role {item.get('role')!r}", param=f"{param}.role")
-            message = {"role": role, "content": _item_text(item.get("content", ""), f"{param}.content")}
+            message = {"role": role, "content": _item_text(item.get("content", ""), f"{param}.content",
+                                                           images if role == "user" else None)}
             if role == "assistant" and reasoning:
                 message["reasoning_content"], reasoning = reasoning, ""
             messages.append(message)
@@ -162,14 +173,18 @@ def chat_tools(body: ResponsesRequest) -> list[dict] | None:
 
 
 @router.post("/v1/responses", responses=ERRORS)
+@router.post("/responses", include_in_schema=False)
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     if body.previous_response_id:
         raise InvalidParameterError("previous_response_id is not supported: this server stores no responses; "
                                     "send the conversation as input items", param="previous_response_id")
-    messages = input_messages(body.instructions, body.input)
+    collector = ImageCollector()
+    messages = input_messages(body.instructions, body.input, collector)
+    images = await load_images(request, collector.refs)
     choice = body.tool_choice.name if isinstance(body.tool_choice, NamedFunction) else body.tool_choice
     options = ChatOptions(tools=chat_tools(body), tool_choice=choice, format_param="text.format",
-                          reasoning_format=server_state(request).reasoning_format)
+                          reasoning_format=server_state(request).reasoning_format,
+                          parallel_tool_calls=body.parallel_tool_calls is not False)
     text_format = body.text.format if body.text else None
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                     seed=body.seed)
@@ -177,7 +192,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     def prepare(engine: Engine) -> Job:
         if text_format is not None:
             options.grammar = format_grammar(text_format.type, text_format.schema_, param="text.format.schema")
-        return chat_job(engine, messages, options, sampling=sampling, max_tokens=body.max_output_tokens)
+        return chat_job(engine, messages, options, sampling=sampling, max_tokens=body.max_output_tokens,
+                        images=images)
 
     def reply(run: Run, choices: list[Choice]) -> dict:
         c = choices[0]
@@ -338,5 +354,7 @@ async def response_events(run: Run, body: ResponsesRequest):
         yield event("response.failed", response={**response_object(run, body, "failed", output, None),
                                                  "error": {"code": exc.code or "server_error", "message": exc.message}})
         return
-    yield event("response.completed", response=response_object(run, body, "completed", output, finish))
+    final = response_object(run, body, "completed", output, finish)
+    # An answer cut at max_output_tokens ends the stream as OpenAI's does: `response.incomplete`.
+    yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
 

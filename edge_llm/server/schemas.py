@@ -4,7 +4,7 @@ validation: a body that does not fit gets a 400 naming the field before any mode
 Field names and meanings follow OpenAI's API, with vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, stop_token_ids, include_stop_str_in_output). Fields a client may
 send that edge-llm does not act on are ignored, as OpenAI and vLLM do for unknown fields, except
-where ignoring would change the answer silently (logit_bias, suffix, dimensions, beam search):
+where ignoring would change the answer silently (suffix, dimensions, beam search):
 those are refused with a 400.
 """
 
@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 # Ranges checked here are the ones OpenAI documents; the finer ones (temperature, top_p ...) are
 # checked once, by SamplingParams, so the HTTP and Python APIs refuse the same values.
 MAX_BATCH = 32  # prompts in one /v1/completions request, or inputs in one /v1/embeddings request
-MAX_EMBEDDING_INPUTS = 256
+# Inputs in one embeddings request (OpenAI's limit), documents in one rerank request (Cohere's): a
+# large request shares the pooled decodes with the others (engines/pooled.py) and stops when its
+# client leaves.
+MAX_EMBEDDING_INPUTS = 2048
+MAX_RERANK_DOCUMENTS = 1000
 
 
 class _Body(BaseModel):
@@ -70,16 +74,25 @@ class SamplingFields(_Body):
                                        "(speculative decoding), up to the server's --draft-max; 0: none")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: a non-empty map is refused")
+    logit_bias: dict[str, StrictFloat | StrictInt] | list[list[StrictInt | StrictFloat]] | None = Field(
+        None, description="token id -> bias in [-100, 100], added to its logit (OpenAI's map; llama-server's "
+        "[[id, bias], ...] list too); at most 1024 tokens")
     user: str | None = None
 
 
 # -- chat -----------------------------------------------------------------------------------------
 
 
+class ImageURL(_Body):
+    url: str = Field(description="a data: URL (data:image/png;base64,...); http(s) only from hosts the server "
+                                 "allows (--allow-image-urls)")
+    detail: str | None = Field(None, description="accepted and ignored")
+
+
 class ContentPart(_Body):
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = Field(None, description="for type image_url (models with a vision projector)")
 
 
 class FunctionCall(_Body):
@@ -162,6 +175,24 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = Field(None, description="not supported: the model's own size is returned")
     user: str | None = None
+    embd_normalize: StrictInt = Field(2, ge=-1, le=64, description=(
+        "llama-server's: -1 none, 0 max-abs scaled to int16, 1 taxicab, 2 euclidean (default), >2 p-norm"))
+
+
+class RerankDocument(_Body):
+    text: StrictStr
+
+
+class RerankRequest(_Body):
+    """llama-server's (Jina's) and Cohere's body, and TEI's (`texts`, `return_text`)."""
+
+    model: str | None = None
+    query: StrictStr
+    documents: list[StrictStr | RerankDocument] | None = None
+    texts: list[StrictStr] | None = None
+    top_n: StrictInt | None = Field(None, ge=1)
+    return_documents: StrictBool = False
+    return_text: StrictBool = False
 
 
 class TokenizeRequest(_Body):
@@ -201,6 +232,11 @@ class ModelCard(BaseModel):
     owned_by: str = "edge-llm"
     loaded: bool = False
     peer: str | None = None
+    # What it serves: chat (chat and completions), embedding (/v1/embeddings), rerank (/v1/rerank);
+    # None for a peer's model (the peer says).
+    kind: Literal["chat", "embedding", "rerank"] | None = None
+    capabilities: list[str] = Field(default_factory=lambda: ["completion"],
+                                    description="edge-llm extension: 'vision' when the model takes images")
 
 
 class ModelList(BaseModel):

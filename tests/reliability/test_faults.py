@@ -116,7 +116,12 @@ def test_disk_full_during_quantize_leaves_no_file(tmp_path, demo_path):
     assert list(out.parent.iterdir()) == []  # neither the output nor a partial file
 
 
-def test_sigterm_ends_long_requests_with_whole_answers(tmp_path, demo_path):
+# SIGINT (Ctrl-C in the terminal that runs the server) drains as SIGTERM does, and exits 0 too.
+SIGNALS = pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+
+
+@SIGNALS
+def test_sigterm_ends_long_requests_with_whole_answers(tmp_path, demo_path, sig):
     """Requests still running when the drain period (10 s) is over: a stream ends with a last chunk
     (finish_reason "length"), its usage and [DONE] in a complete chunked body; a non-streamed one
     gets its answer so far; one still waiting for a slot gets a 503. The process exits 0."""
@@ -160,7 +165,7 @@ def test_sigterm_ends_long_requests_with_whole_answers(tmp_path, demo_path):
                                                                                timeout=10).content:
             assert time.monotonic() < deadline, outcome
             time.sleep(0.1)
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(sig)
         status = server.proc.wait(timeout=60)
         for thread in threads:
             thread.join(timeout=30)
@@ -186,7 +191,8 @@ def test_sigterm_ends_long_requests_with_whole_answers(tmp_path, demo_path):
         server.stop(signal.SIGKILL)
 
 
-def test_sigterm_lets_a_short_in_flight_stream_finish_and_exits_0(tmp_path, demo_path):
+@SIGNALS
+def test_sigterm_lets_a_short_in_flight_stream_finish_and_exits_0(tmp_path, demo_path, sig):
     config = write_models_toml(tmp_path / "models.toml", {"demo": demo_path}, n_ctx=2048)
     server = ServerProcess(["--config", str(config), "-np", "2", "-t", "1", "--keep-alive", "-1", "--preload"],
                            tmp_path / "serve.log")
@@ -206,7 +212,7 @@ def test_sigterm_lets_a_short_in_flight_stream_finish_and_exits_0(tmp_path, demo
         while not events and thread.is_alive():
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(sig)
         status = server.proc.wait(timeout=60)
         thread.join(timeout=30)
         # 24 tokens fit well inside the 10 s grace period: the stream must complete.

@@ -242,8 +242,12 @@ class TemplateAttack:
     """Clients that keep sending the hanging-template request to `evil`, each as soon as its last
     one is answered, counting how many are in flight."""
 
-    def __init__(self, url: str, clients: int = 8) -> None:
+    def __init__(self, url: str, clients: int = 8, path: str = "/v1/chat/completions",
+                 body: dict | None = None) -> None:
         self.url, self.in_flight, self.answers = url, 0, []
+        self.path = path
+        self.body = body or {"model": "evil", "messages": [{"role": "user", "content": "nested-loops"}],
+                             "max_tokens": 2}
         self.lock, self.first_answer, self.stop = threading.Lock(), threading.Event(), threading.Event()
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
@@ -252,9 +256,9 @@ class TemplateAttack:
             with self.lock:
                 self.in_flight += 1
             try:
-                response = httpx.post(self.url + "/v1/chat/completions", timeout=NO_HANG_SECONDS, json={
-                    "model": "evil", "messages": [{"role": "user", "content": "nested-loops"}], "max_tokens": 2})
-                answer = (response.status_code, response.json().get("error", {}).get("code"))
+                response = httpx.post(self.url + self.path, timeout=NO_HANG_SECONDS, json=self.body)
+                error = response.json().get("error", {})
+                answer = (response.status_code, error.get("code", error.get("type")))  # OpenAI's or Anthropic's
             except (httpx.HTTPError, ValueError) as exc:
                 answer = (type(exc).__name__, None)
             with self.lock:
@@ -274,11 +278,11 @@ class TemplateAttack:
         for thread in self.threads:
             thread.join(NO_HANG_SECONDS)
 
-    def assert_refused_cleanly(self, *also: tuple) -> None:
+    def assert_refused_cleanly(self, *also: tuple, refusal: tuple = (400, "chat_template_error")) -> None:
         """Every answer a 400 naming the template, or a 503 while its renders were busy."""
-        allowed = ((400, "chat_template_error"), (503, "overloaded"), *also)
+        allowed = (refusal, (503, "overloaded"), *also)
         assert all(answer in allowed for answer in self.answers), self.answers
-        assert (400, "chat_template_error") in self.answers
+        assert refusal in self.answers
 
 
 def test_a_hanging_template_holds_up_no_other_request(server):
@@ -302,6 +306,35 @@ def test_a_hanging_template_holds_up_no_other_request(server):
             assert response.status_code == 200, (path, body, response.text[:300])
             assert in_flight > 0, "the attack was over before the request was answered"
     attack.assert_refused_cleanly()
+
+
+def test_count_tokens_waits_for_the_template_render_slot(server):
+    """/v1/messages/count_tokens renders the template as generation does: 12 of them at a hanging
+    template used to hold every shared worker thread (6 on 2 cores), so another model's 2-token
+    chat waited behind their renders. Now they queue for the model's one render slot (a 503 for
+    those that wait longer than a worst-case render) and other requests go on."""
+    body = {"model": "evil", "messages": [{"role": "user", "content": "nested-loops"}]}
+    with TemplateAttack(server.url, clients=12, path="/v1/messages/count_tokens", body=body) as attack:
+        for path, request in [
+            ("/v1/chat/completions", {"model": "fuzz", "messages": [{"role": "user", "content": "Hi"}],
+                                      "max_tokens": 2}),
+            ("/v1/messages/count_tokens", {"model": "fuzz", "messages": [{"role": "user", "content": "Hi"}]}),
+            ("/tokenize", {"model": "fuzz", "content": "Hello world"}),
+        ]:
+            response = httpx.post(server.url + path, json=request, timeout=NO_HANG_SECONDS)
+            assert response.status_code == 200, (path, response.text[:300])
+            assert attack.in_flight > 0, "the attack was over before the request was answered"
+        assert wait_for(lambda: (503, "overloaded_error") in attack.answers), attack.answers
+    attack.assert_refused_cleanly((503, "overloaded_error"), refusal=(400, "invalid_request_error"))
+
+
+def wait_for(predicate, timeout: float = NO_HANG_SECONDS) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return predicate()
 
 
 def test_sigterm_is_not_held_up_by_a_hanging_template(tmp_path, demo_path):

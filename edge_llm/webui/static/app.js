@@ -9,6 +9,7 @@ const SETTINGS = ["model", "system", "temperature", "top-p", "max-tokens", "extr
 
 let conversation = load(KEYS.conversation, []);
 let controller = null; // the AbortController of the answer being streamed
+let attachments = []; // data: URLs of the images for the next message
 
 function load(key, fallback) {
   try {
@@ -20,7 +21,10 @@ function load(key, fallback) {
 }
 
 function save() {
-  localStorage.setItem(KEYS.conversation, JSON.stringify(conversation));
+  // Images stay in this page's memory only (localStorage holds a few MB): a reloaded page keeps
+  // the text of a message that had images, not the images.
+  const kept = conversation.map((m) => (m.images ? { ...m, images: undefined, imageCount: m.images.length } : m));
+  localStorage.setItem(KEYS.conversation, JSON.stringify(kept));
 }
 
 function saveSettings() {
@@ -80,6 +84,22 @@ function messageElement(message, index) {
     meta.textContent = message.model || "";
     div.append(meta);
   }
+  if (message.images && message.images.length) {
+    const images = document.createElement("div");
+    images.className = "images";
+    for (const url of message.images) {
+      const img = document.createElement("img");
+      img.src = url; // a data: URL the user chose
+      img.alt = "attached image";
+      images.append(img);
+    }
+    div.append(images);
+  } else if (message.imageCount) {
+    const note = document.createElement("div");
+    note.className = "meta";
+    note.textContent = "(" + message.imageCount + " image" + (message.imageCount === 1 ? "" : "s") + " not kept)";
+    div.append(note);
+  }
   const text = document.createElement("div");
   text.className = "text";
   text.textContent = message.content; // never innerHTML: model output is untrusted text
@@ -124,7 +144,13 @@ function requestBody() {
   for (const m of conversation) {
     // A stopped answer stays in the history (as far as it got); a failed one does not.
     if (m.state === "streaming" || m.error || (m.role === "assistant" && !m.content)) continue;
-    messages.push({ role: m.role, content: m.content });
+    if (m.images && m.images.length) {
+      // OpenAI's content parts: the images, then the text
+      const parts = m.images.map((url) => ({ type: "image_url", image_url: { url } }));
+      messages.push({ role: m.role, content: [...parts, { type: "text", text: m.content }] });
+    } else {
+      messages.push({ role: m.role, content: m.content });
+    }
   }
   const body = { model: $("model").value, messages, stream: true };
   const number = (id) => ($(id).value === "" ? undefined : Number($(id).value));
@@ -159,7 +185,9 @@ async function send() {
   if (!text.trim() || controller) return;
   let body;
   try {
-    conversation.push({ role: "user", content: text });
+    const user = { role: "user", content: text };
+    if (attachments.length) user.images = attachments;
+    conversation.push(user);
     body = requestBody();
   } catch (err) {
     conversation.pop();
@@ -167,6 +195,8 @@ async function send() {
     return;
   }
   $("input").value = "";
+  attachments = [];
+  renderAttachments();
   const answer = { role: "assistant", content: "", model: body.model, state: "streaming" };
   conversation.push(answer);
   const index = conversation.length - 1;
@@ -216,6 +246,28 @@ function stop() {
   if (controller) controller.abort();
 }
 
+// -- attached images --------------------------------------------------------------------------------
+
+function renderAttachments() {
+  $("attachments").replaceChildren(...attachments.map((url, i) => {
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = "image to send (click to remove)";
+    img.title = "click to remove";
+    img.addEventListener("click", () => { attachments.splice(i, 1); renderAttachments(); });
+    return img;
+  }));
+}
+
+function attach(files) {
+  for (const file of files) {
+    const reader = new FileReader();
+    reader.onload = () => { attachments.push(reader.result); renderAttachments(); };
+    reader.onerror = () => setStatus("Cannot read " + file.name);
+    reader.readAsDataURL(file);
+  }
+}
+
 function init() {
   const settings = load(KEYS.settings, {});
   for (const id of SETTINGS) if (id !== "model" && settings[id] !== undefined) $(id).value = settings[id];
@@ -230,6 +282,7 @@ function init() {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
   });
   $("stop").addEventListener("click", stop);
+  $("attach").addEventListener("change", (e) => { attach(e.target.files); e.target.value = ""; });
   $("new-chat").addEventListener("click", () => {
     stop();
     conversation = [];
