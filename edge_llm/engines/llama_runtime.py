@@ -11,7 +11,6 @@ when llama_cpp loads it.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 import threading
