@@ -110,9 +110,15 @@ class LoadOptions(BaseModel):
         help="context size in tokens, shared by the parallel slots (default: 4096, at most the model's; "
              "0 = the model's; --max-model-len is vLLM's name)")] = None
     n_threads: Annotated[int | None, Field(ge=1), _opt(
-        "-t", "--threads", metavar="N", help="threads for generation (default: one per core)")] = None
+        "-t", "--threads", metavar="N",
+        help="threads for generation, at most (default: one per core; see --adapt-threads)")] = None
     n_threads_batch: Annotated[int | None, Field(ge=1), _opt(
         "-tb", "--threads-batch", metavar="N", help="threads for prompt processing (default: same as -t)")] = None
+    adapt_threads: Annotated[bool | None, _opt(
+        "--adapt-threads", off_flags=("--no-adapt-threads",), default=True,
+        help="use fewer than -t / -tb threads while other programs keep cores busy (--no-adapt-threads: "
+             "always -t; llama.cpp's flash attention rounds differently with another thread count, so "
+             "greedy output then never depends on the machine's load)")] = None
     n_batch: Annotated[int | None, Field(ge=1), _opt(
         "-b", "--batch-size", metavar="N", default=512, help="tokens evaluated per step (prompt chunk budget)")] = None
     n_gpu_layers: Annotated[int | None, Field(ge=-1), _opt(
@@ -140,11 +146,11 @@ class LoadOptions(BaseModel):
         "--mlock", off_flags=("--no-mlock",), default=False, help="keep the weights in RAM (no swapping)")] = None
     use_mmap: Annotated[bool | None, _opt(
         "--mmap", off_flags=("--no-mmap",), default=True, help="map the weights (--no-mmap: read them)")] = None
-    repack: Annotated[Literal["on", "off", "auto"] | None, _opt(
-        "--repack", default="auto",
-        help="weights in llama.cpp's CPU-specific layouts (AMX tiles, interleaved rows): auto = on, except on "
-             "CPUs with AMX, whose kernels crash in this llama.cpp (llama.cpp#20824); off = llama-server's "
-             "--no-repack")] = None
+    repack: Annotated[bool | None, _opt(
+        "--repack", off_flags=("-nr", "--no-repack"), default=True,
+        help="llama.cpp's repacked weight layouts for faster matmuls (-nr: off; then every weight type gives "
+             "the same numbers at every batch size, so greedy output never depends on speculation or on "
+             "other requests; see the README)")] = None
     chat_format: Annotated[str | None, _opt(
         "--chat-format", metavar="NAME", default="auto",
         help="chat template: auto (the GGUF's own) or a built-in name")] = None

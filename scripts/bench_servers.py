@@ -64,9 +64,15 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def resolve_model(ref: str | None) -> Path:
-    """A .gguf path for a model reference (default: the bundled demo model)."""
+    """A .gguf path for a model reference (default: the bundled demo model); the names of the
+    benchmark model set (bench_models.py: gemma3-270m, qwen2.5-0.5b, llama3.2-1b) build or find
+    that model."""
+    from bench_models import MODELS, model_path
+
     from edge_llm.registry import load_registry, resolve
 
+    if ref in MODELS:
+        return model_path(ref)
     return resolve(ref, load_registry()).path
 
 
@@ -146,10 +152,23 @@ def edge_llm_spec(model: Path, *, parallel: int, ctx: int, threads: int | None, 
     return ServerSpec(name, tuple(argv), "/health", env or {}, checkout)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX (Intel Sapphire Rapids and later)."""
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def llama_server_spec(binary: Path, model: Path, *, parallel: int, ctx: int, threads: int,
                       name: str = "llama-server", extra_args: tuple[str, ...] = ()) -> ServerSpec:
+    """llama-server with its defaults and these -np / -c / -t. On a CPU with AMX, also --no-repack:
+    a llama-server built there (-march=native) puts weights in AMX buffers and dies on its first
+    decode (SIGILL or SIGSEGV, llama.cpp issue #20824), so --no-repack is what its users run
+    (edge-llm leaves AMX out by itself: llama_runtime.leave_out_amx)."""
+    no_repack = ("--no-repack",) if cpu_has_amx() and "--no-repack" not in extra_args else ()
     argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", "{port}", "-np", str(parallel),
-            "-c", str(ctx), "-t", str(threads), "--no-webui", *extra_args]
+            "-c", str(ctx), "-t", str(threads), "--no-webui", *no_repack, *extra_args]
     return ServerSpec(name, tuple(argv), "/health")
 
 

@@ -27,7 +27,8 @@ def target(demo_path):
 
     # Two threads in both contexts: llama.cpp's CPU kernels round differently with another thread
     # count, and a greedy near-tie could then flip between the target and its draft.
-    eng = load(str(demo_path), n_ctx=N_PARALLEL * N_CTX_SEQ, n_parallel=N_PARALLEL, n_threads=2)
+    eng = load(str(demo_path), n_ctx=N_PARALLEL * N_CTX_SEQ, n_parallel=N_PARALLEL, n_threads=2,
+               adapt_threads=False)
     yield eng
     eng.close()
 

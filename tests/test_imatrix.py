@@ -216,8 +216,8 @@ def test_percentiles_as_llama_perplexity_takes_them():
 
 CHUNK = 128  # small chunks keep these runs to seconds
 # Weights in llama.cpp's extra CPU buffers (AMX tiles, repacked rows) run other kernels, whose sums
-# differ in the last bits: both sides keep them out (edge-llm's --repack auto does on AMX CPUs).
-SAME_KERNELS = ("--repack", "off")
+# differ in the last bits: both sides keep them out.
+SAME_KERNELS = ("--no-repack",)
 LLAMA_SAME_KERNELS = ("--no-repack",)
 
 

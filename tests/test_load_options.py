@@ -116,7 +116,7 @@ def test_every_registry_key_is_a_load_option_validated_like_its_flag(tmp_path):
     from edge_llm.sampling import MODEL_DEFAULT_FIELDS
 
     settings = set(ModelSpec.model_fields) - {"name", "description", "source", "repo", "file", "path", "format",
-                                              "quant", "engines", "architecture"}
+                                              "quant", "engines", "architecture", "kind"}
     assert settings == set(REGISTRY_FIELDS) | set(MODEL_DEFAULT_FIELDS)
     load_keys = settings - set(MODEL_DEFAULT_FIELDS)
     assert {"n_ctx", "n_gpu_layers", "flash_attn", "chat_format", "in_prefix", "in_suffix", "cache_type_k",

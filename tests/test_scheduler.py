@@ -32,7 +32,7 @@ def engine8(demo_path):
     # Fixed threads: the thread governor would otherwise change the thread count between the solo
     # and the concurrent runs when other programs hold a core, and llama.cpp's CPU flash attention
     # rounds differently with another thread count (a greedy near-tie can then flip).
-    eng = load(str(demo_path), n_ctx=8 * 512, n_parallel=8, max_queue=4, n_threads=2)
+    eng = load(str(demo_path), n_ctx=8 * 512, n_parallel=8, max_queue=4, n_threads=2, adapt_threads=False)
     yield eng
     eng.close()
 

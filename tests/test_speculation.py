@@ -178,7 +178,7 @@ def load_engine(demo_path, *, spec, **options):
 
     # Fixed threads: llama.cpp's CPU flash attention rounds differently with another thread count.
     options = {"n_ctx": 4 * 1024, **options}
-    engine = load(str(demo_path), n_parallel=4, n_threads=2, spec=spec, **options)
+    engine = load(str(demo_path), n_parallel=4, n_threads=2, adapt_threads=False, spec=spec, **options)
     engine.scheduler.cost = FreeVerification()
     return engine
 

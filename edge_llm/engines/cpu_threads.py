@@ -19,8 +19,23 @@ set explicitly (GOMP_SPINCOUNT=300000, libgomp's own default; `edge-llm doctor` 
 spin (10000, tried first) cost 5-10% single-stream on a quiet machine (0.90x against 0.98x
 llama-server in the same run of scripts/bench_serving.py) and bought nothing under contention,
 where the governor already decodes on one thread; an idle server burns nothing either way (threads
-sleep after the spin). The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT and -t / -tb always win (an
-explicit -t keeps that many threads, busy machine or not).
+sleep after the spin). The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT always win.
+
+-t / -tb are the most threads a decode uses, not a promise to use them all: the governor lowers both
+while other programs hold cores, an explicit -t as much as the default. (It used to leave an explicit
+-t alone, and a benchmark that passed `-t 2`, as llama-server users do, saw two spinning threads
+collapse beside a busy loop: 11 tokens/s against 33 with OMP_WAIT_POLICY=PASSIVE, issue #27.)
+--no-adapt-threads keeps exactly -t (llama.cpp's CPU flash attention rounds differently with another
+thread count, so only then is greedy output independent of the machine's load).
+
+When to yield, measured on the 2-core VM (SmolLM2-135M, single stream, tokens/s of 2 spinning threads
+over 1 thread, beside a program pinned to one core that is busy this share of each 20 ms):
+0 -> 1.71x, 0.25 -> 1.34x, 0.5 -> 1.16x, 0.75 -> 0.88x, 1.0 -> 0.21x. So one thread wins from about
+two thirds of a core on, and loses little below that. The governor sees what the others *got*
+(/proc/stat), which beside two spinning threads is at most about half a core however much they want
+(the scheduler shares the core between them and our spinner); so it yields above 0.4 of a core
+(a pinned busy loop shows 0.5-1.0) and, on one thread (where the others can have a whole core and
+show what they want), takes the core back below 0.3.
 """
 
 from __future__ import annotations
@@ -33,9 +48,9 @@ from dataclasses import dataclass
 
 SPIN_COUNT = "300000"
 # Other programs' CPU use (in cores) above which the governor gives up a core, and below which
-# it takes one back: apart, so that it does not flap around one value.
-YIELD_ABOVE = 0.25
-RECLAIM_BELOW = 0.10
+# it takes one back (measured, see above): apart, so that it does not flap around one value.
+YIELD_ABOVE = 0.4
+RECLAIM_BELOW = 0.3
 SAMPLE_SECONDS = 0.5
 
 
@@ -104,11 +119,13 @@ def others_load(before: CpuSample, after: CpuSample) -> float:
     return max(0.0, ((after.busy - before.busy) - (after.own - before.own)) / wall)
 
 
-def next_threads(current: int, limit: int, others: float) -> int:
-    """Threads for the next decodes: a core given up as soon as other programs use more than
-    YIELD_ABOVE of it, taken back only once they use less than RECLAIM_BELOW."""
-    down = limit - math.ceil(max(0.0, others - YIELD_ABOVE))
-    up = limit - math.ceil(max(0.0, others - RECLAIM_BELOW))
+def next_threads(current: int, limit: int, others: float, cores: int | None = None) -> int:
+    """Threads for the next decodes, at most `limit`: of the `cores` this process may use (default:
+    `limit`), a core is given up as soon as other programs use more than YIELD_ABOVE of it, and
+    taken back only once they use less than RECLAIM_BELOW."""
+    cores = limit if cores is None else cores
+    down = min(limit, cores - math.ceil(max(0.0, others - YIELD_ABOVE)))
+    up = min(limit, cores - math.ceil(max(0.0, others - RECLAIM_BELOW)))
     if down < current:
         return max(1, down)
     if up > current:
@@ -117,24 +134,23 @@ def next_threads(current: int, limit: int, others: float) -> int:
 
 
 class ThreadGovernor:
-    """The thread count for each decode: `limit` (every usable core) while the machine is quiet,
-    fewer while other programs keep cores busy. Asked before every decode; it samples the CPU
-    counters at most every SAMPLE_SECONDS. `fixed` (the user gave -t): always `limit`."""
+    """The thread count for each decode: `limit` (-t, or every usable core) while the machine is
+    quiet, fewer while other programs keep cores busy. Asked before every decode; it samples the
+    CPU counters at most every SAMPLE_SECONDS."""
 
-    def __init__(self, limit: int, *, fixed: bool, cores: list[int] | None = None,
+    def __init__(self, limit: int, *, adapt: bool = True, cores: list[int] | None = None,
                  sample: Callable[[list[int]], CpuSample | None] = read_cpu_sample,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = max(1, limit)
         self.current = self.limit
-        self.fixed = fixed
         self._cores = cores if cores is not None else usable_cores()
         self._sample = sample
         self._clock = clock
-        self._last: CpuSample | None = None if fixed else sample(self._cores)
+        self._last: CpuSample | None = sample(self._cores) if adapt else None  # None: always `limit`
         self.others = 0.0  # the last measurement, for logs and tests
 
     def threads(self) -> int:
-        if self.fixed or self._last is None:
+        if self._last is None:
             return self.current
         if self._clock() - self._last.wall < SAMPLE_SECONDS:
             return self.current
@@ -147,5 +163,5 @@ class ThreadGovernor:
             return self.current
         self.others = others_load(self._last, sample)
         self._last = sample
-        self.current = next_threads(self.current, self.limit, self.others)
+        self.current = next_threads(self.current, self.limit, self.others, len(self._cores))
         return self.current

@@ -11,7 +11,6 @@ when llama_cpp loads it.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 import threading
@@ -57,12 +56,60 @@ _backend_ready = False
 
 
 def init_backend() -> None:
-    """llama_backend_init once per process (it also loads the dynamic GPU backends)."""
+    """llama_backend_init once per process (it also loads the dynamic GPU backends), with the
+    AMX weight buffers left out (`leave_out_amx`)."""
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
             llama_cpp.llama_backend_init()
+            leave_out_amx()
             _backend_ready = True
+
+
+def leave_out_amx() -> bool:
+    """Keep weights out of ggml's AMX buffers; True if AMX was there to leave out.
+
+    On a CPU with AMX (Intel Sapphire Rapids and later) a ggml built there with -march=native puts
+    the weights of AMX-capable quants (q4_0, q4_1, q8_0, q4_K ...) in AMX buffers, and this
+    llama.cpp's AMX matmul segfaults on the first decode (llama.cpp issue #20824, the fix proposed
+    in PR #26954; seen on the 2-core Sapphire Rapids VMs this project is tested on, with the bundled
+    model). Ollama leaves AMX out of its builds for Sapphire Rapids on speed grounds alone (ollama PR
+    #9203). The CPU's list of extra weight buffer types (AMX, CPU_REPACK) is the null-terminated
+    array llama.cpp reads at every model load (`ggml_backend_dev_get_extra_bufts`); AMX is taken
+    out of it, so the other repacked layouts (CPU_REPACK's q4_0 / q4_K / iq4_nl) are still used,
+    as llama-server's default uses them. llama-server's own switch, --no-repack, would drop those too."""
+    try:
+        base = Path(llama_cpp.llama_cpp._base_path)
+        ggml = ctypes.CDLL(str(base / "libggml.so"))
+        ggml_base = ctypes.CDLL(str(base / "libggml-base.so"))
+    except (AttributeError, OSError):
+        return False  # another layout (Windows, macOS, a system llama.cpp): no AMX there to guard
+    vp = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.restype, ggml.ggml_backend_dev_by_type.argtypes = vp, [ctypes.c_int]
+    ggml.ggml_backend_dev_backend_reg.restype, ggml.ggml_backend_dev_backend_reg.argtypes = vp, [vp]
+    ggml.ggml_backend_reg_get_proc_address.restype = vp
+    ggml.ggml_backend_reg_get_proc_address.argtypes = [vp, ctypes.c_char_p]
+    ggml_base.ggml_backend_buft_name.restype, ggml_base.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [vp]
+    cpu = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not cpu:
+        return False
+    address = ggml.ggml_backend_reg_get_proc_address(ggml.ggml_backend_dev_backend_reg(cpu),
+                                                     b"ggml_backend_dev_get_extra_bufts")
+    if not address:
+        return False
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(address)(cpu)
+    kept, i, dropped = [], 0, False
+    while bufts and bufts[i]:
+        if ggml_base.ggml_backend_buft_name(bufts[i]) == b"AMX":
+            dropped = True
+        else:
+            kept.append(bufts[i])
+        i += 1
+    if dropped:
+        for j in range(i):  # compacted in place, still null-terminated
+            bufts[j] = kept[j] if j < len(kept) else None
+        log.debug("AMX weight buffers left out (llama.cpp issue #20824)")
+    return dropped
 
 
 def check_gguf_file(path: Path) -> None:
@@ -93,7 +140,11 @@ def load_model(path: Path, options: LoadOptions) -> LlamaModel:
         # llama.cpp reads the array during the load; `params` holds it alive until then.
         params.tensor_split = tensor_split_array(options.tensor_split)
     params.use_mlock = options.use_mlock
-    params.use_extra_bufts = extra_buffers(options.repack, uses_amx())
+    # llama.cpp's CPU_REPACK layouts (use_extra_bufts; llama-server's --no-repack turns them off).
+    # On x86 the repacked q4_K matmul rounds rows of a batch differently from a lone row (its GEMM
+    # takes rows four at a time, a GEMV the rest), so with it a token's logits depend on how many
+    # rows share its decode: speculation's verification and other slots can flip a near tie.
+    params.use_extra_bufts = options.repack
     if hasattr(params, "load_mode"):
         params.load_mode = _load_mode(options.use_mmap, options.use_mlock)
     try:
@@ -101,22 +152,6 @@ def load_model(path: Path, options: LoadOptions) -> LlamaModel:
     except ValueError:
         raise ModelLoadError(f"llama.cpp could not load {path}: the file is truncated, corrupt "
                              "or of an unsupported architecture (run with -v for llama.cpp's log)") from None
-
-
-def extra_buffers(repack: str | None, amx: bool) -> bool:
-    """Whether llama.cpp may place weights in its extra CPU buffer types (AMX, repacked rows).
-    `auto` leaves them off where this build uses AMX: its matmul kernels crash there at the first
-    decode (ggml_backend_amx_mul_mat, llama.cpp#20824, seen on Sapphire Rapids); llama-server on
-    the same machine needs --no-repack likewise."""
-    return repack == "on" or (repack in (None, "auto") and not amx)
-
-
-@functools.lru_cache(maxsize=1)
-def uses_amx() -> bool:
-    """This llama.cpp build runs AMX kernels (compiled in, which a native build does where the CPU
-    has them)."""
-    init_backend()
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
 def tensor_split_array(shares: tuple[float, ...]) -> ctypes.Array:
