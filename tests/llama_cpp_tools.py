@@ -1,6 +1,6 @@
-"""llama.cpp's own programs (llama-imatrix, llama-quantize, llama-perplexity) as the reference for
-edge-llm's imatrix, quantize and KL divergence, from the llama.cpp that the pinned llama-cpp-python
-vendors.
+"""llama.cpp's own programs as references, from the llama.cpp that the pinned llama-cpp-python
+vendors: llama-imatrix, llama-quantize and llama-perplexity for edge-llm's imatrix, quantize and KL
+divergence; llama-server for embeddings, rerank scores and image answers. One build makes them all.
 
 Where they come from, first found wins:
 - `$EDGE_LLM_LLAMA_CPP_BIN`: a folder holding them (a llama.cpp `build/bin`);
@@ -22,7 +22,7 @@ from pathlib import Path
 from llama_cpp_reference import PINNED, run_in_own_group
 from llama_cpp_sdist import cache_dir, extracted, given_sdist
 
-TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
+TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity", "llama-server")
 
 
 def _source() -> Path:
@@ -62,7 +62,9 @@ def tool(name: str) -> Path:
             source = _source()
             _build(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"])
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
+                    # The server's web page is fetched from a hub by default: none (no network in tests).
+                    "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"])
             _build(["cmake", "--build", str(build), "--config", "Release", "-j", str(os.cpu_count() or 2),
                     "--target", *TOOLS])
     return path

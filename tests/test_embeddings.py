@@ -287,16 +287,17 @@ def test_abandoned_embeddings_stop_and_others_go_first(server, url, http):
 
 @pytest.fixture(scope="session")
 def llama_server():
-    """llama.cpp's llama-server of the pinned llama.cpp: $EDGE_LLM_LLAMA_SERVER, else the one
-    scripts/bench_servers.py builds once into its cache."""
-    import os
+    """llama.cpp's llama-server of the pinned llama.cpp (tests/llama_cpp_tools.py: built once per
+    machine with the other reference tools), started by scripts/bench_servers.py's helpers."""
     import sys
     from pathlib import Path
+
+    from llama_cpp_tools import tool
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import bench_servers
 
-    return bench_servers, bench_servers.llama_server_binary(os.environ.get("EDGE_LLM_LLAMA_SERVER") or None)
+    return bench_servers, tool("llama-server")
 
 
 @pytest.mark.parametrize("family", list(EMBEDDING_FAMILIES))

@@ -10,7 +10,7 @@ projector), then
   image is encoded (the vision tower made slow here), cancelling while encoding frees the slot and
   the image, speculation leaves the output unchanged with images in the history;
 - over HTTP with the official openai client against llama-server (`--mmproj`, the pinned sdist's
-  build), where a llama-server binary is given (EDGE_LLM_LLAMA_SERVER, or llama.cpp's build folder).
+  build: tests/llama_cpp_tools.py builds it once per machine).
 """
 
 from __future__ import annotations
@@ -290,23 +290,14 @@ def test_speculation_keeps_the_output_with_images(vision_model):
         assert greedy(spec, MediaPrompt(prompt, [image]), 40) == expected
 
 
-def llama_server_binary() -> Path | None:
-    given = os.environ.get("EDGE_LLM_LLAMA_SERVER")
-    for candidate in ([Path(given)] if given else []) + [Path("/work/llamacpp/build/bin/llama-server")]:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_http_output_equals_llama_server(vision_model, family, tmp_path):
     """The same files and image, the official openai client, edge-llm serve against llama-server."""
     import openai
+    from llama_cpp_tools import tool
     from server_process import ServerProcess, free_port
 
-    binary = llama_server_binary()
-    if binary is None:
-        pytest.skip("no llama-server binary (set EDGE_LLM_LLAMA_SERVER)")
+    binary = tool("llama-server")
     text, mmproj = vision_model(family)
     url = "data:image/png;base64," + base64.b64encode(png(9, 90, 60)).decode()
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
