@@ -22,6 +22,9 @@ from pathlib import Path
 from llama_cpp_reference import PINNED, run_in_own_group
 from llama_cpp_sdist import cache_dir, extracted, given_sdist
 
+# The first test that needs a tool builds them all (about 10 minutes on 2 cores, once per machine):
+# those tests run under this timeout instead of the suite's 600 s.
+BUILD_TIMEOUT_S = 3600
 TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity", "llama-server")
 
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from llama_cpp_reference import gguf_differences, reference_gguf
+from llama_cpp_tools import BUILD_TIMEOUT_S
 from tiny_embedding_models import EMBEDDING_FAMILIES, QUERY, TEXTS, build_encoder_tokenizers
 
 from edge_llm.convert import convert
@@ -300,6 +301,7 @@ def llama_server():
     return bench_servers, tool("llama-server")
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT_S)  # may build llama.cpp's tools first
 @pytest.mark.parametrize("family", list(EMBEDDING_FAMILIES))
 def test_equals_llama_server(family, tiny_encoder, encoder_gguf, llama_server):
     """Vectors and scores of the same f32 GGUF, edge-llm's engine against llama-server (--embeddings;

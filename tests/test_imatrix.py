@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGUFReader
+from llama_cpp_tools import BUILD_TIMEOUT_S
 
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.imatrix import Collector, Entry, add_squares, plan, weight_name, write_imatrix
@@ -243,6 +244,7 @@ def _fields(path):
     return {f.name: f.contents() for f in GGUFReader(path).fields.values() if not f.name.startswith("GGUF.")}
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT_S)  # may build llama.cpp's tools first
 @pytest.mark.model
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [CHUNK, 4 * CHUNK])  # one chunk per decode; four sequences per decode
@@ -268,6 +270,7 @@ def test_imatrix_equals_llama_imatrix(f16_and_text, tmp_path, batch):
     assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "theirs.gguf").read_bytes()
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT_S)  # may build llama.cpp's tools first
 @pytest.mark.model
 @pytest.mark.slow
 def test_quant_from_our_imatrix_is_llama_quantizes_from_theirs(f16_and_text, tmp_path):
@@ -305,6 +308,7 @@ def test_quant_from_our_imatrix_is_llama_quantizes_from_theirs(f16_and_text, tmp
     assert plain.read_bytes() != (tmp_path / "ours.gguf").read_bytes()
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT_S)  # may build llama.cpp's tools first
 @pytest.mark.model
 @pytest.mark.slow
 def test_kl_divergence_equals_llama_perplexity(f16_and_text, tmp_path):

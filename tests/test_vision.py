@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from llama_cpp_reference import _RUNNER, _checkpoint_hash, cache_dir, llama_cpp_dir, reference_gguf
+from llama_cpp_tools import BUILD_TIMEOUT_S
 from PIL import Image as PILImage
 from test_webui import browser as browser  # noqa: F401 (the Chromium fixture)
 
@@ -290,6 +291,7 @@ def test_speculation_keeps_the_output_with_images(vision_model):
         assert greedy(spec, MediaPrompt(prompt, [image]), 40) == expected
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT_S)  # may build llama.cpp's tools first
 @pytest.mark.parametrize("family", FAMILIES)
 def test_http_output_equals_llama_server(vision_model, family, tmp_path):
     """The same files and image, the official openai client, edge-llm serve against llama-server."""
