@@ -297,7 +297,7 @@ class LlamaCppEngine(Engine):
                 n_ctx = self.n_ctx if self.kind != "chat" else min(self.n_ctx_seq, DEFAULT_POOLED_CTX)
                 self._pooled = PooledWorker(self._model, pooling=self.model_kind.pooling_id, n_ctx=n_ctx,
                                             n_batch=self.options.n_batch, n_threads=self.n_threads,
-                                            fixed_threads=self.options.n_threads is not None,
+                                            adapt_threads=self.options.adapt_threads,
                                             verbose=self.options.verbose,
                                             what=f"a {self.model_kind.pooling}-pooled context for {self.path}")
             return self._pooled

@@ -66,7 +66,7 @@ class PooledWorker:
     """A llama.cpp context with pooled outputs (`pooling`: llama_pooling_type) and its thread."""
 
     def __init__(self, model: rt.LlamaModel, *, pooling: int, n_ctx: int, n_batch: int, n_threads: int,
-                 fixed_threads: bool, verbose: bool, what: str) -> None:
+                 adapt_threads: bool, verbose: bool, what: str) -> None:
         self.n_ctx = n_ctx
         self.n_batch = max(1, min(n_batch, n_ctx))  # tokens a decode packs (more when one sequence is longer)
         self.pooling = pooling
@@ -85,7 +85,7 @@ class PooledWorker:
         self._batch = rt.LlamaBatch(n_tokens=size, embd=0, n_seq_max=1)
         # Fewer threads while other programs hold cores, as the generating scheduler does: two
         # spinning threads with one core taken ran a tiny encoder's decodes 400x slower than one.
-        self._governor = ThreadGovernor(n_threads, fixed=fixed_threads)
+        self._governor = ThreadGovernor(n_threads, adapt=adapt_threads)
         self._threads = n_threads
         self._waiting: deque[PooledRequest] = deque()
         self.decoded = 0  # sequences decoded so far (tests and /metrics read it)
