@@ -160,16 +160,42 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def no_amx_preload() -> Path | None:
+    """scripts/no_amx_preload.c compiled once into the cache (a C compiler is there: llama-server
+    was built with one); None where it cannot be built."""
+    out = cache_dir() / "no_amx_preload.so"
+    if not out.exists():
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            return None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_suffix(".partial")
+        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(partial),
+                               str(ROOT / "scripts" / "no_amx_preload.c"), "-ldl"], capture_output=True)
+        if done.returncode != 0:
+            return None
+        partial.replace(out)
+    return out
+
+
 def llama_server_spec(binary: Path, model: Path, *, parallel: int, ctx: int, threads: int,
                       name: str = "llama-server", extra_args: tuple[str, ...] = ()) -> ServerSpec:
-    """llama-server with its defaults and these -np / -c / -t. On a CPU with AMX, also --no-repack:
-    a llama-server built there (-march=native) puts weights in AMX buffers and dies on its first
-    decode (SIGILL or SIGSEGV, llama.cpp issue #20824), so --no-repack is what its users run
-    (edge-llm leaves AMX out by itself: llama_runtime.leave_out_amx)."""
-    no_repack = ("--no-repack",) if cpu_has_amx() and "--no-repack" not in extra_args else ()
+    """llama-server with its defaults and these -np / -c / -t. On a CPU with AMX a llama-server
+    built there (-march=native) puts weights in AMX buffers and dies on its first decode (SIGILL
+    or SIGSEGV, llama.cpp issue #20824): it runs with AMX refused (no_amx_preload: its other
+    repacked layouts kept, as edge-llm's llama_runtime.leave_out_amx does), or with --no-repack
+    where that cannot be built."""
+    env: dict[str, str] = {}
+    guard: tuple[str, ...] = ()
+    if cpu_has_amx() and "--no-repack" not in extra_args:
+        preload = no_amx_preload()
+        if preload is not None:
+            env["LD_PRELOAD"] = str(preload)
+        else:
+            guard = ("--no-repack",)
     argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", "{port}", "-np", str(parallel),
-            "-c", str(ctx), "-t", str(threads), "--no-webui", *no_repack, *extra_args]
-    return ServerSpec(name, tuple(argv), "/health")
+            "-c", str(ctx), "-t", str(threads), "--no-webui", *guard, *extra_args]
+    return ServerSpec(name, tuple(argv), "/health", env=env)
 
 
 def llama_cpp_python_spec(model: Path, *, ctx: int, threads: int,
