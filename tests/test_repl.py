@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -40,8 +41,11 @@ def spawn_chat(*args: str, data_dir, timeout: float = 120) -> pexpect.spawn:
     # readline's defaults (bracketed paste on), whatever the person running the tests configured.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_DATA_HOME": str(data_dir), "TERM": "xterm",
            "INPUTRC": os.devnull}
+    # Ctrl-C as in a terminal whoever started the tests: a shell's background job (`.ci/run &`, nohup)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     child = pexpect.spawn(sys.executable, ["-m", "edge_llm", "chat", *args], env=env, cwd=str(ROOT),
-                          encoding="utf-8", timeout=timeout, dimensions=(50, 250))
+                          encoding="utf-8", timeout=timeout, dimensions=(50, 250),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("Ctrl-D to leave")
     return child
 
