@@ -37,6 +37,61 @@ def test_with_nothing_to_reuse_the_least_recently_used_slot_is_taken():
     assert (chosen.seq_id, reuse) == (1, 0)
 
 
+def test_decode_runs_count_consecutive_sequence_ids():
+    assert slots.decode_runs([0, 1, 2, 3]) == 1
+    assert slots.decode_runs([0, 2, 5, 7]) == 4
+    assert slots.decode_runs([7, 5, 6, 0]) == 2
+    assert slots.decode_runs([]) == 0
+
+
+def test_a_prompt_goes_beside_the_running_sequences_when_no_slot_holds_much_more_of_it():
+    # Running: 0 and 2. Slots 1 and 3 hold the template's prefix (3 tokens), 4 nothing.
+    idle = [slot(3, [1, 2, 3, 9], 0.0), slot(1, [1, 2, 3, 8], 5.0), slot(4, [], 1.0)]
+    chosen, reuse = slots.pick_slot([1, 2, 3, 4, 5], idle, [0, 2], unified=False)
+    assert (chosen.seq_id, reuse) == (1, 3)  # {0, 1, 2}: one graph run; slot 3 would make two
+    # nothing held anywhere: the same rule, not the least recently used slot
+    idle = [slot(5, [], 0.0), slot(1, [], 9.0)]
+    assert slots.pick_slot([7, 8], idle, [0, 2], unified=False)[0].seq_id == 1
+
+
+def test_a_slot_holding_much_more_of_the_prompt_wins_over_its_place():
+    conversation = list(range(1, 200))
+    idle = [slot(1, [], 0.0), slot(6, conversation, 5.0)]
+    chosen, reuse = slots.pick_slot([*conversation, 300, 301], idle, [0, 2], unified=False)
+    assert (chosen.seq_id, reuse) == (6, len(conversation))
+
+
+def test_with_one_kv_pool_the_place_does_not_matter():
+    idle = [slot(3, [1, 2, 9], 0.0), slot(1, [1, 2, 8], 5.0)]
+    assert slots.pick_slot([1, 2, 3], idle, [0, 2], unified=True)[0].seq_id == 3  # least recently used
+
+
+def test_clients_coming_and_going_keep_their_slots_together():
+    """4 clients on 8 slots, each sending new prompts that share only the template's first tokens:
+    the running sequences stay one graph run, where taking the least recently used slot of
+    equals (the rule before) spreads them over all eight."""
+    template = [1, 2, 3]
+
+    def simulate(unified: bool) -> int:
+        pool = [slot(i, template + [50 + i], float(i)) for i in range(8)]  # all used once before
+        running: list[Slot] = []
+        worst, clock, prompt = 0, 10.0, 100
+        for _ in range(40):
+            if len(running) == 4:  # the stream that started first finishes
+                running.pop(0).choice = None
+            idle = [s for s in pool if s not in running]
+            chosen, _ = slots.pick_slot(template + [prompt, prompt + 1], idle, [s.seq_id for s in running],
+                                        unified=unified)
+            chosen.cached, chosen.last_used, chosen.choice = template + [prompt], clock, object()
+            running.append(chosen)
+            clock, prompt = clock + 1, prompt + 2
+            worst = max(worst, slots.decode_runs(s.seq_id for s in running))
+        return worst
+
+    assert simulate(unified=False) == 1
+    assert simulate(unified=True) > 1  # the pool's rule ignores places: what per-slot streams had
+
+
 def test_a_one_token_prompt_spares_the_slot_that_starts_with_it():
     # The last prompt token is always evaluated, so a one-token prompt reuses nothing: the slot
     # whose cache it matches keeps its conversation, the least recently used one is taken.

@@ -57,6 +57,7 @@ from edge_llm.engines.projector import VisionWorker
 from edge_llm.engines.prompt_cache import PromptCache
 from edge_llm.engines.slots import (
     Slot,
+    best_placed,
     eviction_order,
     free_cells,
     least_recently_used,
@@ -591,15 +592,17 @@ class Scheduler:
         """Pick the slot for a prompt and make it hold the longest cached prefix there is: its
         own, or a saved state restored from the prompt cache. Returns the slot, how many prompt
         tokens it holds, and how many of those were restored."""
-        main, reuse = pick_slot(tokens, idle)
+        running = [s.seq_id for s in self.slots if not s.idle]
+        main, reuse = pick_slot(tokens, idle, running, unified=self.unified)
         images = images_of(tokens)
         reuse = whole_images(reuse, images)
         if self.cache is not None:
             entry, found = self.cache.lookup(tokens)
             found = whole_images(usable_prefix(found, len(tokens)), images)
             if entry is not None and worth_restoring(found, reuse):
-                # The least recently used idle slot is the cheapest to give up; it is saved first.
-                target = least_recently_used(idle)
+                # The slot beside the running ones, the least recently used of equals (the cheapest
+                # to give up); it is saved first.
+                target = best_placed(idle, running, unified=self.unified)
                 # With -kvu the whole entry must fit in the pool before it is cut to the prompt.
                 fits = not self.unified or entry.n_tokens <= self._free_cells() + len(target.cached)
                 state = self.cache.load(entry) if fits else None
