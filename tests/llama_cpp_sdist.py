@@ -4,7 +4,7 @@ benchmarks build (`scripts/bench_servers.py`).
 
 Only the sdist file itself is downloaded, from the package index pip is configured with (`pip
 config list`: PIP_INDEX_URL or index-url, then each extra-index-url), and it must match the sha256
-the index lists; nothing is built. (`pip download --no-binary :all:` built every build tool of the
+the index lists; nothing is built. (Asking pip for sources of every package built each build tool of the
 sdist from source, one inside the next; even `--no-binary llama-cpp-python` installs
 scikit-build-core into a build environment and runs it to read the metadata.)
 

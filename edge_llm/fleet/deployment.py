@@ -29,11 +29,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.config import RequestRouterConfig
 
-from edge_llm.errors import EdgeLLMError
+from edge_llm.errors import EdgeLLMError, MissingExtraError
+
+try:  # the `ray` extra: this module is the Serve application, imported only for --ray / `serve run`
+    from ray import serve
+    from ray.exceptions import RayActorError
+    from ray.serve.config import RequestRouterConfig
+except ImportError:
+    raise MissingExtraError("ray[serve] (needed by --ray)", "ray") from None
+
 from edge_llm.fleet.affinity import SESSION_HEADER, prefix_keys
 from edge_llm.fleet.asgi_call import HTTPRequest, ResponseStart, call_app
 from edge_llm.server.errors import shaped_error

@@ -11,7 +11,12 @@ then everyone else, least loaded first.
 
 from __future__ import annotations
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from edge_llm.errors import MissingExtraError
+
+try:  # the `ray` extra: Serve loads this router by name inside a Ray cluster
+    from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+except ImportError:
+    raise MissingExtraError("ray[serve] (needed by --ray)", "ray") from None
 
 from edge_llm.fleet.affinity import PrefixIndex, choose, rendezvous
 

@@ -17,7 +17,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from edge_llm.errors import EdgeLLMError, MissingExtraError
+from edge_llm.errors import EdgeLLMError
 from edge_llm.images import ImageLimits
 from edge_llm.options import (
     PROMPT_CACHE,
@@ -179,10 +179,7 @@ def build_app(args: argparse.Namespace):  # noqa: ANN201 - a FastAPI app (import
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.ray:
-        try:
-            from edge_llm.fleet.deployment import run_on_ray
-        except ImportError:
-            raise MissingExtraError("ray[serve] (needed by --ray)", "ray") from None
+        from edge_llm.fleet.deployment import run_on_ray  # MissingExtraError without the `ray` extra
         return run_on_ray(args, sys.argv[2:] if argv is None else argv)
     listening = listening_socket(args.host, args.port)  # before any work: a port in use is one line
     app = build_app(args)
