@@ -31,8 +31,9 @@ from edge_llm.server.errors import edge_error_body
 from edge_llm.server.generation import SSEResponse
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.media import ImageCollector, join_parts, load_images
-from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state, with_engine
+from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, with_engine
 from edge_llm.server.schemas import MaxTokens, Seed, TopK, TopP, _Body
+from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallArguments, CallEnd, CallStart
 
 router = APIRouter(tags=["anthropic"])

@@ -7,13 +7,10 @@ without the key is refused before its body is read.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 
 from edge_llm.server.access_log import AccessLogMiddleware
@@ -26,21 +23,8 @@ from edge_llm.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddlewa
 from edge_llm.server.media import ImagePolicy
 from edge_llm.server.metrics import ServerMetrics
 from edge_llm.server.models import ModelManager
+from edge_llm.server.state import ServerState
 from edge_llm.webui import install_webui
-
-
-@dataclass
-class ServerState:
-    manager: ModelManager
-    metrics: ServerMetrics
-    peer_client: httpx.AsyncClient | None = None
-    # Set when a shutdown's drain period is over: running generations end now (generation.py).
-    closing: asyncio.Event = field(default_factory=asyncio.Event)
-    reasoning_format: str = "auto"  # --reasoning-format: auto | deepseek | none (edge_llm/reasoning.py)
-    # serve's sampling flags (--temp, -n ...): for what a request leaves unset, above a model's
-    # registry defaults (pipeline.start_run); SamplingParams names, max_tokens included.
-    sampling_defaults: dict[str, Any] = field(default_factory=dict)
-    image_policy: ImagePolicy = field(default_factory=ImagePolicy)  # image limits, allowed URL hosts
 
 
 def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,

@@ -43,10 +43,10 @@ from edge_llm.server.pipeline import (
     Run,
     TextPart,
     handle,
-    server_state,
     with_engine_until_disconnect,
 )
 from edge_llm.server.schemas import MAX_EMBEDDING_INPUTS, _Body
+from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallEnd, CallStart
 
 router = APIRouter(tags=["ollama"])

@@ -33,7 +33,6 @@ from edge_llm.server.pipeline import (
     Run,
     TextPart,
     handle,
-    server_state,
     total_usage,
     with_engine,
     with_engine_until_disconnect,
@@ -59,6 +58,7 @@ from edge_llm.server.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallArguments, CallStart
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -44,6 +44,7 @@ from edge_llm.server.generation import (
 )
 from edge_llm.server.generic_tools import GenericToolCallParser
 from edge_llm.server.jsonio import json_response
+from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import (
     CallArguments,
     CallEnd,
@@ -54,14 +55,9 @@ from edge_llm.server.tool_calls import (
 )
 
 if TYPE_CHECKING:
-    from edge_llm.server.app import ServerState
     from edge_llm.server.models import Lease
 
 T = TypeVar("T")
-
-
-def server_state(request: Request) -> ServerState:
-    return request.app.state.edge
 
 
 async def local_or_forward(request: Request, model: str | None) -> tuple[str, Lease | Response]:

@@ -27,8 +27,9 @@ from edge_llm.server.generation import SSEResponse
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.media import ImageCollector, join_parts, load_images
 from edge_llm.server.openai_routes import ERRORS
-from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, server_state
+from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle
 from edge_llm.server.schemas import MaxTokens, MinP, Seed, Temperature, TopK, TopP, _Body
+from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallArguments, CallEnd, CallStart
 
 router = APIRouter(tags=["openai"])

@@ -25,7 +25,7 @@ from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.generation import StreamResponse
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.openai_routes import ERRORS, sampling_fields, sse_error
-from edge_llm.server.pipeline import Choice, Job, Run, TextPart, handle, server_state, with_engine
+from edge_llm.server.pipeline import Choice, Job, Run, TextPart, handle, with_engine
 from edge_llm.server.schemas import (
     DemoChatRequest,
     DemoChatResponse,
@@ -34,6 +34,7 @@ from edge_llm.server.schemas import (
     VLLMGenerateRequest,
     VLLMGenerateResponse,
 )
+from edge_llm.server.state import server_state
 
 # ChatGLM's api.py defaults, so a script that relied on them gets the same kind of answer.
 DEMO_TOP_P = 0.7
