@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from importlib.metadata import version
+        from edge_llm.version import package_version
 
-        print(f"edge-llm {version('edge-llm')}")
+        print(f"edge-llm {package_version()}")
         return 0
     command, rest = argv[0], argv[1:]
     if command in ALIASES:

@@ -24,6 +24,7 @@ from edge_llm.server.media import ImagePolicy
 from edge_llm.server.metrics import ServerMetrics
 from edge_llm.server.models import ModelManager
 from edge_llm.server.state import ServerState
+from edge_llm.version import package_version
 from edge_llm.webui import install_webui
 
 
@@ -54,7 +55,7 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
             await state.peer_client.aclose()
             await manager.close()
 
-    app = FastAPI(title="edge-llm", version=_version(), lifespan=lifespan, default_response_class=JSONResponse,
+    app = FastAPI(title="edge-llm", version=package_version(), lifespan=lifespan, default_response_class=JSONResponse,
                   description="OpenAI-compatible API for local models (chat, completions, embeddings, Responses), rerank, "
                               "Anthropic's Messages API, the Ollama API, and the simple JSON APIs of vLLM's "
                               "api_server (/generate), mosec-style services (/inference) and the FastAPI "
@@ -79,15 +80,6 @@ def create_app(manager: ModelManager, *, api_keys: list[str] | None = None,
         app.add_middleware(AccessLogMiddleware)
     _document_400_not_422(app)
     return app
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("edge-llm")
-    except PackageNotFoundError:
-        return "0"
 
 
 def _document_400_not_422(app: FastAPI) -> None:

@@ -48,6 +48,7 @@ from edge_llm.server.pipeline import (
 from edge_llm.server.schemas import MAX_EMBEDDING_INPUTS, _Body
 from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallEnd, CallStart
+from edge_llm.version import package_version
 
 router = APIRouter(tags=["ollama"])
 # Ollama option -> SamplingParams field. num_predict is the output budget (max_tokens).
@@ -509,6 +510,4 @@ def _parameters(engine: Engine | None) -> str:
 
 @router.get("/api/version")
 async def version() -> dict:
-    from edge_llm.server.app import _version
-
-    return {"version": _version()}
+    return {"version": package_version()}

@@ -60,6 +60,7 @@ from edge_llm.server.schemas import (
 )
 from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallArguments, CallStart
+from edge_llm.version import package_version
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -294,13 +295,11 @@ def system_fingerprint(engine: Engine) -> str:
 def _fingerprint(engine_name: str, model_name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    from edge_llm.server.app import _version
-
     try:
         backend = version("llama-cpp-python") if engine_name == "llama.cpp" else ""
     except PackageNotFoundError:
         backend = ""
-    key = "|".join([_version(), engine_name, backend, model_name])
+    key = "|".join([package_version(), engine_name, backend, model_name])
     return "fp_" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:12]
 
 
