@@ -32,14 +32,14 @@ from edge_llm.server.generation import SSEResponse
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.media import ImageCollector, join_parts, load_images
 from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle, with_engine
-from edge_llm.server.schemas import MaxTokens, Seed, TopK, TopP, _Body
+from edge_llm.server.schemas import MaxTokens, RequestBody, Seed, TopK, TopP
 from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallArguments, CallEnd, CallStart
 
 router = APIRouter(tags=["anthropic"])
 
 
-class Block(_Body):
+class Block(RequestBody):
     type: str
     text: str | None = None
     id: str | None = None
@@ -52,40 +52,40 @@ class Block(_Body):
     source: dict[str, Any] | None = None  # an image block's: {type: base64, media_type, data} or {type: url, url}
 
 
-class Message(_Body):
+class Message(RequestBody):
     role: Literal["user", "assistant"]
     content: str | list[Block]
 
 
-class Tool(_Body):
+class Tool(RequestBody):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     input_schema: dict[str, Any] | None = None
     type: str | None = None  # server tools (web_search ...) have a type; custom tools none or "custom"
 
 
-class ToolChoice(_Body):
+class ToolChoice(RequestBody):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
 
 
-class Thinking(_Body):
+class Thinking(RequestBody):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = None
 
 
-class OutputFormat(_Body):
+class OutputFormat(RequestBody):
     type: Literal["json_schema"]
     schema_: dict[str, Any] = Field(alias="schema")
 
 
-class OutputConfig(_Body):
+class OutputConfig(RequestBody):
     format: OutputFormat | None = None
     effort: str | None = Field(None, description="accepted and ignored")
 
 
-class MessagesRequest(_Body):
+class MessagesRequest(RequestBody):
     model: str | None = None
     messages: Annotated[list[Message], Field(min_length=1)]
     system: str | list[Block] | None = None
@@ -103,7 +103,7 @@ class MessagesRequest(_Body):
     metadata: dict[str, Any] | None = None
 
 
-class CountTokensRequest(_Body):
+class CountTokensRequest(RequestBody):
     model: str | None = None
     messages: Annotated[list[Message], Field(min_length=1)]
     system: str | list[Block] | None = None

@@ -47,6 +47,12 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def stream_error(exc: EdgeLLMError) -> str:
+    """An error after an OpenAI-shaped stream began: one last event with the error body (as vLLM
+    sends), then the stream ends; the status line was sent long before."""
+    return dumps(error_body(exc.message, type=exc.type, param=exc.param, code=exc.code))
+
+
 # Anthropic's error types by status (its SDK maps the status to an exception class; the type is
 # what its docs and agents show).
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

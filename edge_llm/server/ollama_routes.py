@@ -35,7 +35,6 @@ from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar
 from edge_llm.server.generation import StreamResponse, context_size
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.media import ImageCollector, join_parts, load_images
-from edge_llm.server.openai_routes import named
 from edge_llm.server.pipeline import (
     Choice,
     Finish,
@@ -43,9 +42,10 @@ from edge_llm.server.pipeline import (
     Run,
     TextPart,
     handle,
+    named,
     with_engine_until_disconnect,
 )
-from edge_llm.server.schemas import MAX_EMBEDDING_INPUTS, _Body
+from edge_llm.server.schemas import MAX_EMBEDDING_INPUTS, RequestBody
 from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallEnd, CallStart
 from edge_llm.version import package_version
@@ -65,7 +65,7 @@ FOREVER = 2.0**33  # seconds since the epoch: the year 2242
 ModelName = Annotated[str, Field(min_length=1), AfterValidator(lambda name: name.removesuffix(":latest"))]
 
 
-class OllamaMessage(_Body):
+class OllamaMessage(RequestBody):
     role: str
     content: str | None = ""
     thinking: str | None = None
@@ -74,7 +74,7 @@ class OllamaMessage(_Body):
     tool_name: str | None = None
 
 
-class _Generating(_Body):
+class _Generating(RequestBody):
     model: ModelName
     stream: bool = True  # Ollama streams unless told not to
     format: str | dict[str, Any] | None = None
@@ -98,7 +98,7 @@ class GenerateRequest(_Generating):
     images: list[Any] | None = None
 
 
-class EmbedRequest(_Body):
+class EmbedRequest(RequestBody):
     model: ModelName
     input: str | list[str] = ""
     truncate: bool | None = None
@@ -107,14 +107,14 @@ class EmbedRequest(_Body):
     dimensions: int | None = None
 
 
-class EmbeddingsRequest(_Body):
+class EmbeddingsRequest(RequestBody):
     model: ModelName
     prompt: str = ""
     options: dict[str, Any] | None = None
     keep_alive: str | float | None = None
 
 
-class ShowRequest(_Body):
+class ShowRequest(RequestBody):
     model: ModelName | None = None
     name: ModelName | None = Field(None, description="the older name of `model`")
 

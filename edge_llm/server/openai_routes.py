@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Awaitable
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel
 from starlette.responses import Response
 
 from edge_llm.engines.base import Engine, TokenLogprob, Usage
 from edge_llm.engines.media import MEDIA_MARKER
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar, template_call
-from edge_llm.server.errors import error_body
+from edge_llm.server.errors import stream_error
 from edge_llm.server.generation import SSEResponse, context_size
 from edge_llm.server.jsonio import SLICE, RawJSON, dumps, json_response
 from edge_llm.server.media import ImageCollector, join_parts, load_images
@@ -33,11 +31,13 @@ from edge_llm.server.pipeline import (
     Run,
     TextPart,
     handle,
+    named,
     total_usage,
     with_engine,
     with_engine_until_disconnect,
 )
 from edge_llm.server.schemas import (
+    DOCUMENTED_ERRORS,
     MAX_BATCH,
     MAX_EMBEDDING_INPUTS,
     ChatCompletionRequest,
@@ -47,7 +47,6 @@ from edge_llm.server.schemas import (
     DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
-    ErrorResponse,
     HealthResponse,
     ImageURL,
     ModelCard,
@@ -57,21 +56,16 @@ from edge_llm.server.schemas import (
     SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
+    sampling_fields,
 )
 from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallArguments, CallStart
 from edge_llm.version import package_version
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in [(400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
-                       (413, "body too large"), (503, "overloaded; retry after Retry-After seconds")]
-}
 # Logprobs are finite in practice; a -inf would make the JSON invalid, so it is clamped.
 MIN_LOGPROB = -9999.0
 
 router = APIRouter()
-T = TypeVar("T")
 
 
 # -- simple routes --------------------------------------------------------------------------------
@@ -92,7 +86,7 @@ async def metrics(request: Request) -> Response:
 
 # Every OpenAI route also answers without its /v1 prefix, as llama-server's do: a client whose base URL
 # lacks /v1 (http://host:8080) works unchanged.
-@router.get("/v1/models", response_model=ModelList, tags=["openai"], responses=ERRORS)
+@router.get("/v1/models", response_model=ModelList, tags=["openai"], responses=DOCUMENTED_ERRORS)
 @router.get("/models", response_model=ModelList, include_in_schema=False)
 async def list_models(request: Request) -> ModelList:
     manager = server_state(request).manager
@@ -106,17 +100,6 @@ async def list_models(request: Request) -> ModelList:
 
 
 # -- shared by chat and completions -------------------------------------------------------------------
-
-
-# Request fields that SamplingParams takes under the same name (max_tokens aside: the pipeline caps it).
-SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "seed",
-                   "draft_max")
-
-
-def sampling_fields(body: BaseModel) -> dict[str, Any]:
-    """The SamplingParams fields a request body has (vLLM's /generate body has fewer)."""
-    return {name: getattr(body, name) for name in SAMPLING_FIELDS if name in type(body).model_fields}
 
 
 def sampling_values(body: SamplingFields, **overrides: Any) -> dict[str, Any]:
@@ -180,11 +163,6 @@ def completion_logprobs(items: list[TokenLogprob] | None, offset: int, top: int)
             "text_offset": offsets}
 
 
-def sse_error(exc: EdgeLLMError) -> str:
-    """An error after the stream began: one error event (as vLLM sends), then the stream ends."""
-    return dumps(error_body(exc.message, type=exc.type, param=exc.param, code=exc.code))
-
-
 # -- chat -----------------------------------------------------------------------------------------
 
 
@@ -238,7 +216,7 @@ def chat_options(body: ChatCompletionRequest, reasoning_format: str) -> ChatOpti
                        parallel_tool_calls=body.parallel_tool_calls is not False)
 
 
-@router.post("/v1/chat/completions", tags=["openai"], responses=ERRORS)
+@router.post("/v1/chat/completions", tags=["openai"], responses=DOCUMENTED_ERRORS)
 @router.post("/chat/completions", include_in_schema=False)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     options = chat_options(body, server_state(request).reasoning_format)
@@ -329,7 +307,7 @@ async def chat_events(run: Run, include_usage: bool):
                 reason = "tool_calls" if part.tool_calls else ("length" if part.reason == "length" else "stop")
                 yield chunk(i, {}, reason)
     except EdgeLLMError as exc:
-        yield sse_error(exc)
+        yield stream_error(exc)
         return
     if include_usage:
         yield dumps({**meta, "object": "chat.completion.chunk", "choices": [],
@@ -351,7 +329,7 @@ def listed(value: str | list[str] | list[int] | list[list[int]], *, param: str, 
     return items
 
 
-@router.post("/v1/completions", tags=["openai"], responses=ERRORS)
+@router.post("/v1/completions", tags=["openai"], responses=DOCUMENTED_ERRORS)
 @router.post("/completions", include_in_schema=False)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.suffix:
@@ -410,7 +388,7 @@ async def completion_events(run: Run, top: int, include_usage: bool):
                 finishes[i] = part
                 yield chunk(i, "", "length" if part.reason == "length" else "stop")
     except EdgeLLMError as exc:
-        yield sse_error(exc)
+        yield stream_error(exc)
         return
     if include_usage:
         yield dumps({**meta, "object": "text_completion", "choices": [], "usage": usage_body(total_usage(finishes, n))})
@@ -427,7 +405,7 @@ def embedding_inputs(value: str | list[str] | list[int] | list[list[int]]) -> li
     return inputs
 
 
-@router.post("/v1/embeddings", tags=["openai"], response_model=EmbeddingResponse, responses=ERRORS)
+@router.post("/v1/embeddings", tags=["openai"], response_model=EmbeddingResponse, responses=DOCUMENTED_ERRORS)
 @router.post("/embeddings", include_in_schema=False)
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     if body.dimensions is not None:
@@ -457,12 +435,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     return await json_response(build)
 
 
-async def named(name: str, work: Awaitable[T]) -> tuple[str, T]:
-    """The served name with the work's result (a route's `with_engine_until_disconnect` work)."""
-    return name, await work
-
-
-@router.post("/tokenize", tags=["tokenizer"], response_model=TokenizeResponse, responses=ERRORS)
+@router.post("/tokenize", tags=["tokenizer"], response_model=TokenizeResponse, responses=DOCUMENTED_ERRORS)
 async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     text = body.content if body.content is not None else body.prompt
     if text is None:
@@ -509,7 +482,7 @@ def token_piece(engine: Engine, token: int) -> str | list[int]:
         return list(data)
 
 
-@router.post("/detokenize", tags=["tokenizer"], response_model=DetokenizeResponse, responses=ERRORS)
+@router.post("/detokenize", tags=["tokenizer"], response_model=DetokenizeResponse, responses=DOCUMENTED_ERRORS)
 async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
     def work(name: str, engine: Engine) -> dict:
         text = engine.detokenize(body.tokens)

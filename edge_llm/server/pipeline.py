@@ -100,6 +100,11 @@ async def with_engine_until_disconnect(request: Request, model: str | None,
         held.release()
 
 
+async def named(name: str, work: Awaitable[T]) -> tuple[str, T]:
+    """The served name with the work's result (a route's `with_engine_until_disconnect` work)."""
+    return name, await work
+
+
 # -- what an API asks for ----------------------------------------------------------------------------
 
 

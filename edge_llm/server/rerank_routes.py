@@ -20,9 +20,8 @@ from starlette.responses import Response
 
 from edge_llm.errors import InvalidParameterError
 from edge_llm.server.jsonio import json_response
-from edge_llm.server.openai_routes import ERRORS, named
-from edge_llm.server.pipeline import with_engine_until_disconnect
-from edge_llm.server.schemas import MAX_RERANK_DOCUMENTS, RerankRequest
+from edge_llm.server.pipeline import named, with_engine_until_disconnect
+from edge_llm.server.schemas import DOCUMENTED_ERRORS, MAX_RERANK_DOCUMENTS, RerankRequest
 
 router = APIRouter(tags=["rerank"])
 
@@ -48,7 +47,7 @@ def ranked(scores: list[float], top_n: int | None) -> list[tuple[int, float]]:
     return [(i, scores[i]) for i in order[:top_n]]
 
 
-@router.post("/v1/rerank", responses=ERRORS)
+@router.post("/v1/rerank", responses=DOCUMENTED_ERRORS)
 @router.post("/rerank", include_in_schema=False)
 @router.post("/v1/reranking", include_in_schema=False)
 @router.post("/reranking", include_in_schema=False)

@@ -26,16 +26,24 @@ from edge_llm.server.chat_request import ChatOptions, chat_job, format_grammar, 
 from edge_llm.server.generation import SSEResponse
 from edge_llm.server.jsonio import dumps
 from edge_llm.server.media import ImageCollector, join_parts, load_images
-from edge_llm.server.openai_routes import ERRORS
 from edge_llm.server.pipeline import Choice, Finish, Job, Run, TextPart, handle
-from edge_llm.server.schemas import MaxTokens, MinP, Seed, Temperature, TopK, TopP, _Body
+from edge_llm.server.schemas import (
+    DOCUMENTED_ERRORS,
+    MaxTokens,
+    MinP,
+    RequestBody,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
 from edge_llm.server.state import server_state
 from edge_llm.server.tool_calls import CallArguments, CallEnd, CallStart
 
 router = APIRouter(tags=["openai"])
 
 
-class FunctionTool(_Body):
+class FunctionTool(RequestBody):
     type: str
     name: str | None = None
     description: str | None = None
@@ -43,12 +51,12 @@ class FunctionTool(_Body):
     strict: bool | None = None
 
 
-class NamedFunction(_Body):
+class NamedFunction(RequestBody):
     type: Literal["function"]
     name: str
 
 
-class TextFormat(_Body):
+class TextFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -56,11 +64,11 @@ class TextFormat(_Body):
     strict: bool | None = None
 
 
-class TextConfig(_Body):
+class TextConfig(RequestBody):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(RequestBody):
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -173,7 +181,7 @@ def chat_tools(body: ResponsesRequest) -> list[dict] | None:
 # -- the route -------------------------------------------------------------------------------------------
 
 
-@router.post("/v1/responses", responses=ERRORS)
+@router.post("/v1/responses", responses=DOCUMENTED_ERRORS)
 @router.post("/responses", include_in_schema=False)
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     if body.previous_response_id:

@@ -24,7 +24,9 @@ MAX_EMBEDDING_INPUTS = 2048
 MAX_RERANK_DOCUMENTS = 1000
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
+    """A request body, or a part of one, of any API: fields it does not know are ignored."""
+
     model_config = ConfigDict(extra="ignore")
 
 
@@ -48,11 +50,11 @@ DraftMax = Annotated[StrictInt, Field(ge=0, le=256)]
 TextsOrTokens = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class SamplingFields(_Body):
+class SamplingFields(RequestBody):
     """Sampling fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = Field(None, description="a served model's name; default: the first one")
@@ -80,33 +82,44 @@ class SamplingFields(_Body):
     user: str | None = None
 
 
+# Request fields that SamplingParams takes under the same name (max_tokens aside: the pipeline caps it).
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "seed",
+                   "draft_max")
+
+
+def sampling_fields(body: BaseModel) -> dict[str, Any]:
+    """The SamplingParams fields a request body has (vLLM's /generate body has fewer)."""
+    return {name: getattr(body, name) for name in SAMPLING_FIELDS if name in type(body).model_fields}
+
+
 # -- chat -----------------------------------------------------------------------------------------
 
 
-class ImageURL(_Body):
+class ImageURL(RequestBody):
     url: str = Field(description="a data: URL (data:image/png;base64,...); http(s) only from hosts the server "
                                  "allows (--allow-image-urls)")
     detail: str | None = Field(None, description="accepted and ignored")
 
 
-class ContentPart(_Body):
+class ContentPart(RequestBody):
     type: str
     text: str | None = None
     image_url: ImageURL | str | None = Field(None, description="for type image_url (models with a vision projector)")
 
 
-class FunctionCall(_Body):
+class FunctionCall(RequestBody):
     name: str
     arguments: str | dict[str, Any] = "{}"
 
 
-class ToolCall(_Body):
+class ToolCall(RequestBody):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Body):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -115,34 +128,34 @@ class ChatMessage(_Body):
     reasoning_content: str | None = Field(None, description="earlier thinking, for templates that render it")
 
 
-class FunctionDefinition(_Body):
+class FunctionDefinition(RequestBody):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class Tool(_Body):
+class Tool(RequestBody):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(_Body):
+class NamedFunction(RequestBody):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(RequestBody):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(RequestBody):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -169,7 +182,7 @@ class CompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(RequestBody):
     model: str | None = None
     input: TextsOrTokens
     encoding_format: Literal["float", "base64"] = "float"
@@ -179,11 +192,11 @@ class EmbeddingRequest(_Body):
         "llama-server's: -1 none, 0 max-abs scaled to int16, 1 taxicab, 2 euclidean (default), >2 p-norm"))
 
 
-class RerankDocument(_Body):
+class RerankDocument(RequestBody):
     text: StrictStr
 
 
-class RerankRequest(_Body):
+class RerankRequest(RequestBody):
     """llama-server's (Jina's) and Cohere's body, and TEI's (`texts`, `return_text`)."""
 
     model: str | None = None
@@ -195,7 +208,7 @@ class RerankRequest(_Body):
     return_text: StrictBool = False
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(RequestBody):
     """llama-server's body ({"content"}) and vLLM's ({"prompt"}) both work."""
 
     model: str | None = None
@@ -206,7 +219,7 @@ class TokenizeRequest(_Body):
     with_pieces: bool = False
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[StrictInt]
 
@@ -223,6 +236,14 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# The error statuses an OpenAI-shaped route documents in the OpenAPI schema (a route's `responses=`).
+DOCUMENTED_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in [(400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+                       (413, "body too large"), (503, "overloaded; retry after Retry-After seconds")]
+}
 
 
 class ModelCard(BaseModel):
@@ -291,7 +312,7 @@ class HealthResponse(BaseModel):
 # -- the simple APIs of existing deployments ---------------------------------------------------------
 
 
-class VLLMGenerateRequest(_Body):
+class VLLMGenerateRequest(RequestBody):
     """vLLM's legacy api_server body; its defaults are vLLM's SamplingParams defaults."""
 
     prompt: str
@@ -317,7 +338,7 @@ class VLLMGenerateResponse(BaseModel):
     text: list[str] = Field(description="prompt + completion, one per choice")
 
 
-class InferenceRequest(_Body):
+class InferenceRequest(RequestBody):
     """A mosec-style model service: the prompt is continued as plain text (no chat template)."""
 
     prompt: str
@@ -330,7 +351,7 @@ class InferenceResponse(BaseModel):
     generated: str = Field(description="the completion, without the prompt")
 
 
-class DemoChatRequest(_Body):
+class DemoChatRequest(RequestBody):
     """The common FastAPI chat demo (ChatGLM's api.py): one user turn plus [[query, response], ...]."""
 
     prompt: str

@@ -22,17 +22,19 @@ from starlette.responses import Response
 
 from edge_llm.engines.base import Engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
+from edge_llm.server.errors import stream_error
 from edge_llm.server.generation import StreamResponse
 from edge_llm.server.jsonio import dumps
-from edge_llm.server.openai_routes import ERRORS, sampling_fields, sse_error
 from edge_llm.server.pipeline import Choice, Job, Run, TextPart, handle, with_engine
 from edge_llm.server.schemas import (
+    DOCUMENTED_ERRORS,
     DemoChatRequest,
     DemoChatResponse,
     InferenceRequest,
     InferenceResponse,
     VLLMGenerateRequest,
     VLLMGenerateResponse,
+    sampling_fields,
 )
 from edge_llm.server.state import server_state
 
@@ -43,7 +45,7 @@ DEMO_TEMPERATURE = 0.95
 router = APIRouter(tags=["simple APIs"])
 
 
-@router.post("/generate", response_model=VLLMGenerateResponse, responses=ERRORS)
+@router.post("/generate", response_model=VLLMGenerateResponse, responses=DOCUMENTED_ERRORS)
 async def vllm_generate(body: VLLMGenerateRequest, request: Request) -> Any:
     if body.use_beam_search:
         raise InvalidParameterError("beam search is not supported", param="use_beam_search")
@@ -67,7 +69,7 @@ async def _vllm_stream(run: Run, prompt: str):
                 texts[i] += part.text
             yield (dumps({"text": [prompt + t for t in texts]}) + "\0").encode("utf-8")
     except EdgeLLMError as exc:
-        yield (sse_error(exc) + "\0").encode("utf-8")
+        yield (stream_error(exc) + "\0").encode("utf-8")
 
 
 async def _complete(request: Request, model: str | None, prompt: str | list[dict], *, max_tokens: int | None,
@@ -83,13 +85,13 @@ async def _complete(request: Request, model: str | None, prompt: str | list[dict
                         stream_reply=None)  # type: ignore[arg-type]
 
 
-@router.post("/inference", response_model=InferenceResponse, responses=ERRORS)
+@router.post("/inference", response_model=InferenceResponse, responses=DOCUMENTED_ERRORS)
 async def mosec_inference(body: InferenceRequest, request: Request) -> Any:
     text = await _complete(request, body.model, body.prompt, max_tokens=body.max_tokens, temperature=body.temperature)
     return text if isinstance(text, Response) else {"generated": text}
 
 
-@router.post("/", response_model=DemoChatResponse, responses=ERRORS)
+@router.post("/", response_model=DemoChatResponse, responses=DOCUMENTED_ERRORS)
 async def demo_chat(body: DemoChatRequest, request: Request) -> Any:
     messages: list[dict] = []
     for query, answer in body.history:
