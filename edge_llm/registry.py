@@ -99,13 +99,14 @@ class ResolvedModel:
 
 def load_registry(config: str | Path | None = None) -> dict[str, ModelSpec]:
     """The built-in registry, overlaid by a user's models.toml when given."""
-    specs = _read_registry_file(BUILTIN_REGISTRY)
+    specs = read_registry_file(BUILTIN_REGISTRY)
     if config is not None:
-        specs.update(_read_registry_file(Path(config)))
+        specs.update(read_registry_file(Path(config)))
     return specs
 
 
-def _read_registry_file(path: Path) -> dict[str, ModelSpec]:
+def read_registry_file(path: Path) -> dict[str, ModelSpec]:
+    """The models one registry file declares, without the built-in ones (`serve --config` serves these)."""
     if not path.exists():
         raise EdgeLLMError(f"model registry not found: {path}")
     try:

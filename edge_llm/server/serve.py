@@ -121,9 +121,9 @@ def model_refs(args: argparse.Namespace) -> list[str]:
     if args.config:
         from pathlib import Path
 
-        from edge_llm.registry import _read_registry_file
+        from edge_llm.registry import read_registry_file
 
-        return list(_read_registry_file(Path(args.config)))
+        return list(read_registry_file(Path(args.config)))
     return [] if args.peer else ["smollm2-135m"]
 
 
