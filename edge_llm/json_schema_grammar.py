@@ -494,7 +494,7 @@ class _Regex:
         if c == "[":
             return ("expr", self._class())
         if c == ".":
-            return ("expr", _char_class([(0x0A, 0x0A), (0x0D, 0x0D)], negated=True))
+            return ("expr", self.grammar._primitive("dot"))
         if c == "\\":
             return self._escape(in_class=False)
         if c in "*+?{":
@@ -614,19 +614,20 @@ def _quantified(item: str, low: int, high: int | None) -> str:
 
 
 def _char_class(ranges: list[tuple[int, int]], *, negated: bool) -> str:
-    """GBNF for one character of the class, as a JSON string writes it: the characters JSON must
-    escape are left out of a negated class (and `.`), and written escaped for a positive one."""
-    if negated:
-        merged = _merge(ranges + list(_UNSAFE))
-        return "[^" + "".join(_class_range(lo, hi) for lo, hi in merged) + "]"
+    """GBNF for one character of the class as a JSON string writes it: the characters JSON must
+    escape (quote, backslash, controls) as their escapes, the others as they are."""
     merged = _merge(ranges)
-    safe, escaped = [], []
-    for lo, hi in merged:
-        for cut_lo, cut_hi in _UNSAFE:  # take the unsafe characters out of the range
-            for code in range(max(lo, cut_lo), min(hi, cut_hi) + 1):
-                escaped.append(gbnf_literal(json.dumps(chr(code))[1:-1]))
-        safe += _subtract((lo, hi), _UNSAFE)
-    parts = (["[" + "".join(_class_range(lo, hi) for lo, hi in safe) + "]"] if safe else []) + escaped
+    inside = [any(lo <= code <= hi for lo, hi in merged) for code in range(0x80)]
+    unsafe = [code for lo, hi in _UNSAFE for code in range(lo, hi + 1)]
+    escaped = [gbnf_literal(json.dumps(chr(code))[1:-1]) for code in unsafe if inside[code] != negated]
+    if negated:
+        raw = "[^" + "".join(_class_range(lo, hi) for lo, hi in _merge(ranges + list(_UNSAFE))) + "]"
+    else:
+        safe = [piece for span in merged for piece in _subtract(span, _UNSAFE)]
+        raw = "[" + "".join(_class_range(lo, hi) for lo, hi in safe) + "]" if safe else ""
+    parts = ([raw] if raw else []) + escaped
+    if not parts:
+        return '""'
     return parts[0] if len(parts) == 1 else "(" + " | ".join(parts) + ")"
 
 
@@ -677,24 +678,26 @@ def gbnf_literal(text: str) -> str:
 
 def check_schema_size(schema: Any, param: str, label: str = "the JSON schema") -> None:
     """The bounds a schema's JSON shows before conversion: an object, nested at most
-    MAX_SCHEMA_DEPTH deep (walked without recursion), at most MAX_SCHEMA_CHARS long."""
+    MAX_SCHEMA_DEPTH deep, at most about MAX_SCHEMA_CHARS long as JSON. Walked without recursion,
+    holding one iterator per level, and stopped at the first bound passed."""
     if not isinstance(schema, dict):
         raise InvalidParameterError(f"{label} must be an object", param=param)
-    stack = [(schema, 0)]
+    size = 0
+    stack = [iter(schema.items())]
     while stack:
-        node, depth = stack.pop()
-        if depth > MAX_SCHEMA_DEPTH:
-            raise InvalidParameterError(f"{label} nests deeper than {MAX_SCHEMA_DEPTH}", param=param)
-        if isinstance(node, dict):
-            stack += [(value, depth + 1) for value in node.values()]
-        elif isinstance(node, list):
-            stack += [(value, depth + 1) for value in node]
-    try:
-        size = len(json.dumps(schema))
-    except (TypeError, ValueError) as exc:
-        raise InvalidParameterError(f"{label} is not JSON: {exc}", param=param) from None
-    if size > MAX_SCHEMA_CHARS:
-        raise InvalidParameterError(f"{label} is larger than {MAX_SCHEMA_CHARS} characters", param=param)
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        key, value = entry
+        size += (len(key) + 4 if isinstance(key, str) else 1) + (
+            len(value) + 2 if isinstance(value, str) else len(repr(value)) if isinstance(value, (int, float)) else 2)
+        if size > MAX_SCHEMA_CHARS:
+            raise InvalidParameterError(f"{label} is larger than {MAX_SCHEMA_CHARS} characters", param=param)
+        if isinstance(value, (dict, list)):
+            if len(stack) >= MAX_SCHEMA_DEPTH:
+                raise InvalidParameterError(f"{label} nests deeper than {MAX_SCHEMA_DEPTH}", param=param)
+            stack.append(iter(value.items()) if isinstance(value, dict) else iter((None, v) for v in value))
 
 
 def json_schema_gbnf(schema: Any, *, param: str, label: str = "the JSON schema") -> str:
@@ -712,3 +715,7 @@ def _pointer_part(key: str) -> str:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# `.`: any character but a line break (as ECMA's), written as JSON writes it inside a string.
+PRIMITIVES["dot"] = (_char_class([(0x0A, 0x0A), (0x0D, 0x0D)], negated=True), ())
