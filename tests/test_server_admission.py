@@ -12,13 +12,15 @@ from server_process import ServerProcess
 
 pytestmark = pytest.mark.model
 
+# A valid schema whose grammar is left-recursive (A ::= A | null): llama.cpp's parser refuses it.
+LEFT_RECURSIVE = {"$ref": "#/$defs/A", "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}}}
+
 
 def test_an_unparseable_json_schema_gets_400_and_the_stream_beside_it_finishes(demo_path, tmp_path):
     body = {"model": "", "messages": [{"role": "user", "content": "Tell me a long story about a fox."}],
             "max_tokens": 256, "temperature": 0, "stream": True, "ignore_eos": True}
     bad = {"model": "", "messages": [{"role": "user", "content": "Say a."}], "max_tokens": 8,
-           "response_format": {"type": "json_schema",
-                               "json_schema": {"name": "q", "schema": {"const": 'a"b'}}}}
+           "response_format": {"type": "json_schema", "json_schema": {"name": "q", "schema": LEFT_RECURSIVE}}}
     with ServerProcess(["-m", str(demo_path), "-np", "2", "-c", "1024"], tmp_path / "serve.log") as server:
         server.wait_healthy()
         with httpx.Client(base_url=server.url, timeout=120) as client:

@@ -31,13 +31,11 @@ without tools. The form, as the model sees and writes it:
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from typing import Any
 
-from edge_llm.errors import InvalidParameterError
-from edge_llm.server import grammars
+from edge_llm.json_schema_grammar import SchemaGrammar, gbnf_literal
 from edge_llm.server.tool_calls import CallArguments, CallEnd, CallStart, Event, Text, new_call_id
 
 CALLS_KEY = '{"tool_calls"'
@@ -152,36 +150,19 @@ def grammar(tools: list[dict], *, forced: bool, parallel: bool = True, format_gr
             param: str = "tools") -> str:
     """GBNF for the answer: a call of one of `tools`; unless `forced`, or else plain text (or, with
     `format_grammar`, the structured output it describes). Each tool's `$ref`s resolve within its
-    own parameters, as in grammars.tool_call_grammar."""
-    converter = None
+    own parameters, as in server/grammars.py's tool_call_grammar."""
+    grammar = SchemaGrammar(param=param, label="the tool parameters")
     alternatives = []
-    try:
-        for i, tool in enumerate(tools):
-            function = tool["function"]
-            parameters = copy.deepcopy(function.get("parameters") or {"type": "object"})
-            if converter is None:
-                converter = grammars.schema_converter(parameters, param)
-            else:
-                grammars.check_schema_bounds(parameters, param)
-            try:
-                parameters = converter.resolve_refs(parameters, f"tool{i}")
-            except Exception as exc:
-                raise InvalidParameterError(f"cannot resolve the $refs of tool {function['name']!r}: {exc}",
-                                            param=param) from None
-            head = f'{{"name": {json.dumps(function["name"], ensure_ascii=False)}, "arguments": '
-            arguments = converter.visit(parameters, f"tool{i}-arguments")
-            alternatives.append(f'{gbnf_literal(head)} {arguments} "}}"')
-        converter._add_rule("tool-call", " | ".join(alternatives))
-        more = f" ({gbnf_literal(CALL_SEPARATOR)} tool-call)*" if parallel else ""
-        converter._add_rule("tool-calls", f"{gbnf_literal(CALLS_OPEN)} tool-call{more} {gbnf_literal(CALLS_CLOSE)}")
-        rules = [converter.format_grammar()]
-    except grammars.Refused as exc:
-        raise InvalidParameterError(f"the tool parameters {exc}", param=param) from None
-    except InvalidParameterError:
-        raise
-    except Exception as exc:  # the converter raises many types on schemas it cannot handle
-        raise InvalidParameterError(f"cannot turn these tool parameters into a grammar: {exc}",
-                                    param=param) from None
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        arguments = grammar.add_schema(function.get("parameters") or {"type": "object"}, f"tool{i}-arguments",
+                                       where=f"tools[{i}].function.parameters")
+        head = f'{{"name": {json.dumps(function["name"], ensure_ascii=False)}, "arguments": '
+        alternatives.append(f'{gbnf_literal(head)} {arguments} "}}"')
+    call = grammar.add_rule("tool-call", " | ".join(alternatives))
+    more = f" ({gbnf_literal(CALL_SEPARATOR)} {call})*" if parallel else ""
+    grammar.add_rule("tool-calls", f"{gbnf_literal(CALLS_OPEN)} {call}{more} {gbnf_literal(CALLS_CLOSE)}")
+    rules = [grammar.text()]
     if forced:
         rules.append("root ::= tool-calls")
     elif format_grammar is not None:
@@ -189,19 +170,6 @@ def grammar(tools: list[dict], *, forced: bool, parallel: bool = True, format_gr
     else:
         rules += [text_rules("text", CALLS_KEY), "root ::= tool-calls | text"]
     return "\n".join(rules)
-
-
-def gbnf_literal(text: str) -> str:
-    """`text` as a GBNF string literal."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ch == "\x7f":
-            out.append(f"\\x{ord(ch):02X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
 
 
 def _char_class_not(ch: str) -> str:
