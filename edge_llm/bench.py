@@ -548,7 +548,7 @@ def load_results(path: str | Path) -> tuple[dict[str, Any], list[VariantResult],
 
 
 def _current_names(variant: dict[str, Any]) -> dict[str, Any]:
-    """A variant of results written before bench took llama-perplexity's KL divergence (the README's
+    """A variant of results written before bench took llama-perplexity's KL divergence (docs/benchmarks.md's
     tables): `top1_agreement` is today's `same_top`; `mean_kl`, a KL over the reference's top 64
     tokens only, is not `mean_kld` and is left out rather than shown as one."""
     older = dict(variant)

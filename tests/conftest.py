@@ -117,7 +117,7 @@ def llama(url, client_timeout):
 def smollm2_hf_dir(demo_path, tmp_path_factory) -> Path:
     """The bundled SmolLM2 GGUF rebuilt as an HF checkpoint (float32 safetensors + tokenizer) by
     transformers' own GGUF loader: real weights for converter and engine tests, no download. Made
-    by the command the README gives for it (scripts/smollm2_checkpoint.py), as a user runs it."""
+    by the command docs/models.md gives for it (scripts/smollm2_checkpoint.py), as a user runs it."""
     out = tmp_path_factory.mktemp("smollm2-hf")
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "smollm2_checkpoint.py"), str(out),
                            "--dtype", "float32"], capture_output=True, text=True, timeout=600)

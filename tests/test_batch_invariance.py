@@ -8,7 +8,7 @@ rest in a GEMV, rounded differently), which every q4_k_m file uses. So the guara
 Gemma 3 at q8_0 with the defaults, and Llama at q4_k_m with -nr (--no-repack), give the same
 logits alone and in a batch, and the same greedy output with speculation, alone or beside other
 requests, as without it. (Without -nr a q4_k_m model's logits differ in the last bits from batch
-to batch, and a near tie can flip: README, Speculative decoding.)
+to batch, and a near tie can flip: docs/design.md, speculative decoding.)
 """
 
 from __future__ import annotations

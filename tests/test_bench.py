@@ -89,7 +89,7 @@ def test_markdown_table_marks_failed_variants():
 
 @pytest.mark.parametrize("results", ["bench-smollm2-demo.json", "bench-smollm2-converted.json"])
 def test_no_label_of_the_chart_overlaps_another(results):
-    """The README's charts: every piece of text in either panel (tick labels, titles, legends) has
+    """The charts of docs/benchmarks.md: every piece of text in either panel (tick labels, titles, legends) has
     room of its own (q4_k_m and q5_k_m, 7 MiB apart, once wrote their labels over each other)."""
     import matplotlib
 

@@ -4,7 +4,7 @@ ollama_chat/ and anthropic/ providers, the async Ollama provider among them), in
 openai-agents, pydantic-ai and llama-index (its Ollama integration: llama-index's OpenAI one pins
 openai < 3, openai-agents needs >= 3). Each does what a typical user does: a plain answer, a stream,
 an async call, a tool round trip with `auto` and with a forced tool, structured output through
-tools and through a JSON schema, embeddings, where the library has them. The README's "works
+tools and through a JSON schema, embeddings, where the library has them. docs/server.md's "works
 with" table lists what each test exercises.
 
 SmolLM2's chat template has no tool markup: every tool call here goes through the generic form

@@ -271,7 +271,7 @@ print("ok")
 
 @pytest.mark.model
 def test_readme_python_api_with_the_cli_imported():
-    """The README's Python API example: `edge_llm.generate` stays the function even once the CLI's
+    """The Python API example of docs/commands.md: `edge_llm.generate` stays the function even once the CLI's
     modules are imported (a submodule named `generate` used to replace it on the package)."""
     import subprocess
     import sys

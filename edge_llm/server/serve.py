@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-image-urls", default="", metavar="HOST[,HOST]",
                    help="hosts whose http(s) image URLs the server may fetch (default none: images come "
                         "as data: URLs or base64)")
-    r = parser.add_argument_group("scaling out on Ray Serve (extra `ray`; README: Scaling out)")
+    r = parser.add_argument_group("scaling out on Ray Serve (extra `ray`; docs/deployment.md: scaling out)")
     r.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="serve as a Ray Serve application on the Ray cluster at ADDRESS (auto: the cluster this "
                         "machine is in; local: start one here): --replicas copies of this server, each with its "
