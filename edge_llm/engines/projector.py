@@ -21,8 +21,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -208,42 +208,72 @@ class Projector:
 
 
 class VisionWorker:
-    """The thread that runs the vision encoder, one image chunk at a time, in the order asked.
-    `on_done()` is called (from this thread) after each chunk, so the scheduler can wake up."""
+    """Encodes the queued image chunks in order on a thread of its own, while the engine thread
+    decodes the other slots. `on_done()` is called from that thread after each chunk, so the
+    scheduler can wake up.
+
+    The thread exits once the queue is empty, and a new one starts with the next image: ggml here
+    runs on OpenMP, and libgomp keeps a pool of threads for each thread that starts parallel work,
+    counting them all; once they outnumber the cores (the vision thread's pool beside the engine
+    thread's, on 2 cores) every barrier in every pool spins only 100 times before sleeping on a
+    futex, for as long as both pools live. A pool is freed when its thread exits. With one long-lived
+    vision thread, text decoding on the 2-core VM fell from 71-81 to 50-53 tokens/s after the first
+    image and stayed there (scripts/bench_vision.py measures it against llama-server); now the short
+    spins last only while an image is being encoded, when the two pools do share the cores."""
 
     def __init__(self, on_done: Callable[[], None]) -> None:
-        self._queue: queue.Queue[tuple[ImageSpan, Callable[[], bool]] | None] = queue.Queue()
+        self._queue: deque[tuple[ImageSpan, Callable[[], bool]]] = deque()
+        self._lock = threading.Lock()
         self._on_done = on_done
+        self._thread: threading.Thread | None = None
+        self._closed = False
         self.busy = False  # encoding now (the engine thread reads it to share the cores)
-        self._thread = threading.Thread(target=self._run, name="edge-llm-vision", daemon=True)
-        self._thread.start()
 
     def submit(self, span: ImageSpan, cancelled: Callable[[], bool]) -> None:
         span.queued = True
-        self._queue.put((span, cancelled))
+        with self._lock:
+            self._queue.append((span, cancelled))
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="edge-llm-vision", daemon=True)
+                self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (it is not between images)."""
+        return self._thread is not None
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            span, cancelled = item
-            chunk = None if cancelled() else span.begin_encoding()
-            if chunk is None:
-                continue
-            self.busy = True
-            embeddings, error = None, None
+            with self._lock:
+                if not self._queue or self._closed:
+                    self._thread = None  # exits, and its OpenMP pool with it
+                    return
+                span, cancelled = self._queue.popleft()
+                self.busy = True
             try:
-                embeddings = chunk.encode()
-            except BaseException as exc:  # noqa: BLE001 - reported to the request
-                log.warning("vision encoder: %s", exc)
-                error = exc if isinstance(exc, EdgeLLMError) else EdgeLLMError(f"the vision encoder failed: {exc}")
+                _encode(span, cancelled)
             finally:
                 self.busy = False
-                span.end_encoding(embeddings, error)
             self._on_done()
 
     def close(self) -> None:
-        self._queue.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=60)
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None and threading.current_thread() is not thread:
+            thread.join(timeout=60)
+
+
+def _encode(span: ImageSpan, cancelled: Callable[[], bool]) -> None:
+    """One image chunk through the vision tower; its embeddings (or its error) left on the span."""
+    chunk = None if cancelled() else span.begin_encoding()
+    if chunk is None:
+        return
+    embeddings, error = None, None
+    try:
+        embeddings = chunk.encode()
+    except BaseException as exc:  # noqa: BLE001 - reported to the request
+        log.warning("vision encoder: %s", exc)
+        error = exc if isinstance(exc, EdgeLLMError) else EdgeLLMError(f"the vision encoder failed: {exc}")
+    finally:
+        span.end_encoding(embeddings, error)
