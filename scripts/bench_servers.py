@@ -247,7 +247,10 @@ def running(spec: ServerSpec, *, port: int | None = None,
         _wait_healthy(server, timeout)
         yield server
     finally:
+        died = process.poll()  # before it was asked to stop: a crash, whose log is worth reading
         _stop(process)
+        if died is not None:
+            print(f"{spec.name} exited with {died} during the run:\n{server.log_tail()}", file=sys.stderr)
         log_path.unlink(missing_ok=True)
 
 

@@ -135,7 +135,10 @@ def text_body(i: int, max_tokens: int) -> dict:
 
 
 async def measure(url: str, seed: int, *, ttft_reps: int, text_tokens: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    # A new connection per request: a kept-alive one that the server closes as it idles (llama-server
+    # after 5 s) fails the next request sent on it ("disconnected without sending a response").
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         # warm both paths (the first image pays for graph allocation on either server)
         await stream_completion(client, "/v1/chat/completions", image_body(seed, 2))
         ttfts = [(await stream_completion(client, "/v1/chat/completions", image_body(seed + 1 + i, 2))).ttft
