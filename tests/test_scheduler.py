@@ -143,7 +143,7 @@ def test_follow_up_turn_evaluates_only_the_new_tokens(engine8):
 
 
 def test_over_long_prompt_gets_a_context_length_error(engine8):
-    with pytest.raises(ContextLengthError, match="at most 512"):
+    with pytest.raises(ContextLengthError, match="maximum context length is 512"):
         engine8.stream("hello " * 600, greedy())
 
 

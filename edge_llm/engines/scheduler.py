@@ -50,11 +50,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_llm.engines import llama_runtime as rt
+from edge_llm.engines import rules
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
 from edge_llm.engines.media import has_placeholders, images_of, kv_position, next_image, whole_images
 from edge_llm.engines.projector import VisionWorker
 from edge_llm.engines.prompt_cache import PromptCache
+from edge_llm.engines.rules import ends_text, finish_after_text
 from edge_llm.engines.slots import (
     Slot,
     best_placed,
@@ -70,7 +72,7 @@ from edge_llm.engines.slots import (
 from edge_llm.engines.speculation import Acceptance, Candidate, Drafter, StepCost, graph_runs, plan_drafts
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import Channel
-from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, OverloadedError
+from edge_llm.errors import EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -238,17 +240,15 @@ class Scheduler:
         return self._threads_set[0]
 
     def validate(self, tokens: list[int], params: SamplingParams) -> None:
+        """The engine's checks (rules.py) again, for callers that submit directly, and the
+        scheduler's own: each choice takes a slot."""
         if not tokens:
             raise InvalidParameterError("the prompt is empty", param="prompt")
-        if len(tokens) >= self.n_ctx_seq:
-            raise ContextLengthError(
-                f"the prompt has {len(tokens)} tokens but a sequence holds at most {self.n_ctx_seq} "
-                f"(context {self.engine.n_ctx} / {len(self.slots)} parallel slots); shorten it or raise -c",
-                param="messages")
+        rules.check_prompt_length(len(tokens), self.n_ctx_seq, n_ctx=self.engine.n_ctx)
         if params.n > len(self.slots):
             raise InvalidParameterError(f"n={params.n} exceeds the {len(self.slots)} parallel slots (-np)",
                                         param="n")
-        self.engine.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
+        rules.check_stop_token_ids(params, self.engine.n_vocab)
 
     def submit(self, tokens: list[int], params: SamplingParams, *, bind_loop: bool = True) -> Request:
         self.validate(tokens, params)
@@ -763,20 +763,11 @@ class Scheduler:
         if logprobs is not None:
             logprobs = [self._token_logprob(token, *logprobs)]
 
-        finish = None
-        text = ""
-        if token in engine.eog_ids and not params.ignore_eos:
-            finish = "stop"
-        elif token in params.stop_token_ids:
-            finish = "stop"
+        if ends_text(token, params, engine.eog_ids):
+            finish, text = "stop", ""
         else:
             text = choice.text.push(engine.token_piece(token))
-            if choice.text.stopped:
-                finish = "stop"
-            elif params.max_tokens is not None and choice.generated >= params.max_tokens:
-                finish = "length"
-            elif held >= self.n_ctx_seq:
-                finish = "length"  # the slot's context is full
+            finish = finish_after_text(params, choice.text, choice.generated, held, self.n_ctx_seq)
         if finish is not None:
             text += choice.text.finish()
             self._finish(slot, finish, text, [token], logprobs)
