@@ -24,8 +24,6 @@ from edge_llm.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from edge_llm.chat_format import ChatFormatter
-    from edge_llm.engines.prompt_cache import PromptCache
-    from edge_llm.engines.scheduler import Scheduler
     from edge_llm.engines.textstream import TextAssembler
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -85,6 +83,30 @@ class Delta:
     usage: Usage | None = None  # on the last Delta of a choice
 
 
+@dataclass(frozen=True)
+class CacheTierStats:
+    """One tier of a prompt cache (host memory or disk): bytes held, the budget, states dropped."""
+
+    held_bytes: int
+    budget_bytes: int
+    evictions: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine reports at scrape time (/metrics): its gauges and the counters it keeps. An
+    engine without a scheduler of its own reports its slots and nothing running."""
+
+    slots: int = 1  # requests decoded at once (-np)
+    running: int = 0  # requests decoding in a slot
+    waiting: int = 0  # requests queued for a slot
+    kv_usage: float = 0.0  # share of the KV cells held by running requests, 0 to 1
+    threads: int | None = None  # threads a decode uses now; None: the engine does not say
+    decodes_with_fewer_threads: int = 0
+    cache_ram: CacheTierStats | None = None  # the prompt cache beyond the slots, by tier
+    cache_disk: CacheTierStats | None = None
+
+
 class Engine(ABC):
     """What the front ends (server, REPL, batch, bench) use of an engine, and what engines share.
 
@@ -104,11 +126,7 @@ class Engine(ABC):
     # Message content may write control tokens that count as the template's (--trust-content-markup):
     # only for trusted clients. Off: content is text (chat_tokens.py).
     trust_content_markup: bool = False
-    n_parallel: int = 1  # requests decoded at once (llama.cpp's slots)
-    kv_unified: bool = False  # one KV pool any request may fill (llama.cpp -kvu)
-    # llama.cpp's continuous-batching scheduler and prompt cache; None elsewhere (read by /metrics).
-    scheduler: Scheduler | None = None
-    prompt_cache: PromptCache | None = None
+    n_parallel: int = 1  # requests decoded at once (llama.cpp's slots; batch runs size their concurrency to it)
     grammars: ClassVar[bool] = True  # honours SamplingParams.grammar
     # The flag that raises the context, named in the error for a prompt that does not fit.
     context_flag: ClassVar[str] = "-c"
@@ -255,6 +273,10 @@ class Engine(ABC):
     def ends_text(self, token: int, params: SamplingParams) -> bool:
         """The token is not text: an end-of-generation or stop token ends the choice unshown."""
         return rules.ends_text(token, params, self.eog_ids)
+
+    def stats(self) -> EngineStats:
+        """The engine's gauges and counters now (/metrics reads only these)."""
+        return EngineStats(slots=self.n_parallel)
 
     # -- embeddings and lifecycle -----------------------------------------------------------------
 
