@@ -83,7 +83,7 @@ def test_prompts_that_arrive_together_are_read_one_per_decode_shortest_first(eng
         return real_decode(ctx, batch)
 
     monkeypatch.setattr(llama_cpp, "llama_decode", recording)
-    with engine8.scheduler._cond:  # both wait before the engine thread looks
+    with engine8.scheduler.paused():  # both wait before the engine thread looks
         streams = [engine8.stream(p, greedy(4)) for p in (long_prompt, short_prompt)]
     results = [collect(s)[0] for s in streams]
     monkeypatch.undo()

@@ -18,7 +18,7 @@ from edge_llm.chat_format import ChatFormatter, select_formatter
 from edge_llm.chat_tokens import ChatPrompt, ControlToken, chat_tokens
 from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.base import CacheTierStats, Delta, Embeddings, Engine, EngineStats, Scores
-from edge_llm.engines.cpu_threads import default_threads
+from edge_llm.engines.cpu_threads import ThreadGovernor, default_threads
 from edge_llm.engines.llama_log import set_verbose
 from edge_llm.engines.llama_runtime import llama_cpp
 from edge_llm.engines.media import MediaPrompt, MediaTokens
@@ -152,7 +152,7 @@ class LlamaCppEngine(Engine):
         self.prompt_cache = None
 
         from edge_llm.engines.prompt_cache import open_prompt_cache
-        from edge_llm.engines.scheduler import Scheduler
+        from edge_llm.engines.scheduler import ModelView, Scheduler, SchedulerConfig
 
         try:
             mmproj = projector_path(options.mmproj, self.path)
@@ -170,8 +170,15 @@ class LlamaCppEngine(Engine):
         except BaseException:
             self.close()
             raise
-        self.scheduler = Scheduler(self, max_waiting=options.max_queue, cache=self.prompt_cache, drafter=drafter,
-                                   draft_max=options.draft_max, draft_min=options.draft_min)
+        model = ModelView(self.context, self.vocab, self.n_vocab, self.eog_ids, self.token_piece, self.token_text)
+        config = SchedulerConfig(n_ctx=self.n_ctx, n_ctx_seq=self.n_ctx_seq, n_parallel=self.n_parallel,
+                                 n_batch=self.n_batch, kv_unified=self.kv_unified, seed=self.seed,
+                                 max_waiting=options.max_queue, n_threads=self.n_threads,
+                                 n_threads_batch=options.n_threads_batch, images=self.projector is not None,
+                                 draft_max=options.draft_max, draft_min=options.draft_min)
+        # -t or every core: at most that many (exactly that many with --no-adapt-threads)
+        governor = ThreadGovernor(self.n_threads, adapt=options.adapt_threads)
+        self.scheduler = Scheduler(model, config, governor=governor, cache=self.prompt_cache, drafter=drafter)
 
     def _drafter(self, options: LoadOptions) -> Drafter | None:
         """Speculative decoding's drafter (--spec, -md): prompt lookup by default, none for models

@@ -44,8 +44,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -74,9 +75,6 @@ from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import Channel
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from edge_llm.engines.llamacpp import LlamaCppEngine
 
 log = logging.getLogger(__name__)
 
@@ -177,42 +175,74 @@ class Choice:
     accepted: int = 0
 
 
+@dataclass(frozen=True)
+class ModelView:
+    """What the scheduler uses of the model: the context it decodes on (only its engine thread
+    touches it) and the vocabulary's facts. Built by the engine (llamacpp.py)."""
+
+    context: rt.LlamaContext
+    vocab: object  # llama_vocab *, for sampler chains
+    n_vocab: int
+    eog_ids: frozenset[int]
+    token_piece: Callable[[int], bytes]  # a token's bytes (special tokens: none)
+    token_text: Callable[[int], str]  # a token's own text, for logprobs
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's settings, as the engine resolved them from its load options."""
+
+    n_ctx: int  # the context's KV cells
+    n_ctx_seq: int  # one request's share (prompt + output)
+    n_parallel: int  # slots (llama.cpp sequences)
+    n_batch: int  # tokens per llama_decode
+    kv_unified: bool = False  # one pool of n_ctx cells for every slot (-kvu)
+    seed: int | None = None  # the context's seed, for requests without one
+    max_waiting: int = 64  # queued requests beyond the idle slots (--max-queue)
+    n_threads: int = 1  # the context's threads at creation (-t, or every core)
+    n_threads_batch: int | None = None  # the user's -tb, or None: follow the governor
+    images: bool = False  # a projector is loaded: prompts may hold images (a vision worker encodes them)
+    draft_max: int = 16
+    draft_min: int = 0
+
+
 class Scheduler:
-    def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64, cache: PromptCache | None = None,
-                 drafter: Drafter | None = None, draft_max: int = 16, draft_min: int = 0) -> None:
-        self.engine = engine
+    def __init__(self, model: ModelView, config: SchedulerConfig, *, governor: ThreadGovernor,
+                 cache: PromptCache | None = None, drafter: Drafter | None = None) -> None:
+        self.model = model
+        self.config = config
         self.cache = cache  # states of conversations that lost their slot (prompt_cache.py)
         self.drafter = drafter  # speculative decoding (speculation.py); None: off
-        self.draft_max = draft_max
-        self.draft_min = draft_min
+        self.draft_max = config.draft_max
+        self.draft_min = config.draft_min
         self.cost = StepCost()  # graph run times, for plan_drafts (tests replace it)
         self._acceptance = Acceptance()  # of every choice's drafts: where a new choice starts
-        self.ctx = engine.context
+        self.ctx = model.context
         self.memory = rt.SequenceMemory(self.ctx)
-        self.n_ctx_seq = engine.n_ctx_seq
-        self.unified = engine.kv_unified
-        self.n_batch = engine.n_batch
-        self.max_waiting = max_waiting
-        self.slots = [Slot(i) for i in range(engine.n_parallel)]
+        self.n_ctx = config.n_ctx
+        self.n_ctx_seq = config.n_ctx_seq
+        self.unified = config.kv_unified
+        self.n_batch = config.n_batch
+        self.max_waiting = config.max_waiting
+        self.slots = [Slot(i) for i in range(config.n_parallel)]
         self.stats = SchedulerStats()
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._batch = rt.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         self._outbox: list[tuple[Request, Delta | None]] = []  # this step's deltas, None: a request's end
-        options = engine.options
-        # -t or every core: at most that many (exactly that many with --no-adapt-threads)
-        self._governor = ThreadGovernor(engine.n_threads, adapt=options.adapt_threads)
-        self._threads_batch = options.n_threads_batch  # the user's -tb, or None: follow the governor
-        self._threads_set = (engine.n_threads, options.n_threads_batch or engine.n_threads)
+        # The thread count of each decode (cpu_threads.ThreadGovernor: -t or every core, at most;
+        # exactly that with --no-adapt-threads). Public: tests put a governor of their own here.
+        self.governor = governor
+        self._threads_batch = config.n_threads_batch  # the user's -tb, or None: follow the governor
+        self._threads_set = (config.n_threads, config.n_threads_batch or config.n_threads)
         # Images: encoded by the vision worker's thread while this one decodes the other slots.
-        projector = getattr(engine, "projector", None)
-        self.vision = VisionWorker(self._wake) if projector is not None else None
+        self.vision = VisionWorker(self._wake) if config.images else None
         self._waiting_on_vision = False  # the last step had nothing to run but slots waiting for images
         self._vision_signal = False  # an image was encoded since the engine thread last looked
         # Decode threads while the vision tower works (0: no change); the engine's cores less the
         # tower's share, at least one.
-        self.vision_threads_while_encoding = max(1, engine.n_threads // 2) if self.vision is not None else 0
+        self.vision_threads_while_encoding = max(1, config.n_threads // 2) if self.vision is not None else 0
         self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
         self._thread.start()
 
@@ -232,23 +262,35 @@ class Scheduler:
         kv_cache_usage_perc: what an idle slot keeps for a returning conversation can be given up,
         so it counts as free). Read at scrape time from another thread: a gauge, not a promise."""
         held = sum(len(s.cached) + len(s.prefill) for s in list(self.slots) if not s.idle)
-        return min(1.0, held / self.engine.n_ctx)
+        return min(1.0, held / self.n_ctx)
 
     @property
     def threads(self) -> int:
         """Threads the decodes use now: the cores, or fewer while other programs hold some."""
         return self._threads_set[0]
 
+    @property
+    def thread_counts(self) -> tuple[int, int]:
+        """The context's threads now: (generation, prompt processing)."""
+        return self._threads_set
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the engine thread between steps: requests submitted inside are seen (and admitted)
+        together by its next step."""
+        with self._cond:
+            yield
+
     def validate(self, tokens: list[int], params: SamplingParams) -> None:
         """The engine's checks (rules.py) again, for callers that submit directly, and the
         scheduler's own: each choice takes a slot."""
         if not tokens:
             raise InvalidParameterError("the prompt is empty", param="prompt")
-        rules.check_prompt_length(len(tokens), self.n_ctx_seq, n_ctx=self.engine.n_ctx)
+        rules.check_prompt_length(len(tokens), self.n_ctx_seq, n_ctx=self.n_ctx)
         if params.n > len(self.slots):
             raise InvalidParameterError(f"n={params.n} exceeds the {len(self.slots)} parallel slots (-np)",
                                         param="n")
-        rules.check_stop_token_ids(params, self.engine.n_vocab)
+        rules.check_stop_token_ids(params, self.model.n_vocab)
 
     def submit(self, tokens: list[int], params: SamplingParams, *, bind_loop: bool = True) -> Request:
         self.validate(tokens, params)
@@ -367,7 +409,7 @@ class Scheduler:
         self._set_threads()
         self._flush()  # the last step's deltas, read while llama_decode runs without the GIL
         self.stats.decode_calls += 1
-        self.stats.decodes_with_fewer_threads += self._threads_set[0] < self._governor.limit
+        self.stats.decodes_with_fewer_threads += self._threads_set[0] < self.governor.limit
         start = time.perf_counter()
         rt.decode(self.ctx, batch)
         if self.drafter is not None and not chunks and len(graph_runs(counts, unified=self.unified)) == 1:
@@ -439,16 +481,16 @@ class Scheduler:
     def _set_threads(self) -> None:
         """Threads for this decode, as the governor says (fewer while other programs hold cores);
         a -tb of its own gives up as many threads as -t does."""
-        n = self._governor.threads()
+        n = self.governor.threads()
         if self.vision is not None and self.vision.busy and self.vision_threads_while_encoding:
             # The vision tower runs on the same cores now: decode on what it leaves (at least one
             # thread, which has no barriers to spin at).
             n = min(n, self.vision_threads_while_encoding)
-        batch = max(1, self._threads_batch - (self._governor.limit - n)) if self._threads_batch else n
+        batch = max(1, self._threads_batch - (self.governor.limit - n)) if self._threads_batch else n
         wanted = (n, batch)
         if wanted != self._threads_set:
             log.debug("threads %d -> %d (other programs use %.2f cores)", self._threads_set[0], n,
-                      self._governor.others)
+                      self.governor.others)
             rt.set_threads(self.ctx, *wanted)
             self._threads_set = wanted
 
@@ -634,12 +676,12 @@ class Scheduler:
 
     def _make_choice(self, request: Request, index: int, n_prompt: int, n_cached: int) -> Choice:
         params = request.params
-        seed = self.engine.seed if params.seed is None else params.seed
+        seed = self.config.seed if params.seed is None else params.seed
         if seed is not None:
             seed += index  # n choices from one seed must still differ
         last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
-        engine = self.engine
-        sampler = rt.sampler_chain(params, vocab=engine.vocab, n_vocab=engine.n_vocab, eog_ids=engine.eog_ids,
+        model = self.model
+        sampler = rt.sampler_chain(params, vocab=model.vocab, n_vocab=model.n_vocab, eog_ids=model.eog_ids,
                                    penalty_last_n=last_n, seed=seed)
         if not params.grammar and params.repetition_penalty != 1.0:
             # vLLM and llama-server apply the repetition penalty to prompt tokens too.
@@ -668,7 +710,7 @@ class Scheduler:
     # -- unified KV (-kvu): one pool of n_ctx cells for every slot ------------------------------
 
     def _free_cells(self) -> int:
-        return free_cells(self.slots, self.engine.n_ctx)
+        return free_cells(self.slots, self.n_ctx)
 
     def _evict(self, slot: Slot) -> None:
         """Free an idle slot's cells; what it held goes to the prompt cache first."""
@@ -751,10 +793,10 @@ class Scheduler:
             return None
         held = len(slot.cached) if held is None else held
         params = choice.request.params
-        engine = self.engine
+        model = self.model
         logprobs = self._logprobs(index, params.logprobs) if params.logprobs is not None else None
         if _plain_greedy(params):
-            token = self._argmax(index, engine.eog_ids if params.ignore_eos else frozenset())
+            token = self._argmax(index, model.eog_ids if params.ignore_eos else frozenset())
         else:
             # llama_sampler_sample also accepts the token into the chain (penalty history, grammar
             # state): accepting it again would count it twice and break grammars.
@@ -763,10 +805,10 @@ class Scheduler:
         if logprobs is not None:
             logprobs = [self._token_logprob(token, *logprobs)]
 
-        if ends_text(token, params, engine.eog_ids):
+        if ends_text(token, params, model.eog_ids):
             finish, text = "stop", ""
         else:
-            text = choice.text.push(engine.token_piece(token))
+            text = choice.text.push(model.token_piece(token))
             finish = finish_after_text(params, choice.text, choice.generated, held, self.n_ctx_seq)
         if finish is not None:
             text += choice.text.finish()
@@ -780,7 +822,7 @@ class Scheduler:
     def _argmax(self, index: int, banned: frozenset[int]) -> int:
         """Greedy sampling over the raw logits: the token llama.cpp's greedy sampler picks (the
         first of equal maxima), without building its 49k-entry candidate array every token."""
-        logits = rt.logits(self.ctx, index, self.engine.n_vocab)
+        logits = rt.logits(self.ctx, index, self.model.n_vocab)
         token = int(logits.argmax())
         if token in banned:  # ignore_eos: the best token that does not end the generation
             logits = logits.copy()
@@ -789,7 +831,7 @@ class Scheduler:
         return token
 
     def _logprobs(self, index: int, top_n: int) -> tuple[np.ndarray, int]:
-        logits = rt.logits(self.ctx, index, self.engine.n_vocab).astype(np.float64)
+        logits = rt.logits(self.ctx, index, self.model.n_vocab).astype(np.float64)
         shifted = logits - logits.max()
         return shifted - np.log(np.exp(shifted).sum()), top_n
 
@@ -798,8 +840,8 @@ class Scheduler:
         if top_n:
             best = np.argpartition(-logprobs, top_n)[:top_n]
             best = best[np.argsort(-logprobs[best])]
-            top = [(self.engine.token_text(int(t)), float(logprobs[t])) for t in best]
-        return TokenLogprob(token, self.engine.token_text(token), float(logprobs[token]), top)
+            top = [(self.model.token_text(int(t)), float(logprobs[t])) for t in best]
+        return TokenLogprob(token, self.model.token_text(token), float(logprobs[token]), top)
 
     def _finish(self, slot: Slot, reason: str, text: str = "", token_ids: list[int] | None = None,
                 logprobs: list[TokenLogprob] | None = None) -> None:
