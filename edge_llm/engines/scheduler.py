@@ -65,12 +65,12 @@ from edge_llm.engines.slots import (
     free_cells,
     least_recently_used,
     pick_slot,
-    plan_prefill,
     slots_for_copies,
     usable_prefix,
     worth_restoring,
 )
-from edge_llm.engines.speculation import Acceptance, Candidate, Drafter, StepCost, graph_runs, plan_drafts
+from edge_llm.engines.speculation import Acceptance, Drafter, StepCost, graph_runs
+from edge_llm.engines.step_plan import DraftLimits, StepPlan, plan_step, plan_step_drafts
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import Channel
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, OverloadedError
@@ -213,8 +213,8 @@ class Scheduler:
         self.config = config
         self.cache = cache  # states of conversations that lost their slot (prompt_cache.py)
         self.drafter = drafter  # speculative decoding (speculation.py); None: off
-        self.draft_max = config.draft_max
-        self.draft_min = config.draft_min
+        self.draft_limits = DraftLimits(n_batch=config.n_batch, n_ctx_seq=config.n_ctx_seq, draft_max=config.draft_max,
+                                        draft_min=config.draft_min, unified=config.kv_unified, images=config.images)
         self.cost = StepCost()  # graph run times, for plan_drafts (tests replace it)
         self._acceptance = Acceptance()  # of every choice's drafts: where a new choice starts
         self.ctx = model.context
@@ -371,16 +371,29 @@ class Scheduler:
         if self.vision is not None:
             self._fail_images()
         self._admit()
-        generating = [s for s in self.slots if s.choice is not None and s.choice.pending is not None and not s.prefill]
-        reading = sorted((s for s in self.slots if s.prefill), key=lambda s: s.choice.request.id)
-        runnable = [self._runnable(s) for s in reading] if self.vision is not None else [len(s.prefill) for s in reading]
-        self._waiting_on_vision = bool(reading) and not generating and not any(runnable)
-        reading = [s for s, n in zip(reading, runnable, strict=True) if n]
-        chunks = {reading[i].seq_id: n for i, n in plan_prefill([n for n in runnable if n],
-                                                                  used=len(generating), n_batch=self.n_batch)}
-        if self.vision is not None:
-            self._decode_images(chunks)  # own decodes, before the batch whose logits are sampled
-        drafts = self._drafts(generating, chunks)
+        plan = self.schedule()
+        if plan.images:
+            self._decode_images(plan.images)  # own decodes, before the batch whose logits are sampled
+        if self.drafter is not None and plan.generating:
+            plan.drafts = self._plan_drafts(plan)
+        self._execute(plan)
+
+    def schedule(self) -> StepPlan:
+        """This step's slots and prompt chunks (step_plan.py); drafts are planned once its image
+        rows are in."""
+        plan = plan_step(self.slots, n_batch=self.n_batch, images=self.vision is not None)
+        self._waiting_on_vision = plan.waiting_on_vision
+        return plan
+
+    def _plan_drafts(self, plan: StepPlan) -> dict[int, list[int]]:
+        pool_room = self._free_cells() - self.running if self.unified else None
+        return plan_step_drafts(plan, self.drafter, self.cost, self.draft_limits, pool_room=pool_room)
+
+    def _execute(self, plan: StepPlan) -> None:
+        """One llama_decode for the plan's batch, then the sampling of what it produced: the first
+        token of each prompt finished this step (and its copies'), and each generating slot's
+        pending and drafted positions."""
+        generating, chunks, drafts = plan.generating, plan.chunks, plan.drafts
         batch = self._batch
         batch.reset()
         verifying: list[tuple[Slot, list[int], int]] = []  # generating slots, their drafts, their first logits index
@@ -424,17 +437,6 @@ class Scheduler:
 
     # -- images (engines/media.py, engines/projector.py) ----------------------------------------
 
-    def _runnable(self, slot: Slot) -> int:
-        """Prompt tokens a reading slot can evaluate now: its text up to the next image; an image
-        once the vision worker has encoded it (what is left of it); none while it has not."""
-        at = len(slot.cached)
-        span = next_image(at, images_of(slot.choice.request.tokens))
-        if span is None:
-            return len(slot.prefill)
-        if at < span.start:
-            return span.start - at
-        return span.end - at if span.embeddings is not None else 0
-
     def _fail_images(self) -> None:
         """Requests whose image the vision encoder could not encode get its error."""
         for slot in self.slots:
@@ -450,22 +452,15 @@ class Scheduler:
                 request.put(span.error)
                 request.end()
 
-    def _decode_images(self, chunks: dict[int, int]) -> None:
-        """Image rows of this step's prompt chunks into their slots (each chunk whose slot stands at
-        an image is taken out of `chunks`). Rows that attend both ways (Gemma 3) go in whole."""
-        for slot in self.slots:
-            n = chunks.get(slot.seq_id)
-            if not n:
-                continue
+    def _decode_images(self, rows: dict[int, int]) -> None:
+        """The plan's image rows into their slots (seq_id -> rows, in slot order)."""
+        slots = self.slots
+        for seq_id, n in rows.items():
+            slot = slots[seq_id]
             images = images_of(slot.choice.request.tokens)
             at = len(slot.cached)
             span = next_image(at, images)
-            if span is None or at < span.start:
-                continue
-            del chunks[slot.seq_id]
             chunk = span.chunk
-            if chunk.non_causal:
-                n = span.end - at
             first = at - span.start
             positions = chunk.positions(kv_position(span.start, images))[:, first:first + n]
             self._set_threads()
@@ -507,54 +502,6 @@ class Scheduler:
         return index
 
     # -- speculative decoding -------------------------------------------------------------------
-
-    def _drafts(self, generating: list[Slot], chunks: dict[int, int]) -> dict[int, list[int]]:
-        """The drafted tokens each generating slot verifies this step (speculation.py)."""
-        if self.drafter is None or not generating:
-            return {}
-        # Drafts share what the batch (and, with -kvu, the pool) has left after one token per
-        # generating slot and this step's prompt chunks.
-        spare = self.n_batch - len(generating) - sum(chunks.values())
-        if self.unified:
-            spare = min(spare, self._free_cells() - self.running)
-        room = {s.seq_id: self._draft_room(s, spare // len(generating)) for s in generating}
-        others = [(seq_id, n) for seq_id, n in chunks.items()]
-
-        def plan(drafts: dict[int, int]) -> dict[int, int]:
-            # A slot with no draft (or one under --draft-min) is planned as one token, like the others.
-            candidates = [Candidate(s.seq_id, drafts.get(s.seq_id, 0), s.choice.acceptance.value) for s in generating]
-            return plan_drafts(candidates, others, self.cost, unified=self.unified, draft_min=self.draft_min)
-
-        # A costly drafter (a draft model) is asked only for slots that would verify a full draft; a
-        # cheap one (lookup) first, so that a step without proposals spends nothing on the plan.
-        asked = plan(room) if self.drafter.costly else {seq_id: n for seq_id, n in room.items() if n > 0}
-        if self.drafter.costly:  # a draft model has no projector: it cannot follow a prompt with images
-            asked = {s.seq_id: asked[s.seq_id] for s in generating
-                     if s.seq_id in asked and not images_of(s.choice.request.tokens)}
-        if not asked:
-            return {}
-        start = time.perf_counter()
-        proposals = self.drafter.propose({s.seq_id: ([*s.cached, s.choice.pending], asked[s.seq_id])
-                                          for s in generating if s.seq_id in asked})
-        if self.vision is not None:  # an image's placeholders are not tokens: a draft stops before one
-            proposals = {k: _before_placeholder(v) for k, v in proposals.items()}
-        self.cost.observe_drafting(max(map(len, proposals.values()), default=0), time.perf_counter() - start)
-        if not any(proposals.values()):
-            return {}
-        lengths = plan({seq_id: len(tokens) for seq_id, tokens in proposals.items()})
-        return {seq_id: proposals[seq_id][:n] for seq_id, n in lengths.items()}
-
-    def _draft_room(self, slot: Slot, share: int) -> int:
-        """The most tokens a slot may draft: its `share` of the batch, --draft-max and the
-        request's draft_max, its context (the pending token and the drafts must fit), and
-        max_tokens (a step yields one token past its drafts)."""
-        params = slot.choice.request.params
-        room = min(share, self.draft_max, self.n_ctx_seq - len(slot.cached) - 1)
-        if params.draft_max is not None:
-            room = min(room, params.draft_max)
-        if params.max_tokens is not None:
-            room = min(room, params.max_tokens - slot.choice.generated - 1)
-        return max(room, 0)
 
     def _verify(self, slot: Slot, draft: list[int], first: int) -> None:
         """Sample the pending token's position and each drafted one in turn, as many as agree with
@@ -920,13 +867,6 @@ def _plain_greedy(params: SamplingParams) -> bool:
 def _release_media(request: Request) -> None:
     if images_of(request.tokens):
         request.tokens.release()
-
-
-def _before_placeholder(tokens: list[int]) -> list[int]:
-    for i, token in enumerate(tokens):
-        if token < 0:
-            return tokens[:i]
-    return tokens
 
 
 def _positions_fit(positions: tuple[int, int], tokens: list[int]) -> bool:
