@@ -54,20 +54,17 @@ from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines import rules
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
-from edge_llm.engines.media import has_placeholders, images_of, kv_position, next_image, whole_images
+from edge_llm.engines.media import has_placeholders, images_of, kv_position, next_image
 from edge_llm.engines.projector import VisionWorker
 from edge_llm.engines.prompt_cache import PromptCache
 from edge_llm.engines.rules import ends_text, finish_after_text
 from edge_llm.engines.slots import (
     Slot,
-    best_placed,
     eviction_order,
     free_cells,
     least_recently_used,
-    pick_slot,
+    place,
     slots_for_copies,
-    usable_prefix,
-    worth_restoring,
 )
 from edge_llm.engines.speculation import Acceptance, Drafter, StepCost, graph_runs
 from edge_llm.engines.step_plan import DraftLimits, StepPlan, plan_step, plan_step_drafts
@@ -582,29 +579,24 @@ class Scheduler:
         own, or a saved state restored from the prompt cache. Returns the slot, how many prompt
         tokens it holds, and how many of those were restored."""
         running = [s.seq_id for s in self.slots if not s.idle]
-        main, reuse = pick_slot(tokens, idle, running, unified=self.unified)
         images = images_of(tokens)
-        reuse = whole_images(reuse, images)
-        if self.cache is not None:
-            entry, found = self.cache.lookup(tokens)
-            found = whole_images(usable_prefix(found, len(tokens)), images)
-            if entry is not None and worth_restoring(found, reuse):
-                # The slot beside the running ones, the least recently used of equals (the cheapest
-                # to give up); it is saved first.
-                target = best_placed(idle, running, unified=self.unified)
-                # With -kvu the whole entry must fit in the pool before it is cut to the prompt.
-                fits = not self.unified or entry.n_tokens <= self._free_cells() + len(target.cached)
-                state = self.cache.load(entry) if fits else None
-                if state is not None:
-                    self._save(target)
-                    if self._restore(target, state, entry.tokens.tolist()):
-                        self._truncate(target, found, images)
-                        found = len(target.cached)  # less if the tail could not be cut
-                        self.cache.note_restore(found)
-                        return target, found, found
-                    self.cache.discard(entry)
-                    if target is main:
-                        reuse = 0
+        saved = self.cache.lookup(tokens) if self.cache is not None else None
+        plan = place(tokens, idle, running, unified=self.unified, images=images, saved=saved,
+                     free=self._free_cells() if self.unified and saved is not None else 0)
+        main, reuse = plan.slot, plan.reuse
+        if plan.entry is not None:
+            target, entry = plan.target, plan.entry
+            state = self.cache.load(entry)
+            if state is not None:
+                self._save(target)
+                if self._restore(target, state, entry.tokens.tolist()):
+                    self._truncate(target, plan.found, images)
+                    found = len(target.cached)  # less if the tail could not be cut
+                    self.cache.note_restore(found)
+                    return target, found, found
+                self.cache.discard(entry)
+                if target is main:
+                    reuse = 0
         if reuse < len(main.cached):
             self._save(main)
         self._truncate(main, reuse, images)
