@@ -8,9 +8,12 @@ step it builds one llama_batch holding
     prompt first, and one prompt finished per step (prefill on a CPU is compute-bound, so
     reading prompts together only delays every first token to the last one's),
 then calls llama_decode once (ctypes releases the GIL, so an asyncio server stays responsive)
-and samples every sequence that produced logits. Which slot a request takes, what it reuses and
-which prompts a step reads are decided in `slots.py` (plain Python); llama.cpp is called through
-`llama_runtime.py`; a request's deltas reach its reader through a `threadbridge.Channel`.
+and samples every sequence that produced logits. Which slot a request takes and what it reuses
+are decided in `slots.py` (`place`); what a step runs (generating slots, prompt chunks, image rows,
+drafts) is a `step_plan.StepPlan`, made in plain Python by `schedule()` and run by `_execute`;
+llama.cpp is called through `llama_runtime.py`; a request's deltas reach its reader through a
+`threadbridge.Channel`. The scheduler sees a narrow view of its engine: a `ModelView` (the context,
+the vocabulary's facts), a `SchedulerConfig` and an injected `ThreadGovernor`.
 
 Slots and the prompt cache: the context has `n_parallel` sequences (slots), each with its own
 n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never covers another
