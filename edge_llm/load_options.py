@@ -62,6 +62,29 @@ def _opt(*flags: str, help: str, **details: Any) -> Option:
     return Option(flags=flags, help=help, **details)
 
 
+DEFAULT_RAM_CAP = 8 * 2**30  # llama-server's --cache-ram default
+
+
+def default_ram_budget() -> int:
+    """--cache-ram's default: a quarter of the machine's memory, at most llama-server's 8 GiB (on a
+    16 GB laptop the weights, the KV cells and the rest of the system keep three quarters)."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return DEFAULT_RAM_CAP // 4
+    return min(DEFAULT_RAM_CAP, total // 4)
+
+
+def format_size(n: int) -> str:
+    """Bytes as parse_size reads them back, to a tenth of a unit: 4294967296 -> '4G'."""
+    for unit, scale in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f}".removesuffix(".0") + unit
+    return str(n)
+
+
 def parse_size(text: str) -> int:
     """'8G', '512MiB', '1.5g', '1000000' -> bytes (K/M/G/T are powers of 1024, as in llama.cpp)."""
     import re
@@ -176,8 +199,9 @@ class LoadOptions(BaseModel):
     # The prompt cache beyond the slots (engines/prompt_cache.py) and the KV layout.
     cache_ram: Annotated[int | None, Field(ge=0), _opt(
         "-cram", "--cache-ram", group=PROMPT_CACHE, parse=parse_size, metavar="SIZE", registry=False,
-        help="host memory for the KV states of conversations that lost their slot, e.g. 2G "
-             "(default: a quarter of RAM, at most 8G; 0 = off)")] = None
+        default=default_ram_budget(),
+        help="host memory for the KV states of conversations that lost their slot, e.g. 2G; 0 = off "
+             "(by default a quarter of RAM, at most 8G; `serve` with several models shares it among them)")] = None
     cache_dir: Annotated[str | None, _opt(
         "--cache-dir", group=PROMPT_CACHE, metavar="DIR", registry=False,
         help="also keep them in DIR, so a restart or `chat --resume` continues without re-reading")] = None

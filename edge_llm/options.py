@@ -28,6 +28,7 @@ from edge_llm.load_options import (
     SPECULATIVE,
     LoadOptions,
     choices,
+    format_size,
     parse_size,
     parse_text,
     value_type,
@@ -99,6 +100,8 @@ def _argument_group(parser: argparse.ArgumentParser, title: str) -> argparse._Ar
 def _add_flag(group: argparse._ArgumentGroup, name: str, default: Any) -> None:
     opt = OPTIONS[name]
     shown = default is not None and default != {}
+    if shown and opt.parse is parse_size:
+        default = format_size(default)
     help_text = opt.help + (f" (default: {_shown(default)})" if shown else "") + \
         (f" [env: {opt.env_name}]" if opt.env_name else "")
     if value_type(name) is bool:

@@ -49,8 +49,6 @@ class FakeEngine(Engine):
     name = "fake"
     n_vocab = BYTE0 + 256
     eog_ids = frozenset({EOG})
-    prompt_cache = None
-    scheduler = None
 
     def __init__(self, answer: str = "Hello! I am a fake model.", *, template: str = NAMED_TEMPLATES["chatml"],
                  n_ctx: int = 2048, n_parallel: int = 4, model_name: str = "fake", delay: float = 0.0) -> None:

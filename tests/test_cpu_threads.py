@@ -164,15 +164,15 @@ def test_explicit_threads_are_the_ceiling_and_the_default_every_core(demo_path):
     from edge_llm.api import load
 
     with load(str(demo_path), n_ctx=512, n_parallel=1, n_threads=1) as engine:
-        assert engine.scheduler._governor.limit == 1
-        assert engine.scheduler._threads_set == (1, 1)
+        assert engine.scheduler.governor.limit == 1
+        assert engine.scheduler.thread_counts == (1, 1)
     with load(str(demo_path), n_ctx=512, n_parallel=1, n_threads=2, n_threads_batch=1) as engine:
-        assert engine.scheduler._threads_set == (2, 1)
+        assert engine.scheduler.thread_counts == (2, 1)
     with load(str(demo_path), n_ctx=512, n_parallel=1) as engine:
-        assert engine.scheduler._governor.limit == cpu_threads.default_threads()
-        assert engine.scheduler._governor._last is not None  # it samples the CPU counters
+        assert engine.scheduler.governor.limit == cpu_threads.default_threads()
+        assert engine.scheduler.governor.adapts  # it samples the CPU counters
     with load(str(demo_path), n_ctx=512, n_parallel=1, n_threads=2, adapt_threads=False) as engine:
-        assert engine.scheduler._governor._last is None  # --no-adapt-threads: always -t
+        assert not engine.scheduler.governor.adapts  # --no-adapt-threads: always -t
 
 
 class Yielding:
@@ -191,9 +191,9 @@ def test_threads_batch_gives_up_as_many_threads_as_threads(demo_path):
     from edge_llm.sampling import SamplingParams
 
     with load(str(demo_path), n_ctx=512, n_parallel=1, n_threads=2, n_threads_batch=3) as engine:
-        engine.scheduler._governor = Yielding()
+        engine.scheduler.governor = Yielding()
         list(engine.stream("Hi", SamplingParams.create(max_tokens=2)))
-        assert engine.scheduler._threads_set == (1, 2)
+        assert engine.scheduler.thread_counts == (1, 2)
 
 
 class Alternating:
@@ -223,13 +223,13 @@ def _tokens(engine, prompt: str, **params) -> list[int]:
 @pytest.mark.model
 def test_greedy_output_does_not_depend_on_thread_switches(engine):
     reference = [_tokens(engine, p, ignore_eos=True) for p in PROMPTS]
-    saved = engine.scheduler._governor
-    engine.scheduler._governor = Alternating()
+    saved = engine.scheduler.governor
+    engine.scheduler.governor = Alternating()
     try:
         switched = [_tokens(engine, p, ignore_eos=True) for p in PROMPTS]
-        assert engine.scheduler._governor.calls > 20
+        assert engine.scheduler.governor.calls > 20
     finally:
-        engine.scheduler._governor = saved
+        engine.scheduler.governor = saved
     assert switched == reference
 
 

@@ -30,7 +30,7 @@ def test_one_conversation_may_use_the_whole_context(demo_path):
     split = make(demo_path)
     long_prompt = split.tokenize(words(200, "w"))
     assert 256 < len(long_prompt) < 1000
-    with pytest.raises(ContextLengthError, match="at most 256"):
+    with pytest.raises(ContextLengthError, match="maximum context length is 256"):
         split.stream(long_prompt, greedy(4))
     split.close()
     unified = make(demo_path, kv_unified=True)

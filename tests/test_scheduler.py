@@ -83,7 +83,7 @@ def test_prompts_that_arrive_together_are_read_one_per_decode_shortest_first(eng
         return real_decode(ctx, batch)
 
     monkeypatch.setattr(llama_cpp, "llama_decode", recording)
-    with engine8.scheduler._cond:  # both wait before the engine thread looks
+    with engine8.scheduler.paused():  # both wait before the engine thread looks
         streams = [engine8.stream(p, greedy(4)) for p in (long_prompt, short_prompt)]
     results = [collect(s)[0] for s in streams]
     monkeypatch.undo()
@@ -143,7 +143,7 @@ def test_follow_up_turn_evaluates_only_the_new_tokens(engine8):
 
 
 def test_over_long_prompt_gets_a_context_length_error(engine8):
-    with pytest.raises(ContextLengthError, match="at most 512"):
+    with pytest.raises(ContextLengthError, match="maximum context length is 512"):
         engine8.stream("hello " * 600, greedy())
 
 

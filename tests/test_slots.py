@@ -189,3 +189,44 @@ def test_a_conversation_comes_back_to_its_slot(n_parallel):
         follow_up = [*history, 99, c * 10 + 4]
         expected = len(history) + 1 if n_parallel == 3 else 0
         assert turn(follow_up) == expected
+
+
+class Entry:
+    """A prompt-cache entry as `place` sees it: its size."""
+
+    def __init__(self, n_tokens: int) -> None:
+        self.n_tokens = n_tokens
+
+
+def test_place_keeps_the_slot_prefix_when_no_saved_state_beats_it():
+    idle = [slot(0, [1, 2, 3, 4], 1.0), slot(1, [], 0.0)]
+    plan = slots.place([1, 2, 3, 4, 5, 6], idle, [], unified=False)
+    assert (plan.slot.seq_id, plan.reuse, plan.entry) == (0, 4, None)
+    entry = Entry(6)  # covers 5 tokens: not MIN_RESTORE_GAIN more than the slot's 4
+    assert slots.place([1, 2, 3, 4, 5, 6], idle, [], unified=False, saved=(entry, 5)).entry is None
+
+
+def test_place_restores_a_saved_state_that_covers_more_into_the_slot_beside_the_running_ones():
+    idle = [slot(1, [1, 2], 1.0), slot(3, [9], 0.0), slot(5, [], 0.5)]
+    prompt = list(range(1, 21))
+    entry = Entry(30)
+    plan = slots.place(prompt, idle, running=[0], unified=False, saved=(entry, 30))
+    assert plan.entry is entry and plan.target.seq_id == 1  # beside sequence 0
+    assert plan.found == 19  # not the prompt's last token: it is evaluated for the first logits
+    assert (plan.slot.seq_id, plan.reuse) == (1, 2)  # the fallback should the restore fail
+
+
+def test_place_with_kvu_restores_only_what_fits_in_the_pool():
+    idle = [slot(0, [], 0.0)]
+    prompt = list(range(1, 21))
+    assert slots.place(prompt, idle, [], unified=True, saved=(Entry(30), 20), free=29).entry is None
+    assert slots.place(prompt, idle, [], unified=True, saved=(Entry(30), 20), free=30).entry is not None
+
+
+def test_place_keeps_images_whole():
+    from edge_llm.engines.media import ImageSpan
+
+    image = ImageSpan(start=3, n_tokens=4, n_pos=4, digest="ab" * 32)
+    idle = [slot(0, [1, 2, 3, -1, -2], 0.0)]
+    plan = slots.place([1, 2, 3, -1, -2, -3, -4, 8], idle, [], unified=False, images=[image])
+    assert plan.reuse == 3  # the slot holds half the image: it is evaluated again from its start

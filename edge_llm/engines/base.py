@@ -15,16 +15,15 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from edge_llm.chat_tokens import ChatPrompt, ControlToken, ControlTokens, chat_tokens, render_chat
+from edge_llm.engines import rules
 from edge_llm.engines.media import MediaPrompt, MediaTokens
-from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, MissingExtraError
+from edge_llm.errors import EdgeLLMError, InvalidParameterError, MissingExtraError
 from edge_llm.load_options import LoadOptions
 from edge_llm.model_kind import Kind
 from edge_llm.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from edge_llm.chat_format import ChatFormatter
-    from edge_llm.engines.prompt_cache import PromptCache
-    from edge_llm.engines.scheduler import Scheduler
     from edge_llm.engines.textstream import TextAssembler
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -84,6 +83,30 @@ class Delta:
     usage: Usage | None = None  # on the last Delta of a choice
 
 
+@dataclass(frozen=True)
+class CacheTierStats:
+    """One tier of a prompt cache (host memory or disk): bytes held, the budget, states dropped."""
+
+    held_bytes: int
+    budget_bytes: int
+    evictions: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine reports at scrape time (/metrics): its gauges and the counters it keeps. An
+    engine without a scheduler of its own reports its slots and nothing running."""
+
+    slots: int = 1  # requests decoded at once (-np)
+    running: int = 0  # requests decoding in a slot
+    waiting: int = 0  # requests queued for a slot
+    kv_usage: float = 0.0  # share of the KV cells held by running requests, 0 to 1
+    threads: int | None = None  # threads a decode uses now; None: the engine does not say
+    decodes_with_fewer_threads: int = 0
+    cache_ram: CacheTierStats | None = None  # the prompt cache beyond the slots, by tier
+    cache_disk: CacheTierStats | None = None
+
+
 class Engine(ABC):
     """What the front ends (server, REPL, batch, bench) use of an engine, and what engines share.
 
@@ -103,11 +126,7 @@ class Engine(ABC):
     # Message content may write control tokens that count as the template's (--trust-content-markup):
     # only for trusted clients. Off: content is text (chat_tokens.py).
     trust_content_markup: bool = False
-    n_parallel: int = 1  # requests decoded at once (llama.cpp's slots)
-    kv_unified: bool = False  # one KV pool any request may fill (llama.cpp -kvu)
-    # llama.cpp's continuous-batching scheduler and prompt cache; None elsewhere (read by /metrics).
-    scheduler: Scheduler | None = None
-    prompt_cache: PromptCache | None = None
+    n_parallel: int = 1  # requests decoded at once (llama.cpp's slots; batch runs size their concurrency to it)
     grammars: ClassVar[bool] = True  # honours SamplingParams.grammar
     # The flag that raises the context, named in the error for a prompt that does not fit.
     context_flag: ClassVar[str] = "-c"
@@ -159,11 +178,11 @@ class Engine(ABC):
         return b"".join(self.token_piece(t) for t in tokens)
 
     def check_token_ids(self, tokens: list[int], *, param: str = "prompt") -> None:
-        # Checked before any engine sees them: llama.cpp aborts the whole process on an
-        # out-of-range id inside llama_decode.
-        for t in tokens:
-            if not isinstance(t, int) or t < 0 or t >= self.n_vocab:
-                raise InvalidParameterError(f"token id {t!r} is out of range [0, {self.n_vocab})", param=param)
+        rules.check_token_ids(tokens, self.n_vocab, param=param)
+
+    def check_prompt_length(self, n_prompt: int, *, param: str = "messages") -> None:
+        """Refuse a prompt that leaves no room in a request's share of the context (rules.py)."""
+        rules.check_prompt_length(n_prompt, self.n_ctx_seq, n_ctx=self.n_ctx, flag=self.context_flag, param=param)
 
     def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None,
                     add_generation_prompt: bool = True) -> ChatPrompt:
@@ -213,15 +232,11 @@ class Engine(ABC):
         self.check_kind("chat", use="generating text")
         if not tokens:
             raise InvalidParameterError("the prompt is empty", param="prompt")
-        if len(tokens) >= self.n_ctx_seq:
-            share = f" (context {self.n_ctx} / {self.n_parallel} parallel slots)" if self.n_ctx_seq < self.n_ctx else ""
-            raise ContextLengthError(f"the prompt has {len(tokens)} tokens but a request holds at most "
-                                     f"{self.n_ctx_seq}{share}; shorten it or raise {self.context_flag}",
-                                     param="messages")
+        self.check_prompt_length(len(tokens))
         if params.grammar and not self.grammars:
             raise InvalidParameterError(f"the {self.name} engine does not support grammars / JSON schemas; use "
                                         "the llama.cpp engine (or vLLM) for constrained output", param="grammar")
-        self.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
+        rules.check_stop_token_ids(params, self.n_vocab)
         self.check_token_ids(list(params.logit_bias or ()), param="logit_bias")
 
     def stream(self, prompt: str | list[int] | ChatPrompt, params: SamplingParams) -> Iterator[Delta]:
@@ -249,18 +264,19 @@ class Engine(ABC):
     def finish_reason(self, token: int, params: SamplingParams, text: TextAssembler, n_prompt: int,
                       n_generated: int) -> FinishReason | None:
         """Whether the choice ends with `token` (its bytes already pushed to `text` unless it is an
-        end-of-generation or stop token): the rule of every engine that samples token by token."""
-        if (token in self.eog_ids and not params.ignore_eos) or token in params.stop_token_ids or text.stopped:
+        end-of-generation or stop token), for an engine that samples token by token in Python
+        (rules.py: the llama.cpp scheduler calls the same rule)."""
+        if rules.ends_text(token, params, self.eog_ids):
             return "stop"
-        if params.max_tokens is not None and n_generated >= params.max_tokens:
-            return "length"
-        if n_prompt + n_generated >= self.n_ctx_seq:
-            return "length"  # the context is full
-        return None
+        return rules.finish_after_text(params, text, n_generated, n_prompt + n_generated, self.n_ctx_seq)
 
     def ends_text(self, token: int, params: SamplingParams) -> bool:
         """The token is not text: an end-of-generation or stop token ends the choice unshown."""
-        return (token in self.eog_ids and not params.ignore_eos) or token in params.stop_token_ids
+        return rules.ends_text(token, params, self.eog_ids)
+
+    def stats(self) -> EngineStats:
+        """The engine's gauges and counters now (/metrics reads only these)."""
+        return EngineStats(slots=self.n_parallel)
 
     # -- embeddings and lifecycle -----------------------------------------------------------------
 

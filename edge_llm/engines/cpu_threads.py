@@ -149,6 +149,11 @@ class ThreadGovernor:
         self._last: CpuSample | None = sample(self._cores) if adapt else None  # None: always `limit`
         self.others = 0.0  # the last measurement, for logs and tests
 
+    @property
+    def adapts(self) -> bool:
+        """Whether it follows the machine's load (else always `limit`: --no-adapt-threads)."""
+        return self._last is not None
+
     def threads(self) -> int:
         if self._last is None:
             return self.current

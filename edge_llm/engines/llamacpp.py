@@ -12,12 +12,13 @@ import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_llm.chat_format import ChatFormatter, select_formatter
 from edge_llm.chat_tokens import ChatPrompt, ControlToken, chat_tokens
 from edge_llm.engines import llama_runtime as rt
-from edge_llm.engines.base import Delta, Embeddings, Engine, Scores
-from edge_llm.engines.cpu_threads import default_threads
+from edge_llm.engines.base import CacheTierStats, Delta, Embeddings, Engine, EngineStats, Scores
+from edge_llm.engines.cpu_threads import ThreadGovernor, default_threads
 from edge_llm.engines.llama_log import set_verbose
 from edge_llm.engines.llama_runtime import llama_cpp
 from edge_llm.engines.media import MediaPrompt, MediaTokens
@@ -29,6 +30,10 @@ from edge_llm.load_options import LoadOptions
 from edge_llm.model_kind import model_kind
 from edge_llm.registry import ResolvedModel
 from edge_llm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from edge_llm.engines.prompt_cache import PromptCache
+    from edge_llm.engines.scheduler import Scheduler
 
 DEFAULT_N_CTX = 4096
 # The longest input of an embedding model or reranker by default (-c raises it, up to the model's):
@@ -58,6 +63,10 @@ def draft_model_path(ref: str) -> Path:
 
 class LlamaCppEngine(Engine):
     name = "llama.cpp"
+    kv_unified: bool = False  # one KV pool any request may fill (-kvu)
+    # Continuous batching and the prompt cache beyond the slots (chat models; None for the others).
+    scheduler: Scheduler | None = None
+    prompt_cache: PromptCache | None = None
 
     @classmethod
     def check_options(cls, options: LoadOptions) -> None:
@@ -143,7 +152,7 @@ class LlamaCppEngine(Engine):
         self.prompt_cache = None
 
         from edge_llm.engines.prompt_cache import open_prompt_cache
-        from edge_llm.engines.scheduler import Scheduler
+        from edge_llm.engines.scheduler import ModelView, Scheduler, SchedulerConfig
 
         try:
             mmproj = projector_path(options.mmproj, self.path)
@@ -161,8 +170,15 @@ class LlamaCppEngine(Engine):
         except BaseException:
             self.close()
             raise
-        self.scheduler = Scheduler(self, max_waiting=options.max_queue, cache=self.prompt_cache, drafter=drafter,
-                                   draft_max=options.draft_max, draft_min=options.draft_min)
+        model = ModelView(self.context, self.vocab, self.n_vocab, self.eog_ids, self.token_piece, self.token_text)
+        config = SchedulerConfig(n_ctx=self.n_ctx, n_ctx_seq=self.n_ctx_seq, n_parallel=self.n_parallel,
+                                 n_batch=self.n_batch, kv_unified=self.kv_unified, seed=self.seed,
+                                 max_waiting=options.max_queue, n_threads=self.n_threads,
+                                 n_threads_batch=options.n_threads_batch, images=self.projector is not None,
+                                 draft_max=options.draft_max, draft_min=options.draft_min)
+        # -t or every core: at most that many (exactly that many with --no-adapt-threads)
+        governor = ThreadGovernor(self.n_threads, adapt=options.adapt_threads)
+        self.scheduler = Scheduler(model, config, governor=governor, cache=self.prompt_cache, drafter=drafter)
 
     def _drafter(self, options: LoadOptions) -> Drafter | None:
         """Speculative decoding's drafter (--spec, -md): prompt lookup by default, none for models
@@ -219,6 +235,21 @@ class LlamaCppEngine(Engine):
     def n_ctx_seq(self) -> int:
         """One request's share of the context: all of it with one KV pool (-kvu), else its slot's."""
         return self.n_ctx if self.kv_unified else self.n_ctx // self.n_parallel
+
+    def stats(self) -> EngineStats:
+        ram = disk = None
+        cache = self.prompt_cache
+        if cache is not None:
+            ram = CacheTierStats(cache.ram_bytes, cache.ram_budget, cache.stats.evictions)
+            if cache.disk is not None:
+                disk = CacheTierStats(cache.disk_bytes, cache.disk.budget, cache.stats.disk_evictions)
+        scheduler = self.scheduler
+        if scheduler is None:
+            return EngineStats(slots=self.n_parallel, cache_ram=ram, cache_disk=disk)
+        return EngineStats(slots=self.n_parallel, running=scheduler.running, waiting=scheduler.waiting,
+                           kv_usage=scheduler.kv_usage, threads=scheduler.threads,
+                           decodes_with_fewer_threads=scheduler.stats.decodes_with_fewer_threads,
+                           cache_ram=ram, cache_disk=disk)
 
     # -- vocabulary -----------------------------------------------------------------------------
 

@@ -340,7 +340,7 @@ class PromptCache:
     owns the files. One lock guards the index."""
 
     def __init__(self, ram_budget: int, disk: DiskStore | None = None) -> None:
-        self.ram_budget = max(0, ram_budget)
+        self.ram_budget = ram_budget
         self.disk = disk
         self.stats = CacheStats()
         self._entries: dict[str, CacheEntry] = {}
@@ -597,26 +597,14 @@ class PromptCache:
 
 # -- construction -----------------------------------------------------------------------------------
 
-DEFAULT_RAM_CAP = 8 * 2**30  # llama-server's --cache-ram default
 DEFAULT_DISK_BUDGET = 8 * 2**30
 
 
-def default_ram_budget() -> int:
-    """A quarter of the machine's memory, at most llama-server's 8 GiB: on a 16 GB laptop the
-    weights, the KV cells and the rest of the system keep three quarters."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return DEFAULT_RAM_CAP // 4
-    return min(DEFAULT_RAM_CAP, total // 4)
-
-
-def open_prompt_cache(model_path: Path, settings: dict[str, object], *, ram_budget: int | None,
+def open_prompt_cache(model_path: Path, settings: dict[str, object], *, ram_budget: int,
                       cache_dir: str | Path | None, disk_budget: int | None) -> PromptCache | None:
-    """The cache an engine asked for, or None when both tiers are off (`--cache-ram 0`, no dir)."""
-    ram = default_ram_budget() if ram_budget is None else ram_budget
-    if ram < 0:
-        raise EdgeLLMError(f"--cache-ram must be a size, or 0 to turn the host-memory cache off (got {ram})")
+    """The cache an engine asked for, or None when both tiers are off (`--cache-ram 0`, no dir).
+    `ram_budget`: the resolved --cache-ram (its default and bound are the option's, load_options.py)."""
+    ram = ram_budget
     disk = None
     if cache_dir:
         root = Path(cache_dir).expanduser()

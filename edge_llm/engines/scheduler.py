@@ -8,9 +8,12 @@ step it builds one llama_batch holding
     prompt first, and one prompt finished per step (prefill on a CPU is compute-bound, so
     reading prompts together only delays every first token to the last one's),
 then calls llama_decode once (ctypes releases the GIL, so an asyncio server stays responsive)
-and samples every sequence that produced logits. Which slot a request takes, what it reuses and
-which prompts a step reads are decided in `slots.py` (plain Python); llama.cpp is called through
-`llama_runtime.py`; a request's deltas reach its reader through a `threadbridge.Channel`.
+and samples every sequence that produced logits. Which slot a request takes and what it reuses
+are decided in `slots.py` (`place`); what a step runs (generating slots, prompt chunks, image rows,
+drafts) is a `step_plan.StepPlan`, made in plain Python by `schedule()` and run by `_execute`;
+llama.cpp is called through `llama_runtime.py`; a request's deltas reach its reader through a
+`threadbridge.Channel`. The scheduler sees a narrow view of its engine: a `ModelView` (the context,
+the vocabulary's facts), a `SchedulerConfig` and an injected `ThreadGovernor`.
 
 Slots and the prompt cache: the context has `n_parallel` sequences (slots), each with its own
 n_ctx / n_parallel KV cells (kv_unified = False, so a request's attention never covers another
@@ -44,37 +47,34 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_llm.engines import llama_runtime as rt
+from edge_llm.engines import rules
 from edge_llm.engines.base import Delta, TokenLogprob, Usage
 from edge_llm.engines.cpu_threads import ThreadGovernor
-from edge_llm.engines.media import has_placeholders, images_of, kv_position, next_image, whole_images
+from edge_llm.engines.media import has_placeholders, images_of, kv_position, next_image
 from edge_llm.engines.projector import VisionWorker
 from edge_llm.engines.prompt_cache import PromptCache
+from edge_llm.engines.rules import ends_text, finish_after_text
 from edge_llm.engines.slots import (
     Slot,
-    best_placed,
     eviction_order,
     free_cells,
     least_recently_used,
-    pick_slot,
-    plan_prefill,
+    place,
     slots_for_copies,
-    usable_prefix,
-    worth_restoring,
 )
-from edge_llm.engines.speculation import Acceptance, Candidate, Drafter, StepCost, graph_runs, plan_drafts
+from edge_llm.engines.speculation import Acceptance, Drafter, StepCost, graph_runs
+from edge_llm.engines.step_plan import DraftLimits, StepPlan, plan_step, plan_step_drafts
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import Channel
-from edge_llm.errors import ContextLengthError, EdgeLLMError, InvalidParameterError, OverloadedError
+from edge_llm.errors import EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from edge_llm.engines.llamacpp import LlamaCppEngine
 
 log = logging.getLogger(__name__)
 
@@ -175,42 +175,74 @@ class Choice:
     accepted: int = 0
 
 
+@dataclass(frozen=True)
+class ModelView:
+    """What the scheduler uses of the model: the context it decodes on (only its engine thread
+    touches it) and the vocabulary's facts. Built by the engine (llamacpp.py)."""
+
+    context: rt.LlamaContext
+    vocab: object  # llama_vocab *, for sampler chains
+    n_vocab: int
+    eog_ids: frozenset[int]
+    token_piece: Callable[[int], bytes]  # a token's bytes (special tokens: none)
+    token_text: Callable[[int], str]  # a token's own text, for logprobs
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's settings, as the engine resolved them from its load options."""
+
+    n_ctx: int  # the context's KV cells
+    n_ctx_seq: int  # one request's share (prompt + output)
+    n_parallel: int  # slots (llama.cpp sequences)
+    n_batch: int  # tokens per llama_decode
+    kv_unified: bool = False  # one pool of n_ctx cells for every slot (-kvu)
+    seed: int | None = None  # the context's seed, for requests without one
+    max_waiting: int = 64  # queued requests beyond the idle slots (--max-queue)
+    n_threads: int = 1  # the context's threads at creation (-t, or every core)
+    n_threads_batch: int | None = None  # the user's -tb, or None: follow the governor
+    images: bool = False  # a projector is loaded: prompts may hold images (a vision worker encodes them)
+    draft_max: int = 16
+    draft_min: int = 0
+
+
 class Scheduler:
-    def __init__(self, engine: LlamaCppEngine, *, max_waiting: int = 64, cache: PromptCache | None = None,
-                 drafter: Drafter | None = None, draft_max: int = 16, draft_min: int = 0) -> None:
-        self.engine = engine
+    def __init__(self, model: ModelView, config: SchedulerConfig, *, governor: ThreadGovernor,
+                 cache: PromptCache | None = None, drafter: Drafter | None = None) -> None:
+        self.model = model
+        self.config = config
         self.cache = cache  # states of conversations that lost their slot (prompt_cache.py)
         self.drafter = drafter  # speculative decoding (speculation.py); None: off
-        self.draft_max = draft_max
-        self.draft_min = draft_min
+        self.draft_limits = DraftLimits(n_batch=config.n_batch, n_ctx_seq=config.n_ctx_seq, draft_max=config.draft_max,
+                                        draft_min=config.draft_min, unified=config.kv_unified, images=config.images)
         self.cost = StepCost()  # graph run times, for plan_drafts (tests replace it)
         self._acceptance = Acceptance()  # of every choice's drafts: where a new choice starts
-        self.ctx = engine.context
+        self.ctx = model.context
         self.memory = rt.SequenceMemory(self.ctx)
-        self.n_ctx_seq = engine.n_ctx_seq
-        self.unified = engine.kv_unified
-        self.n_batch = engine.n_batch
-        self.max_waiting = max_waiting
-        self.slots = [Slot(i) for i in range(engine.n_parallel)]
+        self.n_ctx = config.n_ctx
+        self.n_ctx_seq = config.n_ctx_seq
+        self.unified = config.kv_unified
+        self.n_batch = config.n_batch
+        self.max_waiting = config.max_waiting
+        self.slots = [Slot(i) for i in range(config.n_parallel)]
         self.stats = SchedulerStats()
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._batch = rt.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
         self._outbox: list[tuple[Request, Delta | None]] = []  # this step's deltas, None: a request's end
-        options = engine.options
-        # -t or every core: at most that many (exactly that many with --no-adapt-threads)
-        self._governor = ThreadGovernor(engine.n_threads, adapt=options.adapt_threads)
-        self._threads_batch = options.n_threads_batch  # the user's -tb, or None: follow the governor
-        self._threads_set = (engine.n_threads, options.n_threads_batch or engine.n_threads)
+        # The thread count of each decode (cpu_threads.ThreadGovernor: -t or every core, at most;
+        # exactly that with --no-adapt-threads). Public: tests put a governor of their own here.
+        self.governor = governor
+        self._threads_batch = config.n_threads_batch  # the user's -tb, or None: follow the governor
+        self._threads_set = (config.n_threads, config.n_threads_batch or config.n_threads)
         # Images: encoded by the vision worker's thread while this one decodes the other slots.
-        projector = getattr(engine, "projector", None)
-        self.vision = VisionWorker(self._wake) if projector is not None else None
+        self.vision = VisionWorker(self._wake) if config.images else None
         self._waiting_on_vision = False  # the last step had nothing to run but slots waiting for images
         self._vision_signal = False  # an image was encoded since the engine thread last looked
         # Decode threads while the vision tower works (0: no change); the engine's cores less the
         # tower's share, at least one.
-        self.vision_threads_while_encoding = max(1, engine.n_threads // 2) if self.vision is not None else 0
+        self.vision_threads_while_encoding = max(1, config.n_threads // 2) if self.vision is not None else 0
         self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
         self._thread.start()
 
@@ -230,25 +262,35 @@ class Scheduler:
         kv_cache_usage_perc: what an idle slot keeps for a returning conversation can be given up,
         so it counts as free). Read at scrape time from another thread: a gauge, not a promise."""
         held = sum(len(s.cached) + len(s.prefill) for s in list(self.slots) if not s.idle)
-        return min(1.0, held / self.engine.n_ctx)
+        return min(1.0, held / self.n_ctx)
 
     @property
     def threads(self) -> int:
         """Threads the decodes use now: the cores, or fewer while other programs hold some."""
         return self._threads_set[0]
 
+    @property
+    def thread_counts(self) -> tuple[int, int]:
+        """The context's threads now: (generation, prompt processing)."""
+        return self._threads_set
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the engine thread between steps: requests submitted inside are seen (and admitted)
+        together by its next step."""
+        with self._cond:
+            yield
+
     def validate(self, tokens: list[int], params: SamplingParams) -> None:
+        """The engine's checks (rules.py) again, for callers that submit directly, and the
+        scheduler's own: each choice takes a slot."""
         if not tokens:
             raise InvalidParameterError("the prompt is empty", param="prompt")
-        if len(tokens) >= self.n_ctx_seq:
-            raise ContextLengthError(
-                f"the prompt has {len(tokens)} tokens but a sequence holds at most {self.n_ctx_seq} "
-                f"(context {self.engine.n_ctx} / {len(self.slots)} parallel slots); shorten it or raise -c",
-                param="messages")
+        rules.check_prompt_length(len(tokens), self.n_ctx_seq, n_ctx=self.n_ctx)
         if params.n > len(self.slots):
             raise InvalidParameterError(f"n={params.n} exceeds the {len(self.slots)} parallel slots (-np)",
                                         param="n")
-        self.engine.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
+        rules.check_stop_token_ids(params, self.model.n_vocab)
 
     def submit(self, tokens: list[int], params: SamplingParams, *, bind_loop: bool = True) -> Request:
         self.validate(tokens, params)
@@ -329,16 +371,29 @@ class Scheduler:
         if self.vision is not None:
             self._fail_images()
         self._admit()
-        generating = [s for s in self.slots if s.choice is not None and s.choice.pending is not None and not s.prefill]
-        reading = sorted((s for s in self.slots if s.prefill), key=lambda s: s.choice.request.id)
-        runnable = [self._runnable(s) for s in reading] if self.vision is not None else [len(s.prefill) for s in reading]
-        self._waiting_on_vision = bool(reading) and not generating and not any(runnable)
-        reading = [s for s, n in zip(reading, runnable, strict=True) if n]
-        chunks = {reading[i].seq_id: n for i, n in plan_prefill([n for n in runnable if n],
-                                                                  used=len(generating), n_batch=self.n_batch)}
-        if self.vision is not None:
-            self._decode_images(chunks)  # own decodes, before the batch whose logits are sampled
-        drafts = self._drafts(generating, chunks)
+        plan = self.schedule()
+        if plan.images:
+            self._decode_images(plan.images)  # own decodes, before the batch whose logits are sampled
+        if self.drafter is not None and plan.generating:
+            plan.drafts = self._plan_drafts(plan)
+        self._execute(plan)
+
+    def schedule(self) -> StepPlan:
+        """This step's slots and prompt chunks (step_plan.py); drafts are planned once its image
+        rows are in."""
+        plan = plan_step(self.slots, n_batch=self.n_batch, images=self.vision is not None)
+        self._waiting_on_vision = plan.waiting_on_vision
+        return plan
+
+    def _plan_drafts(self, plan: StepPlan) -> dict[int, list[int]]:
+        pool_room = self._free_cells() - self.running if self.unified else None
+        return plan_step_drafts(plan, self.drafter, self.cost, self.draft_limits, pool_room=pool_room)
+
+    def _execute(self, plan: StepPlan) -> None:
+        """One llama_decode for the plan's batch, then the sampling of what it produced: the first
+        token of each prompt finished this step (and its copies'), and each generating slot's
+        pending and drafted positions."""
+        generating, chunks, drafts = plan.generating, plan.chunks, plan.drafts
         batch = self._batch
         batch.reset()
         verifying: list[tuple[Slot, list[int], int]] = []  # generating slots, their drafts, their first logits index
@@ -367,7 +422,7 @@ class Scheduler:
         self._set_threads()
         self._flush()  # the last step's deltas, read while llama_decode runs without the GIL
         self.stats.decode_calls += 1
-        self.stats.decodes_with_fewer_threads += self._threads_set[0] < self._governor.limit
+        self.stats.decodes_with_fewer_threads += self._threads_set[0] < self.governor.limit
         start = time.perf_counter()
         rt.decode(self.ctx, batch)
         if self.drafter is not None and not chunks and len(graph_runs(counts, unified=self.unified)) == 1:
@@ -381,17 +436,6 @@ class Scheduler:
             self._verify(slot, draft, first)
 
     # -- images (engines/media.py, engines/projector.py) ----------------------------------------
-
-    def _runnable(self, slot: Slot) -> int:
-        """Prompt tokens a reading slot can evaluate now: its text up to the next image; an image
-        once the vision worker has encoded it (what is left of it); none while it has not."""
-        at = len(slot.cached)
-        span = next_image(at, images_of(slot.choice.request.tokens))
-        if span is None:
-            return len(slot.prefill)
-        if at < span.start:
-            return span.start - at
-        return span.end - at if span.embeddings is not None else 0
 
     def _fail_images(self) -> None:
         """Requests whose image the vision encoder could not encode get its error."""
@@ -408,22 +452,15 @@ class Scheduler:
                 request.put(span.error)
                 request.end()
 
-    def _decode_images(self, chunks: dict[int, int]) -> None:
-        """Image rows of this step's prompt chunks into their slots (each chunk whose slot stands at
-        an image is taken out of `chunks`). Rows that attend both ways (Gemma 3) go in whole."""
-        for slot in self.slots:
-            n = chunks.get(slot.seq_id)
-            if not n:
-                continue
+    def _decode_images(self, rows: dict[int, int]) -> None:
+        """The plan's image rows into their slots (seq_id -> rows, in slot order)."""
+        slots = self.slots
+        for seq_id, n in rows.items():
+            slot = slots[seq_id]
             images = images_of(slot.choice.request.tokens)
             at = len(slot.cached)
             span = next_image(at, images)
-            if span is None or at < span.start:
-                continue
-            del chunks[slot.seq_id]
             chunk = span.chunk
-            if chunk.non_causal:
-                n = span.end - at
             first = at - span.start
             positions = chunk.positions(kv_position(span.start, images))[:, first:first + n]
             self._set_threads()
@@ -439,16 +476,16 @@ class Scheduler:
     def _set_threads(self) -> None:
         """Threads for this decode, as the governor says (fewer while other programs hold cores);
         a -tb of its own gives up as many threads as -t does."""
-        n = self._governor.threads()
+        n = self.governor.threads()
         if self.vision is not None and self.vision.busy and self.vision_threads_while_encoding:
             # The vision tower runs on the same cores now: decode on what it leaves (at least one
             # thread, which has no barriers to spin at).
             n = min(n, self.vision_threads_while_encoding)
-        batch = max(1, self._threads_batch - (self._governor.limit - n)) if self._threads_batch else n
+        batch = max(1, self._threads_batch - (self.governor.limit - n)) if self._threads_batch else n
         wanted = (n, batch)
         if wanted != self._threads_set:
             log.debug("threads %d -> %d (other programs use %.2f cores)", self._threads_set[0], n,
-                      self._governor.others)
+                      self.governor.others)
             rt.set_threads(self.ctx, *wanted)
             self._threads_set = wanted
 
@@ -465,54 +502,6 @@ class Scheduler:
         return index
 
     # -- speculative decoding -------------------------------------------------------------------
-
-    def _drafts(self, generating: list[Slot], chunks: dict[int, int]) -> dict[int, list[int]]:
-        """The drafted tokens each generating slot verifies this step (speculation.py)."""
-        if self.drafter is None or not generating:
-            return {}
-        # Drafts share what the batch (and, with -kvu, the pool) has left after one token per
-        # generating slot and this step's prompt chunks.
-        spare = self.n_batch - len(generating) - sum(chunks.values())
-        if self.unified:
-            spare = min(spare, self._free_cells() - self.running)
-        room = {s.seq_id: self._draft_room(s, spare // len(generating)) for s in generating}
-        others = [(seq_id, n) for seq_id, n in chunks.items()]
-
-        def plan(drafts: dict[int, int]) -> dict[int, int]:
-            # A slot with no draft (or one under --draft-min) is planned as one token, like the others.
-            candidates = [Candidate(s.seq_id, drafts.get(s.seq_id, 0), s.choice.acceptance.value) for s in generating]
-            return plan_drafts(candidates, others, self.cost, unified=self.unified, draft_min=self.draft_min)
-
-        # A costly drafter (a draft model) is asked only for slots that would verify a full draft; a
-        # cheap one (lookup) first, so that a step without proposals spends nothing on the plan.
-        asked = plan(room) if self.drafter.costly else {seq_id: n for seq_id, n in room.items() if n > 0}
-        if self.drafter.costly:  # a draft model has no projector: it cannot follow a prompt with images
-            asked = {s.seq_id: asked[s.seq_id] for s in generating
-                     if s.seq_id in asked and not images_of(s.choice.request.tokens)}
-        if not asked:
-            return {}
-        start = time.perf_counter()
-        proposals = self.drafter.propose({s.seq_id: ([*s.cached, s.choice.pending], asked[s.seq_id])
-                                          for s in generating if s.seq_id in asked})
-        if self.vision is not None:  # an image's placeholders are not tokens: a draft stops before one
-            proposals = {k: _before_placeholder(v) for k, v in proposals.items()}
-        self.cost.observe_drafting(max(map(len, proposals.values()), default=0), time.perf_counter() - start)
-        if not any(proposals.values()):
-            return {}
-        lengths = plan({seq_id: len(tokens) for seq_id, tokens in proposals.items()})
-        return {seq_id: proposals[seq_id][:n] for seq_id, n in lengths.items()}
-
-    def _draft_room(self, slot: Slot, share: int) -> int:
-        """The most tokens a slot may draft: its `share` of the batch, --draft-max and the
-        request's draft_max, its context (the pending token and the drafts must fit), and
-        max_tokens (a step yields one token past its drafts)."""
-        params = slot.choice.request.params
-        room = min(share, self.draft_max, self.n_ctx_seq - len(slot.cached) - 1)
-        if params.draft_max is not None:
-            room = min(room, params.draft_max)
-        if params.max_tokens is not None:
-            room = min(room, params.max_tokens - slot.choice.generated - 1)
-        return max(room, 0)
 
     def _verify(self, slot: Slot, draft: list[int], first: int) -> None:
         """Sample the pending token's position and each drafted one in turn, as many as agree with
@@ -593,29 +582,24 @@ class Scheduler:
         own, or a saved state restored from the prompt cache. Returns the slot, how many prompt
         tokens it holds, and how many of those were restored."""
         running = [s.seq_id for s in self.slots if not s.idle]
-        main, reuse = pick_slot(tokens, idle, running, unified=self.unified)
         images = images_of(tokens)
-        reuse = whole_images(reuse, images)
-        if self.cache is not None:
-            entry, found = self.cache.lookup(tokens)
-            found = whole_images(usable_prefix(found, len(tokens)), images)
-            if entry is not None and worth_restoring(found, reuse):
-                # The slot beside the running ones, the least recently used of equals (the cheapest
-                # to give up); it is saved first.
-                target = best_placed(idle, running, unified=self.unified)
-                # With -kvu the whole entry must fit in the pool before it is cut to the prompt.
-                fits = not self.unified or entry.n_tokens <= self._free_cells() + len(target.cached)
-                state = self.cache.load(entry) if fits else None
-                if state is not None:
-                    self._save(target)
-                    if self._restore(target, state, entry.tokens.tolist()):
-                        self._truncate(target, found, images)
-                        found = len(target.cached)  # less if the tail could not be cut
-                        self.cache.note_restore(found)
-                        return target, found, found
-                    self.cache.discard(entry)
-                    if target is main:
-                        reuse = 0
+        saved = self.cache.lookup(tokens) if self.cache is not None else None
+        plan = place(tokens, idle, running, unified=self.unified, images=images, saved=saved,
+                     free=self._free_cells() if self.unified and saved is not None else 0)
+        main, reuse = plan.slot, plan.reuse
+        if plan.entry is not None:
+            target, entry = plan.target, plan.entry
+            state = self.cache.load(entry)
+            if state is not None:
+                self._save(target)
+                if self._restore(target, state, entry.tokens.tolist()):
+                    self._truncate(target, plan.found, images)
+                    found = len(target.cached)  # less if the tail could not be cut
+                    self.cache.note_restore(found)
+                    return target, found, found
+                self.cache.discard(entry)
+                if target is main:
+                    reuse = 0
         if reuse < len(main.cached):
             self._save(main)
         self._truncate(main, reuse, images)
@@ -634,12 +618,12 @@ class Scheduler:
 
     def _make_choice(self, request: Request, index: int, n_prompt: int, n_cached: int) -> Choice:
         params = request.params
-        seed = self.engine.seed if params.seed is None else params.seed
+        seed = self.config.seed if params.seed is None else params.seed
         if seed is not None:
             seed += index  # n choices from one seed must still differ
         last_n = self.n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
-        engine = self.engine
-        sampler = rt.sampler_chain(params, vocab=engine.vocab, n_vocab=engine.n_vocab, eog_ids=engine.eog_ids,
+        model = self.model
+        sampler = rt.sampler_chain(params, vocab=model.vocab, n_vocab=model.n_vocab, eog_ids=model.eog_ids,
                                    penalty_last_n=last_n, seed=seed)
         if not params.grammar and params.repetition_penalty != 1.0:
             # vLLM and llama-server apply the repetition penalty to prompt tokens too.
@@ -668,7 +652,7 @@ class Scheduler:
     # -- unified KV (-kvu): one pool of n_ctx cells for every slot ------------------------------
 
     def _free_cells(self) -> int:
-        return free_cells(self.slots, self.engine.n_ctx)
+        return free_cells(self.slots, self.n_ctx)
 
     def _evict(self, slot: Slot) -> None:
         """Free an idle slot's cells; what it held goes to the prompt cache first."""
@@ -751,10 +735,10 @@ class Scheduler:
             return None
         held = len(slot.cached) if held is None else held
         params = choice.request.params
-        engine = self.engine
+        model = self.model
         logprobs = self._logprobs(index, params.logprobs) if params.logprobs is not None else None
         if _plain_greedy(params):
-            token = self._argmax(index, engine.eog_ids if params.ignore_eos else frozenset())
+            token = self._argmax(index, model.eog_ids if params.ignore_eos else frozenset())
         else:
             # llama_sampler_sample also accepts the token into the chain (penalty history, grammar
             # state): accepting it again would count it twice and break grammars.
@@ -763,20 +747,11 @@ class Scheduler:
         if logprobs is not None:
             logprobs = [self._token_logprob(token, *logprobs)]
 
-        finish = None
-        text = ""
-        if token in engine.eog_ids and not params.ignore_eos:
-            finish = "stop"
-        elif token in params.stop_token_ids:
-            finish = "stop"
+        if ends_text(token, params, model.eog_ids):
+            finish, text = "stop", ""
         else:
-            text = choice.text.push(engine.token_piece(token))
-            if choice.text.stopped:
-                finish = "stop"
-            elif params.max_tokens is not None and choice.generated >= params.max_tokens:
-                finish = "length"
-            elif held >= self.n_ctx_seq:
-                finish = "length"  # the slot's context is full
+            text = choice.text.push(model.token_piece(token))
+            finish = finish_after_text(params, choice.text, choice.generated, held, self.n_ctx_seq)
         if finish is not None:
             text += choice.text.finish()
             self._finish(slot, finish, text, [token], logprobs)
@@ -789,7 +764,7 @@ class Scheduler:
     def _argmax(self, index: int, banned: frozenset[int]) -> int:
         """Greedy sampling over the raw logits: the token llama.cpp's greedy sampler picks (the
         first of equal maxima), without building its 49k-entry candidate array every token."""
-        logits = rt.logits(self.ctx, index, self.engine.n_vocab)
+        logits = rt.logits(self.ctx, index, self.model.n_vocab)
         token = int(logits.argmax())
         if token in banned:  # ignore_eos: the best token that does not end the generation
             logits = logits.copy()
@@ -798,7 +773,7 @@ class Scheduler:
         return token
 
     def _logprobs(self, index: int, top_n: int) -> tuple[np.ndarray, int]:
-        logits = rt.logits(self.ctx, index, self.engine.n_vocab).astype(np.float64)
+        logits = rt.logits(self.ctx, index, self.model.n_vocab).astype(np.float64)
         shifted = logits - logits.max()
         return shifted - np.log(np.exp(shifted).sum()), top_n
 
@@ -807,8 +782,8 @@ class Scheduler:
         if top_n:
             best = np.argpartition(-logprobs, top_n)[:top_n]
             best = best[np.argsort(-logprobs[best])]
-            top = [(self.engine.token_text(int(t)), float(logprobs[t])) for t in best]
-        return TokenLogprob(token, self.engine.token_text(token), float(logprobs[token]), top)
+            top = [(self.model.token_text(int(t)), float(logprobs[t])) for t in best]
+        return TokenLogprob(token, self.model.token_text(token), float(logprobs[token]), top)
 
     def _finish(self, slot: Slot, reason: str, text: str = "", token_ids: list[int] | None = None,
                 logprobs: list[TokenLogprob] | None = None) -> None:
@@ -887,13 +862,6 @@ def _plain_greedy(params: SamplingParams) -> bool:
 def _release_media(request: Request) -> None:
     if images_of(request.tokens):
         request.tokens.release()
-
-
-def _before_placeholder(tokens: list[int]) -> list[int]:
-    for i, token in enumerate(tokens):
-        if token < 0:
-            return tokens[:i]
-    return tokens
 
 
 def _positions_fit(positions: tuple[int, int], tokens: list[int]) -> bool:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from edge_llm.engines.media import ImageSpan, whole_images
 from edge_llm.engines.speculation import graph_runs
 
 if TYPE_CHECKING:
@@ -98,6 +99,39 @@ def worth_restoring(usable: int, reuse: int) -> bool:
     """Whether restoring a saved state whose `usable` prompt tokens may be kept beats the `reuse`
     tokens the chosen slot holds already."""
     return usable >= reuse + MIN_RESTORE_GAIN
+
+
+@dataclass
+class Placement:
+    """Where an admitted prompt goes (`place`): `slot`, keeping `reuse` of the tokens it holds;
+    or, when a saved state of the prompt cache covers the prompt better, `entry` restored into
+    `target` and cut to its first `found` tokens (should the restore fail, `slot` as before)."""
+
+    slot: Slot
+    reuse: int
+    entry: Any = None  # prompt_cache.CacheEntry worth restoring; None: none
+    target: Slot | None = None
+    found: int = 0
+
+
+def place(tokens: Sequence[int], idle: Sequence[Slot], running: Sequence[int], *, unified: bool,
+          images: Sequence[ImageSpan] = (), saved: tuple[Any, int] | None = None,
+          free: int = 0) -> Placement:
+    """The slot for a prompt and the longest cached prefix it can start from: its own (pick_slot),
+    or `saved` (the prompt cache's best entry and the prompt tokens it shares) restored into the
+    idle slot beside the running ones (the least recently used of equals: the cheapest to give
+    up), if it is worth it. Image spans are kept whole. With -kvu (`unified`) the whole entry must
+    fit in the pool (`free` cells) beside what the target gives up, before it is cut to the prompt."""
+    main, reuse = pick_slot(tokens, idle, running, unified=unified)
+    reuse = whole_images(reuse, images)
+    if saved is not None:
+        entry, found = saved
+        found = whole_images(usable_prefix(found, len(tokens)), images)
+        if entry is not None and worth_restoring(found, reuse):
+            target = best_placed(idle, running, unified=unified)
+            if not unified or entry.n_tokens <= free + len(target.cached):
+                return Placement(main, reuse, entry, target, found)
+    return Placement(main, reuse)
 
 
 def slots_for_copies(idle: Sequence[Slot], main: Slot, n: int) -> list[Slot]:

@@ -18,7 +18,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from edge_llm.engines.base import Delta, Engine, Usage, merge_delta
-from edge_llm.errors import ContextLengthError, InvalidParameterError, OverloadedError
+from edge_llm.errors import InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
 from edge_llm.server.errors import ClientDisconnected
 from edge_llm.server.metrics import RequestObserver
@@ -38,12 +38,8 @@ def context_size(engine: Engine) -> int:
 def capped_max_tokens(engine: Engine, n_prompt: int, requested: int | None, *, param: str) -> int:
     """The output budget: the request's max_tokens, never more than what the context has left.
     A prompt that leaves no room is refused here, with OpenAI's error code."""
-    limit = context_size(engine)
-    if n_prompt >= limit:
-        raise ContextLengthError(f"This model's maximum context length is {limit} tokens. However, your "
-                                 f"{'messages' if param == 'messages' else 'prompt'} resulted in {n_prompt} "
-                                 "tokens. Please reduce the length.", param=param)
-    room = limit - n_prompt
+    engine.check_prompt_length(n_prompt, param=param)
+    room = context_size(engine) - n_prompt
     if requested is None:
         return room
     if requested < 1:
@@ -64,8 +60,6 @@ class Generation:
         self.params = params
         self._closing = closing
         self.n_prompt = len(tokens)
-        if params.stop_token_ids:  # checked here, the engine would name them "prompt"
-            engine.check_token_ids(list(params.stop_token_ids), param="stop_token_ids")
         self._source = engine.generate(tokens, params)
         self._observer = observer
         self._first: Delta | None = None

@@ -4,7 +4,7 @@ gauges a router or autoscaler reads (running, waiting, KV-cache use) are also ex
 own names, so an endpoint picker (Gateway API Inference Extension, llm-d) needs no setting.
 
 Counters live in the server, not in the engines, so they keep counting across a model's unload
-and reload; the running/waiting gauges are read from the loaded engines' schedulers at scrape time.
+and reload; the running/waiting gauges are read from the loaded engines' `stats()` at scrape time.
 Each app has its own CollectorRegistry, so two servers in one process (tests) do not mix counts.
 """
 
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from edge_llm.engines.base import EngineStats
 
 if TYPE_CHECKING:
     from edge_llm.engines.base import Delta
@@ -154,33 +156,30 @@ class _EngineStateCollector:
         evictions = CounterMetricFamily(PREFIX + "prompt_cache_evictions", "KV states dropped for the budget since "
                                         "the model was loaded", labels=tier)
         engines = self.manager.loaded()
-        for name, engine in engines.items():
-            cache = engine.prompt_cache
-            if cache is None:
-                continue
-            held.add_metric([name, "ram"], float(cache.ram_bytes))
-            budget.add_metric([name, "ram"], float(cache.ram_budget))
-            evictions.add_metric([name, "ram"], float(cache.stats.evictions))
-            if cache.disk is not None:
-                held.add_metric([name, "disk"], float(cache.disk_bytes))
-                budget.add_metric([name, "disk"], float(cache.disk.budget))
-                evictions.add_metric([name, "disk"], float(cache.stats.disk_evictions))
+        stats = {name: engine.stats() for name, engine in engines.items()}
+        for name, figures in stats.items():
+            for tier, cache in (("ram", figures.cache_ram), ("disk", figures.cache_disk)):
+                if cache is not None:
+                    held.add_metric([name, tier], float(cache.held_bytes))
+                    budget.add_metric([name, tier], float(cache.budget_bytes))
+                    evictions.add_metric([name, tier], float(cache.evictions))
         yield from (held, budget, evictions)
+        idle = EngineStats()
         for name in self.manager.models:
-            engine = engines.get(name)
-            scheduler = engine.scheduler if engine is not None else None
-            loaded.add_metric([name], 1.0 if engine is not None else 0.0)
+            figures = stats.get(name)
+            now = figures or idle
+            loaded.add_metric([name], 1.0 if figures is not None else 0.0)
             for family in (running, running_vllm):
-                family.add_metric([name], float(scheduler.running) if scheduler is not None else 0.0)
+                family.add_metric([name], float(now.running))
             for family in (waiting, waiting_vllm):
-                family.add_metric([name], float(scheduler.waiting) if scheduler is not None else 0.0)
+                family.add_metric([name], float(now.waiting))
             for family in (kv_usage, kv_usage_vllm):
-                family.add_metric([name], float(scheduler.kv_usage) if scheduler is not None else 0.0)
-            if engine is not None:
-                slots.add_metric([name], float(engine.n_parallel))
-            if getattr(scheduler, "threads", None) is not None:
-                threads.add_metric([name], float(scheduler.threads))
-                yielded.add_metric([name], float(scheduler.stats.decodes_with_fewer_threads))
+                family.add_metric([name], float(now.kv_usage))
+            if figures is not None:
+                slots.add_metric([name], float(figures.slots))
+            if now.threads is not None:
+                threads.add_metric([name], float(now.threads))
+                yielded.add_metric([name], float(now.decodes_with_fewer_threads))
         yield from (running, waiting, kv_usage, loaded, slots, threads, yielded)
         yield from (running_vllm, waiting_vllm, kv_usage_vllm)
 

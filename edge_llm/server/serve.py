@@ -161,9 +161,9 @@ def build_app(args: argparse.Namespace):  # noqa: ANN201 - a FastAPI app (import
     refs = model_refs(args)
     defaults: dict[str, object] = {}
     if len(refs) > 1:
-        from edge_llm.engines.prompt_cache import default_ram_budget
+        from edge_llm.load_options import DEFAULTS
 
-        defaults["cache_ram"] = default_ram_budget() // len(refs)  # the default is for the whole server
+        defaults["cache_ram"] = DEFAULTS["cache_ram"] // len(refs)  # the default is for the whole server
     options = load_options(args, defaults=defaults)
     manager = ModelManager.from_refs(
         refs, config=args.config, engine=args.engine, options=options,
