@@ -51,6 +51,7 @@ class Option:
     bare: Any = None  # the value of the flag given without one (-fa alone means "on")
     env: bool = True  # False: no environment variable (values that don't fit one string)
     repeatable: bool = False  # the flag may be given again; each gives a {key: value}, merged
+    default_text: str | None = None  # the default in words, where it depends on the machine (the docs' table)
 
     @property
     def env_name(self) -> str | None:
@@ -199,7 +200,7 @@ class LoadOptions(BaseModel):
     # The prompt cache beyond the slots (engines/prompt_cache.py) and the KV layout.
     cache_ram: Annotated[int | None, Field(ge=0), _opt(
         "-cram", "--cache-ram", group=PROMPT_CACHE, parse=parse_size, metavar="SIZE", registry=False,
-        default=default_ram_budget(),
+        default=default_ram_budget(), default_text="a quarter of RAM, at most 8G",
         help="host memory for the KV states of conversations that lost their slot, e.g. 2G; 0 = off "
              "(by default a quarter of RAM, at most 8G; `serve` with several models shares it among them)")] = None
     cache_dir: Annotated[str | None, _opt(
@@ -363,7 +364,8 @@ def flag_table() -> str:
             flags = ", ".join(f"`{flag}`" for flag in (*opt.flags, *opt.off_flags))
             if opt.metavar or choices(name):
                 flags += f" {opt.metavar or '{' + ','.join(choices(name)) + '}'}"
-            default = "-" if opt.default in (None, {}) else f"`{_shown_default(opt.default)}`"
+            default = (opt.default_text or "-" if opt.default in (None, {}) or opt.default_text
+                       else f"`{_shown_default(opt.default)}`")
             env = f"`{opt.env_name}`" if opt.env_name else "-"
             key = f"`{name}`" if opt.registry else "-"
             lines.append(f"| {cell(flags)} | {env} | {cell(default)} | {key} | {cell(opt.help)} |")
