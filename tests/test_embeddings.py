@@ -185,6 +185,35 @@ def test_embeddings_over_http(oa, llama, http, encoder_gguf):
                        vectors[0], atol=1e-5)
 
 
+def test_idle_models_keep_no_compute_thread(http, demo_path):
+    """Three models in one server: once each has answered, none keeps a thread that ran llama.cpp's
+    compute (with OpenMP, two such threads alive at once slow every decode of the process even
+    while one idles: engines/work_thread.py), and the next request starts one again."""
+    import threading
+    import time
+
+    names = ("edge-llm-engine", "edge-llm-pooled", "edge-llm-vision")
+
+    def compute_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name in names]
+
+    def settle() -> list[str]:
+        deadline = time.monotonic() + 10
+        while compute_threads() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return compute_threads()
+
+    chat = {"model": demo_path.stem, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}
+    assert http.post("/v1/embeddings", json={"model": "bert-bge", "input": TEXTS}).status_code == 200
+    assert http.post("/v1/rerank", json={"model": "qwen3-reranker", "query": QUERY, "documents": TEXTS}).status_code == 200
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    assert settle() == []
+    answer = http.post("/v1/chat/completions", json=chat)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+    assert http.post("/v1/embeddings", json={"model": "bert-bge", "input": TEXTS[:1]}).status_code == 200
+    assert settle() == []
+
+
 def test_rerank_shapes(http):
     """llama-server's (Jina's) and Cohere's body and answer, and TEI's."""
     full = http.post("/v1/rerank", json={"model": "qwen3-reranker", "query": QUERY, "documents": TEXTS}).json()

@@ -25,6 +25,7 @@ from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.cpu_threads import ThreadGovernor
 from edge_llm.engines.llama_runtime import llama_cpp
 from edge_llm.engines.threadbridge import Channel
+from edge_llm.engines.work_thread import WorkThread
 from edge_llm.errors import ContextLengthError, InvalidParameterError
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ class PooledWorker:
         self.decoded = 0  # sequences decoded so far (tests and /metrics read it)
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="edge-llm-pooled", daemon=True)
-        self._thread.start()
+        self._worker = WorkThread("edge-llm-pooled", self._run)  # runs while inputs wait
 
     # -- the callers' side
 
@@ -110,6 +110,7 @@ class PooledWorker:
             if self._closed:
                 raise InvalidParameterError("the model is being unloaded", param="model")
             self._waiting.append(request)
+            self._worker.start()
             self._wake.notify()
         return request
 
@@ -117,7 +118,7 @@ class PooledWorker:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join()
+        self._worker.join()
         self._batch.close()
         self.ctx.close()
 
@@ -126,13 +127,15 @@ class PooledWorker:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._waiting:
-                    self._wake.wait()
+                if not self._closed and not self._waiting:
+                    self._worker.ended()  # nothing left: the thread ends (engines/work_thread.py says why)
+                    return
                 if self._closed:
                     for request in self._waiting:
                         request.channel.put(InvalidParameterError("the model was unloaded", param="model"))
                         request.channel.end()
                     self._waiting.clear()
+                    self._worker.ended()
                     return
                 picked = self._pick()
             if picked:

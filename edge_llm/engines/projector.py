@@ -31,6 +31,7 @@ import numpy as np
 from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.llama_log import route_mtmd_log
 from edge_llm.engines.media import MEDIA_MARKER, ImageSpan, MediaPrompt, MediaTokens, placeholder_ids
+from edge_llm.engines.work_thread import WorkThread
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -209,23 +210,14 @@ class Projector:
 
 class VisionWorker:
     """Encodes the queued image chunks in order on a thread of its own, while the engine thread
-    decodes the other slots. `on_done()` is called from that thread after each chunk, so the
-    scheduler can wake up.
-
-    The thread exits once the queue is empty, and a new one starts with the next image: ggml here
-    runs on OpenMP, and libgomp keeps a pool of threads for each thread that starts parallel work,
-    counting them all; once they outnumber the cores (the vision thread's pool beside the engine
-    thread's, on 2 cores) every barrier in every pool spins only 100 times before sleeping on a
-    futex, for as long as both pools live. A pool is freed when its thread exits. With one long-lived
-    vision thread, text decoding on the 2-core VM fell from 71-81 to 50-53 tokens/s after the first
-    image and stayed there (scripts/bench_vision.py measures it against llama-server); now the short
-    spins last only while an image is being encoded, when the two pools do share the cores."""
+    decodes the other slots; the thread ends when nothing is queued (engines/work_thread.py says
+    why). `on_done()` is called from that thread after each chunk, so the scheduler can wake up."""
 
     def __init__(self, on_done: Callable[[], None]) -> None:
         self._queue: deque[tuple[ImageSpan, Callable[[], bool]]] = deque()
         self._lock = threading.Lock()
         self._on_done = on_done
-        self._thread: threading.Thread | None = None
+        self._worker = WorkThread("edge-llm-vision", self._run)
         self._closed = False
         self.busy = False  # encoding now (the engine thread reads it to share the cores)
 
@@ -233,20 +225,19 @@ class VisionWorker:
         span.queued = True
         with self._lock:
             self._queue.append((span, cancelled))
-            if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._run, name="edge-llm-vision", daemon=True)
-                self._thread.start()
+            if not self._closed:
+                self._worker.start()
 
     @property
     def alive(self) -> bool:
         """Whether the worker thread is running (it is not between images)."""
-        return self._thread is not None
+        return self._worker.alive
 
     def _run(self) -> None:
         while True:
             with self._lock:
                 if not self._queue or self._closed:
-                    self._thread = None  # exits, and its OpenMP pool with it
+                    self._worker.ended()
                     return
                 span, cancelled = self._queue.popleft()
                 self.busy = True
@@ -259,9 +250,7 @@ class VisionWorker:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            thread = self._thread
-        if thread is not None and threading.current_thread() is not thread:
-            thread.join(timeout=60)
+        self._worker.join(timeout=60)
 
 
 def _encode(span: ImageSpan, cancelled: Callable[[], bool]) -> None:

@@ -73,6 +73,7 @@ from edge_llm.engines.speculation import Acceptance, Drafter, StepCost, graph_ru
 from edge_llm.engines.step_plan import DraftLimits, StepPlan, plan_step, plan_step_drafts
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import Channel
+from edge_llm.engines.work_thread import WorkThread
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
 
@@ -243,8 +244,7 @@ class Scheduler:
         # Decode threads while the vision tower works (0: no change); the engine's cores less the
         # tower's share, at least one.
         self.vision_threads_while_encoding = max(1, config.n_threads // 2) if self.vision is not None else 0
-        self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
-        self._thread.start()
+        self._worker = WorkThread("edge-llm-engine", self._run)  # runs while there are requests
 
     # -- caller side ----------------------------------------------------------------------------
 
@@ -309,6 +309,7 @@ class Scheduler:
             if waiting - idle >= self.max_waiting:
                 raise OverloadedError(f"the server is busy: {len(self._waiting)} requests are waiting; retry later")
             self._waiting.append(request)
+            self._worker.start()
             self._cond.notify()
         return request
 
@@ -319,9 +320,7 @@ class Scheduler:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
-        if not self._thread.is_alive():
+        if self._worker.join(timeout=30):
             self._persist_idle()  # the engine thread is gone: the slots can be read here
             if self.drafter is not None:
                 self.drafter.close()
@@ -336,8 +335,9 @@ class Scheduler:
             if self._nothing_to_do():
                 self._persist_idle()
             with self._cond:
-                while self._nothing_to_do():
-                    self._cond.wait()
+                if self._nothing_to_do():
+                    self._worker.ended()  # the thread ends (engines/work_thread.py says why); submit starts another
+                    return
                 if self._closed:
                     break
                 if self._waiting_on_vision and not self._vision_signal:
@@ -356,6 +356,8 @@ class Scheduler:
         for request in waiting:
             request.put(EdgeLLMError("the engine was closed"))
             request.end()
+        with self._cond:
+            self._worker.ended()
 
     def _nothing_to_do(self) -> bool:
         return not self._closed and not self._waiting and all(s.idle for s in self.slots)
