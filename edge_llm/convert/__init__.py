@@ -85,13 +85,8 @@ def tool_version() -> str:
 
 
 def model_class(config: dict, hf_dir: Path) -> type[Model]:
-    names = config.get("architectures") or []
-    for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    found = ", ".join(names) or f"none (model_type {config.get('model_type')!r})"
-    raise CheckpointError(f"{hf_dir}: unsupported architecture {found}; supported: "
-                          f"{', '.join(sorted(ARCHITECTURES))} (others: --llama-cpp DIR, a llama.cpp checkout)")
+    return _converter_for(config, hf_dir, ARCHITECTURES, "unsupported architecture",
+                          "others: --llama-cpp DIR, a llama.cpp checkout")
 
 
 def has_vision(config: dict) -> bool:
@@ -100,13 +95,18 @@ def has_vision(config: dict) -> bool:
 
 
 def projector_class(config: dict, hf_dir: Path) -> type[Projector]:
+    return _converter_for(config, hf_dir, PROJECTORS, "no projector converter for architecture",
+                          "--no-mmproj converts the language model alone")
+
+
+def _converter_for(config: dict, hf_dir: Path, table: dict, refusal: str, hint: str):
+    """The converter class for the first of config.json's architectures that `table` has."""
     names = config.get("architectures") or []
     for name in names:
-        if name in PROJECTORS:
-            return PROJECTORS[name]
+        if name in table:
+            return table[name]
     found = ", ".join(names) or f"none (model_type {config.get('model_type')!r})"
-    raise CheckpointError(f"{hf_dir}: no projector converter for architecture {found}; supported: "
-                          f"{', '.join(sorted(PROJECTORS))} (--no-mmproj converts the language model alone)")
+    raise CheckpointError(f"{hf_dir}: {refusal} {found}; supported: {', '.join(sorted(table))} ({hint})")
 
 
 def supported_architecture(name: str) -> bool:

@@ -115,6 +115,8 @@ class Gemma3Projector(Projector):
     checkpoints name the tower `vision_tower.vision_model.*`; transformers 5 saves it as
     `vision_tower.*`: both are read (llama.cpp's converter knows only the first)."""
 
+    kept_f32 = (".embeddings.",)
+
     hf_architectures = ("Gemma3ForConditionalGeneration",)
     projector_type = gguf.VisionProjectorType.GEMMA3
 
@@ -148,6 +150,4 @@ class Gemma3Projector(Projector):
     def forced_qtype(self, hf_name: str, name: str, outtype: str) -> gguf.GGMLQuantizationType | None:
         if "input_projection" in hf_name:  # llama.cpp issue 13025: kept F16 whatever the output type
             return gguf.GGMLQuantizationType.F16
-        if ".embeddings." in hf_name:
-            return gguf.GGMLQuantizationType.F32
         return super().forced_qtype(hf_name, name, outtype)

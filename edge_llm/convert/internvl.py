@@ -26,6 +26,7 @@ _HF_PROJECTOR = {"layer_norm": "mlp1.0", "linear_1": "mlp1.1", "linear_2": "mlp1
 class InternVLProjector(Projector):
     hf_architectures = ("InternVLChatModel", "InternVLForConditionalGeneration")
     projector_type = gguf.VisionProjectorType.INTERNVL
+    kept_f32 = (".position_embd.",)
 
     def adapt_vision(self, vision: dict) -> None:
         for key in ("image_size", "patch_size"):  # the -hf config gives [height, width]
@@ -72,17 +73,8 @@ class InternVLProjector(Projector):
 
     def modify(self, name: str, tensor: Lazy, bid: int | None) -> Iterable[tuple[str, Lazy]]:
         if ".qkv." in name:
-            rows = tensor.shape[0]
-            if rows % 3:
-                raise CheckpointError(f"{name}: fused q/k/v with {rows} rows, not a multiple of 3")
-            third = rows // 3
-            for i, part in enumerate("qkv"):
-                yield from super().modify(name.replace("attn.qkv", f"self_attn.{part}_proj"),
-                                          tensor.row_slice(i * third, (i + 1) * third), bid)
+            yield from self.split_qkv(name, tensor, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), bid,
+                                      fused="attn.qkv")
         else:
             yield from super().modify(name, tensor, bid)
 
-    def forced_qtype(self, hf_name: str, name: str, outtype: str) -> gguf.GGMLQuantizationType | None:
-        if ".position_embd." in name:
-            return gguf.GGMLQuantizationType.F32
-        return super().forced_qtype(hf_name, name, outtype)

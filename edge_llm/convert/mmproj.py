@@ -77,6 +77,8 @@ def preprocessor_config(hf_dir: Path) -> dict:
 class Projector:
     """The vision tower and projector of a vision-language checkpoint, as one `clip` GGUF."""
 
+    kept_f32: tuple[str, ...] = ()  # tensors llama.cpp's converter keeps in F32 for this family
+
     arch = gguf.MODEL_ARCH.MMPROJ
     hf_architectures: tuple[str, ...] = ()
     projector_type: str
@@ -157,6 +159,17 @@ class Projector:
     def modify(self, name: str, tensor: Lazy, bid: int | None) -> Iterable[tuple[str, Lazy]]:
         yield self.map_name(name), tensor
 
+    def split_qkv(self, name: str, tensor: Lazy, parts: tuple[str, str, str], bid: int | None,
+                  fused: str = "qkv") -> Iterable[tuple[str, Lazy]]:
+        """A fused q/k/v tensor (rows q, then k, then v) as three, `fused` in its name replaced by
+        each of `parts`, each mapped as `modify` maps it (Projector.modify, not a subclass's)."""
+        rows = tensor.shape[0]
+        if rows % 3:
+            raise CheckpointError(f"{name}: fused q/k/v with {rows} rows, not a multiple of 3")
+        third = rows // 3
+        for i, part in enumerate(parts):
+            yield from Projector.modify(self, name.replace(fused, part), tensor.row_slice(i * third, (i + 1) * third), bid)
+
     def gguf_tensors(self) -> Iterator[tuple[str, str, Lazy]]:
         """(checkpoint name, GGUF name, tensor) of every projector tensor, in checkpoint order."""
         for hf_name, tensor in self.tensors.items():
@@ -168,8 +181,10 @@ class Projector:
                 yield hf_name, new_name, new
 
     def forced_qtype(self, hf_name: str, name: str, outtype: str) -> gguf.GGMLQuantizationType | None:
-        """MmprojModel.tensor_force_quant: patch embeddings (conv kernels) stay F16 in an f16 file, F32
-        in any other."""
+        """MmprojModel.tensor_force_quant: the family's `kept_f32` tensors (a piece of the checkpoint's
+        or the GGUF name) stay F32; patch embeddings (conv kernels) F16 in an f16 file, F32 in any other."""
+        if any(piece in hf_name or piece in name for piece in self.kept_f32):
+            return gguf.GGMLQuantizationType.F32
         if ".patch_embd.weight" in name or ".patch_merger.weight" in name:
             return gguf.GGMLQuantizationType.F16 if outtype == "f16" else gguf.GGMLQuantizationType.F32
         return None

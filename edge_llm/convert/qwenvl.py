@@ -22,6 +22,7 @@ class Qwen2VLModel(Model):
 
 
 class Qwen2VLProjector(Projector):
+    kept_f32 = (".position_embd.",)
     hf_architectures = Qwen2VLModel.hf_architectures
 
     def adapt_vision(self, vision: dict) -> None:
@@ -62,12 +63,7 @@ class Qwen2VLProjector(Projector):
 
     def modify(self, name: str, tensor: Lazy, bid: int | None) -> Iterable[tuple[str, Lazy]]:
         if ".qkv." in name:
-            rows = tensor.shape[0]
-            if rows % 3:
-                raise CheckpointError(f"{name}: fused q/k/v with {rows} rows, not a multiple of 3")
-            third = rows // 3
-            for i, part in enumerate("qkv"):
-                yield from super().modify(name.replace("qkv", part), tensor.row_slice(i * third, (i + 1) * third), bid)
+            yield from self.split_qkv(name, tensor, ("q", "k", "v"), bid)
         elif "patch_embed.proj.weight" in name:
             if len(tensor.shape) != 5 or tensor.shape[2] != 2:
                 raise CheckpointError(f"{name}: expected a Conv3D kernel over 2 frames, got shape {list(tensor.shape)}")
@@ -78,7 +74,3 @@ class Qwen2VLProjector(Projector):
         else:
             yield from super().modify(name, tensor, bid)
 
-    def forced_qtype(self, hf_name: str, name: str, outtype: str) -> gguf.GGMLQuantizationType | None:
-        if ".position_embd." in name:
-            return gguf.GGMLQuantizationType.F32
-        return super().forced_qtype(hf_name, name, outtype)

@@ -10,6 +10,7 @@ from edge_llm.convert.mmproj import Projector
 
 
 class Idefics3Projector(Projector):
+    kept_f32 = (".embeddings.",)
     hf_architectures = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     projector_type = gguf.VisionProjectorType.IDEFICS3
 
@@ -28,7 +29,3 @@ class Idefics3Projector(Projector):
         longest = size.get("longest_edge") if isinstance(size, dict) else None
         w.add_vision_preproc_image_size(longest if longest is not None else self.vparam("image_size"))
 
-    def forced_qtype(self, hf_name: str, name: str, outtype: str) -> gguf.GGMLQuantizationType | None:
-        if ".embeddings." in hf_name:
-            return gguf.GGMLQuantizationType.F32
-        return super().forced_qtype(hf_name, name, outtype)
