@@ -10,8 +10,8 @@ import sys
 from edge_llm.errors import EdgeLLMError
 
 COMMANDS = {
-    "generate": ("edge_llm.generate_command", "one-shot completion, streamed to stdout"),
-    "chat": ("edge_llm.repl", "interactive chat (REPL), chat templates or llama.cpp-style prefixes"),
+    "generate": ("edge_llm.commands.generate", "one-shot completion, streamed to stdout"),
+    "chat": ("edge_llm.commands.chat", "interactive chat (REPL), chat templates or llama.cpp-style prefixes"),
     "serve": ("edge_llm.server.serve", "OpenAI-compatible HTTP server (and vLLM /generate, /inference, /)"),
     "pull": ("edge_llm.pull", "download a GGUF file or an HF checkpoint (Hugging Face, ModelScope)"),
     "convert": ("edge_llm.convert", "HF checkpoint folder -> GGUF (no torch)"),
@@ -19,12 +19,12 @@ COMMANDS = {
     "imatrix": ("edge_llm.imatrix", "importance matrix for quantization, as llama-imatrix computes it"),
     "models": ("edge_llm.registry", "list the model registry and what is downloaded"),
     "info": ("edge_llm.info", "describe a GGUF file"),
-    "doctor": ("edge_llm.doctor", "llama.cpp build, CPU features, GPU offload"),
-    "embed": ("edge_llm.embed_command", "embedding vectors of texts, one JSON line each"),
-    "rerank": ("edge_llm.rerank_command", "rank documents against a query with a reranker"),
-    "batch": ("edge_llm.batch", "offline generation, embeddings or rerank over a JSONL file (resumable)"),
-    "perplexity": ("edge_llm.perplexity", "perplexity over a text file, as llama-perplexity computes it"),
-    "bench": ("edge_llm.bench", "compare weight quants and KV-cache types: memory, speed, quality"),
+    "doctor": ("edge_llm.commands.doctor", "llama.cpp build, CPU features, GPU offload"),
+    "embed": ("edge_llm.commands.embed", "embedding vectors of texts, one JSON line each"),
+    "rerank": ("edge_llm.commands.rerank", "rank documents against a query with a reranker"),
+    "batch": ("edge_llm.commands.batch", "offline generation, embeddings or rerank over a JSONL file (resumable)"),
+    "perplexity": ("edge_llm.commands.perplexity", "perplexity over a text file, as llama-perplexity computes it"),
+    "bench": ("edge_llm.commands.bench", "compare weight quants and KV-cache types: memory, speed, quality"),
 }
 
 

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edge_llm.batch import BatchRunner, EngineBackend, OutputWriter, read_records
+from edge_llm.commands.batch import BatchRunner, EngineBackend, OutputWriter, read_records
 from edge_llm.engines.base import load_engine
 from edge_llm.load_options import LoadOptions
 from edge_llm.sampling import SamplingParams

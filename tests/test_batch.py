@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_llm.batch import BatchRunner, EngineBackend, load_done, parse_record, record_key
+from edge_llm.commands.batch import BatchRunner, EngineBackend, load_done, parse_record, record_key
 from edge_llm.sampling import SamplingParams
 from tests.conftest import ROOT, run_cli
 
@@ -71,7 +71,7 @@ def test_load_done_drops_error_records_and_a_truncated_last_line(tmp_path):
 
 @pytest.mark.model
 def test_runner_honours_per_record_parameters(engine, tmp_path):
-    from edge_llm.batch import OutputWriter, read_records
+    from edge_llm.commands.batch import OutputWriter, read_records
 
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(r) for r in [

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from edge_llm.bench import Scenario, kv_bytes_per_element, kv_cache_bytes, markdown_table, parse_llama_log
+from edge_llm.commands.bench import (
+    Scenario,
+    kv_bytes_per_element,
+    kv_cache_bytes,
+    markdown_table,
+    parse_llama_log,
+)
 from edge_llm.errors import EdgeLLMError
 from tests.conftest import run_cli
 
@@ -34,7 +40,7 @@ def test_parse_llama_log_takes_the_first_context():
 @pytest.mark.model  # rebuilds the bundled model as an HF checkpoint
 @pytest.mark.slow
 def test_an_hf_checkpoint_is_converted_to_f16_first(tmp_path, smollm2_hf_dir):
-    from edge_llm.bench import source_gguf
+    from edge_llm.commands.bench import source_gguf
     from edge_llm.info import read_gguf_info
 
     path = source_gguf(str(smollm2_hf_dir), tmp_path / "work")  # the work folder does not exist yet
@@ -80,7 +86,7 @@ def test_bench_command_end_to_end(demo_path, tmp_path):
 
 
 def test_markdown_table_marks_failed_variants():
-    from edge_llm.bench import VariantResult
+    from edge_llm.commands.bench import VariantResult
 
     table = markdown_table([VariantResult("q2_k", "f16", "x.gguf", 50.0, error="worker failed (1): boom")],
                            [Scenario(1, 512)])
@@ -96,7 +102,7 @@ def test_no_label_of_the_chart_overlaps_another(results):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edge_llm.bench import chart_figure, load_results
+    from edge_llm.commands.bench import chart_figure, load_results
     from tests.conftest import ROOT
 
     _, variants, scenarios = load_results(ROOT / "docs" / results)

@@ -116,7 +116,7 @@ def test_doctor():
     assert isinstance(report["gpu_offload"], bool)
     assert report["cpu_threads"] >= 1
     assert report["cpu_features"] and all(re.fullmatch(r"[A-Z0-9_]+", f) for f in report["cpu_features"])
-    from edge_llm.doctor import cpu_features
+    from edge_llm.commands.doctor import cpu_features
 
     two_backends = "CUDA : ARCHS = 890 | USE_GRAPHS = 1 | CPU : SSE3 = 1 | AVX = 1 | AVX512 = 0 |"
     assert cpu_features(two_backends) == ["AVX", "SSE3", "USE_GRAPHS"]

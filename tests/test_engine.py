@@ -259,7 +259,7 @@ def test_llama_cpp_is_silent_unless_verbose():
 
 PYTHON_API_RUN = """
 import edge_llm
-import edge_llm.cli, edge_llm.generate_command, edge_llm.repl  # the CLI loaded in the same process
+import edge_llm.cli, edge_llm.commands.generate, edge_llm.commands.chat  # the CLI loaded in the same process
 engine = edge_llm.load(n_ctx=512, n_parallel=1)
 text = edge_llm.generate(engine, "The capital of France is", max_tokens=4, temperature=0)
 pieces = list(edge_llm.stream_generate(engine, "The capital of France is", max_tokens=4, temperature=0))

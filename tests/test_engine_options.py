@@ -202,7 +202,7 @@ def test_registry_sampling_defaults_apply_below_the_request(tmp_path, demo_path)
 
 @pytest.mark.model
 def test_registry_settings_apply_through_the_cli(tmp_path, demo_path, monkeypatch):
-    from edge_llm import generate_command
+    from edge_llm.commands import generate as generate_command
     from edge_llm.engines.base import load_engine
 
     cfg = _registry_entry(tmp_path, demo_path, n_gpu_layers=-1, flash_attn="off", n_ctx=512)

@@ -11,10 +11,17 @@ import pytest
 from gguf import GGUFReader
 from llama_cpp_tools import BUILD_TIMEOUT_S
 
+from edge_llm.commands.kl_divergence import (
+    BaseFile,
+    KLDAccumulator,
+    decode_rows,
+    encode_rows,
+    percentile,
+    record_size,
+)
+from edge_llm.commands.perplexity import DEFAULT_CORPUS
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
 from edge_llm.imatrix import Collector, Entry, add_squares, plan, weight_name, write_imatrix
-from edge_llm.kl_divergence import BaseFile, KLDAccumulator, decode_rows, encode_rows, percentile, record_size
-from edge_llm.perplexity import DEFAULT_CORPUS
 from edge_llm.quantize import load_imatrix, parse_tensor_type
 
 

@@ -5,6 +5,8 @@
   hiding one side under TYPE_CHECKING is how the last circle went unnoticed).
 - API route modules (`*_routes.py`) depend only downward: no route module imports another, and only
   `app.py`, the top that assembles them, imports a route module.
+- The commands (`edge_llm/commands/`) sit on top of the core: only `cli.py` and the commands
+  themselves import them.
 - No module of `edge_llm` takes a private name (`_name`) from another of its modules, by
   `from m import _name` or `m._name`: a name shared between modules is public.
 """
@@ -129,6 +131,19 @@ def test_routes_depend_only_downward():
     wrong = sorted(f"{importer} imports {route}" for importer, imports in graph.items()
                    for route in imports if is_route_module(route) and importer != TOP)
     assert not wrong, "only server/app.py assembles the route modules: " + "; ".join(wrong)
+
+
+COMMANDS = "edge_llm.commands"
+
+
+def test_only_the_cli_imports_the_commands():
+    graph = import_graph("edge_llm")
+    commands = {name for name in graph if name == COMMANDS or name.startswith(COMMANDS + ".")}
+    assert len(commands) > 5
+    wrong = sorted(f"{importer} imports {command}" for importer, imports in graph.items()
+                   if importer not in commands and importer != "edge_llm.cli"
+                   for command in imports & commands)
+    assert not wrong, "the core does not depend on the commands: " + "; ".join(wrong)
 
 
 def private_uses(tree: ast.AST, module: str, path: Path, modules: set[str]) -> list[str]:

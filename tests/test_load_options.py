@@ -30,7 +30,7 @@ def spec(**settings):
 
 
 def test_every_option_is_a_flag_of_the_commands_that_load_models():
-    from edge_llm.repl import build_parser as chat
+    from edge_llm.commands.chat import build_parser as chat
     from edge_llm.server.serve import build_parser as serve
 
     dests = {action.dest for parser in (serve(), chat()) for action in parser._actions}

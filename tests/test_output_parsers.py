@@ -162,8 +162,8 @@ def test_repl_shows_thinking_dimmed():
 
     from fake_engine import THINK_TOOLS_TEMPLATE, FakeEngine
 
-    from edge_llm.console import Screen
-    from edge_llm.repl import answer_printer
+    from edge_llm.commands.chat import answer_printer
+    from edge_llm.commands.console import Screen
 
     engine = FakeEngine(template=THINK_TOOLS_TEMPLATE)
     for interactive, color, expected in [

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
+from edge_llm.commands.kl_divergence import BaseFile
+from edge_llm.commands.perplexity import DEFAULT_CORPUS, compute_perplexity, plan_chunks
 from edge_llm.errors import EdgeLLMError
-from edge_llm.kl_divergence import BaseFile
-from edge_llm.perplexity import DEFAULT_CORPUS, compute_perplexity, plan_chunks
 from tests.conftest import run_cli
 
 N_CTX = 128

@@ -15,9 +15,9 @@ import pytest
 from conftest import ROOT, run_cli
 
 from edge_llm.chat_format import named_formatter, unescape
-from edge_llm.conversation import parse_messages
+from edge_llm.commands.chat import update_params
+from edge_llm.commands.conversation import parse_messages
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.repl import update_params
 from edge_llm.sampling import SamplingParams
 
 CHATML_PREFIX = "<|im_start|>user\n"
@@ -360,7 +360,7 @@ class TemplateEngine:
 
 @pytest.mark.model
 def test_template_that_rewrites_the_answer_falls_back_to_a_full_tokenization(engine):
-    from edge_llm.conversation import Answer, TemplateConversation
+    from edge_llm.commands.conversation import Answer, TemplateConversation
 
     # Like Llama-3's template, this one trims each message, so an answer ending in a space is not
     # rendered as generated: the conversation is tokenized whole instead of extended.

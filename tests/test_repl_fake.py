@@ -10,9 +10,9 @@ import json
 import pytest
 from fake_engine import EOG, FakeEngine
 
-from edge_llm.console import Screen
-from edge_llm.conversation import PrefixConversation, TemplateConversation
-from edge_llm.repl import ChatSession, ReplSettings
+from edge_llm.commands.chat import ChatSession, ReplSettings
+from edge_llm.commands.console import Screen
+from edge_llm.commands.conversation import PrefixConversation, TemplateConversation
 from edge_llm.sampling import SamplingParams
 
 ANSWER = "Hi there, 世界."

@@ -21,11 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_llm.chat_format import PrefixChatFormatter, unescape
-from edge_llm.console import LineReader, Screen, default_history_file, last_chat_file
-from edge_llm.conversation import Answer, Conversation, PrefixConversation, Prompt, TemplateConversation
+from edge_llm.commands.console import LineReader, Screen, default_history_file, last_chat_file
+from edge_llm.commands.conversation import (
+    Answer,
+    Conversation,
+    PrefixConversation,
+    Prompt,
+    TemplateConversation,
+)
+from edge_llm.commands.generate import drafts_note, read_prompt_file
 from edge_llm.engines.base import Engine, Usage, load_engine
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.generate_command import drafts_note, read_prompt_file
 from edge_llm.options import (
     PREFIXES,
     PROMPT_CACHE,

@@ -8,7 +8,7 @@ computed once from the source with the shipped calibration text) and every KV-ca
 - file size, load time, peak RSS and KV-cache memory for each scenario (`-np` parallel sequences
   sharing a context of `-c` tokens, as llama-server's -np/-c; default: 1 x 512 and 8 x 2048);
 - prompt tokens/s (one stream) and generation tokens/s (one stream and all `-np` streams together);
-- perplexity on a text (llama-perplexity's method, edge_llm/perplexity.py), its change against the
+- perplexity on a text (llama-perplexity's method, edge_llm/commands/perplexity.py), its change against the
   highest-precision variant (largest file, highest-precision KV cache), and the KL divergence of
   next-token distributions against it as llama-perplexity --kl-divergence reports it (mean, 99th
   percentile, same top token).
@@ -177,9 +177,9 @@ def measure_generation_speed(engine: Any, tokens: list[int], n_streams: int, n_g
 
 def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     """Load one variant for one scenario, measure it, and (if asked) compute its perplexity."""
+    from edge_llm.commands.perplexity import compute_perplexity, read_text, tokenize_corpus
     from edge_llm.engines.base import load_engine
     from edge_llm.load_options import LoadOptions
-    from edge_llm.perplexity import compute_perplexity, read_text, tokenize_corpus
 
     rss_base = _rss_mib()
     options = LoadOptions(n_ctx=spec["n_ctx"], n_parallel=spec["n_parallel"], cache_type_k=spec["kv"],
@@ -203,7 +203,7 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
             prompt_tokens_per_s=pp, gen_tokens_per_s=tg, prompt_tokens=n_prompt, gen_tokens=n_gen))}
         ppl = spec.get("ppl")
         if ppl:
-            from edge_llm.kl_divergence import BaseFile
+            from edge_llm.commands.kl_divergence import BaseFile
 
             base = BaseFile.open(ppl["base"]) if ppl.get("base") else None
             result = compute_perplexity(engine, text, n_ctx=ppl["n_ctx"], max_chunks=ppl.get("chunks"),
@@ -228,9 +228,9 @@ def parse_llama_log(log: str) -> dict[str, float]:
 
 
 def run_worker(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the folder that holds edge_llm/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "edge_llm.bench", "--worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "edge_llm.commands.bench", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     result = next((json.loads(line[len(RESULT_MARK):]) for line in proc.stdout.splitlines()
                    if line.startswith(RESULT_MARK)), None)

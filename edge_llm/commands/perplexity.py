@@ -14,7 +14,7 @@ With `--kl-divergence-base FILE` it also saves the model's log-probabilities at 
 in llama-perplexity's base-file format; `--kl-divergence-base FILE --kl-divergence` then evaluates
 another model (a quant of it) on the file's own tokens and reports what llama-perplexity reports:
 mean KL divergence, its percentiles (99th ...), Δp and the same-top-token share
-(edge_llm/kl_divergence.py).
+(edge_llm/commands/kl_divergence.py).
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_llm import files
+from edge_llm.commands.kl_divergence import BaseFile, BaseWriter, ChunkTable, KLDAccumulator, KLDResult
 from edge_llm.errors import EdgeLLMError, InvalidParameterError
-from edge_llm.kl_divergence import BaseFile, BaseWriter, ChunkTable, KLDAccumulator, KLDResult
 from edge_llm.options import CommandParser, add_model_flags, load_options
 
 if TYPE_CHECKING:
     from edge_llm.engines.llamacpp import LlamaCppEngine
 
-DEFAULT_CORPUS = Path(__file__).with_name("data") / "genesis-kjv.txt"
+DEFAULT_CORPUS = Path(__file__).parents[1] / "data" / "genesis-kjv.txt"
 DEFAULT_N_CTX = 512
 
 

@@ -14,7 +14,7 @@ import asyncio
 import json
 import sys
 
-from edge_llm.embed_command import texts_from
+from edge_llm.commands.embed import texts_from
 from edge_llm.engines.base import load_engine
 from edge_llm.options import CommandParser, add_model_flags, load_options
 
