@@ -63,7 +63,7 @@ class FakeIndex:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
         if handler.path == "/simple/llama-cpp-python/":
@@ -184,7 +184,7 @@ def test_a_stopped_conversion_leaves_no_process_behind(tmp_path):
 
     previous = signal.signal(signal.SIGALRM, time_out)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 3.0)
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
         with pytest.raises(TimedOut):
             run_in_own_group([sys.executable, "-c", child])
     finally:
