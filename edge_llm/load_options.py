@@ -64,6 +64,7 @@ def _opt(*flags: str, help: str, **details: Any) -> Option:
 
 
 DEFAULT_RAM_CAP = 8 * 2**30  # llama-server's --cache-ram default
+DEFAULT_DISK_BUDGET = 8 * 2**30  # --cache-disk: what --cache-dir may hold
 
 
 def default_ram_budget() -> int:
@@ -208,6 +209,7 @@ class LoadOptions(BaseModel):
         help="also keep them in DIR, so a restart or `chat --resume` continues without re-reading")] = None
     cache_disk: Annotated[int | None, Field(ge=0), _opt(
         "--cache-disk", group=PROMPT_CACHE, parse=parse_size, metavar="SIZE", registry=False,
+        default=DEFAULT_DISK_BUDGET, default_text="8G",
         help="most bytes kept in --cache-dir (default 8G; least recently used files go first)")] = None
     kv_unified: Annotated[bool | None, _opt(
         "-kvu", "--kv-unified", group=PROMPT_CACHE, off_flags=("-no-kvu", "--no-kv-unified"), default=False,

@@ -80,8 +80,8 @@ def test_the_byte_budget_holds_and_least_recently_used_states_go_first():
 def test_a_zero_budget_and_no_folder_means_no_cache(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + b"\0" * 100)
-    assert open_prompt_cache(model, {}, ram_budget=0, cache_dir=None, disk_budget=None) is None
-    cache = open_prompt_cache(model, {}, ram_budget=0, cache_dir=tmp_path / "kv", disk_budget=None)
+    assert open_prompt_cache(model, {}, ram_budget=0, cache_dir=None, disk_budget=2**30) is None
+    cache = open_prompt_cache(model, {}, ram_budget=0, cache_dir=tmp_path / "kv", disk_budget=2**30)
     assert cache is not None and cache.persistent
     cache.close()
 

@@ -30,6 +30,7 @@ from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSamp
 from edge_llm.errors import InvalidParameterError, ModelLoadError  # noqa: E402
 
 if TYPE_CHECKING:
+    from edge_llm.engines.top_k import TopKFirst
     from edge_llm.load_options import LoadOptions
     from edge_llm.sampling import SamplingParams
 
@@ -400,9 +401,19 @@ def logits(ctx: LlamaContext, index: int, n_vocab: int) -> np.ndarray:
 
 
 def sampler_chain(params: SamplingParams, *, vocab: llama_cpp.llama_vocab_p, n_vocab: int,
-                  eog_ids: frozenset[int], penalty_last_n: int, seed: int | None) -> LlamaSampler:
+                  eog_ids: frozenset[int], penalty_last_n: int, seed: int | None) -> LlamaSampler | TopKFirst:
     """llama.cpp's sampler chain for one choice: grammar, logit_bias and ignore_eos bias, penalties over the last
-    `penalty_last_n` tokens, then greedy or top-k / top-p / min-p / temperature / seeded draw."""
+    `penalty_last_n` tokens, then greedy or top-k / top-p / min-p / temperature / seeded draw. A chain that
+    starts with a small top-k gets its top-k done from the logits (top_k.py), the rest by llama.cpp."""
+    penalties = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
+    bias = dict(params.logit_bias or {})
+    if params.ignore_eos:
+        bias.update({t: float("-inf") for t in eog_ids})
+    if not params.greedy and not params.grammar and not penalties:
+        from edge_llm.engines.top_k import TopKFirst, usable  # top_k.py imports this module
+
+        if usable(params.top_k, n_vocab):  # the default chain: its top-k without a record per token
+            return TopKFirst(params.top_k, _after_top_k(params, seed), n_vocab=n_vocab, bias=bias)
     sampler = LlamaSampler()
     if params.grammar:
         grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
@@ -410,12 +421,9 @@ def sampler_chain(params: SamplingParams, *, vocab: llama_cpp.llama_vocab_p, n_v
             sampler.close()
             raise InvalidParameterError("the grammar does not parse (llama.cpp GBNF)", param="grammar")
         llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
-    bias = dict(params.logit_bias or {})
-    if params.ignore_eos:
-        bias.update({t: float("-inf") for t in eog_ids})
     if bias:
         sampler.add_logit_bias(n_vocab, bias)
-    if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+    if penalties:
         sampler.add_penalties(n_vocab, penalty_last_n, params.repetition_penalty,
                               params.frequency_penalty, params.presence_penalty)
     if params.greedy:
@@ -423,6 +431,12 @@ def sampler_chain(params: SamplingParams, *, vocab: llama_cpp.llama_vocab_p, n_v
         return sampler
     if params.top_k > 0:
         sampler.add_top_k(params.top_k)
+    return _after_top_k(params, seed, sampler)
+
+
+def _after_top_k(params: SamplingParams, seed: int | None, sampler: LlamaSampler | None = None) -> LlamaSampler:
+    """The chain's steps after top-k: top-p, min-p, temperature, the seeded draw."""
+    sampler = sampler or LlamaSampler()
     if params.top_p < 1.0:
         sampler.add_top_p(params.top_p, 1)
     if params.min_p > 0.0:

@@ -597,19 +597,16 @@ class PromptCache:
 
 # -- construction -----------------------------------------------------------------------------------
 
-DEFAULT_DISK_BUDGET = 8 * 2**30
-
-
 def open_prompt_cache(model_path: Path, settings: dict[str, object], *, ram_budget: int,
-                      cache_dir: str | Path | None, disk_budget: int | None) -> PromptCache | None:
+                      cache_dir: str | Path | None, disk_budget: int) -> PromptCache | None:
     """The cache an engine asked for, or None when both tiers are off (`--cache-ram 0`, no dir).
-    `ram_budget`: the resolved --cache-ram (its default and bound are the option's, load_options.py)."""
+    `ram_budget`, `disk_budget`: the resolved --cache-ram and --cache-disk (their defaults and bounds
+    are the options', load_options.py)."""
     ram = ram_budget
     disk = None
     if cache_dir:
         root = Path(cache_dir).expanduser()
-        store_budget = DEFAULT_DISK_BUDGET if disk_budget is None else disk_budget
-        disk = DiskStore(root, "", store_budget)  # checks the folder before the model is hashed
+        disk = DiskStore(root, "", disk_budget)  # checks the folder before the model is hashed
         try:
             digest = file_digest(Path(model_path), root)
         except OSError as exc:

@@ -73,6 +73,7 @@ from edge_llm.engines.speculation import Acceptance, Drafter, StepCost, graph_ru
 from edge_llm.engines.step_plan import DraftLimits, StepPlan, plan_step, plan_step_drafts
 from edge_llm.engines.textstream import TextAssembler
 from edge_llm.engines.threadbridge import Channel
+from edge_llm.engines.top_k import TopKFirst
 from edge_llm.engines.work_thread import WorkThread
 from edge_llm.errors import EdgeLLMError, InvalidParameterError, OverloadedError
 from edge_llm.sampling import SamplingParams
@@ -163,7 +164,7 @@ class Choice:
 
     request: Request
     index: int
-    sampler: rt.LlamaSampler
+    sampler: rt.LlamaSampler | TopKFirst  # rt.sampler_chain
     text: TextAssembler
     n_prompt: int
     n_cached: int
@@ -228,6 +229,9 @@ class Scheduler:
         self.slots = [Slot(i) for i in range(config.n_parallel)]
         self.stats = SchedulerStats()
         self._waiting: deque[Request] = deque()
+        # Taken off the queue, not yet in its slots: still waiting for submit's count (its slots
+        # still look idle), so a request that arrives meanwhile cannot take its place in the queue.
+        self._admitting = 0
         self._cond = threading.Condition()
         self._closed = False
         self._batch = rt.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1)
@@ -305,7 +309,7 @@ class Scheduler:
                 raise EdgeLLMError("the engine is closed")
             # Requests that idle slots will take at the next step do not count as waiting.
             idle = sum(1 for s in self.slots if s.idle)
-            waiting = sum(1 for r in self._waiting if not r.cancelled.is_set())
+            waiting = sum(1 for r in self._waiting if not r.cancelled.is_set()) + self._admitting
             if waiting - idle >= self.max_waiting:
                 raise OverloadedError(f"the server is busy: {len(self._waiting)} requests are waiting; retry later")
             self._waiting.append(request)
@@ -543,18 +547,30 @@ class Scheduler:
                 if len(idle) < request.params.n:
                     return  # first come, first served: later requests wait behind it
                 self._waiting.popleft()
-            if request.cancelled.is_set():
-                request.end()
-                continue
-            if self.unified and not self._make_room(request.tokens, idle):
-                with self._cond:  # the running streams hold the pool: wait for them to end
-                    self._waiting.appendleft(request)
-                return
+                self._admitting = 1
             try:
-                self._start(request, idle)
-            except Exception as exc:
-                request.put(exc if isinstance(exc, EdgeLLMError) else EdgeLLMError(str(exc)))
-                request.end()
+                if not self._admit_one(request, idle):
+                    return
+            finally:
+                with self._cond:
+                    self._admitting = 0
+
+    def _admit_one(self, request: Request, idle: list[Slot]) -> bool:
+        """Start one request taken off the queue; False: it went back to the queue's head."""
+        if request.cancelled.is_set():
+            request.end()
+            return True
+        if self.unified and not self._make_room(request.tokens, idle):
+            with self._cond:  # the running streams hold the pool: wait for them to end
+                self._waiting.appendleft(request)
+                self._admitting = 0  # counted once, in the queue again
+            return False
+        try:
+            self._start(request, idle)
+        except Exception as exc:
+            request.put(exc if isinstance(exc, EdgeLLMError) else EdgeLLMError(str(exc)))
+            request.end()
+        return True
 
     def _start(self, request: Request, idle: list[Slot]) -> None:
         """Admit a request into idle slots, all or nothing: everything that can fail for a bad
