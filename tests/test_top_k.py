@@ -8,7 +8,7 @@ import pytest
 
 from edge_llm.engines import llama_runtime as rt
 from edge_llm.engines.llama_runtime import llama_cpp
-from edge_llm.engines.top_k import TOKEN_DATA, TopKFirst, block_size, top_candidates, usable
+from edge_llm.engines.top_k import TOKEN_DATA, Bias, TopKFirst, block_size, top_candidates, usable
 from edge_llm.sampling import SamplingParams
 
 
@@ -41,12 +41,30 @@ def test_logit_bias_and_banned_tokens():
     logits = rng.normal(size=262144).astype(np.float32)
     best = int(logits.argmax())
     bias = {best: float("-inf"), 7: 50.0, 99: -0.5, int(np.argsort(logits)[-3]): 1.0}
-    ids, values = top_candidates(logits, 40, block_size(40, len(logits)), bias)
+    ids, values = top_candidates(logits, 40, block_size(40, len(logits)), Bias(bias, len(logits)))
     assert best not in ids.tolist() and ids[0] == 7
     want = {t: b for t, b in bias.items() if b != float("-inf")}
     masked = logits.copy()
     masked[best] = -np.inf
     want_ids, want_values = brute_force(masked, 40, want)
+    assert ids.tolist() == want_ids.tolist()
+    assert np.allclose(values, want_values)
+
+
+@pytest.mark.parametrize("case", ["banned words", "the best all banned"])
+def test_a_long_bias_list(case):
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=151936).astype(np.float32)
+    ranked = np.argsort(-logits)
+    if case == "banned words":  # MAX_LOGIT_BIAS_TOKENS entries of -100, a few pushed up
+        bias = {int(t): -100.0 for t in rng.choice(len(logits), 1024, replace=False)}
+        bias.update({int(ranked[500]): 30.0, int(ranked[9000]): 2.5})
+    else:  # every plain candidate banned: the candidates must come from the rest
+        bias = {int(t): float("-inf") for t in ranked[:300]}
+    ids, values = top_candidates(logits, 40, block_size(40, len(logits)), Bias(bias, len(logits)))
+    masked = logits.copy()
+    masked[[t for t, b in bias.items() if b == float("-inf")]] = -np.inf
+    want_ids, want_values = brute_force(masked, 40, {t: b for t, b in bias.items() if b != float("-inf")})
     assert ids.tolist() == want_ids.tolist()
     assert np.allclose(values, want_values)
 

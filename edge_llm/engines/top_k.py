@@ -57,7 +57,19 @@ def block_size(top_k: int, n_vocab: int) -> int:
     return block
 
 
-def top_candidates(logits: np.ndarray, k: int, block: int, bias: dict[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+class Bias:
+    """A request's logit_bias (and ignore_eos's -inf entries) prepared once: the tokens it names
+    leave the plain candidates; those with a finite bias come back with it added."""
+
+    def __init__(self, bias: dict[int, float], n_vocab: int) -> None:
+        self.named = frozenset(bias)
+        finite = {t: b for t, b in bias.items() if b != float("-inf") and 0 <= t < n_vocab}
+        self.ids = np.fromiter(finite, dtype=np.int64, count=len(finite))
+        self.values = np.fromiter(finite.values(), dtype=np.float32, count=len(finite))
+        self.all_ids = np.fromiter((t for t in bias if 0 <= t < n_vocab), dtype=np.int64)
+
+
+def top_candidates(logits: np.ndarray, k: int, block: int, bias: Bias | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ids and logits (bias added) of the k best tokens, best first, ties by lower id."""
     n = len(logits)
     whole = n // block * block
@@ -72,16 +84,19 @@ def top_candidates(logits: np.ndarray, k: int, block: int, bias: dict[int, float
     ids = reaching[flat // block] * block + flat % block
     if whole < n:
         ids = np.concatenate([ids, whole + np.flatnonzero(logits[whole:] >= threshold)])
-    if bias:
-        ids = np.array([t for t in ids.tolist() if t not in bias], dtype=np.int64)
+    if bias is not None:
+        ids = np.array([t for t in ids.tolist() if t not in bias.named], dtype=np.int64)
     if len(ids) < k:  # NaN logits, or the bias took candidates away: look at every token
-        ids = np.array([t for t in range(n) if not bias or t not in bias], dtype=np.int64)
+        threshold = -np.inf
+        ids = np.arange(n) if bias is None else np.setdiff1d(np.arange(n), bias.all_ids)
     values = logits[ids]
-    if bias:
-        extra = [(t, logits[t] + b) for t, b in bias.items() if b != float("-inf") and 0 <= t < n]
-        if extra:
-            ids = np.concatenate([ids, np.array([t for t, _ in extra], dtype=ids.dtype)])
-            values = np.concatenate([values, np.array([v for _, v in extra], dtype=np.float32)])
+    if bias is not None and len(bias.ids):
+        # With k plain candidates >= threshold, a biased token below it cannot be among the k best.
+        biased = logits[bias.ids] + bias.values
+        keep = biased >= threshold
+        if keep.any():
+            ids = np.concatenate([ids, bias.ids[keep]])
+            values = np.concatenate([values, biased[keep]])
             order = np.argsort(ids, kind="stable")  # ids in order, for the tie rule below
             ids, values = ids[order], values[order]
     # Stable sort of -logit over ids in increasing order: best first, equal logits by id.
@@ -97,7 +112,7 @@ class TopKFirst:
         self.top_k = top_k
         self.rest = rest
         self.n_vocab = n_vocab
-        self.bias = dict(bias) if bias else None
+        self.bias = Bias(bias, n_vocab) if bias else None
         self.block = block_size(top_k, n_vocab)
         self._data = np.zeros(top_k, dtype=TOKEN_DATA)
         self._array = llama_cpp.llama_token_data_array(
