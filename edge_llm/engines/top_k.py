@@ -39,6 +39,8 @@ MIN_BLOCK = 8
 # Below this, llama.cpp's own pass costs no more than the numpy calls here (per sampled token, this
 # VM: 262k vocabulary 0.31 -> 0.09 ms, 152k 0.17 -> 0.08 ms, 49k 0.046 -> 0.063 ms).
 MIN_VOCAB = 100_000
+# ...which always leaves at least MIN_BLOCKS_PER_K * k blocks of MIN_BLOCK logits.
+assert MIN_VOCAB >= MAX_K * MIN_BLOCKS_PER_K * MIN_BLOCK
 
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 assert TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
@@ -46,7 +48,7 @@ assert TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
 
 def usable(top_k: int, n_vocab: int) -> bool:
     """Whether a chain that starts with this top-k gains from `TopKFirst`."""
-    return 0 < top_k <= MAX_K and n_vocab >= max(MIN_VOCAB, top_k * MIN_BLOCKS_PER_K * MIN_BLOCK)
+    return 0 < top_k <= MAX_K and n_vocab >= MIN_VOCAB
 
 
 def block_size(top_k: int, n_vocab: int) -> int:
