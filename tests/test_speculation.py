@@ -8,6 +8,7 @@ import pytest
 
 from edge_llm.engines.base import collect
 from edge_llm.engines.speculation import (
+    LOOKUP_MIN_MATCH,
     PRIOR_ACCEPTANCE,
     START_FLOOR,
     Acceptance,
@@ -38,7 +39,7 @@ def lookup_by_search(tokens, n_draft, sizes=(4, 3, 2)):
 
 
 def test_prompt_lookup_drafts_what_followed_the_longest_match():
-    lookup = PromptLookup()
+    lookup = PromptLookup(n_min=2)
     text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 2, 3, 4]
     assert lookup.propose({0: (text, 5)}) == {0: [5, 6, 7, 8, 9]}
     assert lookup.propose({0: (text + [5, 6], 3)}) == {0: [7, 8, 9]}  # grown by two tokens: still copying
@@ -46,18 +47,29 @@ def test_prompt_lookup_drafts_what_followed_the_longest_match():
 
 
 def test_prompt_lookup_prefers_the_latest_occurrence_and_starts_over_for_another_conversation():
-    lookup = PromptLookup()
+    lookup = PromptLookup(n_min=2)
     assert lookup.propose({0: ([7, 8, 1, 7, 8, 2, 7, 8], 1)}) == {0: [2]}
     # The slot took another conversation: its old n-grams must not be proposed.
     assert lookup.propose({0: ([5, 7, 8, 9, 9, 7, 8], 2)}) == {0: [9, 9]}
     assert lookup.propose({0: ([7, 8, 1, 7, 8, 2, 7, 8], 1)}) == {0: [2]}
 
 
+def test_prompt_lookup_by_default_drafts_only_from_a_match_of_lookup_min_match_tokens():
+    # Short matches are mostly coincidence on open-ended text (LOOKUP_MIN_MATCH says what was measured).
+    lookup = PromptLookup()
+    assert LOOKUP_MIN_MATCH == 4
+    story = [7, 8, 1, 2, 9, 7, 8]  # "7 8" repeats, nothing longer does
+    assert lookup.propose({0: (story, 3)}) == {0: []}
+    copy = [1, 2, 3, 4, 5, 6, 7, 9, 1, 2, 3, 4]  # the last four tokens were seen before
+    assert lookup.propose({1: (copy, 3)}) == {1: [5, 6, 7]}
+    assert PromptLookup(n_min=2).propose({0: (story, 3)}) == {0: [1, 2, 9]}
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_prompt_lookup_grown_token_by_token_equals_a_search_of_the_whole_history(seed):
     rng = random.Random(seed)
     tokens = [rng.randrange(6) for _ in range(400)]
-    lookup = PromptLookup()
+    lookup = PromptLookup(n_min=2)
     for end in range(1, len(tokens)):
         if rng.random() < 0.05:  # now and then the slot is cut back (a rejected draft, a reused prefix)
             end = rng.randrange(1, end + 1)
@@ -193,6 +205,8 @@ def plain(demo_path):
 @pytest.fixture(scope="module")
 def speculative(demo_path):
     engine = load_engine(demo_path, spec="ngram")
+    # Drafts from 2-token matches too: far more of them are rejected, which is what these tests exercise.
+    engine.scheduler.drafter = PromptLookup(n_min=2)
     yield engine
     engine.close()
 
