@@ -215,6 +215,11 @@ class LoadOptions(BaseModel):
         "-kvu", "--kv-unified", group=PROMPT_CACHE, off_flags=("-no-kvu", "--no-kv-unified"), default=False,
         help="one KV pool: any conversation may use the whole -c while the others are idle "
              "(-no-kvu: each slot gets -c / -np cells)")] = None
+    swa_full: Annotated[bool | None, _opt(
+        "--swa-full", group=PROMPT_CACHE, off_flags=("--no-swa-full",), default=False,
+        help="sliding-window models (Gemma 2/3 ...): keep every position in the window layers' KV too, "
+             "so a cached conversation is reused from any point (default, as llama-server: only the "
+             "window, far less memory; a cached prefix is reused while its window is still held)")] = None
 
     # Speculative decoding (engines/speculation.py), with llama-server's names where it has them.
     spec: Annotated[Literal["ngram", "draft", "off"] | None, _opt(

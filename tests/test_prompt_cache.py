@@ -60,6 +60,18 @@ def test_an_entry_extended_later_replaces_its_prefix_and_a_covered_one_is_not_st
     assert cache.lookup([1, 2, 3, 4, 5, 6])[1] == 5
 
 
+def test_without_prefix_reuse_an_entry_serves_only_prompts_that_extend_it():
+    """A sliding-window model's state holds only its window: it cannot be cut back to a prefix."""
+    cache = PromptCache(10**6, prefix_reuse=False)
+    cache.store([1, 2, 3, 4, 5], state(100, 1))
+    assert cache.lookup([1, 2, 3, 4, 6, 7]) == (None, 0)  # would need a cut back to 4
+    entry, n = cache.lookup([1, 2, 3, 4, 5, 6])
+    assert n == 5 and entry.tokens.tolist() == [1, 2, 3, 4, 5]
+    assert cache.covers([1, 2, 3, 4, 5]) and not cache.covers([1, 2, 3])
+    assert cache.store([1, 2, 3], state(100, 2))  # not covered: kept beside the longer one
+    assert len(cache) == 2 and cache.lookup([1, 2, 3, 7])[1] == 3
+
+
 def test_the_byte_budget_holds_and_least_recently_used_states_go_first():
     cache = PromptCache(ram_budget=1000)
     for i in range(5):

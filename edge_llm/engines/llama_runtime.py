@@ -229,16 +229,21 @@ def kv_type(name: str, param: str) -> int:
 
 def context_params(*, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, n_threads_batch: int | None = None,
                    n_ubatch: int | None = None, flash_attn: str = "auto", cache_type_k: str = "f16",
-                   cache_type_v: str = "f16", kv_unified: bool = False,
+                   cache_type_v: str = "f16", kv_unified: bool = False, swa_full: bool = False,
                    pooling: int | None = None) -> llama_cpp.llama_context_params:
     """llama_context_params with edge-llm's names; `pooling` (a llama_pooling_type): a context of
-    pooled sequence outputs (embeddings, rerank scores) instead of logits."""
+    pooled sequence outputs (embeddings, rerank scores) instead of logits. `swa_full`: sliding-window
+    layers (Gemma 2/3, ...) keep every position, as full-attention ones do; by default they keep
+    the window and one batch (llama-server's default; llama.cpp's C default is the full size).
+    Far less KV memory at long contexts (docs/design.md has the figures); what it costs: a sequence
+    can only be cut back as far as its window still reaches (SequenceMemory.cut)."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = n_batch
     params.n_ubatch = n_batch if n_ubatch is None else n_ubatch
     params.n_seq_max = n_seq_max
     params.kv_unified = kv_unified
+    params.swa_full = swa_full
     params.n_threads = n_threads
     params.n_threads_batch = n_threads_batch or n_threads
     params.flash_attn_type = FLASH_ATTN[flash_attn]
@@ -311,6 +316,12 @@ def new_context(model: LlamaModel, params: llama_cpp.llama_context_params, *, ve
     except ValueError:
         raise ModelLoadError(f"llama.cpp could not create {what} of {params.n_ctx} tokens (out of memory, or an "
                              "unsupported cache type / flash-attention setting)") from None
+
+
+def sliding_window(model: LlamaModel) -> int:
+    """The model's attention window in tokens (Gemma 2/3, Cohere 2, gpt-oss ...); 0 where every
+    layer attends to the whole sequence."""
+    return max(0, int(llama_cpp.llama_model_n_swa(model.model)))
 
 
 def n_ctx_of(ctx: LlamaContext) -> int:
@@ -451,15 +462,30 @@ def _after_top_k(params: SamplingParams, seed: int | None, sampler: LlamaSampler
 
 class SequenceMemory:
     """A context's KV cells addressed by sequence (slot) id, and each sequence's state as bytes
-    (what the prompt cache keeps)."""
+    (what the prompt cache keeps).
 
-    def __init__(self, ctx: LlamaContext) -> None:
+    `window`: the model's sliding window (llama_model_n_swa; 0 without one). Sliding-window layers
+    drop positions their window no longer sees (the cells are reused; a saved state leaves them
+    out), so such a sequence cannot be cut back to any position: only to one whose window is still
+    held (`cut`), and a restored state starts where its window does (`positions`)."""
+
+    def __init__(self, ctx: LlamaContext, window: int = 0) -> None:
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
+        self.window = window
 
     def cut(self, seq_id: int, keep: int) -> bool:
-        """Drop the sequence's cells from position `keep` on; False where the memory type cannot
-        drop a tail (nothing is dropped then)."""
+        """Drop the sequence's cells from position `keep` on; False where that cannot be done
+        (nothing is dropped then): the memory type cannot drop a tail (recurrent models), or the
+        sliding-window layers no longer hold the positions the token at `keep` attends to.
+
+        The window check is llama-server's (its `pos_min_thold`): the lowest position the window
+        layers hold (llama_memory_seq_pos_min reports theirs) must be at most keep - window. A
+        rejected draft always passes it: a decode only reuses cells its first token no longer
+        sees, so the window behind any position of the batch is still there afterwards."""
+        if self.window and keep > 0 and keep <= self.positions(seq_id)[1]:
+            if self.positions(seq_id)[0] > max(0, keep - self.window):
+                return False
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1))
 
     def clear(self, seq_id: int) -> None:

@@ -135,7 +135,8 @@ class LlamaCppEngine(Engine):
         params = rt.context_params(n_ctx=n_ctx, n_batch=min(options.n_batch, n_ctx), n_seq_max=self.n_parallel,
                                    n_threads=self.n_threads, n_threads_batch=options.n_threads_batch,
                                    flash_attn=fa, cache_type_k=options.cache_type_k,
-                                   cache_type_v=options.cache_type_v, kv_unified=bool(options.kv_unified))
+                                   cache_type_v=options.cache_type_v, kv_unified=bool(options.kv_unified),
+                                   swa_full=bool(options.swa_full))
         if options.n_gpu_layers == 0:  # on the GPU, llama.cpp's own allocation is the check
             rt.check_context_fits(self._model, n_ctx, options.cache_type_k, options.cache_type_v)
         # The scheduler's context: only its engine thread decodes on it (a llama_context is not thread-safe).
@@ -143,6 +144,7 @@ class LlamaCppEngine(Engine):
         self.n_ctx = rt.n_ctx_of(self.context)
         self.kv_unified = bool(options.kv_unified)
         self.n_batch = params.n_batch
+        window = rt.sliding_window(self._model)
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
         self.flash_attn = fa
         self.n_gpu_layers = options.n_gpu_layers
@@ -162,17 +164,18 @@ class LlamaCppEngine(Engine):
             self.prompt_cache = open_prompt_cache(
                 self.path, {"n_ctx": self.n_ctx, "n_parallel": self.n_parallel, "kv_unified": self.kv_unified,
                             "cache_type_k": options.cache_type_k, "cache_type_v": options.cache_type_v,
-                            "flash_attn": fa, "llama_cpp": llama_cpp.__version__,
+                            "flash_attn": fa, "swa_full": bool(options.swa_full), "llama_cpp": llama_cpp.__version__,
                             # image embeddings in a saved state come from this projector
                             **({"mmproj": _file_identity(mmproj)} if mmproj is not None else {})},
-                ram_budget=options.cache_ram, cache_dir=options.cache_dir, disk_budget=options.cache_disk)
+                ram_budget=options.cache_ram, cache_dir=options.cache_dir, disk_budget=options.cache_disk,
+                prefix_reuse=not window)
             drafter = self._drafter(options)
         except BaseException:
             self.close()
             raise
         model = ModelView(self.context, self.vocab, self.n_vocab, self.eog_ids, self.token_piece, self.token_text)
         config = SchedulerConfig(n_ctx=self.n_ctx, n_ctx_seq=self.n_ctx_seq, n_parallel=self.n_parallel,
-                                 n_batch=self.n_batch, kv_unified=self.kv_unified, seed=self.seed,
+                                 n_batch=self.n_batch, kv_unified=self.kv_unified, window=window, seed=self.seed,
                                  max_waiting=options.max_queue, n_threads=self.n_threads,
                                  n_threads_batch=options.n_threads_batch, images=self.projector is not None,
                                  draft_max=options.draft_max, draft_min=options.draft_min)

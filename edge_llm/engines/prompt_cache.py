@@ -13,7 +13,9 @@ Two tiers over one index of entries, each entry keyed by its token ids:
 
 A lookup finds the entry sharing the longest token prefix with a prompt. An entry whose tokens
 are a prefix of a newer one is obsolete and dropped; a state already covered by an entry is not
-stored twice.
+stored twice. For a model with a sliding attention window (`prefix_reuse=False`) a state cannot
+be cut back (llama_runtime.SequenceMemory): an entry serves only prompts that start with all of
+its tokens, and covers only exactly its own.
 
 A state is only valid for the model file and context settings that produced it, so each file
 carries a fingerprint of them (see `fingerprint`); files with another one are ignored with a
@@ -339,9 +341,10 @@ class PromptCache:
     """The index over both tiers. The engine thread looks up, loads and stores; a writer thread
     owns the files. One lock guards the index."""
 
-    def __init__(self, ram_budget: int, disk: DiskStore | None = None) -> None:
+    def __init__(self, ram_budget: int, disk: DiskStore | None = None, *, prefix_reuse: bool = True) -> None:
         self.ram_budget = ram_budget
         self.disk = disk
+        self.prefix_reuse = prefix_reuse  # a state stands for every prefix of its tokens too
         self.stats = CacheStats()
         self._entries: dict[str, CacheEntry] = {}
         self._lock = threading.Lock()
@@ -391,6 +394,8 @@ class PromptCache:
                 if not entry.available:
                     continue
                 n = common_prefix(entry.tokens, ids)
+                if n < entry.n_tokens and not self.prefix_reuse:
+                    continue
                 # Among equals, one in memory (no file to read), then the most recently used.
                 if n > best_len or (n == best_len and best is not None and n > 0
                                     and (entry.state is not None, entry.last_used)
@@ -403,8 +408,13 @@ class PromptCache:
         on disk ("disk", written or queued) or either ("any"): saving it there again is waste."""
         ids = as_tokens(tokens)
         with self._lock:
-            return any(self._holds(e, tier) and e.n_tokens >= len(ids) and common_prefix(e.tokens, ids) == len(ids)
-                       for e in self._entries.values())
+            return any(self._holds(e, tier) and self._stands_for(e, ids) for e in self._entries.values())
+
+    def _stands_for(self, entry: CacheEntry, ids: np.ndarray) -> bool:
+        """Whether the entry's state can be restored as a state of exactly `ids`."""
+        if entry.n_tokens < len(ids) or (entry.n_tokens > len(ids) and not self.prefix_reuse):
+            return False
+        return common_prefix(entry.tokens, ids) == len(ids)
 
     @staticmethod
     def _holds(entry: CacheEntry, tier: str) -> bool:
@@ -455,9 +465,8 @@ class PromptCache:
         key = entry_key(self.disk.fingerprint if self.disk else "", ids)
         keep_ram = in_memory and len(state) + ids.nbytes <= self.ram_budget
         with self._lock:
-            to_disk = self._disk_on and not any(
-                self._holds(e, "disk") and e.n_tokens >= len(ids) and common_prefix(e.tokens, ids) == len(ids)
-                for e in self._entries.values())
+            to_disk = self._disk_on and not any(self._holds(e, "disk") and self._stands_for(e, ids)
+                                                for e in self._entries.values())
             if to_disk and self._pending_bytes and self._pending_bytes + len(state) > PENDING_WRITE_LIMIT:
                 to_disk = False  # the disk is behind: this one lives in memory only, if at all
             if not keep_ram and not to_disk:
@@ -598,10 +607,10 @@ class PromptCache:
 # -- construction -----------------------------------------------------------------------------------
 
 def open_prompt_cache(model_path: Path, settings: dict[str, object], *, ram_budget: int,
-                      cache_dir: str | Path | None, disk_budget: int) -> PromptCache | None:
+                      cache_dir: str | Path | None, disk_budget: int, prefix_reuse: bool = True) -> PromptCache | None:
     """The cache an engine asked for, or None when both tiers are off (`--cache-ram 0`, no dir).
     `ram_budget`, `disk_budget`: the resolved --cache-ram and --cache-disk (their defaults and bounds
-    are the options', load_options.py)."""
+    are the options', load_options.py); `prefix_reuse`: PromptCache's."""
     ram = ram_budget
     disk = None
     if cache_dir:
@@ -614,4 +623,4 @@ def open_prompt_cache(model_path: Path, settings: dict[str, object], *, ram_budg
         disk.fingerprint = fingerprint(digest, settings)
     if ram == 0 and disk is None:
         return None
-    return PromptCache(ram, disk)
+    return PromptCache(ram, disk, prefix_reuse=prefix_reuse)

@@ -199,6 +199,7 @@ class SchedulerConfig:
     n_parallel: int  # slots (llama.cpp sequences)
     n_batch: int  # tokens per llama_decode
     kv_unified: bool = False  # one pool of n_ctx cells for every slot (-kvu)
+    window: int = 0  # the model's sliding window (llama_runtime.SequenceMemory): limits cutting back
     seed: int | None = None  # the context's seed, for requests without one
     max_waiting: int = 64  # queued requests beyond the idle slots (--max-queue)
     n_threads: int = 1  # the context's threads at creation (-t, or every core)
@@ -220,7 +221,7 @@ class Scheduler:
         self.cost = StepCost()  # graph run times, for plan_drafts (tests replace it)
         self._acceptance = Acceptance()  # of every choice's drafts: where a new choice starts
         self.ctx = model.context
-        self.memory = rt.SequenceMemory(self.ctx)
+        self.memory = rt.SequenceMemory(self.ctx, window=config.window)
         self.n_ctx = config.n_ctx
         self.n_ctx_seq = config.n_ctx_seq
         self.unified = config.kv_unified
@@ -727,7 +728,7 @@ class Scheduler:
         # parse; the cells it restored must also be exactly positions 0..n-1, or the state does
         # not stand for these tokens (a forged or mislabelled file).
         if not (self.memory.write_state(slot.seq_id, state)
-                and _positions_fit(self.memory.positions(slot.seq_id), tokens)):
+                and _positions_fit(self.memory.positions(slot.seq_id), tokens, window=self.memory.window)):
             log.warning("prompt cache: llama.cpp could not restore a state of %d tokens; evaluating instead",
                         len(tokens))
             self.memory.clear(slot.seq_id)
@@ -882,11 +883,14 @@ def _release_media(request: Request) -> None:
         request.tokens.release()
 
 
-def _positions_fit(positions: tuple[int, int], tokens: list[int]) -> bool:
+def _positions_fit(positions: tuple[int, int], tokens: list[int], *, window: int = 0) -> bool:
     """Whether a restored state's KV positions are those of `tokens`: exactly 0..n-1, or, where
     image placeholders are among them (M-RoPE images take fewer positions than cells), from 0 and
-    no further than n-1."""
+    no further than n-1. With a sliding `window` the positions reported are the window layers',
+    and a saved state holds only what the last position still sees: they start at most at
+    n - window (llama_runtime.SequenceMemory)."""
     low, high = positions
+    lowest = max(0, len(tokens) - window) if window else 0
     if has_placeholders(tokens):
-        return low == 0 and high <= len(tokens) - 1
-    return (low, high) == (0, len(tokens) - 1)
+        return 0 <= low <= lowest and high <= len(tokens) - 1
+    return 0 <= low <= lowest and high == len(tokens) - 1
