@@ -483,8 +483,9 @@ class SequenceMemory:
         layers hold (llama_memory_seq_pos_min reports theirs) must be at most keep - window. A
         rejected draft always passes it: a decode only reuses cells its first token no longer
         sees, so the window behind any position of the batch is still there afterwards."""
-        if self.window and keep > 0 and keep <= self.positions(seq_id)[1]:
-            if self.positions(seq_id)[0] > max(0, keep - self.window):
+        if self.window and keep > 0:
+            low, high = self.positions(seq_id)
+            if keep <= high and low > max(0, keep - self.window):
                 return False
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1))
 

@@ -164,7 +164,9 @@ class LlamaCppEngine(Engine):
             self.prompt_cache = open_prompt_cache(
                 self.path, {"n_ctx": self.n_ctx, "n_parallel": self.n_parallel, "kv_unified": self.kv_unified,
                             "cache_type_k": options.cache_type_k, "cache_type_v": options.cache_type_v,
-                            "flash_attn": fa, "swa_full": bool(options.swa_full), "llama_cpp": llama_cpp.__version__,
+                            "flash_attn": fa, "llama_cpp": llama_cpp.__version__,
+                            # a window layer's state holds the window or every position
+                            **({"swa_full": bool(options.swa_full)} if window else {}),
                             # image embeddings in a saved state come from this projector
                             **({"mmproj": _file_identity(mmproj)} if mmproj is not None else {})},
                 ram_budget=options.cache_ram, cache_dir=options.cache_dir, disk_budget=options.cache_disk,
