@@ -108,11 +108,14 @@ def test_with_swa_full_the_shared_prefix_is_reused(gemma3, fresh):
         engine.close()
 
 
-def test_a_returning_conversation_reuses_its_slot_and_a_saved_state(gemma3):
+@pytest.mark.parametrize("swa_full", [False, True])
+def test_a_returning_conversation_reuses_its_slot_and_a_saved_state(gemma3, swa_full):
     """The next turn starts with all the slot holds: nothing is cut, so the window is enough; and
-    the same from a state saved in the prompt cache (it holds only the window, positions from
-    n - 16 on) after another conversation took the slot."""
-    engine = load(gemma3)
+    the same from a state saved in the prompt cache after another conversation took the slot. A
+    saved state holds only the window (positions from n - 16 on) with either layout: llama.cpp
+    leaves out what the last position no longer sees (before edge-llm knew, such a restore was
+    refused and the whole conversation read again)."""
+    engine = load(gemma3, swa_full=swa_full)
     try:
         first, other = prompts(engine)
         answer = collect(engine.stream(first, LONG))[0].token_ids
