@@ -111,7 +111,7 @@ class DraftModel:
             self.close()
             raise
         self.n_batch = n_batch
-        self._memory = rt.SequenceMemory(self._context, window=rt.sliding_window(self._model))
+        self._memory = rt.SequenceMemory(self._context)
         self._held: dict[int, list[int]] = {}  # sequence -> the tokens its KV holds, from position 0
 
     def propose(self, wanted: Mapping[int, tuple[Sequence[int], int]]) -> dict[int, list[int]]:

@@ -464,15 +464,15 @@ class SequenceMemory:
     """A context's KV cells addressed by sequence (slot) id, and each sequence's state as bytes
     (what the prompt cache keeps).
 
-    `window`: the model's sliding window (llama_model_n_swa; 0 without one). Sliding-window layers
+    `window`: the context's model's sliding window (`sliding_window`; 0 without one). Sliding-window layers
     drop positions their window no longer sees (the cells are reused; a saved state leaves them
     out), so such a sequence cannot be cut back to any position: only to one whose window is still
     held (`cut`), and a restored state starts where its window does (`positions`)."""
 
-    def __init__(self, ctx: LlamaContext, window: int = 0) -> None:
+    def __init__(self, ctx: LlamaContext) -> None:
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
-        self.window = window
+        self.window = sliding_window(ctx.model)
 
     def cut(self, seq_id: int, keep: int) -> bool:
         """Drop the sequence's cells from position `keep` on; False where that cannot be done

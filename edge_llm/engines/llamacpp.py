@@ -177,7 +177,7 @@ class LlamaCppEngine(Engine):
             raise
         model = ModelView(self.context, self.vocab, self.n_vocab, self.eog_ids, self.token_piece, self.token_text)
         config = SchedulerConfig(n_ctx=self.n_ctx, n_ctx_seq=self.n_ctx_seq, n_parallel=self.n_parallel,
-                                 n_batch=self.n_batch, kv_unified=self.kv_unified, window=window, seed=self.seed,
+                                 n_batch=self.n_batch, kv_unified=self.kv_unified, seed=self.seed,
                                  max_waiting=options.max_queue, n_threads=self.n_threads,
                                  n_threads_batch=options.n_threads_batch, images=self.projector is not None,
                                  draft_max=options.draft_max, draft_min=options.draft_min)

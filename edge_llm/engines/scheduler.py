@@ -199,7 +199,6 @@ class SchedulerConfig:
     n_parallel: int  # slots (llama.cpp sequences)
     n_batch: int  # tokens per llama_decode
     kv_unified: bool = False  # one pool of n_ctx cells for every slot (-kvu)
-    window: int = 0  # the model's sliding window (llama_runtime.SequenceMemory): limits cutting back
     seed: int | None = None  # the context's seed, for requests without one
     max_waiting: int = 64  # queued requests beyond the idle slots (--max-queue)
     n_threads: int = 1  # the context's threads at creation (-t, or every core)
@@ -221,7 +220,7 @@ class Scheduler:
         self.cost = StepCost()  # graph run times, for plan_drafts (tests replace it)
         self._acceptance = Acceptance()  # of every choice's drafts: where a new choice starts
         self.ctx = model.context
-        self.memory = rt.SequenceMemory(self.ctx, window=config.window)
+        self.memory = rt.SequenceMemory(self.ctx)
         self.n_ctx = config.n_ctx
         self.n_ctx_seq = config.n_ctx_seq
         self.unified = config.kv_unified
